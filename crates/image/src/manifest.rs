@@ -81,13 +81,13 @@ pub struct Build {
 /// A binary: either a host path (kept at the same path in the image when
 /// absolute, placed in `/usr/bin` when relative) or an explicit `{ from, to }`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged, expecting = "a path string or a table { from = \"...\", to = \"/...\" }")]
+#[serde(
+    untagged,
+    expecting = "a path string or a table { from = \"...\", to = \"/...\" }"
+)]
 pub enum Binary {
     Path(PathBuf),
-    Placed {
-        from: PathBuf,
-        to: ImagePath,
-    },
+    Placed { from: PathBuf, to: ImagePath },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -171,7 +171,9 @@ impl TryFrom<RawHealth> for HealthCheck {
             (Some(_), Some(_), _) => return Err("set either `http` or `tcp`, not both".into()),
             (Some(path), None, Some(port)) => {
                 if !path.starts_with('/') {
-                    return Err(format!("`http` must be a path starting with '/', got {path:?}"));
+                    return Err(format!(
+                        "`http` must be a path starting with '/', got {path:?}"
+                    ));
                 }
                 Probe::Http { path, port }
             }
@@ -338,7 +340,9 @@ impl TryFrom<String> for ImagePath {
         if s.contains('\0') {
             return Err(format!("{s:?} contains a NUL byte"));
         }
-        if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        if p.components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
             return Err(format!("{s:?} must not contain '.' or '..'"));
         }
         Ok(ImagePath(p.components().collect()))
@@ -376,7 +380,9 @@ impl TryFrom<Vec<String>> for Command {
             Some(p) if !p.starts_with('/') => Err(format!(
                 "the program {p:?} must be an absolute path (there is no shell or PATH search in an appliance)"
             )),
-            Some(_) if v.iter().any(|a| a.contains('\0')) => Err("an argument contains a NUL byte".into()),
+            Some(_) if v.iter().any(|a| a.contains('\0')) => {
+                Err("an argument contains a NUL byte".into())
+            }
             Some(_) => Ok(Command(v)),
         }
     }
@@ -490,7 +496,11 @@ impl Port {
 impl TryFrom<u16> for Port {
     type Error = String;
     fn try_from(p: u16) -> Result<Self, String> {
-        if p == 0 { Err("port 0 is not a port".into()) } else { Ok(Port(p)) }
+        if p == 0 {
+            Err("port 0 is not a port".into())
+        } else {
+            Ok(Port(p))
+        }
     }
 }
 impl From<Port> for u16 {
@@ -514,7 +524,9 @@ impl TryFrom<f64> for Cpus {
         if c.is_finite() && c > 0.0 && c <= 4096.0 {
             Ok(Cpus(c))
         } else {
-            Err(format!("{c} is not a CPU share (a number above 0, e.g. 0.5)"))
+            Err(format!(
+                "{c} is not a CPU share (a number above 0, e.g. 0.5)"
+            ))
         }
     }
 }
@@ -552,7 +564,11 @@ impl Manifest {
         let mut names = std::collections::BTreeSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
             if !names.insert(&v.name) {
-                return Err(("volumes", i, format!("volume {:?} is declared twice", v.name.as_str())));
+                return Err((
+                    "volumes",
+                    i,
+                    format!("volume {:?} is declared twice", v.name.as_str()),
+                ));
             }
         }
         let mut ports = std::collections::BTreeSet::new();
@@ -615,7 +631,12 @@ fn field_at(text: &str, line_start: usize) -> Option<String> {
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
     if this_line.starts_with('[') {
-        return Some(this_line.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+        return Some(
+            this_line
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned(),
+        );
     }
     let key = this_line.split('=').next()?.trim().trim_matches('"');
     if key.is_empty() {
@@ -690,7 +711,13 @@ path = "/var/lib/hello"
     fn the_product_example_parses_into_types() {
         let m = parse(GOOD).unwrap();
         assert_eq!(m.reference(), "hello-web:1.2.0");
-        assert_eq!(m.run.user, UserSpec { uid: 1000, gid: 1000 });
+        assert_eq!(
+            m.run.user,
+            UserSpec {
+                uid: 1000,
+                gid: 1000
+            }
+        );
         assert_eq!(m.resources.memory, Some(Size(64 << 20)));
         let h = m.health.unwrap();
         assert_eq!(h.interval, Duration::from_secs(1));
@@ -709,7 +736,10 @@ path = "/var/lib/hello"
     fn a_typo_names_file_line_field_and_the_close_match() {
         let text = GOOD.replace("memory = ", "memroy = ");
         let msg = err(&text);
-        assert!(msg.starts_with("juice.toml:18:1: field `resources.memroy`"), "{msg}");
+        assert!(
+            msg.starts_with("juice.toml:18:1: field `resources.memroy`"),
+            "{msg}"
+        );
         assert!(msg.contains("did you mean `memory`?"), "{msg}");
     }
 
@@ -722,16 +752,61 @@ path = "/var/lib/hello"
     #[test]
     fn bad_values_name_their_field_and_line() {
         let cases = [
-            ("memory = \"64MiB\"", "memory = \"lots\"", "resources.memory", "not a size"),
-            ("user = \"1000:1000\"", "user = \"www-data\"", "run.user", "not a user spec"),
-            ("interval = \"1s\"", "interval = \"soon\"", "health.interval", "not a duration"),
+            (
+                "memory = \"64MiB\"",
+                "memory = \"lots\"",
+                "resources.memory",
+                "not a size",
+            ),
+            (
+                "user = \"1000:1000\"",
+                "user = \"www-data\"",
+                "run.user",
+                "not a user spec",
+            ),
+            (
+                "interval = \"1s\"",
+                "interval = \"soon\"",
+                "health.interval",
+                "not a duration",
+            ),
             ("ports = [8080]", "ports = [0]", "run.ports", "port 0"),
-            ("cpus = 0.5", "cpus = -1.0", "resources.cpus", "not a CPU share"),
-            ("name = \"hello-web\"", "name = \"Hello Web\"", "appliance.name", "not a valid name"),
-            ("path = \"/var/lib/hello\"", "path = \"var/lib\"", "volumes.path", "absolute"),
-            ("path = \"/var/lib/hello\"", "path = \"/var/../etc\"", "volumes.path", "'..'"),
-            ("command = [\"/usr/bin/hello-web\", \"--port\", \"8080\"]", "command = []", "run.command", "empty"),
-            ("command = [\"/usr/bin/hello-web\", \"--port\", \"8080\"]", "command = [\"hello\"]", "run.command", "absolute"),
+            (
+                "cpus = 0.5",
+                "cpus = -1.0",
+                "resources.cpus",
+                "not a CPU share",
+            ),
+            (
+                "name = \"hello-web\"",
+                "name = \"Hello Web\"",
+                "appliance.name",
+                "not a valid name",
+            ),
+            (
+                "path = \"/var/lib/hello\"",
+                "path = \"var/lib\"",
+                "volumes.path",
+                "absolute",
+            ),
+            (
+                "path = \"/var/lib/hello\"",
+                "path = \"/var/../etc\"",
+                "volumes.path",
+                "'..'",
+            ),
+            (
+                "command = [\"/usr/bin/hello-web\", \"--port\", \"8080\"]",
+                "command = []",
+                "run.command",
+                "empty",
+            ),
+            (
+                "command = [\"/usr/bin/hello-web\", \"--port\", \"8080\"]",
+                "command = [\"hello\"]",
+                "run.command",
+                "absolute",
+            ),
             ("pids = 64", "pids = -3", "resources.pids", ""),
         ];
         for (from, to, field, what) in cases {
@@ -739,7 +814,10 @@ path = "/var/lib/hello"
             assert_ne!(text, GOOD, "{from} not in the example");
             let msg = err(&text);
             let line = text.lines().position(|l| l.contains(to)).unwrap() + 1;
-            assert!(msg.starts_with(&format!("juice.toml:{line}:")), "{to}: {msg}");
+            assert!(
+                msg.starts_with(&format!("juice.toml:{line}:")),
+                "{to}: {msg}"
+            );
             assert!(msg.contains(&format!("field `{field}`")), "{to}: {msg}");
             assert!(msg.contains(what), "{to}: {msg}");
         }
@@ -758,7 +836,14 @@ path = "/var/lib/hello"
         let text = format!("{GOOD}\n[[volumes]]\nname = \"data\"\npath = \"/x\"\n");
         let msg = err(&text);
         assert!(msg.contains("declared twice"), "{msg}");
-        let second = text.lines().enumerate().filter(|(_, l)| *l == "[[volumes]]").last().unwrap().0 + 1;
+        let second = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| *l == "[[volumes]]")
+            .last()
+            .unwrap()
+            .0
+            + 1;
         assert!(msg.starts_with(&format!("juice.toml:{second}:")), "{msg}");
     }
 

@@ -16,7 +16,9 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType};
+use oci_spec::image::{
+    Descriptor, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
+};
 
 use crate::appliance::{ApplianceConfig, LABEL};
 use crate::digest::{Digest, HashingReader, HashingWriter};
@@ -38,13 +40,20 @@ pub enum StoreError {
     #[error("no image {reference:?} in the store (see `juice images`)")]
     NotFound { reference: String },
     #[error("{reference:?} matches several images: {}", candidates.join(", "))]
-    Ambiguous { reference: String, candidates: Vec<String> },
+    Ambiguous {
+        reference: String,
+        candidates: Vec<String>,
+    },
     #[error("{reference:?} is not a valid image name (name:tag, lowercase, digits and . _ - / :)")]
     BadReference { reference: String },
     #[error("image {image}: blob {blob} is missing from the store")]
     MissingBlob { image: String, blob: String },
     #[error("image {image}: blob {blob} is corrupt (its content hashes to {actual})")]
-    CorruptBlob { image: String, blob: String, actual: String },
+    CorruptBlob {
+        image: String,
+        blob: String,
+        actual: String,
+    },
     #[error("image {image}: {what} of blob {blob} is {actual}, but the manifest says {expected}")]
     Mismatch {
         image: String,
@@ -59,7 +68,11 @@ pub enum StoreError {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
     let path = path.to_owned();
-    move |source| StoreError::Io { action, path, source }
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// One tagged image.
@@ -106,7 +119,11 @@ impl Store {
             home: home.to_owned(),
             layout: home.join("images"),
         };
-        for dir in [store.layout.join("blobs/sha256"), store.tmp_dir(), store.rootfs_dir()] {
+        for dir in [
+            store.layout.join("blobs/sha256"),
+            store.tmp_dir(),
+            store.rootfs_dir(),
+        ] {
             fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
         }
         let marker = store.layout.join("oci-layout");
@@ -161,7 +178,8 @@ impl Store {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        self.tmp_dir().join(format!("{what}-{}-{n}-{nanos}", std::process::id()))
+        self.tmp_dir()
+            .join(format!("{what}-{}-{n}-{nanos}", std::process::id()))
     }
 
     /// Starts writing a blob; [`BlobWriter::commit`] makes it visible under its digest.
@@ -177,7 +195,8 @@ impl Store {
 
     pub fn put_blob(&self, bytes: &[u8]) -> Result<(Digest, u64), StoreError> {
         let mut w = self.blob_writer()?;
-        w.write_all(bytes).map_err(io_err("cannot write", &w.path))?;
+        w.write_all(bytes)
+            .map_err(io_err("cannot write", &w.path))?;
         w.commit()
     }
 
@@ -207,7 +226,12 @@ impl Store {
     }
 
     /// Re-hashes a blob of any size by streaming it.
-    pub fn check_blob(&self, image: &str, digest: &Digest, size: Option<u64>) -> Result<(), StoreError> {
+    pub fn check_blob(
+        &self,
+        image: &str,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<(), StoreError> {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::MissingBlob {
@@ -305,7 +329,9 @@ impl Store {
         let index = self.read_index()?;
         let mut out = Vec::new();
         for d in index.manifests() {
-            let Some(reference) = ref_name(d) else { continue };
+            let Some(reference) = ref_name(d) else {
+                continue;
+            };
             let digest = from_oci(d.digest()).map_err(|reason| StoreError::Damaged {
                 path: self.layout.join("index.json"),
                 reason,
@@ -323,7 +349,11 @@ impl Store {
     fn image_size(&self, digest: &Digest) -> Option<u64> {
         let bytes = fs::read(self.blob_path(digest)).ok()?;
         let m: ImageManifest = serde_json::from_slice(&bytes).ok()?;
-        Some(bytes.len() as u64 + m.config().size() + m.layers().iter().map(|l| l.size()).sum::<u64>())
+        Some(
+            bytes.len() as u64
+                + m.config().size()
+                + m.layers().iter().map(|l| l.size()).sum::<u64>(),
+        )
     }
 
     /// Finds an image by `name:tag`, by `name` when it has one tag, or by (a prefix of) its digest.
@@ -333,11 +363,14 @@ impl Store {
             return Ok(r.clone());
         }
         let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
-        let by_digest: Vec<&ImageRecord> = if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            all.iter().filter(|r| r.digest.hex().starts_with(hex)).collect()
-        } else {
-            Vec::new()
-        };
+        let by_digest: Vec<&ImageRecord> =
+            if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                all.iter()
+                    .filter(|r| r.digest.hex().starts_with(hex))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let by_name: Vec<&ImageRecord> = if reference.contains(':') {
             Vec::new()
         } else {
@@ -369,15 +402,21 @@ impl Store {
             reason,
         };
         let bytes = self.read_blob(&name, &record.digest)?;
-        let manifest: ImageManifest =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("its manifest is not valid: {e}")))?;
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("its manifest is not valid: {e}")))?;
         let config_digest = from_oci(manifest.config().digest()).map_err(invalid)?;
         let bytes = self.read_blob(&name, &config_digest)?;
-        let config: ImageConfiguration =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("its config is not valid: {e}")))?;
-        let appliance = match config.config().as_ref().and_then(|c| c.labels().as_ref()).and_then(|l| l.get(LABEL)) {
+        let config: ImageConfiguration = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("its config is not valid: {e}")))?;
+        let appliance = match config
+            .config()
+            .as_ref()
+            .and_then(|c| c.labels().as_ref())
+            .and_then(|l| l.get(LABEL))
+        {
             Some(json) => Some(
-                serde_json::from_str(json).map_err(|e| invalid(format!("its label {LABEL} is not valid: {e}")))?,
+                serde_json::from_str(json)
+                    .map_err(|e| invalid(format!("its label {LABEL} is not valid: {e}")))?,
             ),
             None => None,
         };
@@ -399,12 +438,16 @@ impl Store {
         };
         let diff_ids = image.config.rootfs().diff_ids();
         if diff_ids.len() != image.manifest.layers().len() {
-            return Err(invalid("the config's diff_ids do not match the manifest's layers".into()));
+            return Err(invalid(
+                "the config's diff_ids do not match the manifest's layers".into(),
+            ));
         }
         for (layer, diff_id) in image.manifest.layers().iter().zip(diff_ids) {
             let digest = from_oci(layer.digest()).map_err(&invalid)?;
             self.check_blob(name, &digest, Some(layer.size()))?;
-            let expected: Digest = diff_id.parse().map_err(|e: crate::digest::BadDigest| invalid(e.to_string()))?;
+            let expected: Digest = diff_id
+                .parse()
+                .map_err(|e: crate::digest::BadDigest| invalid(e.to_string()))?;
             let actual = self.layer_diff_id(&digest, layer.media_type())?;
             if actual != expected {
                 return Err(StoreError::Mismatch {
@@ -423,11 +466,14 @@ impl Store {
     fn layer_diff_id(&self, digest: &Digest, media_type: &MediaType) -> Result<Digest, StoreError> {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(io_err("cannot read", &path))?;
-        let reader = open_layer(BufReader::new(file), media_type).map_err(|reason| StoreError::Damaged {
-            path: path.clone(),
-            reason,
-        })?;
-        let (d, _) = HashingReader::new(reader).finish().map_err(io_err("cannot decompress", &path))?;
+        let reader =
+            open_layer(BufReader::new(file), media_type).map_err(|reason| StoreError::Damaged {
+                path: path.clone(),
+                reason,
+            })?;
+        let (d, _) = HashingReader::new(reader)
+            .finish()
+            .map_err(io_err("cannot decompress", &path))?;
         Ok(d)
     }
 
@@ -438,10 +484,13 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
             let entry = entry.map_err(io_err("cannot list", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let digest: Digest = format!("sha256:{name}").parse().map_err(|_| StoreError::Damaged {
-                path: entry.path(),
-                reason: "a file in blobs/sha256 that is not named after a digest".into(),
-            })?;
+            let digest: Digest =
+                format!("sha256:{name}")
+                    .parse()
+                    .map_err(|_| StoreError::Damaged {
+                        path: entry.path(),
+                        reason: "a file in blobs/sha256 that is not named after a digest".into(),
+                    })?;
             self.check_blob("(any)", &digest, None)?;
             n += 1;
         }
@@ -455,8 +504,12 @@ impl Store {
         for record in self.list()? {
             blobs.insert(record.digest);
             // A damaged image keeps its blobs: gc never deletes evidence, `rmi` does.
-            let Ok(bytes) = fs::read(self.blob_path(&record.digest)) else { continue };
-            let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else { continue };
+            let Ok(bytes) = fs::read(self.blob_path(&record.digest)) else {
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else {
+                continue;
+            };
             for d in std::iter::once(m.config()).chain(m.layers()) {
                 if let Ok(d) = from_oci(d.digest()) {
                     blobs.insert(d);
@@ -466,7 +519,12 @@ impl Store {
                 && let Ok(bytes) = fs::read(self.blob_path(&config_digest))
                 && let Ok(c) = serde_json::from_slice::<ImageConfiguration>(&bytes)
             {
-                diff_ids.extend(c.rootfs().diff_ids().iter().map(|d| d.trim_start_matches("sha256:").to_owned()));
+                diff_ids.extend(
+                    c.rootfs()
+                        .diff_ids()
+                        .iter()
+                        .map(|d| d.trim_start_matches("sha256:").to_owned()),
+                );
             }
         }
         Ok((blobs, diff_ids))
@@ -479,17 +537,29 @@ impl Store {
         let (keep, keep_roots) = self.referenced()?;
 
         let tmp = self.tmp_dir();
-        for entry in fs::read_dir(&tmp).map_err(io_err("cannot list", &tmp))?.flatten() {
+        for entry in fs::read_dir(&tmp)
+            .map_err(io_err("cannot list", &tmp))?
+            .flatten()
+        {
             let p = entry.path();
-            let removed = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            let removed = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
             removed.map_err(io_err("cannot remove", &p))?;
             report.temp_files_removed += 1;
         }
 
         let dir = self.layout.join("blobs/sha256");
-        for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))?.flatten() {
+        for entry in fs::read_dir(&dir)
+            .map_err(io_err("cannot list", &dir))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let referenced = format!("sha256:{name}").parse::<Digest>().is_ok_and(|d| keep.contains(&d));
+            let referenced = format!("sha256:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| keep.contains(&d));
             if !referenced {
                 report.bytes_freed += entry.metadata().map_or(0, |m| m.len());
                 fs::remove_file(entry.path()).map_err(io_err("cannot remove", &entry.path()))?;
@@ -499,7 +569,10 @@ impl Store {
         sync_dir(&dir)?;
 
         let roots = self.rootfs_dir();
-        for entry in fs::read_dir(&roots).map_err(io_err("cannot list", &roots))?.flatten() {
+        for entry in fs::read_dir(&roots)
+            .map_err(io_err("cannot list", &roots))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !keep_roots.contains(&name) {
                 // Rename first: a half-deleted tree must never sit under a digest name.
@@ -513,9 +586,12 @@ impl Store {
         let builds = self.home.join("cache/builds");
         if let Ok(entries) = fs::read_dir(&builds) {
             for entry in entries.flatten() {
-                let target = fs::read_to_string(entry.path()).ok().and_then(|s| s.trim().parse::<Digest>().ok());
+                let target = fs::read_to_string(entry.path())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<Digest>().ok());
                 if !target.is_some_and(|d| keep.contains(&d)) {
-                    fs::remove_file(entry.path()).map_err(io_err("cannot remove", &entry.path()))?;
+                    fs::remove_file(entry.path())
+                        .map_err(io_err("cannot remove", &entry.path()))?;
                 }
             }
         }
@@ -546,7 +622,12 @@ impl Store {
 
     /// The references that point at `digest`.
     pub fn references_to(&self, digest: &Digest) -> Result<Vec<String>, StoreError> {
-        Ok(self.list()?.into_iter().filter(|r| r.digest == *digest).map(|r| r.reference).collect())
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|r| r.digest == *digest)
+            .map(|r| r.reference)
+            .collect())
     }
 }
 
@@ -567,7 +648,9 @@ impl BlobWriter<'_> {
             });
         };
         let (buf, digest, len) = inner.finish();
-        let file = buf.into_inner().map_err(|e| io_err("cannot write", &self.path)(e.into_error()))?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| io_err("cannot write", &self.path)(e.into_error()))?;
         file.sync_all().map_err(io_err("cannot sync", &self.path))?;
         let dest = self.store.blob_path(&digest);
         if dest.exists() {
@@ -629,7 +712,9 @@ fn check_reference(reference: &str) -> Result<(), StoreError> {
         && reference.len() <= 255
         && reference.starts_with(|c: char| c.is_ascii_alphanumeric())
         && reference.ends_with(|c: char| c.is_ascii_alphanumeric())
-        && reference.chars().all(|c| c.is_ascii_alphanumeric() || "-._:@+/".contains(c));
+        && reference
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:@+/".contains(c));
     if ok {
         Ok(())
     } else {
@@ -642,7 +727,9 @@ fn check_reference(reference: &str) -> Result<(), StoreError> {
 /// Our digest as oci-spec's.
 pub fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
     // Not input: a `Digest` always prints as `sha256:` and 64 lowercase hex characters.
-    d.to_string().parse().expect("a sha256 digest is a valid OCI digest")
+    d.to_string()
+        .parse()
+        .expect("a sha256 digest is a valid OCI digest")
 }
 
 /// oci-spec's digest as ours; only sha256 is supported.
@@ -658,7 +745,10 @@ pub fn canonical_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String>
 }
 
 /// A reader of a layer's tar stream, decompressing by media type.
-pub fn open_layer<'a, R: Read + 'a>(reader: R, media_type: &MediaType) -> Result<Box<dyn Read + 'a>, String> {
+pub fn open_layer<'a, R: Read + 'a>(
+    reader: R,
+    media_type: &MediaType,
+) -> Result<Box<dyn Read + 'a>, String> {
     match media_type {
         MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
             Ok(Box::new(flate2::read::GzDecoder::new(reader)))

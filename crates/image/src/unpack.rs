@@ -53,7 +53,11 @@ pub enum UnpackError {
     #[error("the layer has more than {limit} entries")]
     TooManyEntries { limit: u64 },
     #[error("layer entry {entry:?} is {size} bytes, above the limit of {limit}")]
-    TooLarge { entry: String, size: u64, limit: u64 },
+    TooLarge {
+        entry: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("the layer unpacks to more than {limit} bytes")]
     TooLargeTotal { limit: u64 },
     #[error("the layer is not a valid tar stream: {0}")]
@@ -64,7 +68,9 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
-    #[error("image {image} has {layers} layers; Juice images have exactly one (`juice import` flattens others)")]
+    #[error(
+        "image {image} has {layers} layers; Juice images have exactly one (`juice import` flattens others)"
+    )]
     Layers { image: String, layers: usize },
 }
 
@@ -102,7 +108,9 @@ pub fn materialise(store: &Store, reference: &str) -> Result<Rootfs, UnpackError
         reason,
     };
     let layer_digest = from_oci(layer.digest()).map_err(invalid)?;
-    let diff_id: Digest = diff_ids[0].parse().map_err(|e: crate::digest::BadDigest| invalid(e.to_string()))?;
+    let diff_id: Digest = diff_ids[0]
+        .parse()
+        .map_err(|e: crate::digest::BadDigest| invalid(e.to_string()))?;
     let rootfs = Rootfs {
         path: store.rootfs_dir().join(diff_id.hex()),
         image: image.record.digest,
@@ -130,7 +138,10 @@ pub fn materialise(store: &Store, reference: &str) -> Result<Rootfs, UnpackError
                 source,
             })?;
         let path = store.blob_path(&layer_digest);
-        let file = fs::File::open(&path).map_err(|source| UnpackError::Write { path: path.clone(), source })?;
+        let file = fs::File::open(&path).map_err(|source| UnpackError::Write {
+            path: path.clone(),
+            source,
+        })?;
         let tar_stream = open_layer(BufReader::new(file), layer.media_type()).map_err(invalid)?;
         let mut hashing = HashingReader::new(tar_stream);
         unpack_layer(&mut hashing, &staging, &policy)?;
@@ -144,9 +155,11 @@ pub fn materialise(store: &Store, reference: &str) -> Result<Rootfs, UnpackError
                 actual: actual.to_string(),
             }));
         }
-        fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).map_err(|source| UnpackError::Write {
-            path: staging.clone(),
-            source,
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).map_err(|source| {
+            UnpackError::Write {
+                path: staging.clone(),
+                source,
+            }
         })?;
         match fs::rename(&staging, &rootfs.path) {
             Ok(()) => Ok(()),
@@ -168,7 +181,11 @@ pub fn materialise(store: &Store, reference: &str) -> Result<Rootfs, UnpackError
 }
 
 /// Extracts a tar stream into the empty directory `dest`, refusing anything hostile.
-pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> Result<UnpackStats, UnpackError> {
+pub fn unpack_layer<R: Read>(
+    reader: R,
+    dest: &Path,
+    policy: &UnpackPolicy,
+) -> Result<UnpackStats, UnpackError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
     let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
@@ -185,7 +202,7 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
             entry: raw.clone(),
             reason: reason.to_owned(),
         };
-        let rel = clean_path(&raw).map_err(|r| hostile(r))?;
+        let rel = clean_path(&raw).map_err(&hostile)?;
         if rel.as_os_str().is_empty() {
             continue; // "./" itself
         }
@@ -193,7 +210,9 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with(".wh."))
         {
-            return Err(hostile("whiteout files are not allowed in a Juice layer (`juice import` applies them)"));
+            return Err(hostile(
+                "whiteout files are not allowed in a Juice layer (`juice import` applies them)",
+            ));
         }
         let header = entry.header();
         let kind = header.entry_type();
@@ -214,14 +233,18 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
         }
         let image_path = Path::new("/").join(&rel);
         if mode & 0o6000 != 0 && !kind.is_dir() && !policy.allow_setid.contains(&image_path) {
-            return Err(hostile("has a setuid or setgid bit that the image does not declare"));
+            return Err(hostile(
+                "has a setuid or setgid bit that the image does not declare",
+            ));
         }
         if !seen.insert(rel.clone()) && !kind.is_dir() {
             return Err(hostile("appears twice in the layer"));
         }
         let target = dest.join(&rel);
         ensure_parents(dest, &rel).map_err(|e| match e {
-            ParentError::NotDir(p) => hostile(&format!("its parent {p} is not a directory (a symlink?)")),
+            ParentError::NotDir(p) => {
+                hostile(&format!("its parent {p} is not a directory (a symlink?)"))
+            }
             ParentError::Io(path, source) => UnpackError::Write { path, source },
         })?;
         let write_err = |source: io::Error| UnpackError::Write {
@@ -232,7 +255,10 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
             tar::EntryType::Directory => match fs::symlink_metadata(&target) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => return Err(hostile("a directory replaces an earlier non-directory")),
-                Err(_) => fs::DirBuilder::new().mode(mode & 0o1777).create(&target).map_err(write_err)?,
+                Err(_) => fs::DirBuilder::new()
+                    .mode(mode & 0o1777)
+                    .create(&target)
+                    .map_err(write_err)?,
             },
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut out = OpenOptions::new()
@@ -242,12 +268,14 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
                     .mode(mode & 0o7777)
                     .open(&target)
                     .map_err(write_err)?;
-                let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(UnpackError::Archive)?;
+                let copied = io::copy(&mut (&mut entry).take(size), &mut out)
+                    .map_err(UnpackError::Archive)?;
                 if copied != size {
                     return Err(hostile("is truncated"));
                 }
                 // `mode` at creation is filtered by the umask; set it exactly.
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode & 0o7777)).map_err(write_err)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(write_err)?;
                 out.sync_all().map_err(write_err)?;
             }
             tar::EntryType::Symlink => {
@@ -259,7 +287,8 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
                 if link.as_os_str().is_empty() {
                     return Err(hostile("is a symlink without a target"));
                 }
-                check_symlink_stays_inside(&image_path, &link).map_err(|_| hostile("is a symlink that climbs out of the root"))?;
+                check_symlink_stays_inside(&image_path, &link)
+                    .map_err(|_| hostile("is a symlink that climbs out of the root"))?;
                 std::os::unix::fs::symlink(&link, &target).map_err(write_err)?;
             }
             tar::EntryType::Link => {
@@ -268,19 +297,27 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, policy: &UnpackPolicy) -> R
                     .map_err(UnpackError::Archive)?
                     .ok_or_else(|| hostile("is a hard link without a target"))?
                     .into_owned();
-                let link_rel = clean_path(&link.to_string_lossy()).map_err(|r| hostile(&format!("hard link target: {r}")))?;
+                let link_rel = clean_path(&link.to_string_lossy())
+                    .map_err(|r| hostile(&format!("hard link target: {r}")))?;
                 if link_rel.as_os_str().is_empty() {
                     return Err(hostile("is a hard link to the root"));
                 }
-                ensure_parents(dest, &link_rel).map_err(|_| hostile("is a hard link through a symlink"))?;
+                ensure_parents(dest, &link_rel)
+                    .map_err(|_| hostile("is a hard link through a symlink"))?;
                 let source = dest.join(&link_rel);
                 match fs::symlink_metadata(&source) {
                     Ok(m) if m.is_file() => {}
-                    _ => return Err(hostile("is a hard link to something that is not an earlier regular file")),
+                    _ => {
+                        return Err(hostile(
+                            "is a hard link to something that is not an earlier regular file",
+                        ));
+                    }
                 }
                 fs::hard_link(&source, &target).map_err(write_err)?;
             }
-            tar::EntryType::Char | tar::EntryType::Block => return Err(hostile("is a device node")),
+            tar::EntryType::Char | tar::EntryType::Block => {
+                return Err(hostile("is a device node"));
+            }
             tar::EntryType::Fifo => return Err(hostile("is a FIFO")),
             other => return Err(hostile(&format!("has unsupported type {other:?}"))),
         }
@@ -316,14 +353,23 @@ enum ParentError {
 /// Creates missing parents of `rel` under `dest`; refuses any parent that is not a real directory.
 fn ensure_parents(dest: &Path, rel: &Path) -> Result<(), ParentError> {
     let mut cur = dest.to_owned();
-    let Some(parent) = rel.parent() else { return Ok(()) };
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
     for c in parent.components() {
         cur.push(c);
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(ParentError::NotDir(cur.strip_prefix(dest).unwrap_or(&cur).display().to_string())),
+            Ok(_) => {
+                return Err(ParentError::NotDir(
+                    cur.strip_prefix(dest).unwrap_or(&cur).display().to_string(),
+                ));
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new().mode(0o755).create(&cur).map_err(|e| ParentError::Io(cur.clone(), e))?;
+                fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&cur)
+                    .map_err(|e| ParentError::Io(cur.clone(), e))?;
             }
             Err(e) => return Err(ParentError::Io(cur.clone(), e)),
         }
@@ -408,8 +454,15 @@ mod tests {
         let msg = r.expect_err("must be refused").to_string();
         assert!(msg.contains(why), "expected {why:?} in {msg:?}");
         // Nothing was written outside the destination.
-        let outside: Vec<_> = fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(outside, vec![std::ffi::OsString::from("root")], "something escaped");
+        let outside: Vec<_> = fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            outside,
+            vec![std::ffi::OsString::from("root")],
+            "something escaped"
+        );
     }
 
     #[test]
@@ -426,7 +479,10 @@ mod tests {
         assert_eq!(stats.entries, 6);
         let root = t.path().join("root");
         assert_eq!(fs::read(root.join("usr/bin/app")).unwrap(), b"#!");
-        assert_eq!(fs::read_link(root.join("bin")).unwrap(), Path::new("usr/bin"));
+        assert_eq!(
+            fs::read_link(root.join("bin")).unwrap(),
+            Path::new("usr/bin")
+        );
         assert_eq!(fs::read(root.join("usr/bin/same")).unwrap(), b"#!");
     }
 
@@ -439,14 +495,23 @@ mod tests {
 
     #[test]
     fn writing_through_a_symlink_is_refused() {
-        refused(&[link("esc", b'2', "/tmp"), file("esc/evil", b"x")], "not a directory");
-        refused(&[link("esc", b'2', "../.."), file("esc/evil", b"x")], "climbs out");
+        refused(
+            &[link("esc", b'2', "/tmp"), file("esc/evil", b"x")],
+            "not a directory",
+        );
+        refused(
+            &[link("esc", b'2', "../.."), file("esc/evil", b"x")],
+            "climbs out",
+        );
         refused(&[link("a/b/up", b'2', "../../../x")], "climbs out");
     }
 
     #[test]
     fn a_symlink_planted_where_a_file_goes_is_not_followed() {
-        refused(&[link("f", b'2', "/etc/passwd"), file("f", b"x")], "appears twice");
+        refused(
+            &[link("f", b'2', "/etc/passwd"), file("f", b"x")],
+            "appears twice",
+        );
     }
 
     #[test]
@@ -454,16 +519,49 @@ mod tests {
         refused(&[link("h", b'1', "../../etc/passwd")], "'..'");
         refused(&[link("h", b'1', "/etc/passwd")], "absolute path");
         refused(&[link("h", b'1', "missing")], "not an earlier regular file");
-        refused(&[link("l", b'2', "/"), link("h", b'1', "l/etc/passwd")], "through a symlink");
+        refused(
+            &[link("l", b'2', "/"), link("h", b'1', "l/etc/passwd")],
+            "through a symlink",
+        );
     }
 
     #[test]
     fn devices_fifos_and_setuid_are_refused() {
-        refused(&[RawEntry { kind: b'3', ..file("dev/evil", b"") }], "device node");
-        refused(&[RawEntry { kind: b'4', ..file("dev/evil", b"") }], "device node");
-        refused(&[RawEntry { kind: b'6', ..file("fifo", b"") }], "FIFO");
-        refused(&[RawEntry { mode: 0o4755, ..file("su", b"x") }], "setuid");
-        refused(&[RawEntry { mode: 0o2755, ..file("sg", b"x") }], "setgid");
+        refused(
+            &[RawEntry {
+                kind: b'3',
+                ..file("dev/evil", b"")
+            }],
+            "device node",
+        );
+        refused(
+            &[RawEntry {
+                kind: b'4',
+                ..file("dev/evil", b"")
+            }],
+            "device node",
+        );
+        refused(
+            &[RawEntry {
+                kind: b'6',
+                ..file("fifo", b"")
+            }],
+            "FIFO",
+        );
+        refused(
+            &[RawEntry {
+                mode: 0o4755,
+                ..file("su", b"x")
+            }],
+            "setuid",
+        );
+        refused(
+            &[RawEntry {
+                mode: 0o2755,
+                ..file("sg", b"x")
+            }],
+            "setgid",
+        );
     }
 
     #[test]
@@ -473,9 +571,15 @@ mod tests {
             allow_setid: [PathBuf::from("/su")].into(),
             ..UnpackPolicy::default()
         };
-        let bytes = archive(&[RawEntry { mode: 0o4755, ..file("su", b"x") }]);
+        let bytes = archive(&[RawEntry {
+            mode: 0o4755,
+            ..file("su", b"x")
+        }]);
         unpack_layer(&bytes[..], t.path(), &policy).unwrap();
-        let mode = fs::metadata(t.path().join("su")).unwrap().permissions().mode();
+        let mode = fs::metadata(t.path().join("su"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o4755);
     }
 
@@ -492,10 +596,16 @@ mod tests {
         let err = unpack_layer(&archive(&many)[..], t.path(), &tight).unwrap_err();
         assert!(matches!(err, UnpackError::TooManyEntries { .. }), "{err}");
         let t = tempfile::tempdir().unwrap();
-        let err = unpack_layer(&archive(&[file("big", &[0; 11])])[..], t.path(), &tight).unwrap_err();
+        let err =
+            unpack_layer(&archive(&[file("big", &[0; 11])])[..], t.path(), &tight).unwrap_err();
         assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
         let t = tempfile::tempdir().unwrap();
-        let err = unpack_layer(&archive(&[file("a", &[0; 8]), file("b", &[0; 8])])[..], t.path(), &tight).unwrap_err();
+        let err = unpack_layer(
+            &archive(&[file("a", &[0; 8]), file("b", &[0; 8])])[..],
+            t.path(),
+            &tight,
+        )
+        .unwrap_err();
         assert!(matches!(err, UnpackError::TooLargeTotal { .. }), "{err}");
     }
 
@@ -513,11 +623,27 @@ mod tests {
         use proptest::prelude::*;
 
         fn entry() -> impl Strategy<Value = RawEntry> {
-            let name = prop::collection::vec(prop_oneof!["\\.\\.", "\\.", "[a-c]{1,2}", "", "/"], 1..5)
-                .prop_map(|parts| parts.join("/"));
-            let kind = prop_oneof![Just(b'0'), Just(b'1'), Just(b'2'), Just(b'3'), Just(b'5'), Just(b'6')];
-            (name.clone(), kind, name, prop::collection::vec(any::<u8>(), 0..20), prop_oneof![Just(0o644u32), Just(0o4755)])
-                .prop_filter("fits the header", |(p, _, l, _, _)| !p.is_empty() && p.len() < 100 && l.len() < 100)
+            let name =
+                prop::collection::vec(prop_oneof!["\\.\\.", "\\.", "[a-c]{1,2}", "", "/"], 1..5)
+                    .prop_map(|parts| parts.join("/"));
+            let kind = prop_oneof![
+                Just(b'0'),
+                Just(b'1'),
+                Just(b'2'),
+                Just(b'3'),
+                Just(b'5'),
+                Just(b'6')
+            ];
+            (
+                name.clone(),
+                kind,
+                name,
+                prop::collection::vec(any::<u8>(), 0..20),
+                prop_oneof![Just(0o644u32), Just(0o4755)],
+            )
+                .prop_filter("fits the header", |(p, _, l, _, _)| {
+                    !p.is_empty() && p.len() < 100 && l.len() < 100
+                })
                 .prop_map(|(path, kind, link, data, mode)| RawEntry {
                     data: if kind == b'0' { data } else { vec![] },
                     path,

@@ -1,1 +1,114 @@
-fn main() {}
+//! hello-web: the example appliance. A small HTTP/1.1 server on the standard
+//! library only, so its closure is just libc, libgcc_s and the loader.
+//!
+//! `GET /healthz` answers `ok`; `GET /` answers a greeting with the
+//! appliance's hostname; other paths are served from `--root` if given.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+struct Config {
+    port: u16,
+    root: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Config, String> {
+    let mut config = Config {
+        port: 8080,
+        root: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                let v = args.next().ok_or("--port needs a value")?;
+                config.port = v
+                    .parse()
+                    .map_err(|_| format!("--port: {v:?} is not a port"))?;
+            }
+            "--root" => config.root = Some(args.next().ok_or("--root needs a value")?.into()),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (use --port N, --root DIR)"
+                ));
+            }
+        }
+    }
+    Ok(config)
+}
+
+fn main() {
+    let config = match parse_args() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hello-web: {e}");
+            std::process::exit(2);
+        }
+    };
+    let listener = match TcpListener::bind(("0.0.0.0", config.port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hello-web: cannot listen on port {}: {e}", config.port);
+            std::process::exit(1);
+        }
+    };
+    println!("hello-web: listening on port {}", config.port);
+    let root = config.root.map(std::sync::Arc::new);
+    for stream in listener.incoming().flatten() {
+        let root = root.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve(stream, root.as_deref().map(PathBuf::as_path)) {
+                eprintln!("hello-web: {e}");
+            }
+        });
+    }
+}
+
+fn serve(stream: TcpStream, root: Option<&Path>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers; this server ignores them.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let (status, body) = match (method, path) {
+        ("GET", "/healthz") => ("200 OK", b"ok\n".to_vec()),
+        ("GET", "/") => {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+                .unwrap_or_default();
+            (
+                "200 OK",
+                format!("hello from juice ({})\n", host.trim()).into_bytes(),
+            )
+        }
+        ("GET", p) => match root.and_then(|r| static_file(r, p)) {
+            Some(body) => ("200 OK", body),
+            None => ("404 Not Found", b"not found\n".to_vec()),
+        },
+        _ => ("405 Method Not Allowed", b"method not allowed\n".to_vec()),
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    out.write_all(&body)
+}
+
+/// A file under `root`, refusing any path that would climb out of it.
+fn static_file(root: &Path, url_path: &str) -> Option<Vec<u8>> {
+    let rel = Path::new(url_path.trim_start_matches('/'));
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    std::fs::read(root.join(rel)).ok()
+}

@@ -20,7 +20,9 @@ pub enum ClosureError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not an ELF file (only ELF programs and libraries can be declared as binaries or libraries; put scripts and data in `files`)")]
+    #[error(
+        "{path} is not an ELF file (only ELF programs and libraries can be declared as binaries or libraries; put scripts and data in `files`)"
+    )]
     NotElf { path: PathBuf },
     #[error("{path} is a damaged ELF file: {reason}")]
     Malformed { path: PathBuf, reason: String },
@@ -55,7 +57,9 @@ impl ElfObject {
 
     pub fn parse(bytes: &[u8], path: &Path) -> Result<ElfObject, ClosureError> {
         if !bytes.starts_with(b"\x7fELF") {
-            return Err(ClosureError::NotElf { path: path.to_owned() });
+            return Err(ClosureError::NotElf {
+                path: path.to_owned(),
+            });
         }
         let elf = Elf::parse(bytes).map_err(|e| ClosureError::Malformed {
             path: path.to_owned(),
@@ -130,7 +134,10 @@ impl Resolver {
     /// A loader that searches `dirs`, then the defaults.
     pub fn with_dirs(dirs: Vec<PathBuf>) -> Resolver {
         let mut system_dirs = Vec::new();
-        for d in dirs.into_iter().chain(DEFAULT_DIRS.iter().map(PathBuf::from)) {
+        for d in dirs
+            .into_iter()
+            .chain(DEFAULT_DIRS.iter().map(PathBuf::from))
+        {
             if !system_dirs.contains(&d) {
                 system_dirs.push(d);
             }
@@ -163,7 +170,9 @@ impl Resolver {
         while let Some((path, obj, inherited)) = queue.pop_front() {
             let origin = path.parent().unwrap_or(Path::new("/")).to_owned();
             let expand = |list: &[String]| -> Vec<PathBuf> {
-                list.iter().map(|d| expand_origin(d, &origin, obj.is_64)).collect()
+                list.iter()
+                    .map(|d| expand_origin(d, &origin, obj.is_64))
+                    .collect()
             };
             // glibc: DT_RPATH (own, then the loaders') only when there is no DT_RUNPATH.
             let mut rpath_chain = Vec::new();
@@ -177,13 +186,18 @@ impl Resolver {
 
             let mut resolved = Vec::new();
             for name in &obj.needed {
-                let (lib_path, lib) = self.find(name, &obj, &search).ok_or_else(|| ClosureError::Missing {
-                    library: name.clone(),
-                    needed_by: path.clone(),
-                    searched: search.clone(),
-                })??;
+                let (lib_path, lib) =
+                    self.find(name, &obj, &search)
+                        .ok_or_else(|| ClosureError::Missing {
+                            library: name.clone(),
+                            needed_by: path.clone(),
+                            searched: search.clone(),
+                        })??;
                 if seen.insert(canonical(&lib_path)) {
-                    let passed_on = rpath_chain.iter().map(|p| p.display().to_string()).collect();
+                    let passed_on = rpath_chain
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
                     queue.push_back((lib_path.clone(), lib, passed_on));
                 }
                 resolved.push(lib_path);
@@ -248,7 +262,9 @@ fn read_ld_so_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
     if depth > 8 {
         return;
     }
-    let Ok(text) = std::fs::read_to_string(path) else { return };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -258,9 +274,15 @@ fn read_ld_so_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
             let pattern = if pattern.starts_with('/') {
                 pattern.to_owned()
             } else {
-                path.parent().unwrap_or(Path::new("/")).join(pattern).display().to_string()
+                path.parent()
+                    .unwrap_or(Path::new("/"))
+                    .join(pattern)
+                    .display()
+                    .to_string()
             };
-            let mut included: Vec<PathBuf> = glob::glob(&pattern).map(|g| g.flatten().collect()).unwrap_or_default();
+            let mut included: Vec<PathBuf> = glob::glob(&pattern)
+                .map(|g| g.flatten().collect())
+                .unwrap_or_default();
             included.sort();
             for inc in included {
                 read_ld_so_conf(&inc, dirs, depth + 1);
@@ -281,7 +303,13 @@ mod tests {
         let c = dir.join(format!("{out}.c"));
         std::fs::write(&c, src).unwrap();
         let out = dir.join(out);
-        let status = Command::new("gcc").arg(&c).arg("-o").arg(&out).args(args).status().expect("gcc must be installed");
+        let status = Command::new("gcc")
+            .arg(&c)
+            .arg("-o")
+            .arg(&out)
+            .args(args)
+            .status()
+            .expect("gcc must be installed");
         assert!(status.success(), "gcc failed for {}", out.display());
         out
     }
@@ -292,20 +320,39 @@ mod tests {
         let d = t.path();
         std::fs::create_dir_all(d.join("lib")).unwrap();
         std::fs::create_dir_all(d.join("bin")).unwrap();
-        cc(&d.join("lib"), "int leaf(void){return 1;}", "libleaf.so", &["-shared", "-fPIC"]);
+        cc(
+            &d.join("lib"),
+            "int leaf(void){return 1;}",
+            "libleaf.so",
+            &["-shared", "-fPIC"],
+        );
         let mid = cc(
             &d.join("lib"),
             "int leaf(void); int mid(void){return leaf();}",
             "libmid.so",
-            &["-shared", "-fPIC", "-L", d.join("lib").to_str().unwrap(), "-lleaf", "-Wl,--enable-new-dtags,-rpath,$ORIGIN"],
+            &[
+                "-shared",
+                "-fPIC",
+                "-L",
+                d.join("lib").to_str().unwrap(),
+                "-lleaf",
+                "-Wl,--enable-new-dtags,-rpath,$ORIGIN",
+            ],
         );
         let prog = cc(
             &d.join("bin"),
             "int mid(void); int main(void){return mid();}",
             "prog",
-            &["-L", d.join("lib").to_str().unwrap(), "-lmid", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib"],
+            &[
+                "-L",
+                d.join("lib").to_str().unwrap(),
+                "-lmid",
+                "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib",
+            ],
         );
-        let closure = Resolver::system().closure(std::slice::from_ref(&prog)).unwrap();
+        let closure = Resolver::system()
+            .closure(std::slice::from_ref(&prog))
+            .unwrap();
         let libs = closure.libraries();
         let mid_found = d.join("bin/../lib/libmid.so");
         assert!(libs.contains(&mid_found), "{libs:?}");
@@ -320,10 +367,23 @@ mod tests {
     fn a_missing_library_names_who_needed_it() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path();
-        cc(d, "int gone(void){return 1;}", "libgone.so", &["-shared", "-fPIC"]);
-        let prog = cc(d, "int gone(void); int main(void){return gone();}", "prog", &["-L", d.to_str().unwrap(), "-lgone"]);
+        cc(
+            d,
+            "int gone(void){return 1;}",
+            "libgone.so",
+            &["-shared", "-fPIC"],
+        );
+        let prog = cc(
+            d,
+            "int gone(void); int main(void){return gone();}",
+            "prog",
+            &["-L", d.to_str().unwrap(), "-lgone"],
+        );
         std::fs::remove_file(d.join("libgone.so")).unwrap();
-        let err = Resolver::system().closure(std::slice::from_ref(&prog)).unwrap_err().to_string();
+        let err = Resolver::system()
+            .closure(std::slice::from_ref(&prog))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("libgone.so (needed by"), "{err}");
         assert!(err.contains("prog"), "{err}");
     }
@@ -347,10 +407,30 @@ mod tests {
         let d = t.path();
         let l = d.to_str().unwrap();
         // liba needs libb and libb needs liba: build b without a first, then a, then b again.
-        cc(d, "int b(void){return 2;}", "libb.so", &["-shared", "-fPIC"]);
-        cc(d, "int b(void); int a(void){return b();}", "liba.so", &["-shared", "-fPIC", "-L", l, "-lb", "-Wl,-rpath,$ORIGIN"]);
-        cc(d, "int a(void); int b(void){return 2;}", "libb.so", &["-shared", "-fPIC", "-L", l, "-la", "-Wl,-rpath,$ORIGIN"]);
-        let prog = cc(d, "int a(void); int main(void){return a();}", "prog", &["-L", l, "-la", "-Wl,-rpath,$ORIGIN"]);
+        cc(
+            d,
+            "int b(void){return 2;}",
+            "libb.so",
+            &["-shared", "-fPIC"],
+        );
+        cc(
+            d,
+            "int b(void); int a(void){return b();}",
+            "liba.so",
+            &["-shared", "-fPIC", "-L", l, "-lb", "-Wl,-rpath,$ORIGIN"],
+        );
+        cc(
+            d,
+            "int a(void); int b(void){return 2;}",
+            "libb.so",
+            &["-shared", "-fPIC", "-L", l, "-la", "-Wl,-rpath,$ORIGIN"],
+        );
+        let prog = cc(
+            d,
+            "int a(void); int main(void){return a();}",
+            "prog",
+            &["-L", l, "-la", "-Wl,-rpath,$ORIGIN"],
+        );
         let closure = Resolver::system().closure(&[prog]).unwrap();
         assert!(closure.libraries().contains(&d.join("libb.so")));
     }
@@ -360,7 +440,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let d = t.path();
         std::fs::create_dir(d.join("conf.d")).unwrap();
-        std::fs::write(d.join("ld.so.conf"), "include conf.d/*.conf\n/opt/one # comment\n").unwrap();
+        std::fs::write(
+            d.join("ld.so.conf"),
+            "include conf.d/*.conf\n/opt/one # comment\n",
+        )
+        .unwrap();
         std::fs::write(d.join("conf.d/a.conf"), "/opt/two\ninclude ../ld.so.conf\n").unwrap();
         let mut dirs = Vec::new();
         read_ld_so_conf(&d.join("ld.so.conf"), &mut dirs, 0);

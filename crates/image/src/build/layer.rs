@@ -27,7 +27,9 @@ pub fn write_layer<W: Write>(tree: &Tree, out: W) -> io::Result<(W, LayerDigests
     let mut tar = tar::Builder::new(HashingWriter::new(gz));
     tar.mode(tar::HeaderMode::Deterministic);
     for (path, node) in tree.nodes() {
-        let Ok(rel) = path.strip_prefix("/") else { continue };
+        let Ok(rel) = path.strip_prefix("/") else {
+            continue;
+        };
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -76,7 +78,8 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, rel: &Path, node: &Node) -> io::R
             let mut h = header(tar::EntryType::Regular, *mode, len);
             // A file that changes size while we read it would corrupt the archive: take exactly `len`.
             let reader = io::Read::take(file, len);
-            tar.append_data(&mut h, rel, reader).map_err(|e| annotate(e, host))
+            tar.append_data(&mut h, rel, reader)
+                .map_err(|e| annotate(e, host))
         }
     }
 }

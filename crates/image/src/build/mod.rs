@@ -15,7 +15,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
+    Os, RootFsBuilder,
 };
 
 use crate::appliance::{ApplianceConfig, LABEL, SizeBreakdown};
@@ -68,16 +69,22 @@ pub struct BuildOutcome {
 }
 
 /// Builds the appliance described by `dir/juice.toml` into `store`.
-pub fn build(store: &Store, dir: &Path, options: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+pub fn build(
+    store: &Store,
+    dir: &Path,
+    options: &BuildOptions,
+) -> Result<BuildOutcome, BuildError> {
     let manifest_path = dir.join("juice.toml");
     let manifest = Manifest::load(&manifest_path)?;
     let reference = options.tag.clone().unwrap_or_else(|| manifest.reference());
     let plan = Plan::new(&manifest, &manifest_path, dir)?;
-    let config = plan.config_json(&manifest).map_err(|message| BuildError::Invalid {
-        manifest: manifest_path.clone(),
-        field: "run",
-        message,
-    })?;
+    let config = plan
+        .config_json(&manifest)
+        .map_err(|message| BuildError::Invalid {
+            manifest: manifest_path.clone(),
+            field: "run",
+            message,
+        })?;
 
     let _writing = store.lock_for_writing()?;
     let inputs = plan.input_digest(&config)?;
@@ -96,8 +103,16 @@ pub fn build(store: &Store, dir: &Path, options: &BuildOptions) -> Result<BuildO
     let manifest_doc = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
-        .config(Descriptor::new(MediaType::ImageConfig, config_size, oci_digest(&config_digest)))
-        .layers(vec![Descriptor::new(MediaType::ImageLayerGzip, layer_size, oci_digest(&layer_digest))])
+        .config(Descriptor::new(
+            MediaType::ImageConfig,
+            config_size,
+            oci_digest(&config_digest),
+        ))
+        .layers(vec![Descriptor::new(
+            MediaType::ImageLayerGzip,
+            layer_size,
+            oci_digest(&layer_digest),
+        )])
         .build()
         .map_err(|e| internal(&manifest_path, e))?;
     let manifest_bytes = canonical_json(&manifest_doc).map_err(|e| internal(&manifest_path, e))?;
@@ -130,8 +145,9 @@ struct ConfigJson {
 
 impl ConfigJson {
     fn with_rootfs(mut self, diff_id: &Digest) -> Result<Vec<u8>, BuildError> {
-        self.value["rootfs"] = serde_json::json!({ "type": "layers", "diff_ids": [diff_id.to_string()] });
-        Ok(serde_json::to_vec(&self.value).map_err(|e| BuildError::Layer(e.into()))?)
+        self.value["rootfs"] =
+            serde_json::json!({ "type": "layers", "diff_ids": [diff_id.to_string()] });
+        serde_json::to_vec(&self.value).map_err(|e| BuildError::Layer(e.into()))
     }
 }
 
@@ -152,17 +168,22 @@ impl Plan {
                 Binary::Path(p) if p.is_absolute() => (p.clone(), p.clone()),
                 Binary::Path(p) => {
                     let name = p.file_name().ok_or_else(|| {
-                        invalid("build.binaries", format!("{} does not name a file", p.display()))
+                        invalid(
+                            "build.binaries",
+                            format!("{} does not name a file", p.display()),
+                        )
                     })?;
                     (dir.join(p), Path::new("/usr/bin").join(name))
                 }
                 Binary::Placed { from, to } => (dir.join(from), to.as_path().to_owned()),
             };
-            let meta = std::fs::metadata(&from).map_err(|e| {
-                invalid("build.binaries", format!("{}: {e}", from.display()))
-            })?;
+            let meta = std::fs::metadata(&from)
+                .map_err(|e| invalid("build.binaries", format!("{}: {e}", from.display())))?;
             if !meta.is_file() {
-                return Err(invalid("build.binaries", format!("{} is not a file", from.display())));
+                return Err(invalid(
+                    "build.binaries",
+                    format!("{} is not a file", from.display()),
+                ));
             }
             placed.push((from, to));
         }
@@ -170,16 +191,27 @@ impl Plan {
             .build
             .libraries
             .iter()
-            .map(|l| if l.is_absolute() { l.clone() } else { dir.join(l) })
+            .map(|l| {
+                if l.is_absolute() {
+                    l.clone()
+                } else {
+                    dir.join(l)
+                }
+            })
             .collect();
 
-        let roots: Vec<PathBuf> = placed.iter().map(|(from, _)| from.clone()).chain(libraries.iter().cloned()).collect();
+        let roots: Vec<PathBuf> = placed
+            .iter()
+            .map(|(from, _)| from.clone())
+            .chain(libraries.iter().cloned())
+            .collect();
         let resolved = Resolver::system().closure(&roots)?;
 
         // Host path -> image path, for the closure report.
         let mut image_of: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
         for (from, to) in &placed {
-            let meta = std::fs::metadata(from).map_err(|e| invalid("build.binaries", format!("{}: {e}", from.display())))?;
+            let meta = std::fs::metadata(from)
+                .map_err(|e| invalid("build.binaries", format!("{}: {e}", from.display())))?;
             use std::os::unix::fs::PermissionsExt;
             tree.insert(
                 to,
@@ -191,7 +223,11 @@ impl Plan {
             origin.insert(to.clone(), Origin::Binary);
             image_of.insert(from.clone(), to.clone());
         }
-        for lib in resolved.libraries().into_iter().chain(libraries.iter().cloned()) {
+        for lib in resolved
+            .libraries()
+            .into_iter()
+            .chain(libraries.iter().cloned())
+        {
             let real = tree.add_host_path(&lib)?;
             origin.entry(real).or_insert(Origin::Library);
             image_of.entry(lib.clone()).or_insert(lib);
@@ -206,7 +242,11 @@ impl Plan {
             .collect();
 
         for f in &manifest.build.files {
-            let from = if f.from.is_absolute() { f.from.clone() } else { dir.join(&f.from) };
+            let from = if f.from.is_absolute() {
+                f.from.clone()
+            } else {
+                dir.join(&f.from)
+            };
             let before: Vec<PathBuf> = tree.nodes().map(|(p, _)| p.clone()).collect();
             tree.copy_from_host(&from, f.to.as_path())?;
             for (p, _) in tree.nodes() {
@@ -220,14 +260,19 @@ impl Plan {
 
         for p in &manifest.build.setuid {
             if !tree.allow_setid(p.as_path())? {
-                return Err(invalid("build.setuid", format!("{p} is not a file from the host in the image")));
+                return Err(invalid(
+                    "build.setuid",
+                    format!("{p} is not a file from the host in the image"),
+                ));
             }
         }
         let program = manifest.run.command.program();
         if !tree.resolves_to_file(Path::new(program)) {
             return Err(invalid(
                 "run.command",
-                format!("the program {program} is not in the image (declare it in build.binaries or build.files)"),
+                format!(
+                    "the program {program} is not in the image (declare it in build.binaries or build.files)"
+                ),
             ));
         }
 
@@ -235,10 +280,12 @@ impl Plan {
         for (path, node) in tree.nodes() {
             let len = match node {
                 Node::File {
-                    source: Source::Bytes(b), ..
+                    source: Source::Bytes(b),
+                    ..
                 } => b.len() as u64,
                 Node::File {
-                    source: Source::Host(h), ..
+                    source: Source::Host(h),
+                    ..
                 } => std::fs::metadata(h).map(|m| m.len()).unwrap_or(0),
                 _ => continue,
             };
@@ -269,20 +316,40 @@ impl Plan {
         let run = &manifest.run;
         let mut config = ConfigBuilder::default()
             .entrypoint(run.command.args().to_vec())
-            .env(run.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>())
+            .env(
+                run.env
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>(),
+            )
             .user(run.user.to_string())
-            .labels([(LABEL.to_owned(), label)].into_iter().collect::<std::collections::HashMap<_, _>>());
+            .labels(
+                [(LABEL.to_owned(), label)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            );
         if let Some(w) = &run.workdir {
             config = config.working_dir(w.to_string());
         }
         if !run.ports.is_empty() {
-            config = config.exposed_ports(run.ports.iter().map(|p| format!("{}/tcp", p.get())).collect::<Vec<_>>());
+            config = config.exposed_ports(
+                run.ports
+                    .iter()
+                    .map(|p| format!("{}/tcp", p.get()))
+                    .collect::<Vec<_>>(),
+            );
         }
         let image = ImageConfigurationBuilder::default()
             .architecture(Arch::Amd64)
             .os(Os::Linux)
             .config(config.build().map_err(|e| e.to_string())?)
-            .rootfs(RootFsBuilder::default().typ("layers").diff_ids(Vec::<String>::new()).build().map_err(|e| e.to_string())?)
+            .rootfs(
+                RootFsBuilder::default()
+                    .typ("layers")
+                    .diff_ids(Vec::<String>::new())
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            )
             .build()
             .map_err(|e| e.to_string())?;
         let value = serde_json::to_value(&image).map_err(|e| e.to_string())?;
@@ -293,7 +360,8 @@ impl Plan {
     fn input_digest(&self, config: &ConfigJson) -> Result<Digest, BuildError> {
         let mut h = crate::digest::HashingWriter::new(std::io::sink());
         let mut put = |bytes: &[u8]| -> Result<(), BuildError> {
-            h.write_all(&(bytes.len() as u64).to_le_bytes()).map_err(BuildError::Layer)?;
+            h.write_all(&(bytes.len() as u64).to_le_bytes())
+                .map_err(BuildError::Layer)?;
             h.write_all(bytes).map_err(BuildError::Layer)
         };
         put(BUILDER_VERSION.as_bytes())?;
@@ -360,7 +428,11 @@ enum Origin {
 }
 
 /// The minimal FHS skeleton every appliance gets. Existing declared files win.
-fn skeleton(tree: &mut Tree, manifest: &Manifest, origin: &mut BTreeMap<PathBuf, Origin>) -> Result<(), TreeError> {
+fn skeleton(
+    tree: &mut Tree,
+    manifest: &Manifest,
+    origin: &mut BTreeMap<PathBuf, Origin>,
+) -> Result<(), TreeError> {
     for dir in ["/proc", "/sys", "/dev", "/etc", "/run", "/var", "/usr/bin"] {
         tree.insert(Path::new(dir), Node::Dir { mode: 0o755 })?;
     }
@@ -369,7 +441,10 @@ fn skeleton(tree: &mut Tree, manifest: &Manifest, origin: &mut BTreeMap<PathBuf,
     let mut passwd = String::from("root:x:0:0:root:/:/nonexistent\n");
     let mut group = String::from("root:x:0:\n");
     if user.uid != 0 {
-        passwd.push_str(&format!("app:x:{}:{}:{}:/:/nonexistent\n", user.uid, user.gid, manifest.appliance.name));
+        passwd.push_str(&format!(
+            "app:x:{}:{}:{}:/:/nonexistent\n",
+            user.uid, user.gid, manifest.appliance.name
+        ));
     }
     if user.gid != 0 {
         group.push_str(&format!("app:x:{}:\n", user.gid));
@@ -379,10 +454,16 @@ fn skeleton(tree: &mut Tree, manifest: &Manifest, origin: &mut BTreeMap<PathBuf,
     let files: [(&str, String); 5] = [
         ("/etc/passwd", passwd),
         ("/etc/group", group),
-        ("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n".to_owned()),
+        (
+            "/etc/hosts",
+            "127.0.0.1\tlocalhost\n::1\tlocalhost\n".to_owned(),
+        ),
         // Replaced at run time by the runtime's resolver configuration.
         ("/etc/resolv.conf", String::new()),
-        ("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_owned()),
+        (
+            "/etc/nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files dns\n".to_owned(),
+        ),
     ];
     for (path, content) in files {
         let path = Path::new(path);

@@ -6,8 +6,8 @@
 //! walk them at run time.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::collections::btree_map::Entry;
+use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -84,7 +84,8 @@ pub struct Tree {
 impl Tree {
     pub fn new() -> Tree {
         let mut t = Tree::default();
-        t.nodes.insert(PathBuf::from("/"), Node::Dir { mode: 0o755 });
+        t.nodes
+            .insert(PathBuf::from("/"), Node::Dir { mode: 0o755 });
         t
     }
 
@@ -112,7 +113,11 @@ impl Tree {
             }
             Entry::Occupied(o) if *o.get() == node => Ok(()),
             // Two directories with different modes: the first one wins, contents merge.
-            Entry::Occupied(o) if matches!((o.get(), &node), (Node::Dir { .. }, Node::Dir { .. })) => Ok(()),
+            Entry::Occupied(o)
+                if matches!((o.get(), &node), (Node::Dir { .. }, Node::Dir { .. })) =>
+            {
+                Ok(())
+            }
             Entry::Occupied(o) => Err(TreeError::Conflict {
                 image_path: path,
                 first: o.get().describe(),
@@ -125,7 +130,8 @@ impl Tree {
         for ancestor in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
             match self.nodes.get(ancestor) {
                 None => {
-                    self.nodes.insert(ancestor.to_owned(), Node::Dir { mode: 0o755 });
+                    self.nodes
+                        .insert(ancestor.to_owned(), Node::Dir { mode: 0o755 });
                 }
                 Some(Node::Dir { .. }) => {}
                 Some(_) => {
@@ -156,7 +162,9 @@ impl Tree {
                         Some(Node::Symlink { target }) if !is_last => {
                             hops += 1;
                             if hops > MAX_HOPS {
-                                return Err(TreeError::SymlinkCycle { path: path.to_owned() });
+                                return Err(TreeError::SymlinkCycle {
+                                    path: path.to_owned(),
+                                });
                             }
                             if target.is_absolute() {
                                 out = PathBuf::from("/");
@@ -189,10 +197,17 @@ impl Tree {
             if ft.is_symlink() {
                 hops += 1;
                 if hops > MAX_HOPS {
-                    return Err(TreeError::SymlinkCycle { path: host.to_owned() });
+                    return Err(TreeError::SymlinkCycle {
+                        path: host.to_owned(),
+                    });
                 }
                 let target = std::fs::read_link(&next).map_err(|e| io_error(&next, e))?;
-                self.insert(&next, Node::Symlink { target: target.clone() })?;
+                self.insert(
+                    &next,
+                    Node::Symlink {
+                        target: target.clone(),
+                    },
+                )?;
                 if target.is_absolute() {
                     cur = PathBuf::from("/");
                 }
@@ -227,7 +242,10 @@ impl Tree {
         if meta.is_file() {
             return self.insert(to, host_file(from, &meta)?);
         }
-        for entry in walkdir::WalkDir::new(from).follow_links(false).sort_by_file_name() {
+        for entry in walkdir::WalkDir::new(from)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
             let entry = entry.map_err(|e| {
                 let path = e.path().unwrap_or(from).to_owned();
                 match e.into_io_error() {
@@ -241,7 +259,8 @@ impl Tree {
             if ft.is_dir() {
                 self.insert(&dest, Node::Dir { mode: 0o755 })?;
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(entry.path()).map_err(|e| io_error(entry.path(), e))?;
+                let target =
+                    std::fs::read_link(entry.path()).map_err(|e| io_error(entry.path(), e))?;
                 if let Err(e) = std::fs::metadata(entry.path()) {
                     return Err(if e.raw_os_error() == Some(40) {
                         TreeError::SymlinkCycle {
@@ -256,7 +275,9 @@ impl Tree {
                 }
                 self.insert(&dest, Node::Symlink { target })?;
             } else {
-                let meta = entry.metadata().map_err(|e| io_error(entry.path(), e.into()))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| io_error(entry.path(), e.into()))?;
                 self.insert(&dest, host_file(entry.path(), &meta)?)?;
             }
         }
@@ -267,7 +288,9 @@ impl Tree {
     pub fn resolves_to_file(&self, path: &Path) -> bool {
         let mut p = path.to_owned();
         for _ in 0..MAX_HOPS {
-            let Ok(resolved) = self.resolve_parents(&p) else { return false };
+            let Ok(resolved) = self.resolve_parents(&p) else {
+                return false;
+            };
             match self.nodes.get(&resolved) {
                 Some(Node::File { .. }) => return true,
                 Some(Node::Symlink { target }) => {
@@ -311,7 +334,9 @@ fn push_components(stack: &mut Vec<OsString>, path: &Path) {
 
 fn io_error(path: &Path, e: std::io::Error) -> TreeError {
     match e.kind() {
-        std::io::ErrorKind::NotFound => TreeError::Missing { path: path.to_owned() },
+        std::io::ErrorKind::NotFound => TreeError::Missing {
+            path: path.to_owned(),
+        },
         _ => TreeError::Read {
             path: path.to_owned(),
             source: e,
@@ -353,7 +378,11 @@ fn special(path: &Path, ft: &std::fs::FileType) -> TreeError {
 /// Executable files become 0755, others 0644; setuid/setgid only when allowed.
 pub fn normal_file_mode(host_mode: u32, keep_setid: bool) -> u32 {
     let base = if host_mode & 0o111 != 0 { 0o755 } else { 0o644 };
-    if keep_setid { base | (host_mode & 0o6000) } else { base }
+    if keep_setid {
+        base | (host_mode & 0o6000)
+    } else {
+        base
+    }
 }
 
 /// A relative symlink target that climbs above `/` from where the link sits.
@@ -362,7 +391,11 @@ pub fn check_symlink_stays_inside(link: &Path, target: &Path) -> Result<(), Tree
         // Absolute targets are resolved inside the root by everything that reads an image.
         return Ok(());
     }
-    let mut depth = link.parent().map_or(0, |p| p.components().filter(|c| matches!(c, Component::Normal(_))).count());
+    let mut depth = link.parent().map_or(0, |p| {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .count()
+    });
     for c in target.components() {
         match c {
             Component::ParentDir => {
@@ -397,7 +430,12 @@ mod tests {
         let mut tree = Tree::new();
         let real = tree.add_host_path(&d.join("lib/libfoo.so.1")).unwrap();
         assert_eq!(real, d.join("usr/lib/libfoo.so.1.2.3"));
-        assert_eq!(tree.get(&d.join("lib")), Some(&Node::Symlink { target: "usr/lib".into() }));
+        assert_eq!(
+            tree.get(&d.join("lib")),
+            Some(&Node::Symlink {
+                target: "usr/lib".into()
+            })
+        );
         assert_eq!(
             tree.get(&d.join("usr/lib/libfoo.so.1")),
             Some(&Node::Symlink {
@@ -413,28 +451,40 @@ mod tests {
         let d = t.path();
         std::fs::create_dir(d.join("a")).unwrap();
         symlink("nowhere", d.join("a/broken")).unwrap();
-        let err = Tree::new().copy_from_host(&d.join("a"), Path::new("/srv")).unwrap_err();
+        let err = Tree::new()
+            .copy_from_host(&d.join("a"), Path::new("/srv"))
+            .unwrap_err();
         assert!(matches!(err, TreeError::BrokenSymlink { .. }), "{err}");
 
         std::fs::create_dir(d.join("b")).unwrap();
         symlink("y", d.join("b/x")).unwrap();
         symlink("x", d.join("b/y")).unwrap();
-        let err = Tree::new().copy_from_host(&d.join("b"), Path::new("/srv")).unwrap_err();
+        let err = Tree::new()
+            .copy_from_host(&d.join("b"), Path::new("/srv"))
+            .unwrap_err();
         assert!(matches!(err, TreeError::SymlinkCycle { .. }), "{err}");
         let err = Tree::new().add_host_path(&d.join("b/x")).unwrap_err();
         assert!(matches!(err, TreeError::SymlinkCycle { .. }), "{err}");
 
         std::fs::create_dir(d.join("c")).unwrap();
         nix_mkfifo(&d.join("c/pipe"));
-        let err = Tree::new().copy_from_host(&d.join("c"), Path::new("/srv")).unwrap_err();
+        let err = Tree::new()
+            .copy_from_host(&d.join("c"), Path::new("/srv"))
+            .unwrap_err();
         assert!(err.to_string().contains("is a FIFO"), "{err}");
 
-        let err = Tree::new().copy_from_host(&d.join("nope"), Path::new("/srv")).unwrap_err();
+        let err = Tree::new()
+            .copy_from_host(&d.join("nope"), Path::new("/srv"))
+            .unwrap_err();
         assert!(matches!(err, TreeError::Missing { .. }), "{err}");
     }
 
     fn nix_mkfifo(p: &Path) {
-        let ok = std::process::Command::new("mkfifo").arg(p).status().unwrap().success();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok);
     }
 
@@ -446,7 +496,9 @@ mod tests {
         std::fs::write(d.join("secret"), b"s").unwrap();
         // Fine on the host (it reaches d/secret), but from /srv/leak it climbs above the root.
         symlink("../../../secret", d.join("a/b/www/leak")).unwrap();
-        let err = Tree::new().copy_from_host(&d.join("a/b/www"), Path::new("/srv")).unwrap_err();
+        let err = Tree::new()
+            .copy_from_host(&d.join("a/b/www"), Path::new("/srv"))
+            .unwrap_err();
         assert!(matches!(err, TreeError::EscapingSymlink { .. }), "{err}");
         assert!(check_symlink_stays_inside(Path::new("/a/b"), Path::new("../c")).is_ok());
         assert!(check_symlink_stays_inside(Path::new("/a/b"), Path::new("../../c")).is_err());
@@ -465,14 +517,22 @@ mod tests {
         tree.insert(Path::new("/etc/x"), a).unwrap();
         let err = tree.insert(Path::new("/etc/x"), b).unwrap_err();
         assert!(matches!(err, TreeError::Conflict { .. }), "{err}");
-        let err = tree.insert(Path::new("/etc/x/y"), Node::Dir { mode: 0o755 }).unwrap_err();
+        let err = tree
+            .insert(Path::new("/etc/x/y"), Node::Dir { mode: 0o755 })
+            .unwrap_err();
         assert!(matches!(err, TreeError::NotADirectory { .. }), "{err}");
     }
 
     #[test]
     fn placing_under_an_image_symlink_follows_it() {
         let mut tree = Tree::new();
-        tree.insert(Path::new("/lib"), Node::Symlink { target: "usr/lib".into() }).unwrap();
+        tree.insert(
+            Path::new("/lib"),
+            Node::Symlink {
+                target: "usr/lib".into(),
+            },
+        )
+        .unwrap();
         let f = Node::File {
             source: Source::Bytes(vec![]),
             mode: 0o644,

@@ -1,0 +1,139 @@
+//! Helpers for tests that drive the real `juice` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+
+/// A `juice` with its own, empty `$JUICE_HOME`.
+pub struct Juice {
+    pub home: tempfile::TempDir,
+}
+
+impl Juice {
+    pub fn new() -> Juice {
+        Juice {
+            home: tempfile::tempdir().expect("a temp dir for JUICE_HOME"),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_juice"));
+        c.env("JUICE_HOME", self.home.path())
+            .current_dir(workspace());
+        c
+    }
+
+    /// Runs `juice ARGS`, which must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("juice runs");
+        assert!(
+            out.status.success(),
+            "juice {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `juice ARGS`, which must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("juice runs");
+        assert!(
+            !out.status.success(),
+            "juice {args:?} should have failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn layout(&self) -> PathBuf {
+        self.home.path().join("images")
+    }
+
+    /// The path of a blob named by digest.
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        self.layout()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// Fails loudly when a tool a test needs is missing: such a test must never pass silently.
+pub fn require(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "this test needs `{tool}` (installed by .ci/run)");
+}
+
+/// The hello-web example program, built by `cargo build --release` (which .ci/run does first).
+pub fn hello_web_binary() -> PathBuf {
+    let p = workspace().join("target/release/hello-web");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --release` first (as .ci/run does)",
+        p.display()
+    );
+    p
+}
+
+/// Kills (and reaps) a child when dropped, so a failing test leaves no process behind.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Copies a directory tree (plain files and dirs) for tests that change an example.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// A small deterministic random source for fault-injection loops; the seed is printed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_time() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("random seed {seed}");
+        Rng(seed | 1)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        // xorshift64
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
