@@ -4,6 +4,7 @@
 
 mod images;
 mod output;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,37 @@ enum Command {
     Gc,
     /// Re-hash an image's blobs, or every image and blob in the store.
     Verify { image: Option<String> },
+    /// Run one instance of an image in the foreground, outside any group.
+    Run {
+        image: String,
+        /// Instance name (default: the appliance name and a random suffix).
+        #[arg(long)]
+        name: Option<String>,
+        /// Publish a port: HOST:CONTAINER or IP:HOST:CONTAINER (repeatable).
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<String>,
+        /// sandbox (shared kernel) or microvm (own kernel).
+        #[arg(long, default_value = "sandbox")]
+        isolation: String,
+        /// bridge (an address on juice0, default-deny between instances) or none (loopback only).
+        #[arg(long, default_value = "bridge")]
+        network: String,
+        /// Do not create a cgroup (no limits).
+        #[arg(long)]
+        no_cgroup: bool,
+        /// Run in a user namespace: root inside is this host uid (and the 65535 after it).
+        #[arg(long, value_name = "HOST_UID")]
+        userns: Option<u32>,
+        /// Print nothing but the appliance's output.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+        /// Seconds between SIGTERM and SIGKILL on Ctrl-C.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+        /// Arguments that replace the command's own (the program stays the manifest's).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `$JUICE_HOME`, or `/var/lib/juice`.
@@ -65,6 +97,42 @@ fn juice_home() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run {
+        image,
+        name,
+        publish,
+        isolation,
+        network,
+        no_cgroup,
+        userns,
+        quiet,
+        grace,
+        args: extra,
+    } = cli.command
+    {
+        let args = run::RunArgs {
+            image,
+            name,
+            publish,
+            isolation,
+            network,
+            no_cgroup,
+            userns,
+            quiet,
+            grace: std::time::Duration::from_secs(grace),
+            args: extra,
+        };
+        return match run::run(args) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("juice: {e}");
+                if cli.debug {
+                    eprintln!("{e:?}");
+                }
+                ExitCode::from(125)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Build { dir, tag, quiet } => images::build(&dir, tag, quiet, cli.output),
         Command::Images => images::list(cli.output),
@@ -72,6 +140,7 @@ fn main() -> ExitCode {
         Command::Rmi { images } => images::remove(&images),
         Command::Gc => images::gc(cli.output),
         Command::Verify { image } => images::verify(image.as_deref(), cli.output),
+        Command::Run { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

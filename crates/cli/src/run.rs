@@ -1,0 +1,309 @@
+//! `juice run`: one instance in the foreground, outside any group.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use juice_image::appliance::ApplianceConfig;
+use juice_image::store::Store;
+use juice_image::unpack::materialise;
+use juice_sandbox::cgroup::Limits;
+use juice_sandbox::network::publish::Publisher;
+use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// What `juice run` was asked for.
+pub struct RunArgs {
+    pub image: String,
+    pub name: Option<String>,
+    pub publish: Vec<String>,
+    pub isolation: String,
+    pub network: String,
+    pub no_cgroup: bool,
+    pub userns: Option<u32>,
+    pub quiet: bool,
+    pub grace: Duration,
+    /// Replace the command's arguments (the program stays).
+    pub args: Vec<String>,
+}
+
+/// Runs the instance until it ends (or Ctrl-C); returns the exit code to use.
+pub fn run(args: RunArgs) -> Result<i32> {
+    if args.isolation != "sandbox" {
+        return Err(format!(
+            "isolation {:?} is not available yet (only \"sandbox\")",
+            args.isolation
+        )
+        .into());
+    }
+    // Block the signals we forward before any thread exists, so every thread inherits the mask.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let home = crate::juice_home();
+    let store = Store::open(&home)?;
+    let rootfs = materialise(&store, &args.image)?;
+    let appliance = rootfs.appliance.clone().ok_or_else(|| {
+        format!(
+            "{} is not a Juice appliance (no {} label); import it first",
+            rootfs.reference,
+            juice_image::appliance::LABEL
+        )
+    })?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(&appliance));
+    let ports: Vec<PortMapping> = args
+        .publish
+        .iter()
+        .map(|p| p.parse())
+        .collect::<std::result::Result<_, _>>()?;
+
+    let runtime = Runtime::new(&home)?;
+    runtime.cleanup_stale();
+    let mut spec = spec_for(&appliance, &rootfs.path, &name, &home)?;
+    spec.die_with_parent = true;
+    if !args.args.is_empty() {
+        spec.argv.truncate(1);
+        spec.argv.extend(args.args.iter().cloned());
+    }
+    spec.cgroup = !args.no_cgroup;
+    if args.no_cgroup {
+        spec.limits = Limits::default();
+    }
+    if let Some(host_id) = args.userns {
+        spec.user_namespace = Some(IdMap {
+            host_id,
+            size: 65536,
+        });
+    }
+    match args.network.as_str() {
+        "bridge" => {
+            let mut net = NetworkSpec::new(&name);
+            net.ports = ports.clone();
+            spec.network = Some(net);
+        }
+        "none" if ports.is_empty() => {}
+        "none" => return Err("publishing ports needs --network bridge".into()),
+        other => return Err(format!("--network {other:?}: use bridge or none").into()),
+    }
+    prepare_volumes(&spec, args.userns)?;
+
+    let mut instance = runtime.spawn(&spec)?;
+    let _publisher = match (&instance.state().network, ports.is_empty()) {
+        (Some(a), false) => Some(Publisher::start(&ports, a.address)?),
+        _ => None,
+    };
+    if !args.quiet {
+        let addr = instance
+            .state()
+            .network
+            .as_ref()
+            .map(|a| format!(", address {}", a.address))
+            .unwrap_or_default();
+        eprintln!(
+            "juice: started {name} from {} (pid {}{addr})",
+            rootfs.reference,
+            instance.pid()
+        );
+        if let Some(l) = instance.limits() {
+            eprintln!("juice: limits in the kernel: {}", describe(&l));
+        }
+    }
+
+    // A thread turns Ctrl-C into SIGTERM for the instance, then SIGKILL after the grace period.
+    // SAFETY: dup of a valid pidfd; the new fd is owned by the OwnedFd below.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(libc::dup(instance.pidfd().as_raw_fd())) };
+    let grace = args.grace;
+    std::thread::spawn(move || {
+        let mut sent_term = false;
+        while signals.wait().is_ok() {
+            let sig = if sent_term {
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            };
+            // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo, no flags.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if !sent_term {
+                sent_term = true;
+                let fd = pidfd.as_raw_fd();
+                std::thread::spawn(move || {
+                    std::thread::sleep(grace);
+                    // SAFETY: as above; a stale pidfd only makes the call fail.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            fd,
+                            libc::SIGKILL,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                });
+            }
+        }
+    });
+
+    let mut tail = Tail::new(runtime.log_path(&name));
+    let report = loop {
+        if let Some(r) = instance.wait_timeout(Some(Duration::from_millis(100))) {
+            break r;
+        }
+        tail.pump();
+    };
+    tail.pump();
+    if !args.quiet || report.oom_killed {
+        eprintln!("juice: {name} {report}");
+    }
+    Ok(match (report.code, report.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 125,
+    })
+}
+
+/// `hello-web-3fa2`: the appliance name made valid for an instance, and a random suffix.
+fn default_name(a: &ApplianceConfig) -> String {
+    let base: String = a
+        .manifest
+        .appliance
+        .name
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{}-{:04x}",
+        base.trim_end_matches('-'),
+        (nanos ^ std::process::id()) & 0xffff
+    )
+}
+
+/// The sandbox spec an appliance's manifest asks for.
+pub fn spec_for(
+    a: &ApplianceConfig,
+    rootfs: &Path,
+    name: &str,
+    home: &Path,
+) -> Result<SandboxSpec> {
+    let run = &a.manifest.run;
+    let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
+    let mut env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !run.env.keys().any(|k| k.as_str() == "PATH") {
+        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
+    }
+    env.push(format!("HOSTNAME={name}"));
+    spec.env = env;
+    spec.uid = run.user.uid;
+    spec.gid = run.user.gid;
+    spec.workdir = run
+        .workdir
+        .as_ref()
+        .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
+    spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
+    let r = &a.manifest.resources;
+    spec.limits = Limits {
+        cpus: r.cpus.map(|c| c.get()),
+        memory: r.memory.map(|m| m.0),
+        pids: r.pids,
+    };
+    spec.volumes = a
+        .manifest
+        .volumes
+        .iter()
+        .map(|v| VolumeMount {
+            source: home.join("volumes").join(name).join(v.name.as_str()),
+            target: v.path.as_path().to_owned(),
+        })
+        .collect();
+    Ok(spec)
+}
+
+/// Creates volume directories owned by the appliance's user (shifted under a user namespace).
+fn prepare_volumes(spec: &SandboxSpec, userns: Option<u32>) -> Result {
+    let shift = userns.unwrap_or(0);
+    for v in &spec.volumes {
+        if !v.source.exists() {
+            std::fs::create_dir_all(&v.source)
+                .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
+            std::os::unix::fs::chown(&v.source, Some(spec.uid + shift), Some(spec.gid + shift))
+                .map_err(|e| {
+                    format!(
+                        "cannot hand volume {} to {}:{}: {e}",
+                        v.source.display(),
+                        spec.uid,
+                        spec.gid
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+fn describe(l: &Limits) -> String {
+    let cpus = l
+        .cpus
+        .map_or("cpu unlimited".into(), |c| format!("cpus {c}"));
+    let mem = l.memory.map_or("memory unlimited".into(), |m| {
+        format!("memory {}", crate::output::size(m))
+    });
+    let pids = l
+        .pids
+        .map_or("pids unlimited".into(), |p| format!("pids {p}"));
+    format!("{cpus}, {mem}, {pids}")
+}
+
+/// Follows a log file across rotations, copying new bytes to stdout.
+struct Tail {
+    path: PathBuf,
+    file: Option<(std::fs::File, u64)>,
+}
+
+impl Tail {
+    fn new(path: PathBuf) -> Tail {
+        Tail { path, file: None }
+    }
+
+    fn pump(&mut self) {
+        let mut out = std::io::stdout().lock();
+        let current_ino = std::fs::metadata(&self.path).ok().map(|m| m.ino());
+        if let Some((f, ino)) = &mut self.file {
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            let _ = out.write_all(&buf);
+            if current_ino != Some(*ino) {
+                self.file = None;
+            }
+        }
+        if self.file.is_none()
+            && let Ok(mut f) = std::fs::File::open(&self.path)
+            && let Ok(m) = f.metadata()
+        {
+            let _ = f.seek(SeekFrom::Start(0));
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            let _ = out.write_all(&buf);
+            self.file = Some((f, m.ino()));
+        }
+        let _ = out.flush();
+    }
+}

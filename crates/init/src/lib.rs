@@ -1,0 +1,84 @@
+//! The contract between a Juice runtime and `juice-init`, the PID 1 of a sandbox.
+//!
+//! The runtime clones a process into new namespaces that immediately execs
+//! `juice-init` with four file descriptors in place:
+//!
+//! | fd | direction | content |
+//! |---|---|---|
+//! | [`CONFIG_FD`] | runtime -> init | [`InitConfig`] as JSON; init waits for EOF, so the runtime writes it only once the cgroup and network are ready |
+//! | [`STATUS_FD`] | init -> runtime | one line: `started <pid>` or `failed <reason>` |
+//! | [`LOG_DIR_FD`] | directory | where init writes `app.log` and its rotations |
+//! | [`STATE_DIR_FD`] | directory | where init writes [`EXIT_FILE`] when the appliance ends |
+//!
+//! Init is a separate small binary, not a fork of the runtime: a fork of a
+//! long-running daemon would pin a copy of the daemon's heap per instance,
+//! and code after `fork` in a multi-threaded process must not allocate.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FD: i32 = 3;
+pub const STATUS_FD: i32 = 4;
+pub const LOG_DIR_FD: i32 = 5;
+pub const STATE_DIR_FD: i32 = 6;
+
+/// Written by init into the state directory when the appliance exits.
+pub const EXIT_FILE: &str = "exit.json";
+/// The appliance's merged stdout and stderr, in the log directory.
+pub const LOG_FILE: &str = "app.log";
+
+/// Everything init needs to set up the sandbox and start the appliance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// The unpacked image on the host; mounted read-only as `/`.
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    /// `argv`; `argv[0]` is the absolute program path inside the image.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` strings.
+    pub env: Vec<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub workdir: PathBuf,
+    /// Capability names (`CAP_NET_BIND_SERVICE`) the appliance keeps; all others are dropped.
+    pub capabilities: Vec<String>,
+    /// Compiled seccomp filters, installed in order; empty means none.
+    pub seccomp: Vec<Vec<SockFilter>>,
+    /// Extra mounts: volumes (read-write) and generated files like `/etc/hosts` (read-only).
+    pub binds: Vec<Bind>,
+    /// Running in a user namespace: device nodes are bind-mounted, not created.
+    pub user_namespace: bool,
+    /// Unshare the cgroup namespace once placed in the instance's cgroup.
+    pub cgroup_namespace: bool,
+    /// Rotate `app.log` past this size, keeping this many old files.
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// Absolute path inside the root; it must exist in the image.
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// One classic BPF instruction, as `struct sock_filter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockFilter {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// How the appliance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}

@@ -1,0 +1,705 @@
+//! `juice-init`: PID 1 of a Juice sandbox. See the library docs for the fd contract.
+//!
+//! Sequence: read the config (which doubles as the "go" from the runtime),
+//! unshare the cgroup namespace, build the root (read-only image, private
+//! /proc, /dev, /tmp, /run, volumes), pivot into it, start the appliance with
+//! its user, capabilities, no_new_privs and seccomp filter, then stay as PID 1:
+//! reap every zombie, forward signals, copy the appliance's output into a
+//! rotating log, and record how it ended.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use juice_init::{
+    CONFIG_FD, EXIT_FILE, ExitRecord, InitConfig, LOG_DIR_FD, LOG_FILE, STATE_DIR_FD, STATUS_FD,
+};
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{
+    ForkResult, Gid, Pid, Uid, chdir, fork, pivot_root, setgid, setgroups, sethostname, setsid,
+    setuid,
+};
+
+/// A failed step and why; reported to the runtime as one line.
+struct Failure(String);
+
+trait Step<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure>;
+}
+
+impl<T> Step<T> for nix::Result<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
+        self.map_err(|e| Failure(format!("{}: {}", what(), e.desc())))
+    }
+}
+
+impl<T> Step<T> for std::io::Result<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
+        self.map_err(|e| Failure(format!("{}: {e}", what())))
+    }
+}
+
+fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: the runtime opens these fds for us before exec (see the crate docs) and
+    // init never closes them while a borrow is alive.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+fn report(line: &str) {
+    let _ = nix::unistd::write(borrowed(STATUS_FD), format!("{line}\n").as_bytes());
+}
+
+fn main() {
+    let config = match read_config() {
+        Ok(c) => c,
+        Err(Failure(e)) => {
+            report(&format!("failed {e}"));
+            std::process::exit(125);
+        }
+    };
+    match run(&config) {
+        Ok(code) => std::process::exit(code),
+        Err(Failure(e)) => {
+            report(&format!("failed {e}"));
+            std::process::exit(125);
+        }
+    }
+}
+
+fn read_config() -> Result<InitConfig, Failure> {
+    // SAFETY: CONFIG_FD is ours alone (see the crate docs); taking ownership closes it after reading.
+    let fd = unsafe { OwnedFd::from_raw_fd(CONFIG_FD) };
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).step(|| "read the config".into())?;
+    serde_json::from_slice(&bytes).map_err(|e| Failure(format!("the config is not valid: {e}")))
+}
+
+fn run(config: &InitConfig) -> Result<i32, Failure> {
+    // The appliance must not ptrace or read PID 1's memory, even as root.
+    nix::sys::prctl::set_dumpable(false).step(|| "prctl(PR_SET_DUMPABLE)".into())?;
+    nix::sys::stat::umask(Mode::empty());
+    if config.cgroup_namespace {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .step(|| "unshare the cgroup namespace".into())?;
+    }
+    build_root(config)?;
+    sethostname(&config.hostname).step(|| "sethostname".into())?;
+
+    let signals = handled_signals();
+    signals.thread_block().step(|| "block signals".into())?;
+    let (log_r, log_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
+
+    // SAFETY: init is single-threaded (a fresh exec), so the child may run any code.
+    let app = match unsafe { fork() }.step(|| "fork the appliance".into())? {
+        ForkResult::Child => {
+            drop(log_r);
+            drop(err_r);
+            let Failure(e) = exec_app(config, &log_w);
+            let _ = nix::unistd::write(&err_w, e.as_bytes());
+            // SAFETY: _exit is always safe; it skips destructors that belong to the parent.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(log_w);
+    drop(err_w);
+
+    // The error pipe closes on a successful exec (O_CLOEXEC); anything in it is the reason it failed.
+    let mut why = [0u8; 1024];
+    let n = nix::unistd::read(&err_r, &mut why).unwrap_or(0);
+    if n > 0 {
+        let _ = waitpid(app, None);
+        return Err(Failure(String::from_utf8_lossy(&why[..n]).into_owned()));
+    }
+    report(&format!("started {app}"));
+    let _ = nix::unistd::close(STATUS_FD);
+    Ok(supervise(config, app, log_r, &signals))
+}
+
+fn handled_signals() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        s.add(sig);
+    }
+    s
+}
+
+/// An O_PATH descriptor for `rel` resolved *inside* `root`: symlinks in the
+/// image cannot point a mount at a host path.
+fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Failure> {
+    let rel = rel.strip_prefix("/").unwrap_or(rel);
+    let c = CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| Failure(format!("{} has a NUL byte", rel.display())))?;
+    // struct open_how { u64 flags; u64 mode; u64 resolve; }
+    let how: [u64; 3] = [
+        (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        0,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    ];
+    // SAFETY: openat2 reads `how` (valid for its size) and the NUL-terminated path; it returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            how.as_ptr(),
+            std::mem::size_of_val(&how),
+        )
+    };
+    if fd < 0 {
+        return Err(Failure(format!(
+            "/{} is not in the image: {}",
+            rel.display(),
+            Errno::last().desc()
+        )));
+    }
+    // SAFETY: the syscall just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(), Failure> {
+    mount(Some(fstype), target, Some(fstype), flags, Some(data)).step(|| format!("mount {fstype}"))
+}
+
+fn build_root(config: &InitConfig) -> Result<(), Failure> {
+    let root = &config.rootfs;
+    // Nothing we mount may propagate back to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .step(|| "make / private".into())?;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .step(|| format!("bind {}", root.display()))?;
+    let root_dir = std::fs::File::open(root).step(|| format!("open {}", root.display()))?;
+    let root_fd = root_dir.as_fd();
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+
+    let proc_ = open_in_root(root_fd, Path::new("proc"))?;
+    mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
+    let sys = open_in_root(root_fd, Path::new("sys"))?;
+    let sys_flags = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    if mount_fs("sysfs", &fd_path(&sys), sys_flags, "").is_err() && !config.user_namespace {
+        return Err(Failure("mount sysfs read-only".into()));
+    }
+
+    let dev = open_in_root(root_fd, Path::new("dev"))?;
+    mount_fs(
+        "tmpfs",
+        &fd_path(&dev),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=755,size=1m",
+    )?;
+    // The new tmpfs is now what `root/dev` resolves to.
+    let dev_dir = open_in_root(root_fd, Path::new("dev"))?;
+    let dev_path = fd_path(&dev_dir);
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let node = dev_path.join(name);
+        if config.user_namespace {
+            std::fs::File::create(&node).step(|| format!("create /dev/{name}"))?;
+            let host = format!("/dev/{name}");
+            mount(
+                Some(host.as_str()),
+                &node,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .step(|| format!("bind /dev/{name}"))?;
+        } else {
+            mknod(
+                &node,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            )
+            .step(|| format!("mknod /dev/{name}"))?;
+        }
+    }
+    for dir in ["pts", "shm"] {
+        std::fs::create_dir(dev_path.join(dir)).step(|| format!("mkdir /dev/{dir}"))?;
+    }
+    mount_fs(
+        "devpts",
+        &dev_path.join("pts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    mount_fs(
+        "tmpfs",
+        &dev_path.join("shm"),
+        nosuid | MsFlags::MS_NOEXEC,
+        "mode=1777,size=64m",
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev_path.join(link))
+            .step(|| format!("symlink /dev/{link}"))?;
+    }
+
+    let tmp = open_in_root(root_fd, Path::new("tmp"))?;
+    mount_fs("tmpfs", &fd_path(&tmp), nosuid, "mode=1777,size=64m")?;
+    let run = open_in_root(root_fd, Path::new("run"))?;
+    mount_fs(
+        "tmpfs",
+        &fd_path(&run),
+        nosuid | MsFlags::MS_NOEXEC,
+        "mode=755,size=16m",
+    )?;
+
+    for b in &config.binds {
+        let target = open_in_root(root_fd, &b.target)?;
+        let at = fd_path(&target);
+        mount(
+            Some(&b.source),
+            &at,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .step(|| format!("bind {} on {}", b.source.display(), b.target.display()))?;
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | nosuid;
+        if b.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // A fresh O_PATH fd: the old one names the directory under the new mount.
+        let target = open_in_root(root_fd, &b.target)?;
+        mount(
+            None::<&str>,
+            &fd_path(&target),
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .step(|| format!("remount {}", b.target.display()))?;
+    }
+    drop((proc_, sys, dev, dev_dir, tmp, run));
+
+    // The image itself is read-only; the mounts above stay as they are.
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid,
+        None::<&str>,
+    )
+    .step(|| "remount the root read-only".into())?;
+    drop(root_dir);
+
+    chdir(root).step(|| "chdir to the root".into())?;
+    pivot_root(".", ".").step(|| "pivot_root".into())?;
+    umount2(".", MntFlags::MNT_DETACH).step(|| "detach the host root".into())?;
+    chdir("/").step(|| "chdir /".into())?;
+    mask_kernel_interfaces()
+}
+
+/// Hides /proc and /sys files that leak host information or allow host changes.
+fn mask_kernel_interfaces() -> Result<(), Failure> {
+    for p in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+        "/proc/sysrq-trigger",
+    ] {
+        if Path::new(p).exists() {
+            mount(
+                Some("/dev/null"),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .step(|| format!("mask {p}"))?;
+        }
+    }
+    for p in ["/proc/acpi", "/proc/scsi", "/sys/firmware"] {
+        if Path::new(p).is_dir() {
+            mount_fs("tmpfs", Path::new(p), MsFlags::MS_RDONLY, "size=0")?;
+        }
+    }
+    for p in ["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"] {
+        if Path::new(p).exists() {
+            mount(
+                Some(p),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .step(|| format!("bind {p}"))?;
+            let flags = MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC;
+            mount(None::<&str>, p, None::<&str>, flags, None::<&str>)
+                .step(|| format!("make {p} read-only"))?;
+        }
+    }
+    Ok(())
+}
+
+/// In the forked child: become the appliance. Returns only on failure.
+fn exec_app(config: &InitConfig, log_w: &OwnedFd) -> Failure {
+    match prepare_and_exec(config, log_w) {
+        Ok(never) => match never {},
+        Err(f) => f,
+    }
+}
+
+fn prepare_and_exec(
+    config: &InitConfig,
+    log_w: &OwnedFd,
+) -> Result<std::convert::Infallible, Failure> {
+    SigSet::empty()
+        .thread_set_mask()
+        .step(|| "unblock signals".into())?;
+    setsid().step(|| "setsid".into())?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .open("/dev/null")
+        .step(|| "open /dev/null".into())?;
+    // SAFETY: dup2 onto 0, 1 and 2 replaces the standard streams with fds we own; no Rust object owns 0-2 here.
+    unsafe {
+        if libc::dup2(null.as_raw_fd(), 0) < 0
+            || libc::dup2(log_w.as_raw_fd(), 1) < 0
+            || libc::dup2(log_w.as_raw_fd(), 2) < 0
+        {
+            return Err(Failure(format!(
+                "redirect the standard streams: {}",
+                Errno::last().desc()
+            )));
+        }
+    }
+    drop(null);
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    // Init runs with oom_score_adj -1000 so the OOM killer picks the appliance, not init.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+    chdir(&config.workdir).step(|| format!("chdir {}", config.workdir.display()))?;
+
+    let keep = parse_caps(&config.capabilities)?;
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .map_err(|e| Failure(format!("drop {cap} from the bounding set: {e}")))?;
+        }
+    }
+    if config.uid != 0 && !keep.is_empty() {
+        // Keep the permitted set across setuid so the declared capabilities survive it.
+        nix::sys::prctl::set_keepcaps(true).step(|| "prctl(PR_SET_KEEPCAPS)".into())?;
+    }
+    setgroups(&[]).step(|| "setgroups".into())?;
+    setgid(Gid::from_raw(config.gid)).step(|| format!("setgid {}", config.gid))?;
+    setuid(Uid::from_raw(config.uid)).step(|| format!("setuid {}", config.uid))?;
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+    ] {
+        caps::set(None, set, &keep)
+            .map_err(|e| Failure(format!("set the {set:?} capabilities: {e}")))?;
+    }
+    if config.uid != 0 {
+        for cap in &keep {
+            caps::raise(None, caps::CapSet::Ambient, *cap)
+                .map_err(|e| Failure(format!("raise ambient {cap}: {e}")))?;
+        }
+    }
+    nix::sys::prctl::set_no_new_privs().step(|| "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
+
+    let argv: Vec<CString> = config
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let env: Vec<CString> = config
+        .env
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let program = argv
+        .first()
+        .ok_or_else(|| Failure("the command is empty".into()))?;
+
+    // SAFETY: close_range only changes fd flags; every fd above 2 becomes close-on-exec, so the
+    // appliance inherits nothing but its standard streams, while our error pipe stays usable until exec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+    // Last, so nothing above runs under the filters.
+    for filter in &config.seccomp {
+        let program: seccompiler::BpfProgram = filter
+            .iter()
+            .map(|f| seccompiler::sock_filter {
+                code: f.code,
+                jt: f.jt,
+                jf: f.jf,
+                k: f.k,
+            })
+            .collect();
+        seccompiler::apply_filter(&program)
+            .map_err(|e| Failure(format!("install the seccomp filter: {e}")))?;
+    }
+    let Err(e) = nix::unistd::execve(program, &argv, &env);
+    Err(Failure(format!("exec {}: {}", config.argv[0], e.desc())))
+}
+
+fn cstring(s: &str) -> Result<CString, Failure> {
+    CString::new(s).map_err(|_| Failure(format!("{s:?} contains a NUL byte")))
+}
+
+fn parse_caps(names: &[String]) -> Result<caps::CapsHashSet, Failure> {
+    names
+        .iter()
+        .map(|n| {
+            n.parse::<caps::Capability>()
+                .map_err(|_| Failure(format!("unknown capability {n}")))
+        })
+        .collect()
+}
+
+/// PID 1's loop: reap, forward signals, copy output to the log; returns the exit code to use.
+fn supervise(config: &InitConfig, app: Pid, log_r: OwnedFd, signals: &SigSet) -> i32 {
+    let mut log = Log::open(config.log_max_bytes, config.log_keep);
+    let sfd = match SignalFd::with_flags(signals, SfdFlags::SFD_CLOEXEC) {
+        Ok(s) => s,
+        Err(e) => {
+            log.write(format!("juice-init: signalfd: {}\n", e.desc()).as_bytes());
+            // Without a signalfd we can still wait for the appliance.
+            return exit_code(waitpid(app, None).ok());
+        }
+    };
+    let mut status = None;
+    let mut log_open = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    while status.is_none() {
+        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        if log_open {
+            fds.push(PollFd::new(log_r.as_fd(), PollFlags::POLLIN));
+        }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let log_ready = log_open
+            && fds
+                .get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty());
+        let sig_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+        if log_ready {
+            match nix::unistd::read(&log_r, &mut buf) {
+                Ok(0) | Err(_) => log_open = false,
+                Ok(n) => log.write(&buf[..n]),
+            }
+        }
+        if sig_ready && let Ok(Some(info)) = sfd.read_signal() {
+            let sig = info.ssi_signo as i32;
+            if sig == libc::SIGCHLD {
+                status = reap(app).or(status);
+            } else if let Ok(s) = Signal::try_from(sig) {
+                let _ = kill(app, s);
+            }
+        }
+    }
+    // Output still in the pipe (or held by leftover processes) for a short while.
+    if log_open {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < deadline {
+            let mut fds = [PollFd::new(log_r.as_fd(), PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+                break;
+            }
+            match nix::unistd::read(&log_r, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => log.write(&buf[..n]),
+            }
+        }
+    }
+    let record = match status {
+        Some(WaitStatus::Exited(_, code)) => ExitRecord {
+            code: Some(code),
+            signal: None,
+        },
+        Some(WaitStatus::Signaled(_, sig, _)) => ExitRecord {
+            code: None,
+            signal: Some(sig as i32),
+        },
+        _ => ExitRecord {
+            code: None,
+            signal: None,
+        },
+    };
+    write_exit(&record);
+    exit_code(status)
+}
+
+/// Reaps every exited child; returns the appliance's status if it was among them.
+fn reap(app: Pid) -> Option<WaitStatus> {
+    let mut found = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(s)
+                if s.pid() == Some(app)
+                    && matches!(s, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =>
+            {
+                found = Some(s)
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+fn exit_code(status: Option<WaitStatus>) -> i32 {
+    match status {
+        Some(WaitStatus::Exited(_, code)) => code,
+        Some(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
+        _ => 125,
+    }
+}
+
+fn write_exit(record: &ExitRecord) {
+    let Ok(json) = serde_json::to_vec(record) else {
+        return;
+    };
+    let dir = borrowed(STATE_DIR_FD);
+    let tmp = format!("{EXIT_FILE}.tmp");
+    let flags = nix::fcntl::OFlag::O_WRONLY
+        | nix::fcntl::OFlag::O_CREAT
+        | nix::fcntl::OFlag::O_TRUNC
+        | nix::fcntl::OFlag::O_CLOEXEC;
+    if let Ok(fd) = nix::fcntl::openat(dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o644)) {
+        let _ = nix::unistd::write(&fd, &json);
+        let _ = nix::unistd::fsync(&fd);
+        let _ = nix::fcntl::renameat(dir, tmp.as_str(), dir, EXIT_FILE);
+    }
+}
+
+/// `app.log` in the log directory, rotated by size.
+struct Log {
+    file: Option<OwnedFd>,
+    size: u64,
+    max: u64,
+    keep: u32,
+}
+
+impl Log {
+    fn open(max: u64, keep: u32) -> Log {
+        let mut log = Log {
+            file: None,
+            size: 0,
+            max: max.max(4096),
+            keep,
+        };
+        log.reopen();
+        log
+    }
+
+    fn reopen(&mut self) {
+        let flags = nix::fcntl::OFlag::O_WRONLY
+            | nix::fcntl::OFlag::O_CREAT
+            | nix::fcntl::OFlag::O_APPEND
+            | nix::fcntl::OFlag::O_CLOEXEC;
+        self.file = nix::fcntl::openat(
+            borrowed(LOG_DIR_FD),
+            LOG_FILE,
+            flags,
+            Mode::from_bits_truncate(0o640),
+        )
+        .ok();
+        self.size = self
+            .file
+            .as_ref()
+            .and_then(|f| nix::sys::stat::fstat(f).ok())
+            .map_or(0, |s| s.st_size as u64);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.size + bytes.len() as u64 > self.max && self.size > 0 {
+            self.rotate();
+        }
+        if let Some(f) = &self.file {
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                match nix::unistd::write(f, rest) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest = &rest[n..],
+                }
+            }
+        }
+        self.size += bytes.len() as u64;
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        let dir = borrowed(LOG_DIR_FD);
+        let name = |i: u32| {
+            if i == 0 {
+                OsStr::new(LOG_FILE).to_owned()
+            } else {
+                format!("{LOG_FILE}.{i}").into()
+            }
+        };
+        if self.keep == 0 {
+            let _ = nix::unistd::unlinkat(
+                dir,
+                name(0).as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        for i in (0..self.keep).rev() {
+            let _ = nix::fcntl::renameat(dir, name(i).as_os_str(), dir, name(i + 1).as_os_str());
+        }
+        self.reopen();
+    }
+}

@@ -1,0 +1,255 @@
+//! Address allocation, persisted in `$JUICE_HOME/network/allocations.json`
+//! under a file lock, so concurrent starts never hand out one address twice.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{NetworkError, NetworkSpec};
+
+/// An IPv4 subnet; the first host address is the bridge (gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Default for Subnet {
+    fn default() -> Self {
+        Subnet {
+            network: Ipv4Addr::new(10, 88, 0, 0),
+            prefix: 16,
+        }
+    }
+}
+
+impl Subnet {
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u32::from(self.network) + 2;
+        let size = 1u64 << (32 - self.prefix as u64);
+        let last = (u32::from(self.network) as u64 + size - 2) as u32; // minus broadcast
+        (first..=last).map(Ipv4Addr::from)
+    }
+}
+
+impl std::str::FromStr for Subnet {
+    type Err = NetworkError;
+    fn from_str(s: &str) -> Result<Self, NetworkError> {
+        let bad = || NetworkError::BadSubnet(s.to_owned());
+        let (net, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let network: Ipv4Addr = net.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&prefix) || u32::from(network) & (u32::MAX >> prefix) != 0 {
+            return Err(bad());
+        }
+        Ok(Subnet { network, prefix })
+    }
+}
+impl TryFrom<String> for Subnet {
+    type Error = NetworkError;
+    fn try_from(s: String) -> Result<Self, NetworkError> {
+        s.parse()
+    }
+}
+impl From<Subnet> for String {
+    fn from(s: Subnet) -> String {
+        s.to_string()
+    }
+}
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// One allocated address and who may talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    pub address: Ipv4Addr,
+    pub group: String,
+    pub links: Vec<String>,
+}
+
+impl Member {
+    /// Same group, or a link declared by either side.
+    pub fn may_talk_to(&self, other: &Member) -> bool {
+        self.group == other.group
+            || self.links.contains(&other.group)
+            || other.links.contains(&self.group)
+    }
+}
+
+fn dir(home: &Path) -> PathBuf {
+    home.join("network")
+}
+
+fn lock(home: &Path) -> Result<File, NetworkError> {
+    let d = dir(home);
+    std::fs::create_dir_all(&d).map_err(|source| NetworkError::Io {
+        action: "create",
+        path: d.clone(),
+        source,
+    })?;
+    let path = d.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NetworkError::Io {
+            action: "open",
+            path: path.clone(),
+            source,
+        })?;
+    f.lock().map_err(|source| NetworkError::Io {
+        action: "lock",
+        path,
+        source,
+    })?;
+    Ok(f)
+}
+
+fn load(home: &Path) -> BTreeMap<String, Member> {
+    std::fs::read(dir(home).join("allocations.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save(home: &Path, all: &BTreeMap<String, Member>) -> Result<(), NetworkError> {
+    let path = dir(home).join("allocations.json");
+    let tmp = dir(home).join("allocations.json.tmp");
+    let io = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| NetworkError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let bytes = serde_json::to_vec_pretty(all).map_err(|e| NetworkError::Netlink(e.to_string()))?;
+    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("write", &path))
+}
+
+/// The lowest free address (or the one `instance` already holds).
+pub fn allocate(home: &Path, instance: &str, spec: &NetworkSpec) -> Result<Ipv4Addr, NetworkError> {
+    let _lock = lock(home)?;
+    let mut all = load(home);
+    if let Some(m) = all.get(instance) {
+        return Ok(m.address);
+    }
+    let used: std::collections::BTreeSet<Ipv4Addr> = all.values().map(|m| m.address).collect();
+    let address = spec
+        .subnet
+        .hosts()
+        .find(|a| !used.contains(a))
+        .ok_or_else(|| NetworkError::Exhausted(spec.subnet.to_string()))?;
+    all.insert(
+        instance.to_owned(),
+        Member {
+            instance: instance.to_owned(),
+            address,
+            group: spec.group.clone(),
+            links: spec.links.clone(),
+        },
+    );
+    save(home, &all)?;
+    Ok(address)
+}
+
+/// Frees `instance`'s address; returns who is left.
+pub fn release(home: &Path, instance: &str) -> Result<Vec<Member>, NetworkError> {
+    let _lock = lock(home)?;
+    let mut all = load(home);
+    if all.remove(instance).is_some() {
+        save(home, &all)?;
+    }
+    Ok(all.into_values().collect())
+}
+
+pub fn members(home: &Path) -> Result<Vec<Member>, NetworkError> {
+    let _lock = lock(home)?;
+    Ok(load(home).into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocations_persist_and_never_collide() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = NetworkSpec::new("web");
+        let a = allocate(t.path(), "a", &spec).unwrap();
+        let b = allocate(t.path(), "b", &spec).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 88, 0, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 88, 0, 3));
+        assert_eq!(
+            allocate(t.path(), "a", &spec).unwrap(),
+            a,
+            "an instance keeps its address"
+        );
+        release(t.path(), "a").unwrap();
+        assert_eq!(
+            allocate(t.path(), "c", &spec).unwrap(),
+            a,
+            "freed addresses are reused"
+        );
+        assert_eq!(members(t.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_small_subnet_runs_out_cleanly() {
+        let t = tempfile::tempdir().unwrap();
+        let mut spec = NetworkSpec::new("g");
+        spec.subnet = "192.168.7.0/30".parse().unwrap();
+        assert_eq!(
+            allocate(t.path(), "a", &spec).unwrap(),
+            Ipv4Addr::new(192, 168, 7, 2)
+        );
+        assert!(matches!(
+            allocate(t.path(), "b", &spec),
+            Err(NetworkError::Exhausted(_))
+        ));
+    }
+
+    #[test]
+    fn subnets_parse_strictly() {
+        assert_eq!(
+            "10.88.0.0/16".parse::<Subnet>().unwrap().gateway(),
+            Ipv4Addr::new(10, 88, 0, 1)
+        );
+        for bad in [
+            "10.88.0.1/16",
+            "10.88.0.0",
+            "10.88.0.0/33",
+            "x/16",
+            "10.0.0.0/4",
+        ] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn who_may_talk() {
+        let m = |g: &str, links: &[&str]| Member {
+            instance: "x".into(),
+            address: Ipv4Addr::LOCALHOST,
+            group: g.into(),
+            links: links.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(m("web", &[]).may_talk_to(&m("web", &[])));
+        assert!(!m("web", &[]).may_talk_to(&m("db", &[])));
+        assert!(m("web", &["db"]).may_talk_to(&m("db", &[])));
+        assert!(m("db", &[]).may_talk_to(&m("web", &["db"])));
+    }
+}

@@ -1,0 +1,188 @@
+//! Instance networking: a veth from each instance to the `juice0` bridge, an
+//! address from a persisted pool, default-deny between instances (nftables),
+//! and published ports.
+//!
+//! - Links and addresses go through netlink (`rtnetlink`); the inside of an
+//!   instance is configured from a thread that enters its network namespace.
+//! - Filtering is one nftables ruleset owned by Juice (`table bridge juice`
+//!   and `table inet juice`), replaced whole on every change, so a crash can
+//!   never leave half a rule set; it is removed with the last instance.
+//! - An instance's veth dies with its network namespace, so a crashed caller
+//!   leaves no interface; addresses and rules of dead instances are released
+//!   by `Runtime::cleanup_stale`.
+
+mod ipam;
+mod links;
+mod nft;
+pub mod publish;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use ipam::Subnet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("nftables: {0}")]
+    Nft(String),
+    #[error("the subnet {0} has no free address left")]
+    Exhausted(String),
+    #[error("{0:?} is not a port mapping like 8080:80 or 127.0.0.1:8080:80")]
+    BadPort(String),
+    #[error("{0:?} is not a subnet like 10.88.0.0/16")]
+    BadSubnet(String),
+    #[error("cannot publish {addr}: {source}")]
+    Publish {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A host port forwarded to an instance port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub host_ip: Ipv4Addr,
+    pub host_port: u16,
+    pub port: u16,
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = NetworkError;
+    /// `HOST:CONTAINER` or `IP:HOST:CONTAINER`.
+    fn from_str(s: &str) -> Result<Self, NetworkError> {
+        let bad = || NetworkError::BadPort(s.to_owned());
+        let parts: Vec<&str> = s.split(':').collect();
+        let (ip, host, port) = match parts.as_slice() {
+            [h, c] => (Ipv4Addr::UNSPECIFIED, *h, *c),
+            [ip, h, c] => (ip.parse().map_err(|_| bad())?, *h, *c),
+            _ => return Err(bad()),
+        };
+        let host_port: u16 = host.parse().map_err(|_| bad())?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host_port == 0 || port == 0 {
+            return Err(bad());
+        }
+        Ok(PortMapping {
+            host_ip: ip,
+            host_port,
+            port,
+        })
+    }
+}
+
+/// How an instance joins the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub bridge: String,
+    pub subnet: Subnet,
+    pub ports: Vec<PortMapping>,
+    /// Instances of the same group may talk to each other.
+    pub group: String,
+    /// Other groups this instance may talk to (both ways).
+    pub links: Vec<String>,
+}
+
+impl NetworkSpec {
+    /// The defaults: bridge `juice0`, subnet 10.88.0.0/16.
+    pub fn new(group: &str) -> NetworkSpec {
+        NetworkSpec {
+            bridge: "juice0".into(),
+            subnet: Subnet::default(),
+            ports: Vec::new(),
+            group: group.to_owned(),
+            links: Vec::new(),
+        }
+    }
+}
+
+/// An instance's place on the network, kept in its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub instance: String,
+    pub bridge: String,
+    pub subnet: Subnet,
+    pub address: Ipv4Addr,
+    /// The host end of the veth.
+    pub veth: String,
+    pub group: String,
+    pub links: Vec<String>,
+    pub ports: Vec<PortMapping>,
+}
+
+/// Reserves an address for `instance`.
+pub fn allocate(
+    home: &Path,
+    instance: &str,
+    spec: &NetworkSpec,
+) -> Result<Attachment, NetworkError> {
+    let address = ipam::allocate(home, instance, spec)?;
+    Ok(Attachment {
+        instance: instance.to_owned(),
+        bridge: spec.bridge.clone(),
+        subnet: spec.subnet,
+        address,
+        veth: links::veth_name(instance),
+        group: spec.group.clone(),
+        links: spec.links.clone(),
+        ports: spec.ports.clone(),
+    })
+}
+
+/// Wires the instance whose init is `pid` to the bridge and opens the allowed paths.
+pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError> {
+    links::attach(a, pid)?;
+    nft::apply(&ipam::members(home)?, &a.bridge)
+}
+
+/// Frees the address, rewrites the rules, removes the veth if it is still there,
+/// and with the last instance the bridge and the rules.
+pub fn release(home: &Path, a: &Attachment) {
+    let _ = links::remove_veth(&a.veth);
+    let remaining = ipam::release(home, &a.instance).unwrap_or_default();
+    if remaining.is_empty() {
+        let _ = nft::remove();
+        let _ = links::remove_bridge(&a.bridge);
+    } else {
+        let _ = nft::apply(&remaining, &a.bridge);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mappings_parse() {
+        let p: PortMapping = "8080:80".parse().unwrap();
+        assert_eq!(
+            (p.host_ip, p.host_port, p.port),
+            (Ipv4Addr::UNSPECIFIED, 8080, 80)
+        );
+        let p: PortMapping = "127.0.0.1:9000:8080".parse().unwrap();
+        assert_eq!(p.host_ip, Ipv4Addr::LOCALHOST);
+        for bad in [
+            "",
+            "80",
+            "0:80",
+            "80:0",
+            "a:b",
+            "1.2.3:80:80",
+            "1:2:3:4",
+            "70000:80",
+        ] {
+            assert!(bad.parse::<PortMapping>().is_err(), "{bad}");
+        }
+    }
+}
