@@ -6,7 +6,7 @@
 # Usage: bench/build-time.sh   (needs: nginx installed, cargo build --release, hyperfine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-juice=$PWD/target/release/juice
+juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
 [ -x "$juice" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v hyperfine >/dev/null || apt-get install -y -qq hyperfine >/dev/null
 work=$(mktemp -d)

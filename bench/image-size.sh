@@ -12,7 +12,7 @@
 # Usage: bench/image-size.sh   (needs: nginx installed, cargo build --release, jq)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-juice=target/release/juice
+juice=target/x86_64-unknown-linux-musl/release/juice
 [ -x "$juice" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -45,6 +45,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.thread_block()?;
 
+    juice_sandbox::trace::mark("juice run");
     let home = crate::juice_home();
     let store = Store::open(&home)?;
     let rootfs = materialise(&store, &args.image)?;
@@ -65,6 +66,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .map(|p| p.parse())
         .collect::<std::result::Result<_, _>>()?;
 
+    juice_sandbox::trace::mark("image ready");
     let runtime = Runtime::new(&home)?;
     runtime.cleanup_stale();
     let mut spec = spec_for(&appliance, &rootfs.path, &name, &home)?;
@@ -95,6 +97,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     prepare_volumes(&spec, args.userns)?;
 
+    juice_sandbox::trace::mark("spec ready");
     let mut instance = runtime.spawn(&spec)?;
     let _publisher = match (&instance.state().network, ports.is_empty()) {
         (Some(a), false) => Some(Publisher::start(&ports, a.address)?),

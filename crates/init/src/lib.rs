@@ -5,7 +5,7 @@
 //!
 //! | fd | direction | content |
 //! |---|---|---|
-//! | [`CONFIG_FD`] | runtime -> init | [`InitConfig`] as JSON; init waits for EOF, so the runtime writes it only once the cgroup and network are ready |
+//! | [`CONFIG_FD`] | runtime -> init | [`InitConfig`] as one line of JSON; later the byte [`GO`] once the cgroup and network are ready, then EOF |
 //! | [`STATUS_FD`] | init -> runtime | one line: `started <pid>` or `failed <reason>` |
 //! | [`LOG_DIR_FD`] | directory | where init writes `app.log` and its rotations |
 //! | [`STATE_DIR_FD`] | directory | where init writes [`EXIT_FILE`] when the appliance ends |
@@ -22,6 +22,10 @@ pub const CONFIG_FD: i32 = 3;
 pub const STATUS_FD: i32 = 4;
 pub const LOG_DIR_FD: i32 = 5;
 pub const STATE_DIR_FD: i32 = 6;
+
+/// Sent on [`CONFIG_FD`] after the config: the instance may start. Init builds
+/// the root while it waits, so that work overlaps the runtime's network setup.
+pub const GO: u8 = b'g';
 
 /// Written by init into the state directory when the appliance exits.
 pub const EXIT_FILE: &str = "exit.json";

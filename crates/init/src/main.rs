@@ -2,7 +2,8 @@
 //!
 //! Sequence: read the config (which doubles as the "go" from the runtime),
 //! unshare the cgroup namespace, build the root (read-only image, private
-//! /proc, /dev, /tmp, /run, volumes), pivot into it, start the appliance with
+//! /proc, /dev, /tmp, /run, volumes; no /sys, which appliances do not need
+//! and which shows much of the host), pivot into it, start the appliance with
 //! its user, capabilities, no_new_privs and seccomp filter, then stay as PID 1:
 //! reap every zombie, forward signals, copy the appliance's output into a
 //! rotating log, and record how it ended.
@@ -13,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use juice_init::{
-    CONFIG_FD, EXIT_FILE, ExitRecord, InitConfig, LOG_DIR_FD, LOG_FILE, STATE_DIR_FD, STATUS_FD,
+    CONFIG_FD, EXIT_FILE, ExitRecord, GO, InitConfig, LOG_DIR_FD, LOG_FILE, STATE_DIR_FD, STATUS_FD,
 };
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -57,14 +58,14 @@ fn report(line: &str) {
 }
 
 fn main() {
-    let config = match read_config() {
+    let (config, after_config) = match read_config() {
         Ok(c) => c,
         Err(Failure(e)) => {
             report(&format!("failed {e}"));
             std::process::exit(125);
         }
     };
-    match run(&config) {
+    match run(&config, &after_config) {
         Ok(code) => std::process::exit(code),
         Err(Failure(e)) => {
             report(&format!("failed {e}"));
@@ -73,25 +74,68 @@ fn main() {
     }
 }
 
-fn read_config() -> Result<InitConfig, Failure> {
-    // SAFETY: CONFIG_FD is ours alone (see the crate docs); taking ownership closes it after reading.
-    let fd = unsafe { OwnedFd::from_raw_fd(CONFIG_FD) };
-    let mut file = std::fs::File::from(fd);
+/// Reads the config: one line of JSON. Returns it and whatever followed the line
+/// (the "go" may already be there). The pipe stays open for the "go".
+fn read_config() -> Result<(InitConfig, Vec<u8>), Failure> {
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut bytes).step(|| "read the config".into())?;
-    serde_json::from_slice(&bytes).map_err(|e| Failure(format!("the config is not valid: {e}")))
+    let mut buf = [0u8; 16384];
+    let end = loop {
+        if let Some(i) = bytes.iter().position(|b| *b == b'\n') {
+            break i;
+        }
+        match nix::unistd::read(borrowed(CONFIG_FD), &mut buf) {
+            Ok(0) => return Err(Failure("the runtime closed the config pipe early".into())),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Failure(format!("read the config: {}", e.desc()))),
+        }
+    };
+    let rest = bytes.split_off(end + 1);
+    let config = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure(format!("the config is not valid: {e}")))?;
+    Ok((config, rest))
 }
 
-fn run(config: &InitConfig) -> Result<i32, Failure> {
+/// Waits for the runtime's "go" (cgroup and network are ready): the byte [`GO`].
+/// EOF without it means the runtime gave up, and so do we.
+fn wait_for_go(already: &[u8]) -> Result<(), Failure> {
+    // SAFETY: CONFIG_FD is ours alone; taking ownership closes it after this.
+    let fd = unsafe { OwnedFd::from_raw_fd(CONFIG_FD) };
+    if let Some(b) = already.first() {
+        return if *b == GO {
+            Ok(())
+        } else {
+            Err(Failure("the runtime sent garbage after the config".into()))
+        };
+    }
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(&fd, &mut b) {
+            Ok(1) if b[0] == GO => return Ok(()),
+            Ok(_) => {
+                return Err(Failure(
+                    "the runtime gave up before the instance started".into(),
+                ));
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Failure(format!("wait for the runtime: {}", e.desc()))),
+        }
+    }
+}
+
+fn run(config: &InitConfig, after_config: &[u8]) -> Result<i32, Failure> {
     // The appliance must not ptrace or read PID 1's memory, even as root.
     nix::sys::prctl::set_dumpable(false).step(|| "prctl(PR_SET_DUMPABLE)".into())?;
     nix::sys::stat::umask(Mode::empty());
+    // The root is built while the runtime sets up the cgroup and the network.
+    build_root(config)?;
+    sethostname(&config.hostname).step(|| "sethostname".into())?;
+    wait_for_go(after_config)?;
     if config.cgroup_namespace {
+        // Now that we are in the instance's cgroup, it becomes the namespace's root.
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
             .step(|| "unshare the cgroup namespace".into())?;
     }
-    build_root(config)?;
-    sethostname(&config.hostname).step(|| "sethostname".into())?;
 
     let signals = handled_signals();
     signals.thread_block().step(|| "block signals".into())?;
@@ -207,12 +251,6 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
 
     let proc_ = open_in_root(root_fd, Path::new("proc"))?;
     mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
-    let sys = open_in_root(root_fd, Path::new("sys"))?;
-    let sys_flags = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    if mount_fs("sysfs", &fd_path(&sys), sys_flags, "").is_err() && !config.user_namespace {
-        return Err(Failure("mount sysfs read-only".into()));
-    }
-
     let dev = open_in_root(root_fd, Path::new("dev"))?;
     mount_fs(
         "tmpfs",
@@ -315,7 +353,7 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
         )
         .step(|| format!("remount {}", b.target.display()))?;
     }
-    drop((proc_, sys, dev, dev_dir, tmp, run));
+    drop((proc_, dev, dev_dir, tmp, run));
 
     // The image itself is read-only; the mounts above stay as they are.
     mount(
@@ -356,7 +394,7 @@ fn mask_kernel_interfaces() -> Result<(), Failure> {
             .step(|| format!("mask {p}"))?;
         }
     }
-    for p in ["/proc/acpi", "/proc/scsi", "/sys/firmware"] {
+    for p in ["/proc/acpi", "/proc/scsi"] {
         if Path::new(p).is_dir() {
             mount_fs("tmpfs", Path::new(p), MsFlags::MS_RDONLY, "size=0")?;
         }
@@ -619,8 +657,8 @@ fn write_exit(record: &ExitRecord) {
         | nix::fcntl::OFlag::O_TRUNC
         | nix::fcntl::OFlag::O_CLOEXEC;
     if let Ok(fd) = nix::fcntl::openat(dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o644)) {
+        // No fsync: the record matters to a runtime that outlives us, not across a host crash.
         let _ = nix::unistd::write(&fd, &json);
-        let _ = nix::unistd::fsync(&fd);
         let _ = nix::fcntl::renameat(dir, tmp.as_str(), dir, EXIT_FILE);
     }
 }

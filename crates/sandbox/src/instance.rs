@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use juice_init::{Bind, EXIT_FILE, ExitRecord, InitConfig, LOG_FILE};
@@ -177,7 +178,7 @@ impl std::fmt::Display for ExitReport {
 pub struct Runtime {
     home: PathBuf,
     init: CString,
-    cgroups: Option<Box<dyn Hierarchy>>,
+    cgroups: Option<Arc<dyn Hierarchy>>,
 }
 
 impl Runtime {
@@ -198,7 +199,7 @@ impl Runtime {
             home: home.to_owned(),
             init: CString::new(init.as_os_str().as_bytes())
                 .map_err(|_| SandboxError::NoInit(init.clone()))?,
-            cgroups: cgroup::detect().ok(),
+            cgroups: cgroup::detect().ok().map(Arc::from),
         })
     }
 
@@ -228,9 +229,19 @@ impl Runtime {
             }
             existing.cleanup();
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        // Logs of an earlier instance of the same name continue; its status does not.
+        for stale in ["state.json", EXIT_FILE] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_err("create", &logs))?;
+        if let Some(map) = &spec.user_namespace {
+            // Init writes logs and the exit record as the namespace's root, a plain host uid.
+            for d in [&dir, &logs] {
+                std::os::unix::fs::chown(d, Some(map.host_id), Some(map.host_id))
+                    .map_err(io_err("chown", d))?;
+            }
+        }
         let mut undo = Undo::default();
         match self.start(spec, &dir, &mut undo) {
             Ok(instance) => Ok(instance),
@@ -292,18 +303,15 @@ impl Runtime {
             });
         }
 
-        let (cgroup_version, cgroups) = match (&self.cgroups, spec.cgroup) {
-            (Some(h), true) => {
-                let dirs = h.create(&spec.name, &spec.limits)?;
-                undo.cgroups = dirs.clone();
-                (Some(h.version().to_owned()), dirs)
-            }
+        crate::trace::mark("files written");
+        let hierarchy = match (&self.cgroups, spec.cgroup) {
+            (Some(h), true) => Some(h.clone()),
             (None, true) if spec.limits != Limits::default() => {
                 return Err(SandboxError::Cgroup(CgroupError::Unavailable(
                     "limits were asked for but no cgroup hierarchy is usable".into(),
                 )));
             }
-            _ => (None, Vec::new()),
+            _ => None,
         };
 
         let config = InitConfig {
@@ -322,29 +330,21 @@ impl Runtime {
             },
             binds,
             user_namespace: spec.user_namespace.is_some(),
-            cgroup_namespace: !cgroups.is_empty(),
+            cgroup_namespace: hierarchy.is_some(),
             log_max_bytes: spec.log_max_bytes,
             log_keep: spec.log_keep,
         };
-        let config = serde_json::to_vec(&config)
+        let mut config = serde_json::to_vec(&config)
             .map_err(|e| SandboxError::Syscall(format!("encode the init config: {e}")))?;
+        config.push(b'\n');
+        crate::trace::mark("config ready");
 
         let child = self.clone_init(spec, dir)?;
         undo.pid = Some(child.pid);
+        crate::trace::mark("cloned");
         let pid = child.pid;
-
-        // Init runs at -1000 so the OOM killer picks the appliance; init resets it for the appliance.
-        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
-        if let Some(h) = &self.cgroups
-            && !cgroups.is_empty()
-        {
-            h.attach(&cgroups, pid)?;
-        }
         if let Some(map) = &spec.user_namespace {
             write_id_maps(pid, map)?;
-        }
-        if let Some(a) = &network {
-            network::attach(&self.home, a, pid)?;
         }
         if let Some(sync) = child.sync {
             // The user namespace has its maps; init may exec now.
@@ -352,13 +352,33 @@ impl Runtime {
                 .map_err(|e| SandboxError::Syscall(format!("release init: {e}")))?;
         }
         let mut config_w = std::fs::File::from(child.config_w);
-        // Init reads the config only once we are done above: this write is its "go".
+        // Init builds the root from this while we make the cgroup and the network.
         config_w
             .write_all(&config)
             .map_err(io_err("send the config to", Path::new("juice-init")))?;
+
+        // Init runs at -1000 so the OOM killer picks the appliance; init resets it for the appliance.
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
+        let (cgroup_version, cgroups) = match &hierarchy {
+            Some(h) => {
+                let dirs = h.create(&spec.name, &spec.limits)?;
+                undo.cgroups = dirs.clone();
+                h.attach(&dirs, pid)?;
+                (Some(h.version().to_owned()), dirs)
+            }
+            None => (None, Vec::new()),
+        };
+        if let Some(a) = &network {
+            network::attach(&self.home, a, pid)?;
+        }
+        crate::trace::mark("cgroup, network ready");
+        config_w
+            .write_all(&[juice_init::GO])
+            .map_err(io_err("start", Path::new("juice-init")))?;
         drop(config_w);
 
         let line = read_status(child.status_r, Duration::from_secs(30))?;
+        crate::trace::mark("init reported");
         let app_pid = match line.strip_prefix("started ") {
             Some(p) => p.trim().parse().unwrap_or(0),
             None => {
@@ -397,7 +417,7 @@ impl Runtime {
             pidfd: child.pidfd,
             is_child: true,
             dir: dir.to_owned(),
-            runtime_cgroups: self.cgroups.as_ref().map(|h| h.version()),
+            cgroups: self.cgroups.clone(),
             home: self.home.clone(),
             reaped: None,
         })
@@ -466,6 +486,14 @@ impl Runtime {
                 if let Some(fd) = sync_fd {
                     let mut b = 0u8;
                     libc::read(fd, &mut b as *mut u8 as *mut libc::c_void, 1);
+                    // Our credentials are still the host's root, which the new namespace does not
+                    // map; become its root (the mapped host id) so exec keeps the capabilities.
+                    if libc::setgroups(0, std::ptr::null()) < 0
+                        || libc::setresgid(0, 0, 0) < 0
+                        || libc::setresuid(0, 0, 0) < 0
+                    {
+                        libc::_exit(126);
+                    }
                 }
                 libc::execve(init, argv.as_ptr(), envp.as_ptr());
                 libc::_exit(127);
@@ -528,7 +556,7 @@ impl Runtime {
             pidfd,
             is_child: false,
             dir,
-            runtime_cgroups: self.cgroups.as_ref().map(|h| h.version()),
+            cgroups: self.cgroups.clone(),
             home: self.home.clone(),
             reaped: None,
         })
@@ -604,7 +632,7 @@ pub struct Instance {
     /// We are init's parent and must reap it.
     is_child: bool,
     dir: PathBuf,
-    runtime_cgroups: Option<&'static str>,
+    cgroups: Option<Arc<dyn Hierarchy>>,
     home: PathBuf,
     reaped: Option<ExitReport>,
 }
@@ -656,6 +684,7 @@ impl Instance {
             (None, Some(s)) if libc::WIFSIGNALED(s) => (None, Some(libc::WTERMSIG(s))),
             _ => (None, None),
         };
+        crate::trace::mark("instance ended");
         let oom_killed = self.oom_kills() > 0;
         let report = ExitReport {
             code,
@@ -664,6 +693,7 @@ impl Instance {
         };
         self.reaped = Some(report);
         self.release();
+        crate::trace::mark("released");
         Some(report)
     }
 
@@ -701,8 +731,16 @@ impl Instance {
         }
     }
 
+    /// The hierarchy the instance's cgroups were made in, if it has any.
+    fn hierarchy(&self) -> Option<&dyn Hierarchy> {
+        let h = self.cgroups.as_deref()?;
+        (!self.state.cgroups.is_empty()
+            && self.state.cgroup_version.as_deref() == Some(h.version()))
+        .then_some(h)
+    }
+
     fn oom_kills(&self) -> u64 {
-        match cgroup_for(self.runtime_cgroups, &self.state) {
+        match self.hierarchy() {
             Some(h) => h.oom_kills(&self.state.cgroups),
             None => 0,
         }
@@ -710,14 +748,16 @@ impl Instance {
 
     /// The limits as the kernel holds them.
     pub fn limits(&self) -> Option<Limits> {
-        cgroup_for(self.runtime_cgroups, &self.state).map(|h| h.read_limits(&self.state.cgroups))
+        self.hierarchy().map(|h| h.read_limits(&self.state.cgroups))
     }
 
     /// Removes the cgroups and the network attachment; keeps logs and exit status.
     fn release(&self) {
-        if let Some(h) = cgroup_for(self.runtime_cgroups, &self.state) {
+        crate::trace::mark("releasing");
+        if let Some(h) = self.hierarchy() {
             let _ = h.remove(&self.state.cgroups);
         }
+        crate::trace::mark("cgroups removed");
         if let Some(a) = &self.state.network {
             network::release(&self.home, a);
         }
@@ -735,16 +775,6 @@ impl Instance {
             self.release();
         }
     }
-}
-
-/// The hierarchy an instance's cgroups were made in.
-fn cgroup_for(_current: Option<&'static str>, state: &InstanceState) -> Option<Box<dyn Hierarchy>> {
-    if state.cgroups.is_empty() {
-        return None;
-    }
-    cgroup::detect()
-        .ok()
-        .filter(|h| Some(h.version()) == state.cgroup_version.as_deref())
 }
 
 fn check_name(name: &str) -> Result<(), SandboxError> {

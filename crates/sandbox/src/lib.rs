@@ -31,3 +31,23 @@ pub use instance::{
     ExitReport, IdMap, Instance, InstanceState, Runtime, SandboxError, SandboxSpec, VolumeMount,
 };
 pub use network::{NetworkSpec, PortMapping};
+
+/// Phase timings on stderr when `JUICE_TRACE` is set: where a start spends its time.
+pub mod trace {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    fn start() -> Option<&'static Instant> {
+        static START: OnceLock<Option<Instant>> = OnceLock::new();
+        START
+            .get_or_init(|| std::env::var_os("JUICE_TRACE").map(|_| Instant::now()))
+            .as_ref()
+    }
+
+    /// Prints `phase` with the microseconds since the first call in this process.
+    pub fn mark(phase: &str) {
+        if let Some(t) = start() {
+            eprintln!("juice-trace {:>8} us  {phase}", t.elapsed().as_micros());
+        }
+    }
+}

@@ -131,13 +131,8 @@ pub(crate) fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
             }
         }
         match std::fs::remove_dir(dir) {
-            Ok(()) => {
-                // The shared `juice/` parent goes with its last child; a concurrent create retries.
-                if let Some(parent) = dir.parent() {
-                    let _ = std::fs::remove_dir(parent);
-                }
-                return Ok(());
-            }
+            // The shared `juice/` parent stays: making a memory cgroup costs milliseconds.
+            Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) if attempt == 199 => return Err(io_err("remove", dir)(e)),
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(if attempt < 20 {

@@ -130,6 +130,7 @@ pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
             .await
             .map_err(nl("attach the veth to the bridge"))
     })?;
+    crate::trace::mark("veth on the bridge");
     configure_inside(a, pid)
 }
 
@@ -190,11 +191,6 @@ async fn delete(handle: &Handle, name: &str) -> Result<(), NetworkError> {
         }
     }
     Ok(())
-}
-
-/// Normally the veth dies with the instance's network namespace; this covers the rest.
-pub fn remove_veth(name: &str) -> Result<(), NetworkError> {
-    with_handle(async |handle: Handle| delete(&handle, name).await)
 }
 
 pub fn remove_bridge(name: &str) -> Result<(), NetworkError> {

@@ -5,8 +5,9 @@
 //! - Links and addresses go through netlink (`rtnetlink`); the inside of an
 //!   instance is configured from a thread that enters its network namespace.
 //! - Filtering is one nftables ruleset owned by Juice (`table bridge juice`
-//!   and `table inet juice`), replaced whole on every change, so a crash can
-//!   never leave half a rule set; it is removed with the last instance.
+//!   and `table inet juice`). The bridge and the tables are host
+//!   infrastructure, made on first use and kept (like `docker0`); per
+//!   instance only the `allowed` set changes, in one transaction.
 //! - An instance's veth dies with its network namespace, so a crashed caller
 //!   leaves no interface; addresses and rules of dead instances are released
 //!   by `Runtime::cleanup_stale`.
@@ -133,7 +134,15 @@ pub fn allocate(
         bridge: spec.bridge.clone(),
         subnet: spec.subnet,
         address,
-        veth: links::veth_name(instance),
+        // Unique per start: the veth of an earlier instance of this name may still be
+        // going away with its namespace.
+        veth: links::veth_name(&format!(
+            "{instance}/{}/{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        )),
         group: spec.group.clone(),
         links: spec.links.clone(),
         ports: spec.ports.clone(),
@@ -143,20 +152,24 @@ pub fn allocate(
 /// Wires the instance whose init is `pid` to the bridge and opens the allowed paths.
 pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     links::attach(a, pid)?;
+    crate::trace::mark("links ready");
     nft::apply(&ipam::members(home)?, &a.bridge)
 }
 
-/// Frees the address, rewrites the rules, removes the veth if it is still there,
-/// and with the last instance the bridge and the rules.
+/// Frees the address and drops the instance from the allowed pairs. The veth
+/// needs nothing: it goes with the instance's network namespace (its peer was
+/// created inside it), which the kernel tears down once the last process exits.
 pub fn release(home: &Path, a: &Attachment) {
-    let _ = links::remove_veth(&a.veth);
     let remaining = ipam::release(home, &a.instance).unwrap_or_default();
-    if remaining.is_empty() {
-        let _ = nft::remove();
-        let _ = links::remove_bridge(&a.bridge);
-    } else {
-        let _ = nft::apply(&remaining, &a.bridge);
-    }
+    let _ = nft::apply(&remaining, &a.bridge);
+    crate::trace::mark("rules updated");
+}
+
+/// Removes the bridge and Juice's nftables tables (host infrastructure that
+/// is otherwise kept between instances).
+pub fn remove_infrastructure(bridge: &str) -> Result<(), NetworkError> {
+    nft::remove()?;
+    links::remove_bridge(bridge)
 }
 
 #[cfg(test)]

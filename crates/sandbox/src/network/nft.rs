@@ -1,4 +1,5 @@
-//! Juice's nftables rules, replaced whole in one `nft -f` transaction.
+//! Juice's nftables rules. The tables are created on first use and kept; each
+//! change replaces the `allowed` set's elements in one `nft -f` transaction.
 //!
 //! - `table bridge juice`: frames between two instance veths pass only for
 //!   address pairs in the `allowed` set (same group or a declared link).
@@ -11,8 +12,8 @@ use std::process::{Command, Stdio};
 use super::NetworkError;
 use super::ipam::Member;
 
-/// The full rule text for these members.
-pub fn ruleset(members: &[Member], bridge: &str) -> String {
+/// The address pairs that may talk, as nft set elements.
+pub fn allowed_pairs(members: &[Member]) -> Vec<String> {
     let mut pairs = Vec::new();
     for a in members {
         for b in members {
@@ -21,15 +22,15 @@ pub fn ruleset(members: &[Member], bridge: &str) -> String {
             }
         }
     }
-    let elements = if pairs.is_empty() {
-        String::new()
-    } else {
-        format!("\n        elements = {{ {} }}", pairs.join(", "))
-    };
+    pairs
+}
+
+/// Juice's tables, created once and kept (like the bridge): only the set changes per instance.
+pub fn base_ruleset(bridge: &str) -> String {
     format!(
         r#"table bridge juice {{
     set allowed {{
-        type ipv4_addr . ipv4_addr{elements}
+        type ipv4_addr . ipv4_addr
     }}
     chain forward {{
         type filter hook forward priority 0; policy accept;
@@ -47,6 +48,19 @@ table inet juice {{
 }}
 "#
     )
+}
+
+/// Replaces the set's elements with exactly the pairs for `members`, in one transaction.
+pub fn set_update(members: &[Member]) -> String {
+    let pairs = allowed_pairs(members);
+    let mut script = String::from("flush set bridge juice allowed\n");
+    if !pairs.is_empty() {
+        script.push_str(&format!(
+            "add element bridge juice allowed {{ {} }}\n",
+            pairs.join(", ")
+        ));
+    }
+    script
 }
 
 fn nft(script: &str) -> Result<(), NetworkError> {
@@ -76,14 +90,14 @@ fn nft(script: &str) -> Result<(), NetworkError> {
     }
 }
 
-/// Replaces Juice's tables with the rules for `members`, atomically.
+/// Makes the allowed set exactly the pairs for `members`; creates the tables the first time.
 pub fn apply(members: &[Member], bridge: &str) -> Result<(), NetworkError> {
-    // Declaring the tables first makes the deletes valid whether or not they exist.
-    let script = format!(
-        "table bridge juice\ntable inet juice\ndelete table bridge juice\ndelete table inet juice\n{}",
-        ruleset(members, bridge)
-    );
-    nft(&script)
+    let update = set_update(members);
+    if nft(&update).is_ok() {
+        return Ok(());
+    }
+    // The tables are missing (first use, or removed by hand): install them with the elements.
+    nft(&format!("{}{update}", base_ruleset(bridge)))
 }
 
 /// Removes Juice's tables.
@@ -106,15 +120,12 @@ mod tests {
             group: group.into(),
             links: links.iter().map(|s| s.to_string()).collect(),
         };
-        let rules = ruleset(
-            &[
-                m("w1", 2, "web", &["db"]),
-                m("w2", 3, "web", &[]),
-                m("d", 4, "db", &[]),
-                m("x", 5, "other", &[]),
-            ],
-            "juice0",
-        );
+        let rules = set_update(&[
+            m("w1", 2, "web", &["db"]),
+            m("w2", 3, "web", &[]),
+            m("d", 4, "db", &[]),
+            m("x", 5, "other", &[]),
+        ]);
         for pair in [
             "10.88.0.2 . 10.88.0.3",
             "10.88.0.3 . 10.88.0.2",
@@ -133,6 +144,7 @@ mod tests {
                 "{pair} must not be allowed:\n{rules}"
             );
         }
-        assert!(!ruleset(&[], "juice0").contains("elements"));
+        assert_eq!(set_update(&[]), "flush set bridge juice allowed\n");
+        assert!(base_ruleset("juice0").contains(r#"iifname "juice0" drop"#));
     }
 }
