@@ -702,20 +702,38 @@ impl Log {
             .map_or(0, |s| s.st_size as u64);
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        if self.size + bytes.len() as u64 > self.max && self.size > 0 {
-            self.rotate();
-        }
-        if let Some(f) = &self.file {
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                match nix::unistd::write(f, rest) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => rest = &rest[n..],
+    /// Appends, rotating so that no file grows past the limit; splits at a line end where it can.
+    fn write(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let mut room = self.max.saturating_sub(self.size) as usize;
+            if room == 0 {
+                self.rotate();
+                room = self.max as usize;
+            }
+            let take = if bytes.len() <= room {
+                bytes.len()
+            } else {
+                bytes[..room]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(room, |i| i + 1)
+            };
+            let (now, later) = bytes.split_at(take);
+            if let Some(f) = &self.file {
+                let mut rest = now;
+                while !rest.is_empty() {
+                    match nix::unistd::write(f, rest) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => rest = &rest[n..],
+                    }
                 }
             }
+            self.size += take as u64;
+            bytes = later;
+            if !bytes.is_empty() {
+                self.rotate();
+            }
         }
-        self.size += bytes.len() as u64;
     }
 
     fn rotate(&mut self) {

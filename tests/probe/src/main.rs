@@ -200,6 +200,14 @@ fn main() {
                 .unwrap_or(0);
             println!("zombies {zombies}");
         }
+        "spam" => {
+            let n: usize = arg(1).parse().unwrap_or(1000);
+            let mut out = std::io::stdout().lock();
+            for i in 0..n {
+                let _ = writeln!(out, "line {i:08} {}", "x".repeat(80));
+            }
+            let _ = writeln!(out, "ok spam {n}");
+        }
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(1).parse().unwrap_or(3600.0))),
         "true" => {}
         other => {

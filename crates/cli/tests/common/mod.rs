@@ -82,15 +82,21 @@ pub fn require(tool: &str) {
     assert!(found, "this test needs `{tool}` (installed by .ci/run)");
 }
 
-/// The hello-web example program, built by `cargo build --release` (which .ci/run does first).
-pub fn hello_web_binary() -> PathBuf {
-    let p = workspace().join("target/release/hello-web");
+/// A binary of the workspace, built by `cargo build --release` (which .ci/run does first)
+/// into the same directory as `juice`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_juice")).with_file_name(name);
     assert!(
         p.is_file(),
         "{} is missing: run `cargo build --release` first (as .ci/run does)",
         p.display()
     );
     p
+}
+
+/// The hello-web example program.
+pub fn hello_web_binary() -> PathBuf {
+    workspace_binary("hello-web")
 }
 
 /// Kills (and reaps) a child when dropped, so a failing test leaves no process behind.

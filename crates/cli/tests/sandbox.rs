@@ -1,0 +1,569 @@
+//! The sandbox runtime, for real: namespaces, cgroups, seccomp, nftables and
+//! veths on this host, as root. Each test drives `juice run` (or the runtime
+//! library where a test needs groups and links) and a probe appliance that
+//! tries to break out and reports what happened.
+//!
+//! The tests share the host's bridge and nftables tables, so they run one at a time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{ChildGuard, Juice, workspace_binary};
+use juice_image::store::Store;
+use juice_image::unpack::materialise;
+use juice_sandbox::cgroup::Limits;
+use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the probe appliance (run as root inside, no capabilities) with these resources.
+fn probe_image(j: &Juice, tag: &str, resources: &str) {
+    let dir = j.home.path().join(format!("src-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("juice.toml"),
+        format!(
+            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n\n[resources]\n{resources}\n\n[[volumes]]\nname = \"data\"\npath = \"/data\"\n",
+            workspace_binary("juice-probe").display()
+        ),
+    )
+    .unwrap();
+    j.ok(&["build", dir.to_str().unwrap()]);
+}
+
+/// `juice run -q probe:TAG -- ARGS`: (stdout, stderr, exit code).
+fn probe(j: &Juice, tag: &str, extra: &[&str], args: &[&str]) -> (String, String, i32) {
+    let image = format!("probe:{tag}");
+    let mut cmd = j.cmd();
+    cmd.args(["run", "-q", &image])
+        .args(extra)
+        .arg("--")
+        .args(args);
+    let out = cmd.output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+fn line(j: &Juice, tag: &str, args: &[&str]) -> String {
+    let (out, err, code) = probe(j, tag, &["--network", "none"], args);
+    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn escape_attempts_from_inside_fail() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "1", "pids = 64");
+    // Only the instance's own processes: init (1) and the probe (2).
+    assert_eq!(line(&j, "1", &["pids"]), "pids [1, 2]");
+    let ro = line(&j, "1", &["write", "/etc/passwd"]);
+    assert!(
+        ro.starts_with("denied") && ro.contains("Read-only file system"),
+        "{ro}"
+    );
+    assert!(line(&j, "1", &["write", "/usr/bin/probe"]).starts_with("denied"));
+    assert!(
+        line(&j, "1", &["write", "/tmp/scratch"]).starts_with("ok"),
+        "/tmp is writable"
+    );
+    for (probe_name, what) in [
+        ("mount", "mount"),
+        ("ptrace", "ptrace"),
+        ("module", "finit_module"),
+        ("settime", "clock_settime"),
+        ("unshare", "unshare"),
+    ] {
+        let out = line(&j, "1", &[probe_name]);
+        assert_eq!(
+            out,
+            format!("denied {what}: Operation not permitted (os error 1)"),
+            "{probe_name}"
+        );
+    }
+    let who = line(&j, "1", &["whoami"]);
+    for expected in [
+        "uid 0 gid 0",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+    ] {
+        assert!(who.contains(expected), "{expected:?} missing from {who}");
+    }
+    let (out, _, _) = probe(
+        &j,
+        "1",
+        &["--network", "none", "--name", "probe-host"],
+        &["whoami"],
+    );
+    assert!(
+        out.contains("host probe-host "),
+        "the hostname is the instance name: {out}"
+    );
+}
+
+#[test]
+fn limits_hold_and_are_reported() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "lim", "cpus = 0.5\nmemory = \"32MiB\"\npids = 32");
+    let fork = line(&j, "lim", &["forkbomb"]);
+    let n: u32 = fork
+        .strip_prefix("denied fork after ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        n < 32 && fork.contains("Resource temporarily unavailable"),
+        "the fork bomb stops at the pids limit: {fork}"
+    );
+
+    let (out, err, code) = probe(&j, "lim", &["--network", "none"], &["hog", "512"]);
+    assert_eq!(code, 137, "the hog is killed: {out}{err}");
+    assert!(
+        err.contains("killed by the OOM killer"),
+        "and reported as OOM: {err}"
+    );
+    assert!(!out.contains("ok hog"), "{out}");
+
+    let spin = line(&j, "lim", &["spin", "2", "2"]);
+    let cores: f64 = spin
+        .rsplit("= ")
+        .next()
+        .and_then(|r| r.split(' ').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    assert!(
+        cores < 0.65,
+        "two spinning threads get half a core, not more: {spin}"
+    );
+    assert!(cores > 0.2, "but they do get it: {spin}");
+}
+
+#[test]
+fn pid_1_reaps_orphans() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "z", "pids = 128");
+    assert_eq!(line(&j, "z", &["zombies"]), "zombies 0");
+}
+
+#[test]
+fn volumes_are_writable_and_outlive_the_instance() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "v", "pids = 16");
+    let args = ["--network", "none", "--name", "keeper"];
+    let (out, err, code) = probe(&j, "v", &args, &["write", "/data/kept"]);
+    assert_eq!((out.trim(), code), ("ok write /data/kept", 0), "{err}");
+    let on_host = j.home.path().join("volumes/keeper/data/kept");
+    assert_eq!(std::fs::read_to_string(&on_host).unwrap(), "x");
+    // A new instance with the same name sees it; the rest of the root stays read-only.
+    let (out, _, _) = probe(&j, "v", &args, &["write", "/data/again"]);
+    assert!(out.starts_with("ok"), "{out}");
+    assert!(on_host.exists());
+}
+
+fn get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn state(j: &Juice, name: &str) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(
+            j.home
+                .path()
+                .join("instances")
+                .join(name)
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
+    let _s = serial();
+    common::hello_web_binary();
+    let j = Juice::new();
+    j.ok(&["build", "examples/hello-web"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = j
+        .cmd()
+        .args([
+            "run",
+            "hello-web:0.1.0",
+            "--name",
+            "web-test",
+            "-p",
+            &format!("127.0.0.1:{port}:8080"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(child);
+    wait_for("hello-web on the published port", || {
+        get(port, "/healthz").is_ok_and(|b| b.ends_with("ok\n"))
+    });
+    let page = get(port, "/").unwrap();
+    assert!(page.contains("hello from juice (web-test)"), "{page}");
+
+    // The limits from juice.toml, as the kernel holds them.
+    let st = state(&j, "web-test");
+    let dirs: Vec<PathBuf> = st["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap()))
+        .collect();
+    let read = |file: &str| -> Option<String> {
+        dirs.iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|s| s.trim().to_owned())
+    };
+    if st["cgroup_version"] == "v1" {
+        assert_eq!(read("memory.limit_in_bytes").as_deref(), Some("67108864"));
+        assert_eq!(read("cpu.cfs_quota_us").as_deref(), Some("50000"));
+        assert_eq!(read("cpu.cfs_period_us").as_deref(), Some("100000"));
+    } else {
+        assert_eq!(read("memory.max").as_deref(), Some("67108864"));
+        assert_eq!(read("cpu.max").as_deref(), Some("50000 100000"));
+    }
+    assert_eq!(read("pids.max").as_deref(), Some("64"));
+    let init = st["pid"].as_i64().unwrap().to_string();
+    assert!(dirs.iter().all(|d| {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap()
+            .lines()
+            .any(|p| p == init)
+    }));
+
+    // Ctrl-C: SIGTERM reaches the appliance, and everything is released.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(guard.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = guard.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "hello-web ends by SIGTERM");
+    let log =
+        std::fs::read_to_string(j.home.path().join("instances/web-test/logs/app.log")).unwrap();
+    assert!(log.contains("listening on port 8080"), "{log}");
+    assert!(!j.home.path().join("instances/web-test/state.json").exists());
+    assert!(dirs.iter().all(|d| !d.exists()), "cgroups removed");
+    assert!(get(port, "/healthz").is_err(), "the port is closed");
+}
+
+/// The runtime library directly, for groups and links.
+fn spec(rootfs: &Path, name: &str, group: &str, links: &[&str], argv: &[&str]) -> SandboxSpec {
+    let mut s = SandboxSpec::new(name, rootfs, argv.iter().map(|a| a.to_string()).collect());
+    let mut net = NetworkSpec::new(group);
+    net.links = links.iter().map(|l| l.to_string()).collect();
+    s.network = Some(net);
+    s.limits = Limits {
+        pids: Some(64),
+        ..Limits::default()
+    };
+    s
+}
+
+fn runtime(j: &Juice) -> Runtime {
+    // SAFETY of the environment: tests set JUICE_INIT once, to the same value.
+    unsafe { std::env::set_var("JUICE_INIT", workspace_binary("juice-init")) };
+    Runtime::new(j.home.path()).unwrap()
+}
+
+#[test]
+fn traffic_between_instances_is_denied_unless_declared() {
+    let _s = serial();
+    common::hello_web_binary();
+    let j = Juice::new();
+    j.ok(&["build", "examples/hello-web"]);
+    probe_image(&j, "net", "pids = 16");
+    let store = Store::open(j.home.path()).unwrap();
+    let web_root = materialise(&store, "hello-web:0.1.0").unwrap().path;
+    let probe_root = materialise(&store, "probe:net").unwrap().path;
+    let rt = runtime(&j);
+
+    let mut server = rt
+        .spawn(&spec(
+            &web_root,
+            "srv",
+            "web",
+            &[],
+            &["/usr/bin/hello-web", "--port", "8080"],
+        ))
+        .unwrap();
+    let ip = server.state().network.as_ref().unwrap().address.to_string();
+    wait_for("the server", || {
+        std::net::TcpStream::connect_timeout(
+            &format!("{ip}:8080").parse().unwrap(),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+    });
+
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port().to_string();
+    let gateway = server
+        .state()
+        .network
+        .as_ref()
+        .unwrap()
+        .subnet
+        .gateway()
+        .to_string();
+
+    let attempt = |name: &str, group: &str, links: &[&str], target: &str, port: &str| -> String {
+        let mut c = rt
+            .spawn(&spec(
+                &probe_root,
+                name,
+                group,
+                links,
+                &["/usr/bin/probe", "connect", target, port],
+            ))
+            .unwrap();
+        let report = c.wait();
+        assert_eq!(report.code, Some(0), "{name}: {report}");
+        std::fs::read_to_string(rt.log_path(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let same_group = attempt("peer", "web", &[], &ip, "8080");
+    assert!(
+        same_group.starts_with("ok connect"),
+        "same group: {same_group}"
+    );
+    let linked = attempt("linked", "app", &["web"], &ip, "8080");
+    assert!(linked.starts_with("ok connect"), "declared link: {linked}");
+    let stranger = attempt("stranger", "other", &[], &ip, "8080");
+    assert!(
+        stranger.starts_with("denied connect"),
+        "other group: {stranger}"
+    );
+    let to_host = attempt("to-host", "web", &[], &gateway, &host_port);
+    assert!(
+        to_host.starts_with("denied connect"),
+        "the host is not reachable from inside: {to_host}"
+    );
+
+    server.stop(Duration::from_secs(5));
+}
+
+fn leftovers(home: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
+    for l in String::from_utf8_lossy(&links.stdout).lines() {
+        if l.starts_with("jv") {
+            found.push(format!("veth {l}"));
+        }
+    }
+    let set = Command::new("nft")
+        .args(["list", "set", "bridge", "juice", "allowed"])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&set.stdout).contains("elements") {
+        found.push(format!(
+            "nft elements: {}",
+            String::from_utf8_lossy(&set.stdout)
+        ));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    if mounts.contains(home.to_str().unwrap()) {
+        found.push("mounts under JUICE_HOME".into());
+    }
+    for base in ["/sys/fs/cgroup/cpu/juice", "/sys/fs/cgroup/pids/juice"] {
+        if let Ok(d) = std::fs::read_dir(base) {
+            for e in d.flatten().filter(|e| e.path().is_dir()) {
+                found.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
+    if let Ok(a) = std::fs::read_to_string(home.join("network/allocations.json"))
+        && a.trim() != "{}"
+    {
+        found.push(format!("addresses {a}"));
+    }
+    found
+}
+
+#[test]
+fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "c", "pids = 16");
+    let child = j
+        .cmd()
+        .args(["run", "probe:c", "--name", "orphan", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(child);
+    wait_for("the instance", || {
+        j.home.path().join("instances/orphan/state.json").exists()
+    });
+    let init: i32 = state(&j, "orphan")["pid"].as_i64().unwrap() as i32;
+    guard.0.kill().unwrap(); // SIGKILL, no chance to clean up
+    guard.0.wait().unwrap();
+    // The instance dies with its caller (it was started in the foreground)...
+    wait_for("the instance to die with its caller", || {
+        !Path::new(&format!("/proc/{init}")).exists()
+    });
+    // ... its veth goes with its network namespace, and the next start sweeps the rest.
+    let (out, err, code) = probe(&j, "c", &["--network", "none"], &["true"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("no leftovers", || leftovers(j.home.path()).is_empty());
+}
+
+#[test]
+fn an_instance_is_found_again_by_another_process() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "a", "pids = 16");
+    let child = j
+        .cmd()
+        .args([
+            "run",
+            "probe:a",
+            "--network",
+            "none",
+            "--name",
+            "adoptee",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(child);
+    wait_for("the instance", || {
+        j.home.path().join("instances/adoptee/state.json").exists()
+    });
+    let rt = runtime(&j);
+    let mut found = rt.adopt("adoptee").unwrap();
+    assert!(found.is_running());
+    let report = found.stop(Duration::from_secs(5));
+    assert_eq!(report.signal, Some(15), "{report}");
+    assert_eq!(guard.0.wait().unwrap().code(), Some(128 + 15));
+    assert!(rt.adopt("adoptee").is_err(), "its state is gone");
+}
+
+#[test]
+fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "u", "pids = 16");
+    let child = j
+        .cmd()
+        .args([
+            "run",
+            "probe:u",
+            "--network",
+            "none",
+            "--userns",
+            "200000",
+            "--name",
+            "mapped",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = ChildGuard(child);
+    wait_for("the instance", || {
+        j.home.path().join("instances/mapped/state.json").exists()
+    });
+    let init = state(&j, "mapped")["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "200000"),
+        "init runs as host uid 200000: {uid_line}"
+    );
+    let who = line(&j, "u", &["whoami"]);
+    assert!(who.starts_with("uid 0 gid 0"), "{who}");
+    let (out, _, _) = probe(
+        &j,
+        "u",
+        &["--network", "none", "--userns", "200000"],
+        &["mount"],
+    );
+    assert!(out.starts_with("denied mount"), "{out}");
+}
+
+#[test]
+fn logs_rotate_by_size() {
+    let _s = serial();
+    common::hello_web_binary();
+    let j = Juice::new();
+    probe_image(&j, "log", "pids = 16");
+    let store = Store::open(j.home.path()).unwrap();
+    let root = materialise(&store, "probe:log").unwrap().path;
+    let rt = runtime(&j);
+    let mut s = SandboxSpec::new(
+        "chatty",
+        &root,
+        vec!["/usr/bin/probe".into(), "spam".into(), "400".into()],
+    );
+    s.log_max_bytes = 4096;
+    s.log_keep = 2;
+    let report = rt.spawn(&s).unwrap().wait();
+    assert_eq!(report.code, Some(0), "{report}");
+    let logs = rt.log_path("chatty").parent().unwrap().to_owned();
+    let mut names: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["app.log", "app.log.1", "app.log.2"]);
+    for n in &names {
+        assert!(
+            std::fs::metadata(logs.join(n)).unwrap().len() <= 4096,
+            "{n} is over the limit"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(logs.join("app.log"))
+            .unwrap()
+            .contains("ok spam 400")
+    );
+}
