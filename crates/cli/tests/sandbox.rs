@@ -406,11 +406,21 @@ fn leftovers(home: &Path) -> Vec<String> {
     if mounts.contains(home.to_str().unwrap()) {
         found.push("mounts under JUICE_HOME".into());
     }
-    for base in ["/sys/fs/cgroup/cpu/juice", "/sys/fs/cgroup/pids/juice"] {
-        if let Ok(d) = std::fs::read_dir(base) {
-            for e in d.flatten().filter(|e| e.path().is_dir()) {
-                found.push(format!("cgroup {}", e.path().display()));
-            }
+    // Cgroups of this home's instances, in every hierarchy.
+    let names: Vec<String> = std::fs::read_dir(home.join("instances"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cgroup_dirs = Command::new("find")
+        .args(["/sys/fs/cgroup", "-type", "d", "-path", "*/juice/*"])
+        .output()
+        .unwrap();
+    for dir in String::from_utf8_lossy(&cgroup_dirs.stdout).lines() {
+        if names.iter().any(|n| dir.ends_with(&format!("/juice/{n}"))) {
+            found.push(format!("cgroup {dir}"));
         }
     }
     if let Ok(a) = std::fs::read_to_string(home.join("network/allocations.json"))
@@ -447,7 +457,15 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
     // ... its veth goes with its network namespace, and the next start sweeps the rest.
     let (out, err, code) = probe(&j, "c", &["--network", "none"], &["true"]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_for("no leftovers", || leftovers(j.home.path()).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = leftovers(j.home.path());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -528,6 +546,7 @@ fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
         &["mount"],
     );
     assert!(out.starts_with("denied mount"), "{out}");
+    // Dropping the guard stops `juice run` with SIGTERM, so the instance is released.
 }
 
 #[test]

@@ -99,11 +99,22 @@ pub fn hello_web_binary() -> PathBuf {
     workspace_binary("hello-web")
 }
 
-/// Kills (and reaps) a child when dropped, so a failing test leaves no process behind.
+/// Stops (and reaps) a child when dropped, so a failing test leaves no process behind:
+/// SIGTERM first (`juice run` then stops and releases its instance), SIGKILL after 15 s.
 pub struct ChildGuard(pub Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
