@@ -96,6 +96,11 @@ fn main() {
             pids: Some(16),
         };
         spec.log_max_bytes = 1 << 20;
+        // JUICE_DENSITY_NO_CGROUP=1 measures the cgroup's share separately.
+        if std::env::var_os("JUICE_DENSITY_NO_CGROUP").is_some() {
+            spec.cgroup = false;
+            spec.limits = Limits::default();
+        }
         instances.push(runtime.spawn(&spec).expect("spawn sandbox"));
     }
     let with_sandboxes = settle();
