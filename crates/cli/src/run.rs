@@ -47,6 +47,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     juice_sandbox::trace::mark("juice run");
     let home = crate::juice_home();
+    let rootless = !nix::unistd::geteuid().is_root();
     let store = Store::open(&home)?;
     let rootfs = materialise(&store, &args.image)?;
     let appliance = rootfs.appliance.clone().ok_or_else(|| {
@@ -80,12 +81,35 @@ pub fn run(args: RunArgs) -> Result<i32> {
         spec.limits = Limits::default();
     }
     if let Some(host_id) = args.userns {
-        spec.user_namespace = Some(IdMap {
-            host_id,
-            size: 65536,
-        });
+        spec.user_namespace = Some(IdMap::range(host_id));
     }
-    match args.network.as_str() {
+    let mut network = args.network.clone();
+    if rootless {
+        // Without root: a user namespace mapping only ourselves, no cgroup, loopback only.
+        spec.user_namespace = Some(IdMap::caller());
+        if spec.limits != Limits::default() && !args.quiet {
+            eprintln!(
+                "juice: rootless: the manifest's limits are not enforced (cgroups need root or a delegated cgroup)"
+            );
+        }
+        spec.cgroup = false;
+        spec.limits = Limits::default();
+        if (spec.uid, spec.gid) != (0, 0) && !args.quiet {
+            eprintln!(
+                "juice: rootless: running as root inside (your own uid outside) instead of {}:{}",
+                spec.uid, spec.gid
+            );
+        }
+        spec.uid = 0;
+        spec.gid = 0;
+        if !ports.is_empty() {
+            return Err(
+                "rootless: publishing ports needs root (there is no bridge without it)".into(),
+            );
+        }
+        network = "none".into();
+    }
+    match network.as_str() {
         "bridge" => {
             let mut net = NetworkSpec::new(&name);
             net.ports = ports.clone();
@@ -95,7 +119,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         "none" => return Err("publishing ports needs --network bridge".into()),
         other => return Err(format!("--network {other:?}: use bridge or none").into()),
     }
-    prepare_volumes(&spec, args.userns)?;
+    prepare_volumes(&spec, args.userns, rootless)?;
 
     juice_sandbox::trace::mark("spec ready");
     let mut instance = runtime.spawn(&spec)?;
@@ -242,12 +266,16 @@ pub fn spec_for(
 }
 
 /// Creates volume directories owned by the appliance's user (shifted under a user namespace).
-fn prepare_volumes(spec: &SandboxSpec, userns: Option<u32>) -> Result {
+fn prepare_volumes(spec: &SandboxSpec, userns: Option<u32>, rootless: bool) -> Result {
     let shift = userns.unwrap_or(0);
     for v in &spec.volumes {
         if !v.source.exists() {
             std::fs::create_dir_all(&v.source)
                 .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
+            if rootless {
+                // Ours already, and ours is root inside.
+                continue;
+            }
             std::os::unix::fs::chown(&v.source, Some(spec.uid + shift), Some(spec.gid + shift))
                 .map_err(|e| {
                     format!(

@@ -586,3 +586,58 @@ fn logs_rotate_by_size() {
             .contains("ok spam 400")
     );
 }
+
+#[test]
+fn rootless_mode_runs_without_root() {
+    use std::os::unix::process::CommandExt;
+    let _s = serial();
+    let j = Juice::new();
+    std::os::unix::fs::chown(j.home.path(), Some(65534), Some(65534)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let out = j.cmd().args(args).uid(65534).gid(65534).output().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.code(),
+        )
+    };
+    let dir = j.home.path().join("src");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("juice.toml"),
+        format!(
+            "[appliance]\nname = \"rl\"\nversion = \"1\"\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n[run]\ncommand = [\"/usr/bin/probe\"]\n[resources]\npids = 8\n",
+            workspace_binary("juice-probe").display()
+        ),
+    )
+    .unwrap();
+    let (_, err, code) = as_nobody(&["build", dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let (out, err, code) = as_nobody(&["run", "rl:1", "--", "whoami"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("uid 0 gid 0") && out.contains("CapEff:\t0000000000000000"),
+        "{out}"
+    );
+    assert!(
+        err.contains("limits are not enforced"),
+        "the missing limits are said out loud: {err}"
+    );
+    for (probe_args, expected) in [
+        (&["mount"][..], "denied mount"),
+        (&["write", "/x"][..], "denied write /x: Read-only"),
+        (&["pids"][..], "pids [1, 2]"),
+    ] {
+        let mut args = vec!["run", "-q", "rl:1", "--"];
+        args.extend_from_slice(probe_args);
+        let (out, err, code) = as_nobody(&args);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.starts_with(expected), "{probe_args:?}: {out}");
+    }
+    let (_, err, code) = as_nobody(&["run", "rl:1", "-p", "8080:80", "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("rootless: publishing ports needs root"),
+        "{err}"
+    );
+}

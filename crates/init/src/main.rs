@@ -471,7 +471,11 @@ fn prepare_and_exec(
         // Keep the permitted set across setuid so the declared capabilities survive it.
         nix::sys::prctl::set_keepcaps(true).step(|| "prctl(PR_SET_KEEPCAPS)".into())?;
     }
-    setgroups(&[]).step(|| "setgroups".into())?;
+    match setgroups(&[]) {
+        // An unprivileged (rootless) user namespace has setgroups disabled: nothing to drop.
+        Err(Errno::EPERM) if config.user_namespace => {}
+        other => other.step(|| "setgroups".into())?,
+    }
     setgid(Gid::from_raw(config.gid)).step(|| format!("setgid {}", config.gid))?;
     setuid(Uid::from_raw(config.uid)).step(|| format!("setuid {}", config.uid))?;
     for set in [

@@ -130,11 +130,38 @@ impl SandboxSpec {
     }
 }
 
-/// Root in the sandbox is `host_uid` on the host, for `size` ids.
+/// Root in the sandbox is `host_uid`/`host_gid` on the host, for `size` ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMap {
-    pub host_id: u32,
+    pub host_uid: u32,
+    pub host_gid: u32,
     pub size: u32,
+}
+
+impl IdMap {
+    /// 65536 ids from `host_id` (uid and gid), for a runtime running as root.
+    pub fn range(host_id: u32) -> IdMap {
+        IdMap {
+            host_uid: host_id,
+            host_gid: host_id,
+            size: 65536,
+        }
+    }
+
+    /// Rootless: the caller's own uid and gid, the only ids an unprivileged process may map.
+    pub fn caller() -> IdMap {
+        IdMap {
+            host_uid: nix::unistd::geteuid().as_raw(),
+            host_gid: nix::unistd::getegid().as_raw(),
+            size: 1,
+        }
+    }
+
+    /// Whether supplementary groups are disabled in the namespace (they must be for an
+    /// unprivileged map).
+    pub fn denies_setgroups(&self) -> bool {
+        !nix::unistd::geteuid().is_root()
+    }
 }
 
 /// What is on disk about a running instance.
@@ -238,7 +265,7 @@ impl Runtime {
         if let Some(map) = &spec.user_namespace {
             // Init writes logs and the exit record as the namespace's root, a plain host uid.
             for d in [&dir, &logs] {
-                std::os::unix::fs::chown(d, Some(map.host_id), Some(map.host_id))
+                std::os::unix::fs::chown(d, Some(map.host_uid), Some(map.host_gid))
                     .map_err(io_err("chown", d))?;
             }
         }
@@ -443,6 +470,7 @@ impl Runtime {
             high_dup(&state_dir)?,
         ];
         let sync_fd = sync_r.as_ref().map(high_dup).transpose()?;
+        let may_setgroups = !spec.user_namespace.is_some_and(|m| m.denies_setgroups());
         let argv0 = c"juice-init";
         let argv = [argv0.as_ptr(), std::ptr::null()];
         let envp: [*const libc::c_char; 1] = [std::ptr::null()];
@@ -486,9 +514,9 @@ impl Runtime {
                 if let Some(fd) = sync_fd {
                     let mut b = 0u8;
                     libc::read(fd, &mut b as *mut u8 as *mut libc::c_void, 1);
-                    // Our credentials are still the host's root, which the new namespace does not
+                    // Our credentials are still the caller's, which the new namespace may not
                     // map; become its root (the mapped host id) so exec keeps the capabilities.
-                    if libc::setgroups(0, std::ptr::null()) < 0
+                    if (may_setgroups && libc::setgroups(0, std::ptr::null()) < 0)
                         || libc::setresgid(0, 0, 0) < 0
                         || libc::setresuid(0, 0, 0) < 0
                     {
@@ -870,12 +898,15 @@ fn read_status(fd: OwnedFd, timeout: Duration) -> Result<String, SandboxError> {
 }
 
 fn write_id_maps(pid: i32, map: &IdMap) -> Result<(), SandboxError> {
-    let line = format!("0 {} {}\n", map.host_id, map.size);
-    for file in ["uid_map", "gid_map"] {
+    let write = |file: &str, text: String| {
         let path = PathBuf::from(format!("/proc/{pid}/{file}"));
-        std::fs::write(&path, &line).map_err(io_err("write", &path))?;
+        std::fs::write(&path, text).map_err(io_err("write", &path))
+    };
+    if map.denies_setgroups() {
+        write("setgroups", "deny".into())?;
     }
-    Ok(())
+    write("uid_map", format!("0 {} {}\n", map.host_uid, map.size))?;
+    write("gid_map", format!("0 {} {}\n", map.host_gid, map.size))
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
