@@ -2,6 +2,7 @@
 //! product lives in a library crate; this crate only turns arguments into
 //! library calls and results into tables, JSON and one-sentence errors.
 
+mod host;
 mod images;
 mod output;
 mod run;
@@ -57,6 +58,48 @@ enum Command {
     Gc,
     /// Re-hash an image's blobs, or every image and blob in the store.
     Verify { image: Option<String> },
+    /// Run the host agent: the API on $JUICE_HOME/juice.sock and the reconciler.
+    Daemon,
+    /// Development mode: an embedded daemon, the site applied, live status and logs; Ctrl-C tears down.
+    Up {
+        #[arg(short = 'f', long = "file", default_value = "site.toml")]
+        file: PathBuf,
+    },
+    /// Show what applying a site file would change, and why.
+    Plan {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Make the host as the site file declares (idempotent).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List groups, instances or images.
+    Get { what: String },
+    /// A group's revisions, rollout, instances and recent events.
+    Describe { kind: String, name: String },
+    /// The event log.
+    Events {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// An instance's output.
+    Logs {
+        instance: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Roll a group back to a kept revision (default: the previous one).
+    Rollback {
+        group: String,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Delete a group and stop its instances.
+    Delete { group: String },
     /// Run one instance of an image in the foreground, outside any group.
     Run {
         image: String,
@@ -97,20 +140,38 @@ fn juice_home() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Run {
-        image,
-        name,
-        publish,
-        isolation,
-        network,
-        no_cgroup,
-        userns,
-        quiet,
-        grace,
-        args: extra,
-    } = cli.command
-    {
-        let args = run::RunArgs {
+    let (format, debug) = (cli.output, cli.debug);
+    let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
+        Command::Build { dir, tag, quiet } => images::build(&dir, tag, quiet, format).map(|()| 0),
+        Command::Images => images::list(format).map(|()| 0),
+        Command::Inspect { image } => images::inspect(&image, format).map(|()| 0),
+        Command::Rmi { images } => images::remove(&images).map(|()| 0),
+        Command::Gc => images::gc(format).map(|()| 0),
+        Command::Verify { image } => images::verify(image.as_deref(), format).map(|()| 0),
+        Command::Daemon => host::daemon().map(|()| 0),
+        Command::Up { file } => host::up(&file).map(|()| 0),
+        Command::Plan { file } => host::plan(&file, format).map(|()| 0),
+        Command::Apply { file } => host::apply(&file, format).map(|()| 0),
+        Command::Get { what } => host::get(&what, format).map(|()| 0),
+        Command::Describe { kind, name } => host::describe(&kind, &name, format).map(|()| 0),
+        Command::Events { group, follow } => {
+            host::events(group.as_deref(), follow, format).map(|()| 0)
+        }
+        Command::Logs { instance, follow } => host::logs(&instance, follow).map(|()| 0),
+        Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
+        Command::Delete { group } => host::delete(&group).map(|()| 0),
+        Command::Run {
+            image,
+            name,
+            publish,
+            isolation,
+            network,
+            no_cgroup,
+            userns,
+            quiet,
+            grace,
+            args,
+        } => run::run(run::RunArgs {
             image,
             name,
             publish,
@@ -120,36 +181,18 @@ fn main() -> ExitCode {
             userns,
             quiet,
             grace: std::time::Duration::from_secs(grace),
-            args: extra,
-        };
-        return match run::run(args) {
-            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => {
-                eprintln!("juice: {e}");
-                if cli.debug {
-                    eprintln!("{e:?}");
-                }
-                ExitCode::from(125)
-            }
-        };
-    }
-    let result = match cli.command {
-        Command::Build { dir, tag, quiet } => images::build(&dir, tag, quiet, cli.output),
-        Command::Images => images::list(cli.output),
-        Command::Inspect { image } => images::inspect(&image, cli.output),
-        Command::Rmi { images } => images::remove(&images),
-        Command::Gc => images::gc(cli.output),
-        Command::Verify { image } => images::verify(image.as_deref(), cli.output),
-        Command::Run { .. } => unreachable!("handled above"),
+            args,
+        }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("juice: {e}");
-            if cli.debug {
+            if debug {
                 eprintln!("{e:?}");
             }
-            ExitCode::FAILURE
+            // 125, as container runtimes do: Juice itself failed, not the appliance.
+            ExitCode::from(125)
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use juice_image::appliance::ApplianceConfig;
@@ -11,7 +11,7 @@ use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::Publisher;
-use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -70,7 +70,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
     juice_sandbox::trace::mark("image ready");
     let runtime = Runtime::new(&home)?;
     runtime.cleanup_stale();
-    let mut spec = spec_for(&appliance, &rootfs.path, &name, &home)?;
+    let mut spec = juice_agent::agent::sandbox_spec(
+        &appliance,
+        &rootfs.path,
+        &name,
+        &home.join("volumes").join(&name),
+    )?;
     spec.die_with_parent = true;
     if !args.args.is_empty() {
         spec.argv.truncate(1);
@@ -119,7 +124,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         "none" => return Err("publishing ports needs --network bridge".into()),
         other => return Err(format!("--network {other:?}: use bridge or none").into()),
     }
-    prepare_volumes(&spec, args.userns, rootless)?;
+    juice_agent::agent::prepare_volumes(&spec, args.userns.unwrap_or(0))?;
 
     juice_sandbox::trace::mark("spec ready");
     let mut instance = runtime.spawn(&spec)?;
@@ -223,71 +228,6 @@ fn default_name(a: &ApplianceConfig) -> String {
         base.trim_end_matches('-'),
         (nanos ^ std::process::id()) & 0xffff
     )
-}
-
-/// The sandbox spec an appliance's manifest asks for.
-pub fn spec_for(
-    a: &ApplianceConfig,
-    rootfs: &Path,
-    name: &str,
-    home: &Path,
-) -> Result<SandboxSpec> {
-    let run = &a.manifest.run;
-    let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
-    let mut env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !run.env.keys().any(|k| k.as_str() == "PATH") {
-        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
-    }
-    env.push(format!("HOSTNAME={name}"));
-    spec.env = env;
-    spec.uid = run.user.uid;
-    spec.gid = run.user.gid;
-    spec.workdir = run
-        .workdir
-        .as_ref()
-        .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
-    spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
-    let r = &a.manifest.resources;
-    spec.limits = Limits {
-        cpus: r.cpus.map(|c| c.get()),
-        memory: r.memory.map(|m| m.0),
-        pids: r.pids,
-    };
-    spec.volumes = a
-        .manifest
-        .volumes
-        .iter()
-        .map(|v| VolumeMount {
-            source: home.join("volumes").join(name).join(v.name.as_str()),
-            target: v.path.as_path().to_owned(),
-        })
-        .collect();
-    Ok(spec)
-}
-
-/// Creates volume directories owned by the appliance's user (shifted under a user namespace).
-fn prepare_volumes(spec: &SandboxSpec, userns: Option<u32>, rootless: bool) -> Result {
-    let shift = userns.unwrap_or(0);
-    for v in &spec.volumes {
-        if !v.source.exists() {
-            std::fs::create_dir_all(&v.source)
-                .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
-            if rootless {
-                // Ours already, and ours is root inside.
-                continue;
-            }
-            std::os::unix::fs::chown(&v.source, Some(spec.uid + shift), Some(spec.gid + shift))
-                .map_err(|e| {
-                    format!(
-                        "cannot hand volume {} to {}:{}: {e}",
-                        v.source.display(),
-                        spec.uid,
-                        spec.gid
-                    )
-                })?;
-        }
-    }
-    Ok(())
 }
 
 fn describe(l: &Limits) -> String {

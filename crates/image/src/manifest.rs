@@ -548,14 +548,10 @@ impl Manifest {
 
     /// Parses manifest text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
-        let manifest: Manifest = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            locate(text, path, offset, e.message())
-        })?;
-        manifest.check_whole().map_err(|(needle, nth, msg)| {
-            let offset = find_key(text, needle, nth).unwrap_or(0);
-            locate(text, path, offset, &msg)
-        })?;
+        let manifest: Manifest = parse_toml(text, path)?;
+        manifest
+            .check_whole()
+            .map_err(|(needle, nth, msg)| error_at_key(text, path, needle, nth, &msg))?;
         Ok(manifest)
     }
 
@@ -584,6 +580,31 @@ impl Manifest {
     pub fn reference(&self) -> String {
         format!("{}:{}", self.appliance.name, self.appliance.version)
     }
+}
+
+/// Parses any TOML document into `T`, with errors that name the file, line, column and
+/// dotted field (and a close match for an unknown field). Other Juice files (the site
+/// file) use this too.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, ManifestError> {
+    toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        locate(text, path, offset, e.message())
+    })
+}
+
+/// An error located at the `nth` (from 0) line whose key or table header is `key`.
+pub fn error_at_key(
+    text: &str,
+    path: &Path,
+    key: &str,
+    nth: usize,
+    message: &str,
+) -> ManifestError {
+    let offset = find_key(text, key, nth).unwrap_or(0);
+    locate(text, path, offset, message)
 }
 
 /// Byte offset of the `nth` (from 0) line whose key or table header is `key`.

@@ -1,45 +1,61 @@
-//! Published ports: a TCP forwarder in the process that holds the instance
-//! (`juice run`, the daemon), from a host address to the instance's address.
+//! Published ports: a TCP forwarder in the process that holds the instances
+//! (`juice run`, the daemon), from a host address to instance addresses.
 //! Doing it in user space keeps loopback clients working (kernel DNAT of
-//! 127.0.0.1 needs `route_localnet`) and needs no rules on the host.
+//! 127.0.0.1 needs `route_localnet`), needs no rules on the host, and lets the
+//! daemon send traffic only to instances that are ready (round robin).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{NetworkError, PortMapping};
 
+/// The addresses traffic may go to; the owner updates it as instances become ready or go.
+pub type Targets = Arc<RwLock<Vec<Ipv4Addr>>>;
+
 /// Forwards while alive; stops listening when dropped.
 pub struct Publisher {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    targets: Targets,
 }
 
 impl Publisher {
-    /// Listens on every mapping's host address and forwards to `target`.
+    /// Listens on every mapping's host address and forwards to one fixed `target`.
     pub fn start(ports: &[PortMapping], target: Ipv4Addr) -> Result<Publisher, NetworkError> {
+        Publisher::start_to(ports, Arc::new(RwLock::new(vec![target])))
+    }
+
+    /// Listens on every mapping's host address and forwards each connection to the
+    /// next of `targets`; with no target, a connection is closed at once.
+    pub fn start_to(ports: &[PortMapping], targets: Targets) -> Result<Publisher, NetworkError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for p in ports {
             let addr = SocketAddrV4::new(p.host_ip, p.host_port);
-            let listener = TcpListener::bind(addr).map_err(|source| NetworkError::Publish {
+            let publish_err = |source| NetworkError::Publish {
                 addr: addr.to_string(),
                 source,
-            })?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|source| NetworkError::Publish {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            let to = SocketAddr::V4(SocketAddrV4::new(target, p.port));
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || accept_loop(listener, to, &stop)));
+            };
+            let listener = TcpListener::bind(addr).map_err(publish_err)?;
+            listener.set_nonblocking(true).map_err(publish_err)?;
+            let (stop, targets, port) = (stop.clone(), targets.clone(), p.port);
+            threads.push(std::thread::spawn(move || {
+                accept_loop(listener, &targets, port, &stop)
+            }));
         }
-        Ok(Publisher { stop, threads })
+        Ok(Publisher {
+            stop,
+            threads,
+            targets,
+        })
+    }
+
+    pub fn targets(&self) -> &Targets {
+        &self.targets
     }
 }
 
@@ -52,16 +68,21 @@ impl Drop for Publisher {
     }
 }
 
-fn accept_loop(listener: TcpListener, to: SocketAddr, stop: &AtomicBool) {
+fn accept_loop(listener: TcpListener, targets: &Targets, port: u16, stop: &AtomicBool) {
+    let next = AtomicUsize::new(0);
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((client, _)) => {
+                let target = {
+                    let t = targets.read().unwrap_or_else(|e| e.into_inner());
+                    (!t.is_empty()).then(|| t[next.fetch_add(1, Ordering::Relaxed) % t.len()])
+                };
+                // No ready instance: refuse rather than queue.
+                let Some(ip) = target else { continue };
+                let to = SocketAddr::V4(SocketAddrV4::new(ip, port));
                 std::thread::spawn(move || {
                     let _ = forward(client, to);
                 });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }

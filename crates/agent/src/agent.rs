@@ -1,0 +1,1107 @@
+//! The agent: applies site files, and a reconciler that keeps every group at
+//! its declared size and revision, replaces dead instances, gates rollouts on
+//! health and rolls back by itself.
+//!
+//! The reconciler is event-driven: it sleeps in `poll` on every instance's
+//! pidfd and on a wake-up eventfd (apply, delete, rollback), with a periodic
+//! pass as a safety net and for health transitions.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use juice_image::appliance::ApplianceConfig;
+use juice_image::build::{BuildOptions, build};
+use juice_image::store::Store;
+use juice_image::unpack::materialise;
+use juice_sandbox::cgroup::Limits;
+use juice_sandbox::network::publish::{Publisher, Targets};
+use juice_sandbox::{Instance, NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+use serde::{Deserialize, Serialize};
+
+use crate::health::Prober;
+use crate::site::{GroupName, GroupSpec, Isolation, OnFailure, Site};
+use crate::state::{
+    GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("group {group}: {reason}")]
+    Group { group: String, reason: String },
+    #[error("no group {0:?}")]
+    NoGroup(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
+    AgentError::Group {
+        group: group.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One line of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub group: String,
+    /// create, replace, scale, update, delete, unchanged
+    pub action: String,
+    pub reason: String,
+}
+
+/// An instance the agent holds.
+struct Live {
+    instance: Instance,
+    group: String,
+    revision: u64,
+    address: Option<Ipv4Addr>,
+    prober: Prober,
+    started: Instant,
+}
+
+pub struct Agent {
+    home: PathBuf,
+    store: Store,
+    runtime: Runtime,
+    state: State,
+    /// Serialises apply, delete, rollback and reconcile passes.
+    world: Mutex<World>,
+    wake: OwnedFd,
+}
+
+#[derive(Default)]
+struct World {
+    live: BTreeMap<String, Live>,
+    publishers: BTreeMap<String, (Vec<PortMapping>, Publisher)>,
+}
+
+/// The view `juice get instances` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub name: String,
+    pub group: String,
+    pub revision: u64,
+    pub pid: i32,
+    pub address: Option<Ipv4Addr>,
+    /// starting, healthy, unhealthy
+    pub health: String,
+    pub uptime_s: u64,
+    pub last_error: Option<String>,
+}
+
+/// The view `juice get groups` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    pub size: u32,
+    pub running: usize,
+    pub ready: usize,
+    pub revision: u64,
+    pub image: String,
+    pub rollout: Rollout,
+    pub restarts: u64,
+    /// ok, rolling-out, crash-loop, paused, rolled-back
+    pub status: String,
+}
+
+/// `juice describe group`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupDescription {
+    pub group: GroupRecord,
+    pub instances: Vec<InstanceView>,
+    pub events: Vec<crate::state::Event>,
+}
+
+impl Agent {
+    pub fn open(home: &Path) -> Result<Arc<Agent>, AgentError> {
+        let store = Store::open(home).map_err(|e| AgentError::Setup(e.to_string()))?;
+        let runtime = Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?;
+        let state = State::open(&home.join("agent.redb"))?;
+        // SAFETY: eventfd returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(AgentError::Setup(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Arc::new(Agent {
+            home: home.to_owned(),
+            store,
+            runtime,
+            state,
+            world: Mutex::new(World::default()),
+            wake,
+        }))
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the reconciler now.
+    pub fn nudge(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+
+    fn event(&self, group: Option<&str>, instance: Option<&str>, message: &str) {
+        let _ = self.state.event(group, instance, message);
+    }
+
+    /// Resolves an image reference to a digest: a local name or digest, or a directory
+    /// with a juice.toml (built now).
+    fn resolve_image(&self, group: &str, image: &str) -> Result<String, AgentError> {
+        let path = Path::new(image);
+        let looks_like_path =
+            image.starts_with('/') || image.starts_with("./") || image.starts_with("../");
+        if looks_like_path {
+            let dir = if path.is_dir() {
+                path.to_owned()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_owned()
+            };
+            let built = build(&self.store, &dir, &BuildOptions::default())
+                .map_err(|e| group_err(group, format!("building {image}: {e}")))?;
+            return Ok(built.digest.to_string());
+        }
+        if image
+            .split('/')
+            .next()
+            .is_some_and(|first| first.contains('.') || first.contains(':'))
+            && image.contains('/')
+        {
+            return Err(group_err(
+                group,
+                format!(
+                    "{image} looks like a registry reference; pulling is not available yet, `juice build` or import it first"
+                ),
+            ));
+        }
+        let record = self.store.resolve(image).map_err(|e| group_err(group, e))?;
+        Ok(record.digest.to_string())
+    }
+
+    /// What applying `site` would change, and (if `apply`) does it.
+    pub fn apply(&self, site: &Site, apply: bool) -> Result<Vec<Change>, AgentError> {
+        let _w = self.world();
+        let mut changes = Vec::new();
+        let mut updates = Vec::new();
+        for (name, spec) in &site.group {
+            if spec.isolation == Isolation::Microvm {
+                return Err(group_err(
+                    name.as_str(),
+                    "isolation \"microvm\" is not available yet; use \"sandbox\"",
+                ));
+            }
+            let digest = self.resolve_image(name.as_str(), &spec.image)?;
+            let template = Template {
+                image: spec.image.clone(),
+                digest,
+                isolation: spec.isolation,
+                publish: spec.publish.clone(),
+                links: spec.links.clone(),
+            };
+            let (change, record) = self.plan_group(name, spec, template)?;
+            changes.extend(change);
+            if let Some(r) = record {
+                updates.push(r);
+            }
+        }
+        let mut deletes = Vec::new();
+        for g in self.state.groups()? {
+            if !site.group.contains_key(&g.name) {
+                changes.push(Change {
+                    group: g.name.to_string(),
+                    action: "delete".into(),
+                    reason: "not in the site file".into(),
+                });
+                deletes.push(g.name.to_string());
+            }
+        }
+        if apply {
+            for r in &updates {
+                self.state.put_group(r)?;
+            }
+            for d in &deletes {
+                self.state.delete_group(d)?;
+            }
+            for c in &changes {
+                if c.action != "unchanged" {
+                    self.event(
+                        Some(&c.group),
+                        None,
+                        &format!("apply: {} ({})", c.action, c.reason),
+                    );
+                }
+            }
+            self.nudge();
+        }
+        Ok(changes)
+    }
+
+    fn plan_group(
+        &self,
+        name: &GroupName,
+        spec: &GroupSpec,
+        template: Template,
+    ) -> Result<(Vec<Change>, Option<GroupRecord>), AgentError> {
+        let change = |action: &str, reason: String| Change {
+            group: name.to_string(),
+            action: action.into(),
+            reason,
+        };
+        let Some(mut g) = self.state.group(name.as_str())? else {
+            let record = GroupRecord {
+                name: name.clone(),
+                size: spec.size,
+                update: spec.update.clone(),
+                revisions: vec![Revision {
+                    number: 1,
+                    template: template.clone(),
+                    created_ms: now_ms(),
+                }],
+                current: 1,
+                last_good: None,
+                rollout: Rollout::Progressing {
+                    from: None,
+                    to: 1,
+                    since_ms: now_ms(),
+                },
+                restarts: 0,
+                failures: 0,
+                backoff_until_ms: 0,
+            };
+            let c = change(
+                "create",
+                format!(
+                    "{} instance(s) of {} ({})",
+                    spec.size,
+                    template.image,
+                    short(&template.digest)
+                ),
+            );
+            return Ok((vec![c], Some(record)));
+        };
+        let mut changes = Vec::new();
+        let current = g.current_revision().map(|r| r.template.clone());
+        if current.as_ref() != Some(&template) {
+            let reason = match &current {
+                Some(c) if c.digest != template.digest => format!(
+                    "image changed: {} ({}) -> {} ({})",
+                    c.image,
+                    short(&c.digest),
+                    template.image,
+                    short(&template.digest)
+                ),
+                Some(c) if c.publish != template.publish => "published ports changed".to_owned(),
+                Some(c) if c.links != template.links => "links changed".to_owned(),
+                _ => "template changed".to_owned(),
+            };
+            let n = g.next_number();
+            g.revisions.push(Revision {
+                number: n,
+                template,
+                created_ms: now_ms(),
+            });
+            g.rollout = Rollout::Progressing {
+                from: Some(g.current),
+                to: n,
+                since_ms: now_ms(),
+            };
+            g.current = n;
+            g.failures = 0;
+            g.backoff_until_ms = 0;
+            g.prune();
+            changes.push(change(
+                "replace",
+                format!(
+                    "revision {n}: {reason}; instances replaced in batches of {} after {} healthy",
+                    spec.update.max_unavailable,
+                    humantime::format_duration(spec.update.health_gate)
+                ),
+            ));
+        } else if matches!(g.rollout, Rollout::Paused { .. }) {
+            // Applying again is how a paused rollout is retried.
+            g.rollout = Rollout::Progressing {
+                from: g.last_good,
+                to: g.current,
+                since_ms: now_ms(),
+            };
+            changes.push(change(
+                "replace",
+                format!("retry the paused rollout of revision {}", g.current),
+            ));
+        }
+        if g.size != spec.size {
+            changes.push(change(
+                "scale",
+                format!("{} -> {} instances", g.size, spec.size),
+            ));
+            g.size = spec.size;
+        }
+        if g.update != spec.update {
+            changes.push(change("update", "update policy changed".into()));
+            g.update = spec.update.clone();
+        }
+        if changes.is_empty() {
+            return Ok((
+                vec![change("unchanged", "already as declared".into())],
+                None,
+            ));
+        }
+        Ok((changes, Some(g)))
+    }
+
+    /// Deletes a group: its instances are stopped by the next pass.
+    pub fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let _w = self.world();
+        if self.state.group(name)?.is_none() {
+            return Err(AgentError::NoGroup(name.to_owned()));
+        }
+        self.state.delete_group(name)?;
+        self.event(Some(name), None, "deleted");
+        self.nudge();
+        Ok(())
+    }
+
+    /// Makes revision `to` (default: the one before the current) the current one.
+    pub fn rollback(&self, name: &str, to: Option<u64>) -> Result<u64, AgentError> {
+        let _w = self.world();
+        let mut g = self
+            .state
+            .group(name)?
+            .ok_or_else(|| AgentError::NoGroup(name.to_owned()))?;
+        let target = match to {
+            Some(n) => n,
+            None => g
+                .revisions
+                .iter()
+                .map(|r| r.number)
+                .filter(|n| *n < g.current)
+                .max()
+                .ok_or_else(|| group_err(name, "there is no earlier revision to roll back to"))?,
+        };
+        if g.revision(target).is_none() {
+            let kept: Vec<String> = g.revisions.iter().map(|r| r.number.to_string()).collect();
+            return Err(group_err(
+                name,
+                format!("revision {target} is not kept (kept: {})", kept.join(", ")),
+            ));
+        }
+        if target == g.current {
+            return Err(group_err(
+                name,
+                format!("revision {target} is already the current one"),
+            ));
+        }
+        g.rollout = Rollout::Progressing {
+            from: Some(g.current),
+            to: target,
+            since_ms: now_ms(),
+        };
+        g.current = target;
+        g.failures = 0;
+        g.backoff_until_ms = 0;
+        self.state.put_group(&g)?;
+        self.event(
+            Some(name),
+            None,
+            &format!("rollback to revision {target} requested"),
+        );
+        self.nudge();
+        Ok(target)
+    }
+
+    /// Runs the reconciler until the process ends.
+    pub fn run_reconciler(self: &Arc<Agent>) {
+        loop {
+            if let Err(e) = self.reconcile() {
+                self.event(None, None, &format!("reconcile failed: {e}"));
+            }
+            self.sleep_until_something_happens(Duration::from_millis(250));
+        }
+    }
+
+    fn sleep_until_something_happens(&self, at_most: Duration) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        {
+            let w = self.world();
+            for l in w.live.values() {
+                fds.push(libc::pollfd {
+                    fd: l.instance.pidfd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // The fds stay valid: instances are only dropped by the reconciler, which is us.
+        }
+        // SAFETY: a valid array of pollfds.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                at_most.as_millis() as i32,
+            )
+        };
+        let mut buf = 0u64;
+        // SAFETY: draining our non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                &mut buf as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
+    }
+
+    /// One pass: reap, adopt, then converge every group.
+    pub fn reconcile(&self) -> Result<(), AgentError> {
+        let mut w = self.world();
+        let groups: BTreeMap<String, GroupRecord> = self
+            .state
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.to_string(), g))
+            .collect();
+        let mut ended: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+
+        // Instances that ended.
+        let dead: Vec<String> = w
+            .live
+            .iter()
+            .filter(|(_, l)| !l.instance.is_running())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dead {
+            if let Some(mut l) = w.live.remove(&name) {
+                let report = l.instance.wait();
+                self.state.delete_instance(&name)?;
+                self.event(
+                    Some(&l.group),
+                    Some(&name),
+                    &format!("instance {name} ended: {report}"),
+                );
+                ended
+                    .entry(l.group.clone())
+                    .or_default()
+                    .push((l.revision, report.to_string()));
+            }
+        }
+        // Instances in the database we do not hold: started by an earlier daemon.
+        for rec in self.state.instances()? {
+            if w.live.contains_key(&rec.name) {
+                continue;
+            }
+            match self.runtime.adopt(&rec.name) {
+                Ok(instance) if instance.is_running() => {
+                    let live = self.live_for(instance, &rec, &groups);
+                    self.event(
+                        Some(rec.group.as_str()),
+                        Some(&rec.name),
+                        &format!("adopted running instance {}", rec.name),
+                    );
+                    w.live.insert(rec.name.clone(), live);
+                }
+                other => {
+                    if let Ok(mut i) = other {
+                        let _ = i.wait_timeout(Some(Duration::ZERO));
+                    }
+                    self.state.delete_instance(&rec.name)?;
+                    self.event(
+                        Some(rec.group.as_str()),
+                        Some(&rec.name),
+                        &format!("instance {} was gone", rec.name),
+                    );
+                    ended
+                        .entry(rec.group.to_string())
+                        .or_default()
+                        .push((rec.revision, "gone while the daemon was away".into()));
+                }
+            }
+        }
+        // Instances of deleted groups.
+        let orphans: Vec<String> = w
+            .live
+            .iter()
+            .filter(|(_, l)| !groups.contains_key(&l.group))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in orphans {
+            self.stop_instance(&mut w, &name, "its group was deleted")?;
+        }
+        for g in groups.values() {
+            let mut g = g.clone();
+            let before = g.clone();
+            let ended_here = ended.get(g.name.as_str()).cloned().unwrap_or_default();
+            self.converge(&mut w, &mut g, &ended_here)?;
+            if g != before {
+                self.state.put_group(&g)?;
+            }
+        }
+        self.update_publishers(&mut w, &groups);
+        Ok(())
+    }
+
+    fn live_for(
+        &self,
+        instance: Instance,
+        rec: &InstanceRecord,
+        groups: &BTreeMap<String, GroupRecord>,
+    ) -> Live {
+        let address = instance.state().network.as_ref().map(|a| a.address);
+        let check = groups
+            .get(rec.group.as_str())
+            .and_then(|g| g.revision(rec.revision))
+            .and_then(|r| self.appliance(&r.template.digest).ok())
+            .and_then(|a| a.manifest.health);
+        Live {
+            instance,
+            group: rec.group.to_string(),
+            revision: rec.revision,
+            address,
+            prober: Prober::start(check, address),
+            started: Instant::now(),
+        }
+    }
+
+    fn appliance(&self, digest: &str) -> Result<ApplianceConfig, String> {
+        let image = self.store.image(digest).map_err(|e| e.to_string())?;
+        image
+            .appliance
+            .ok_or_else(|| format!("{digest} is not a Juice appliance"))
+    }
+
+    fn start_instance(
+        &self,
+        w: &mut World,
+        g: &GroupRecord,
+        revision: u64,
+    ) -> Result<(), AgentError> {
+        let name = g.name.as_str();
+        let rev = g
+            .revision(revision)
+            .ok_or_else(|| group_err(name, format!("revision {revision} is missing")))?;
+        let rootfs =
+            materialise(&self.store, &rev.template.digest).map_err(|e| group_err(name, e))?;
+        let appliance = rootfs
+            .appliance
+            .clone()
+            .ok_or_else(|| group_err(name, "the image is not a Juice appliance"))?;
+        let nonce = now_ms() ^ (std::process::id() as u64) << 16;
+        let instance_name = format!("{name}-r{revision}-{:04x}", nonce & 0xffff);
+        let mut spec = sandbox_spec(
+            &appliance,
+            &rootfs.path,
+            &instance_name,
+            &self.home.join("volumes").join(name),
+        )
+        .map_err(|e| group_err(name, e))?;
+        let mut net = NetworkSpec::new(name);
+        net.links = rev.template.links.iter().map(|l| l.to_string()).collect();
+        spec.network = Some(net);
+        prepare_volumes(&spec, 0).map_err(|e| group_err(name, e))?;
+        let record = InstanceRecord {
+            name: instance_name.clone(),
+            group: g.name.clone(),
+            revision,
+            created_ms: now_ms(),
+        };
+        // Recorded before it starts: a daemon killed in between finds the record and sweeps it.
+        self.state.put_instance(&record)?;
+        let instance = match self.runtime.spawn(&spec) {
+            Ok(i) => i,
+            Err(e) => {
+                self.state.delete_instance(&instance_name)?;
+                return Err(group_err(
+                    name,
+                    format!("cannot start an instance of revision {revision}: {e}"),
+                ));
+            }
+        };
+        let address = instance.state().network.as_ref().map(|a| a.address);
+        self.event(
+            Some(name),
+            Some(&instance_name),
+            &format!(
+                "started {instance_name} (revision {revision}{})",
+                address.map(|a| format!(", {a}")).unwrap_or_default()
+            ),
+        );
+        w.live.insert(
+            instance_name,
+            Live {
+                instance,
+                group: name.to_owned(),
+                revision,
+                address,
+                prober: Prober::start(appliance.manifest.health.clone(), address),
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
+        if let Some(mut l) = w.live.remove(name) {
+            let report = l.instance.stop(Duration::from_secs(10));
+            self.state.delete_instance(name)?;
+            self.event(
+                Some(&l.group),
+                Some(name),
+                &format!("stopped {name} ({why}): {report}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// One group's step toward its declared state.
+    fn converge(
+        &self,
+        w: &mut World,
+        g: &mut GroupRecord,
+        ended: &[(u64, String)],
+    ) -> Result<(), AgentError> {
+        let name = g.name.to_string();
+        let gate = g.update.health_gate;
+        let now = now_ms();
+
+        // Anything that ended on its own counts toward the crash-loop back-off.
+        for (rev, why) in ended {
+            g.restarts += 1;
+            if *rev == g.current {
+                g.failures += 1;
+                let backoff = (250u64 << g.failures.min(7)).min(30_000);
+                g.backoff_until_ms = now + backoff;
+                if g.failures >= 3 {
+                    self.event(
+                        Some(&name),
+                        None,
+                        &format!(
+                            "crash loop: {} failures in a row, next start in {} ms",
+                            g.failures, backoff
+                        ),
+                    );
+                }
+            }
+            // A new revision that dies during its rollout has failed it.
+            if let Rollout::Progressing { to, .. } = g.rollout
+                && *rev == to
+            {
+                self.fail_rollout(w, g, &format!("an instance of revision {to} ended: {why}"))?;
+            }
+        }
+
+        let (new, old): (Vec<String>, Vec<String>) = {
+            let mine: Vec<(&String, &Live)> =
+                w.live.iter().filter(|(_, l)| l.group == name).collect();
+            let new = mine
+                .iter()
+                .filter(|(_, l)| l.revision == g.current)
+                .map(|(n, _)| (*n).clone())
+                .collect();
+            let old = mine
+                .iter()
+                .filter(|(_, l)| l.revision != g.current)
+                .map(|(n, _)| (*n).clone())
+                .collect();
+            (new, old)
+        };
+
+        // A new instance whose health check failed, or that never became ready, fails the rollout.
+        if let Rollout::Progressing { to, since_ms, .. } = g.rollout.clone() {
+            for n in &new {
+                let l = &w.live[n];
+                let h = l.prober.snapshot();
+                let deadline = gate + Duration::from_secs(30);
+                let reason = if h.failed {
+                    Some(format!(
+                        "instance {n} of revision {to} failed its health check: {}",
+                        h.last_error.unwrap_or_default()
+                    ))
+                } else if !h.ever_healthy && l.started.elapsed() > deadline {
+                    Some(format!(
+                        "instance {n} of revision {to} did not become healthy within {}",
+                        humantime::format_duration(deadline)
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    self.fail_rollout(w, g, &reason)?;
+                    return Ok(());
+                }
+            }
+            let _ = since_ms;
+        }
+        if matches!(g.rollout, Rollout::Paused { .. }) {
+            // Paused: stop the failed revision's instances, keep everything else as it is.
+            for n in new {
+                self.stop_instance(w, &n, "the rollout is paused")?;
+            }
+            return Ok(());
+        }
+
+        // Instances of the current revision that failed their check outside a rollout: replace them.
+        for n in &new {
+            if w.live[n].prober.snapshot().failed {
+                self.stop_instance(w, n, "it failed its health check")?;
+                g.failures += 1;
+                g.backoff_until_ms = now + (250u64 << g.failures.min(7)).min(30_000);
+            }
+        }
+        let new: Vec<String> = new.into_iter().filter(|n| w.live.contains_key(n)).collect();
+        let gated = new
+            .iter()
+            .filter(|n| w.live[*n].prober.snapshot().passed_gate(gate))
+            .count();
+        if gated > 0 && g.failures > 0 && ended.is_empty() {
+            g.failures = 0;
+        }
+
+        let size = g.size as usize;
+        // Scale down: extra instances of the current revision go, newest first.
+        if new.len() > size {
+            let mut extra: Vec<&String> = new.iter().collect();
+            extra.sort_by_key(|n| std::cmp::Reverse(w.live[*n].started));
+            let extra: Vec<String> = extra.into_iter().take(new.len() - size).cloned().collect();
+            for n in extra {
+                self.stop_instance(w, &n, "scaled down")?;
+            }
+        }
+        let new_count = new.len().min(size);
+        // Old instances go once enough new ones have passed the gate (or if there are too many).
+        let mut old_left = old.len();
+        for n in &old {
+            if gated + old_left > size {
+                self.stop_instance(w, n, "replaced by the current revision")?;
+                old_left -= 1;
+            }
+        }
+        // Start new ones: up to the size, with at most max_unavailable extra while old ones serve.
+        let budget = size + g.update.max_unavailable as usize;
+        let mut running = new_count + old_left;
+        let mut to_start = size.saturating_sub(new_count);
+        if old_left > 0 {
+            // During a rollout, one batch at a time: wait for the started ones to pass the gate.
+            let ungated = new_count - gated.min(new_count);
+            to_start = to_start.min((g.update.max_unavailable as usize).saturating_sub(ungated));
+        }
+        if now < g.backoff_until_ms {
+            to_start = 0;
+        }
+        while to_start > 0 && running < budget.max(size) {
+            self.start_instance(w, g, g.current)?;
+            to_start -= 1;
+            running += 1;
+        }
+
+        // Done?
+        if let Rollout::Progressing { to, from, .. } = g.rollout.clone()
+            && old_left == 0
+            && gated >= size
+        {
+            g.last_good = Some(to);
+            g.rollout = Rollout::Stable;
+            self.event(
+                Some(&name),
+                None,
+                &match from {
+                    Some(f) => format!("rollout from revision {f} to {to} complete"),
+                    None => format!("revision {to} is up"),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn fail_rollout(
+        &self,
+        w: &mut World,
+        g: &mut GroupRecord,
+        reason: &str,
+    ) -> Result<(), AgentError> {
+        let Rollout::Progressing { from, to, .. } = g.rollout.clone() else {
+            return Ok(());
+        };
+        let name = g.name.to_string();
+        let back_to = from
+            .or(g.last_good)
+            .filter(|f| *f != to && g.revision(*f).is_some());
+        match (g.update.on_failure, back_to) {
+            (OnFailure::Rollback, Some(back)) => {
+                self.event(
+                    Some(&name),
+                    None,
+                    &format!(
+                        "rollout of revision {to} failed: {reason}; rolling back to revision {back}"
+                    ),
+                );
+                g.current = back;
+                g.rollout = Rollout::RolledBack {
+                    failed: to,
+                    to: back,
+                    reason: reason.to_owned(),
+                };
+                g.failures = 0;
+                g.backoff_until_ms = 0;
+                // The failed revision's instances go now; the old ones never stopped serving.
+                let failed: Vec<String> = w
+                    .live
+                    .iter()
+                    .filter(|(_, l)| l.group == name && l.revision == to)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for n in failed {
+                    self.stop_instance(w, &n, "its revision failed")?;
+                }
+            }
+            _ => {
+                self.event(
+                    Some(&name),
+                    None,
+                    &format!("rollout of revision {to} failed: {reason}; paused"),
+                );
+                g.rollout = Rollout::Paused {
+                    at: to,
+                    reason: reason.to_owned(),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Points each group's published ports at its ready instances.
+    fn update_publishers(&self, w: &mut World, groups: &BTreeMap<String, GroupRecord>) {
+        let mut wanted: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();
+        for g in groups.values() {
+            if let Some(r) = g.current_revision()
+                && !r.template.publish.is_empty()
+            {
+                wanted.insert(
+                    g.name.to_string(),
+                    r.template.publish.iter().map(|p| p.0).collect(),
+                );
+            }
+        }
+        w.publishers
+            .retain(|name, (ports, _)| wanted.get(name) == Some(ports));
+        for (name, ports) in wanted {
+            let ready: Vec<Ipv4Addr> = w
+                .live
+                .values()
+                .filter(|l| l.group == name && l.prober.snapshot().healthy)
+                .filter_map(|l| l.address)
+                .collect();
+            if !w.publishers.contains_key(&name) {
+                let targets: Targets = Arc::new(RwLock::new(Vec::new()));
+                match Publisher::start_to(&ports, targets) {
+                    Ok(p) => {
+                        w.publishers.insert(name.clone(), (ports.clone(), p));
+                    }
+                    Err(e) => {
+                        self.event(Some(&name), None, &format!("cannot publish: {e}"));
+                        continue;
+                    }
+                }
+            }
+            if let Some((_, p)) = w.publishers.get(&name) {
+                *p.targets().write().unwrap_or_else(|e| e.into_inner()) = ready;
+            }
+        }
+    }
+
+    pub fn instances(&self) -> Vec<InstanceView> {
+        let w = self.world();
+        w.live
+            .iter()
+            .map(|(name, l)| {
+                let h = l.prober.snapshot();
+                InstanceView {
+                    name: name.clone(),
+                    group: l.group.clone(),
+                    revision: l.revision,
+                    pid: l.instance.pid(),
+                    address: l.address,
+                    health: if h.healthy {
+                        "healthy".into()
+                    } else if h.ever_healthy || h.failed {
+                        "unhealthy".into()
+                    } else {
+                        "starting".into()
+                    },
+                    // From the instance's own start, which survives a daemon restart.
+                    uptime_s: now_ms().saturating_sub(l.instance.state().started_unix_ms) / 1000,
+                    last_error: h.last_error,
+                }
+            })
+            .collect()
+    }
+
+    pub fn groups(&self) -> Result<Vec<GroupView>, AgentError> {
+        let instances = self.instances();
+        let mut out = Vec::new();
+        for g in self.state.groups()? {
+            let mine: Vec<&InstanceView> = instances
+                .iter()
+                .filter(|i| i.group == g.name.as_str())
+                .collect();
+            let status = match &g.rollout {
+                Rollout::Paused { .. } => "paused".to_owned(),
+                _ if g.failures >= 3 => format!("crash-loop ({} failures)", g.failures),
+                Rollout::Progressing { .. } => "rolling-out".to_owned(),
+                Rollout::RolledBack { failed, .. } => {
+                    format!("rolled-back (revision {failed} failed)")
+                }
+                Rollout::Stable => "ok".to_owned(),
+            };
+            out.push(GroupView {
+                name: g.name.to_string(),
+                size: g.size,
+                running: mine.len(),
+                ready: mine.iter().filter(|i| i.health == "healthy").count(),
+                revision: g.current,
+                image: g
+                    .current_revision()
+                    .map(|r| r.template.image.clone())
+                    .unwrap_or_default(),
+                rollout: g.rollout.clone(),
+                restarts: g.restarts,
+                status,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn describe(&self, name: &str) -> Result<GroupDescription, AgentError> {
+        let group = self
+            .state
+            .group(name)?
+            .ok_or_else(|| AgentError::NoGroup(name.to_owned()))?;
+        Ok(GroupDescription {
+            group,
+            instances: self
+                .instances()
+                .into_iter()
+                .filter(|i| i.group == name)
+                .collect(),
+            events: self.state.events(0, Some(name), 20)?,
+        })
+    }
+
+    /// The log file of an instance this agent holds (or held).
+    pub fn log_path(&self, instance: &str) -> Option<PathBuf> {
+        let p = self.runtime.log_path(instance);
+        p.exists().then_some(p)
+    }
+
+    /// Stops every instance and drops every group (for `juice up` on Ctrl-C).
+    pub fn teardown(&self) -> Result<(), AgentError> {
+        {
+            let _w = self.world();
+            for g in self.state.groups()? {
+                self.state.delete_group(g.name.as_str())?;
+            }
+        }
+        self.reconcile()
+    }
+}
+
+fn short(digest: &str) -> String {
+    digest
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect()
+}
+
+/// The sandbox an appliance's manifest asks for. Volumes live under `volume_dir`
+/// (per group for the daemon, per instance for `juice run`).
+pub fn sandbox_spec(
+    a: &ApplianceConfig,
+    rootfs: &Path,
+    name: &str,
+    volume_dir: &Path,
+) -> Result<SandboxSpec, String> {
+    let run = &a.manifest.run;
+    let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
+    let mut env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !run.env.keys().any(|k| k.as_str() == "PATH") {
+        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
+    }
+    env.push(format!("HOSTNAME={name}"));
+    spec.env = env;
+    spec.uid = run.user.uid;
+    spec.gid = run.user.gid;
+    spec.workdir = run
+        .workdir
+        .as_ref()
+        .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
+    spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
+    let r = &a.manifest.resources;
+    spec.limits = Limits {
+        cpus: r.cpus.map(|c| c.get()),
+        memory: r.memory.map(|m| m.0),
+        pids: r.pids,
+    };
+    spec.volumes = a
+        .manifest
+        .volumes
+        .iter()
+        .map(|v| VolumeMount {
+            source: volume_dir.join(v.name.as_str()),
+            target: v.path.as_path().to_owned(),
+        })
+        .collect();
+    Ok(spec)
+}
+
+/// Creates missing volume directories, owned by the appliance's user as the host sees
+/// it (`id_shift` under a user namespace; left alone when not running as root).
+pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> {
+    for v in &spec.volumes {
+        if v.source.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(&v.source)
+            .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
+        if nix::unistd::geteuid().is_root() {
+            let (uid, gid) = (spec.uid + id_shift, spec.gid + id_shift);
+            std::os::unix::fs::chown(&v.source, Some(uid), Some(gid)).map_err(|e| {
+                format!(
+                    "cannot hand volume {} to {uid}:{gid}: {e}",
+                    v.source.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}

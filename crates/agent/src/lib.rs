@@ -1,0 +1,55 @@
+//! The Juice host agent: `juice daemon` and `juice up`.
+//!
+//! Groups are declared in a site file ([`site`]); each change to a group's
+//! template is a numbered revision kept in an embedded database ([`state`]).
+//! The reconciler ([`agent`]) keeps every group at its size and revision:
+//! it replaces dead instances (with a crash-loop back-off), replaces old
+//! revisions in batches that must pass a health gate ([`health`]), and rolls
+//! back by itself when a new revision crashes, fails its health check or never
+//! becomes healthy. Instances are sandboxes started without a shim, so they
+//! keep running when the daemon stops or is killed, and a new daemon adopts
+//! them. The API ([`api`]) is HTTP/JSON on a unix socket readable by its owner only.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use juice_agent::{agent::Agent, site::Site};
+//! let agent = Agent::open("/var/lib/juice".as_ref())?;
+//! let site = Site::load("site.toml".as_ref())?;
+//! for change in agent.apply(&site, true)? {
+//!     println!("{}: {} ({})", change.group, change.action, change.reason);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod agent;
+pub mod api;
+pub mod health;
+pub mod site;
+pub mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Runs the agent: the reconciler in its own thread and the API on the socket,
+/// until `shutdown` resolves. Instances keep running afterwards.
+pub async fn serve(
+    agent: Arc<agent::Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let socket = agent.home().join("juice.sock");
+    let listener = api::bind(&socket)?;
+    let reconciler = agent.clone();
+    std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || reconciler.run_reconciler())?;
+    let result = axum::serve(listener, api::router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+/// Where the socket is.
+pub fn socket(home: &Path) -> std::path::PathBuf {
+    home.join("juice.sock")
+}

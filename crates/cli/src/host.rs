@@ -1,0 +1,424 @@
+//! The host commands: `juice daemon`, `up`, `plan`, `apply`, `get`, `describe`,
+//! `events`, `logs`, `rollback`, `delete`. All but `daemon` and `up` talk to the
+//! daemon only through its API client.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use juice_agent::agent::{Agent, Change, GroupDescription, GroupView, InstanceView};
+use juice_agent::api::{Client, RollbackRequest};
+use juice_agent::site::Site;
+use juice_agent::state::Event;
+
+use crate::output::{self, Format};
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn client() -> Client {
+    Client::new(&crate::juice_home())
+}
+
+/// Reads a site file; image paths become absolute (relative to the file), so the daemon
+/// finds them wherever it runs.
+pub fn load_site(path: &Path) -> Result<Site> {
+    let mut site = Site::load(path)?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for g in site.group.values_mut() {
+        if g.image.starts_with("./") || g.image.starts_with("../") {
+            let p = base.join(&g.image);
+            let abs = p
+                .canonicalize()
+                .map_err(|e| format!("{}: image path {}: {e}", path.display(), p.display()))?;
+            g.image = abs.display().to_string();
+        }
+    }
+    Ok(site)
+}
+
+fn print_changes(changes: &[Change], format: Format, applied: bool) -> Result {
+    if format == Format::Json {
+        return output::json(&changes);
+    }
+    let mut t = output::table(["GROUP", "ACTION", "REASON"]);
+    for c in changes {
+        t.add_row([c.group.clone(), c.action.clone(), c.reason.clone()]);
+    }
+    println!("{t}");
+    if changes.iter().all(|c| c.action == "unchanged") {
+        println!("nothing to do: the host is as declared");
+    } else if !applied {
+        println!("(plan only: `juice apply -f FILE` makes these changes)");
+    }
+    Ok(())
+}
+
+pub fn plan(file: &Path, format: Format) -> Result {
+    let site = load_site(file)?;
+    let changes: Vec<Change> = client().json(
+        "POST",
+        "/v1/apply?dry_run=true",
+        Some(serde_json::to_vec(&site)?),
+    )?;
+    print_changes(&changes, format, false)
+}
+
+pub fn apply(file: &Path, format: Format) -> Result {
+    let site = load_site(file)?;
+    let changes: Vec<Change> =
+        client().json("POST", "/v1/apply", Some(serde_json::to_vec(&site)?))?;
+    print_changes(&changes, format, true)
+}
+
+pub fn groups_table(groups: &[GroupView]) -> String {
+    let mut t = output::table(["GROUP", "READY", "REVISION", "IMAGE", "RESTARTS", "STATUS"]);
+    for g in groups {
+        t.add_row([
+            g.name.clone(),
+            format!("{}/{}", g.ready, g.size),
+            g.revision.to_string(),
+            g.image.clone(),
+            g.restarts.to_string(),
+            g.status.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+fn instances_table(instances: &[InstanceView]) -> String {
+    let mut t = output::table([
+        "INSTANCE", "GROUP", "REVISION", "HEALTH", "ADDRESS", "PID", "UPTIME",
+    ]);
+    for i in instances {
+        t.add_row([
+            i.name.clone(),
+            i.group.clone(),
+            i.revision.to_string(),
+            i.health.clone(),
+            i.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            i.pid.to_string(),
+            format!("{}s", i.uptime_s),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn get(what: &str, format: Format) -> Result {
+    match what {
+        "groups" | "group" => {
+            let groups: Vec<GroupView> = client().json("GET", "/v1/groups", None)?;
+            if format == Format::Json {
+                return output::json(&groups);
+            }
+            println!("{}", groups_table(&groups));
+        }
+        "instances" | "instance" => {
+            let instances: Vec<InstanceView> = client().json("GET", "/v1/instances", None)?;
+            if format == Format::Json {
+                return output::json(&instances);
+            }
+            println!("{}", instances_table(&instances));
+        }
+        "images" | "image" => return crate::images::list(format),
+        other => {
+            return Err(format!("cannot get {other:?}: use groups, instances or images").into());
+        }
+    }
+    Ok(())
+}
+
+pub fn describe(kind: &str, name: &str, format: Format) -> Result {
+    if kind != "group" {
+        return Err(format!("cannot describe {kind:?}: use `juice describe group NAME`").into());
+    }
+    let d: GroupDescription = client().json("GET", &format!("/v1/groups/{name}"), None)?;
+    if format == Format::Json {
+        return output::json(&d);
+    }
+    let g = &d.group;
+    println!("Group:      {}", g.name);
+    println!("Size:       {}", g.size);
+    println!(
+        "Revision:   {} (last good: {})",
+        g.current,
+        g.last_good.map_or("none".into(), |n| n.to_string())
+    );
+    println!("Rollout:    {}", serde_json::to_string(&g.rollout)?);
+    println!(
+        "Update:     max_unavailable {}, health_gate {}, on_failure {:?}, keep {}",
+        g.update.max_unavailable,
+        humantime::format_duration(g.update.health_gate),
+        g.update.on_failure,
+        g.update.keep_revisions
+    );
+    println!("Restarts:   {}\n", g.restarts);
+    let mut t = output::table(["REVISION", "IMAGE", "DIGEST", "PUBLISH", "LINKS"]);
+    for r in g.revisions.iter().rev() {
+        let publish: Vec<String> = r
+            .template
+            .publish
+            .iter()
+            .map(|p| String::from(*p))
+            .collect();
+        let links: Vec<String> = r.template.links.iter().map(|l| l.to_string()).collect();
+        t.add_row([
+            format!(
+                "{}{}",
+                r.number,
+                if r.number == g.current { " *" } else { "" }
+            ),
+            r.template.image.clone(),
+            r.template
+                .digest
+                .trim_start_matches("sha256:")
+                .chars()
+                .take(12)
+                .collect(),
+            publish.join(","),
+            links.join(","),
+        ]);
+    }
+    println!("{t}\n");
+    println!("{}\n", instances_table(&d.instances));
+    println!("Recent events:");
+    for e in &d.events {
+        println!("  {}", event_line(e));
+    }
+    Ok(())
+}
+
+fn event_line(e: &Event) -> String {
+    let secs = e.time_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!(
+        "{h:02}:{m:02}:{s:02}  {:<10} {}",
+        e.group.as_deref().unwrap_or("-"),
+        e.message
+    )
+}
+
+pub fn events(group: Option<&str>, follow: bool, format: Format) -> Result {
+    let mut since = 0;
+    loop {
+        let path = match group {
+            Some(g) => format!("/v1/events?since={since}&group={g}"),
+            None => format!("/v1/events?since={since}"),
+        };
+        let events: Vec<Event> = client().json("GET", &path, None)?;
+        for e in &events {
+            if format == Format::Json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                println!("{}", event_line(e));
+            }
+            since = e.seq;
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+pub fn logs(instance: &str, follow: bool) -> Result {
+    let mut offset = 0u64;
+    loop {
+        let (status, next, body) = client().request(
+            "GET",
+            &format!("/v1/instances/{instance}/logs?offset={offset}"),
+            None,
+        )?;
+        if status != 200 {
+            let msg = serde_json::from_slice::<juice_agent::api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_default();
+            return Err(msg.into());
+        }
+        std::io::stdout().write_all(&body)?;
+        std::io::stdout().flush()?;
+        offset = next
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(offset + body.len() as u64);
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+pub fn rollback(group: &str, to: Option<u64>) -> Result {
+    let body = serde_json::to_vec(&RollbackRequest { to })?;
+    let answer: serde_json::Value =
+        client().json("POST", &format!("/v1/groups/{group}/rollback"), Some(body))?;
+    println!("rolling {group} back to revision {}", answer["revision"]);
+    Ok(())
+}
+
+pub fn delete(group: &str) -> Result {
+    let _: serde_json::Value = client().json("DELETE", &format!("/v1/groups/{group}"), None)?;
+    println!("deleted {group}; its instances are being stopped");
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in every thread started after this, so they can be awaited.
+fn block_signals() -> Result<nix::sys::signal::SigSet> {
+    let mut s = nix::sys::signal::SigSet::empty();
+    s.add(nix::sys::signal::Signal::SIGINT);
+    s.add(nix::sys::signal::Signal::SIGTERM);
+    s.thread_block()?;
+    Ok(s)
+}
+
+/// Waits up to `timeout` for SIGINT or SIGTERM.
+fn signalled(set: &nix::sys::signal::SigSet, timeout: Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: sigtimedwait with a valid set and timespec; no siginfo wanted.
+    unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) > 0 }
+}
+
+/// Starts the agent: reconciler and API, in threads of this process.
+fn start_agent(
+    home: &Path,
+) -> Result<(
+    Arc<Agent>,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+)> {
+    let agent = Agent::open(home)?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let served = agent.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Bind now, so an error (another daemon on the socket) is reported before anything starts.
+    let probe = std::os::unix::net::UnixStream::connect(juice_agent::socket(home));
+    if probe.is_ok() {
+        return Err(format!(
+            "another daemon is answering on {}",
+            juice_agent::socket(home).display()
+        )
+        .into());
+    }
+    let server = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let shutdown = async move {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            };
+            if let Err(e) = juice_agent::serve(served, shutdown).await {
+                eprintln!("juice: the API stopped: {e}");
+            }
+        });
+    });
+    Ok((agent, stop_tx, server))
+}
+
+/// `juice daemon`: runs until SIGINT/SIGTERM; instances keep running after it.
+pub fn daemon() -> Result {
+    let signals = block_signals()?;
+    let home = crate::juice_home();
+    let (agent, stop, server) = start_agent(&home)?;
+    eprintln!(
+        "{}",
+        serde_json::json!({"level": "info", "msg": "juice daemon started", "socket": juice_agent::socket(&home), "pid": std::process::id()})
+    );
+    let mut since = agent
+        .state()
+        .events(0, None, 1)
+        .ok()
+        .and_then(|e| e.last().map(|e| e.seq))
+        .unwrap_or(0);
+    loop {
+        if signalled(&signals, Duration::from_millis(200)) {
+            break;
+        }
+        // Structured logs: every event as a JSON line.
+        if let Ok(events) = agent.state().events(since, None, 1000) {
+            for e in events {
+                since = e.seq;
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"level": "info", "time_ms": e.time_ms, "group": e.group, "instance": e.instance, "msg": e.message})
+                );
+            }
+        }
+    }
+    let _ = stop.send(());
+    let _ = server.join();
+    eprintln!(
+        "{}",
+        serde_json::json!({"level": "info", "msg": "juice daemon stopped; instances keep running"})
+    );
+    Ok(())
+}
+
+/// `juice up`: an embedded daemon in the foreground, the site applied, a live view of
+/// groups, events and logs; Ctrl-C stops everything it started.
+pub fn up(file: &Path) -> Result {
+    let signals = block_signals()?;
+    let home = crate::juice_home();
+    let site = load_site(file)?;
+    let (agent, stop, server) = start_agent(&home)?;
+    let changes = agent.apply(&site, true)?;
+    print_changes(&changes, Format::Table, true)?;
+    println!("juice up: serving {}; Ctrl-C stops it", file.display());
+
+    let mut since = 0u64;
+    let mut offsets: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut last_table = String::new();
+    loop {
+        if signalled(&signals, Duration::from_millis(500)) {
+            break;
+        }
+        let table = groups_table(&agent.groups()?);
+        if table != last_table {
+            println!("\n{table}");
+            last_table = table;
+        }
+        for e in agent.state().events(since, None, 1000)? {
+            since = e.seq;
+            println!("{}", event_line(&e));
+        }
+        for i in agent.instances() {
+            let Some(path) = agent.log_path(&i.name) else {
+                continue;
+            };
+            let offset = offsets.entry(i.name.clone()).or_insert(0);
+            if let Ok(text) = read_from(&path, offset) {
+                for line in text.lines() {
+                    println!("[{}] {line}", i.name);
+                }
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    println!("\njuice up: stopping");
+    agent.teardown()?;
+    let _ = stop.send(());
+    let _ = server.join();
+    Ok(())
+}
+
+fn read_from(path: &PathBuf, offset: &mut u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if *offset > len {
+        *offset = 0;
+    }
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    *offset += s.len() as u64;
+    Ok(s)
+}
