@@ -158,15 +158,14 @@ impl Agent {
 
     /// Wakes the reconciler now.
     pub fn nudge(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to our eventfd.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        wake(self.wake.as_raw_fd());
+    }
+
+    /// A callback that wakes the reconciler, for health probers.
+    fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+        // SAFETY: dup of our eventfd; the copy is owned by the closure.
+        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(libc::dup(self.wake.as_raw_fd())) });
+        Arc::new(move || wake(fd.as_raw_fd()))
     }
 
     fn event(&self, group: Option<&str>, instance: Option<&str>, message: &str) {
@@ -588,7 +587,7 @@ impl Agent {
             group: rec.group.to_string(),
             revision: rec.revision,
             address,
-            prober: Prober::start(check, address),
+            prober: Prober::start(check, address, self.waker()),
             started: Instant::now(),
         }
     }
@@ -663,7 +662,7 @@ impl Agent {
                 group: name.to_owned(),
                 revision,
                 address,
-                prober: Prober::start(appliance.manifest.health.clone(), address),
+                prober: Prober::start(appliance.manifest.health.clone(), address, self.waker()),
                 started: Instant::now(),
             },
         );
@@ -713,7 +712,10 @@ impl Agent {
                 }
             }
             // A new revision that dies during its rollout has failed it.
-            if let Rollout::Progressing { to, .. } = g.rollout
+            // (A first deployment has nothing to go back to: it heals with back-off instead.)
+            if let Rollout::Progressing {
+                to, from: Some(_), ..
+            } = g.rollout
                 && *rev == to
             {
                 self.fail_rollout(w, g, &format!("an instance of revision {to} ended: {why}"))?;
@@ -737,7 +739,12 @@ impl Agent {
         };
 
         // A new instance whose health check failed, or that never became ready, fails the rollout.
-        if let Rollout::Progressing { to, since_ms, .. } = g.rollout.clone() {
+        if let Rollout::Progressing {
+            to,
+            since_ms,
+            from: Some(_),
+        } = g.rollout.clone()
+        {
             for n in &new {
                 let l = &w.live[n];
                 let h = l.prober.snapshot();
@@ -1033,6 +1040,12 @@ impl Agent {
         }
         self.reconcile()
     }
+}
+
+fn wake(fd: i32) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes to an eventfd.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
 }
 
 fn short(digest: &str) -> String {

@@ -64,7 +64,12 @@ impl Drop for Prober {
 }
 
 impl Prober {
-    pub fn start(check: Option<HealthCheck>, address: Option<Ipv4Addr>) -> Prober {
+    /// Probes `address` with `check`; `changed` is called on every health transition.
+    pub fn start(
+        check: Option<HealthCheck>,
+        address: Option<Ipv4Addr>,
+        changed: Arc<dyn Fn() + Send + Sync>,
+    ) -> Prober {
         let stop = Arc::new(AtomicBool::new(false));
         let (Some(check), Some(address)) = (check, address) else {
             return Prober {
@@ -74,7 +79,7 @@ impl Prober {
         };
         let health = Arc::new(Mutex::new(Health::new()));
         let (h, s) = (health.clone(), stop.clone());
-        std::thread::spawn(move || run(check, address, &h, &s));
+        std::thread::spawn(move || run(check, address, &h, &s, &*changed));
         Prober { health, stop }
     }
 
@@ -86,7 +91,13 @@ impl Prober {
     }
 }
 
-fn run(check: HealthCheck, address: Ipv4Addr, health: &Mutex<Health>, stop: &AtomicBool) {
+fn run(
+    check: HealthCheck,
+    address: Ipv4Addr,
+    health: &Mutex<Health>,
+    stop: &AtomicBool,
+    changed: &(dyn Fn() + Send + Sync),
+) {
     let started = Instant::now();
     // The first probe soon after start, then every interval.
     let mut wait = Duration::from_millis(50);
@@ -103,6 +114,7 @@ fn run(check: HealthCheck, address: Ipv4Addr, health: &Mutex<Health>, stop: &Ato
         wait = check.interval;
         let result = probe(&check.probe, address, check.timeout);
         let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        let (was_healthy, was_failed) = (h.healthy, h.failed);
         match result {
             Ok(()) => {
                 if !h.healthy {
@@ -127,6 +139,11 @@ fn run(check: HealthCheck, address: Ipv4Addr, health: &Mutex<Health>, stop: &Ato
                 }
             }
         }
+        let transition = h.healthy != was_healthy || h.failed != was_failed;
+        drop(h);
+        if transition {
+            changed();
+        }
     }
 }
 
@@ -147,7 +164,13 @@ pub fn probe(probe: &Probe, address: Ipv4Addr, timeout: Duration) -> Result<(), 
     stream
         .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nUser-Agent: juice-health\r\n\r\n").map_err(|e| format!("GET {path}: {e}"))?;
+    // One write: a server that reads once and answers must see the whole request.
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nUser-Agent: juice-health\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("GET {path}: {e}"))?;
     let mut head = [0u8; 64];
     let mut n = 0;
     let started = Instant::now();
@@ -180,8 +203,14 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
+                let mut req = Vec::new();
                 let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s.write_all(answer.as_bytes());
             }
         });

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use super::{NetworkError, PortMapping};
 
+/// How long a connection waits for a ready instance before it is closed.
+const HOLD: Duration = Duration::from_secs(5);
+
 /// The addresses traffic may go to; the owner updates it as instances become ready or go.
 pub type Targets = Arc<RwLock<Vec<Ipv4Addr>>>;
 
@@ -73,15 +76,26 @@ fn accept_loop(listener: TcpListener, targets: &Targets, port: u16, stop: &Atomi
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((client, _)) => {
-                let target = {
-                    let t = targets.read().unwrap_or_else(|e| e.into_inner());
-                    (!t.is_empty()).then(|| t[next.fetch_add(1, Ordering::Relaxed) % t.len()])
-                };
-                // No ready instance: refuse rather than queue.
-                let Some(ip) = target else { continue };
-                let to = SocketAddr::V4(SocketAddrV4::new(ip, port));
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let targets = targets.clone();
                 std::thread::spawn(move || {
-                    let _ = forward(client, to);
+                    // No ready instance yet: hold the client a moment rather than refuse at once.
+                    let deadline = std::time::Instant::now() + HOLD;
+                    let ip = loop {
+                        {
+                            let t = targets.read().unwrap_or_else(|e| e.into_inner());
+                            if !t.is_empty() {
+                                break Some(t[n % t.len()]);
+                            }
+                        }
+                        if std::time::Instant::now() > deadline {
+                            break None;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    };
+                    if let Some(ip) = ip {
+                        let _ = forward(client, SocketAddr::V4(SocketAddrV4::new(ip, port)));
+                    }
                 });
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),

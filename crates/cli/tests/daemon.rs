@@ -1,0 +1,332 @@
+//! The host agent, for real: `juice daemon` with sandboxed instances, driven
+//! through the `juice` CLI (which talks to it only through its API).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{ChildGuard, Juice, workspace};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn daemon(j: &Juice) -> ChildGuard {
+    let child = j
+        .cmd()
+        .arg("daemon")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard(child);
+    wait_for("the daemon's socket", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_ok()
+    });
+    guard
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn json(j: &Juice, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&j.ok(&a)).unwrap()
+}
+
+fn group(j: &Juice, name: &str) -> serde_json::Value {
+    json(j, &["get", "groups"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn instances(j: &Juice) -> Vec<serde_json::Value> {
+    json(j, &["get", "instances"]).as_array().unwrap().clone()
+}
+
+fn get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    if body.starts_with("HTTP/1.1 200") {
+        Ok(body)
+    } else {
+        Err(std::io::Error::other(format!("answered {body:?}")))
+    }
+}
+
+/// A site with one hello-web group; `health` is the path its health check probes.
+fn site(j: &Juice, name: &str, port: u16, health: &str) -> String {
+    let app = j.home.path().join(format!("app-{name}"));
+    std::fs::create_dir_all(&app).unwrap();
+    let example = workspace().join("examples/hello-web");
+    let manifest = std::fs::read_to_string(example.join("juice.toml"))
+        .unwrap()
+        .replace(
+            "../../target/x86_64-unknown-linux-musl/release/hello-web",
+            common::hello_web_binary().to_str().unwrap(),
+        )
+        .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+        .replace("http = \"/healthz\"", &format!("http = \"{health}\""));
+    std::fs::write(app.join("juice.toml"), manifest).unwrap();
+    let file = j.home.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "[group.web]\nimage = \"./app-{name}\"\nsize = 2\npublish = [\"127.0.0.1:{port}:8080\"]\n\n[group.web.update]\nmax_unavailable = 1\nhealth_gate = \"2s\"\non_failure = \"rollback\"\n"
+        ),
+    )
+    .unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::hello_web_binary();
+    let j = Juice::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let good = site(&j, "good", port, "/healthz");
+    let mut d = daemon(&j);
+
+    let plan = j.ok(&["plan", "-f", &good]);
+    assert!(plan.contains("web") && plan.contains("create"), "{plan}");
+    assert!(
+        j.ok(&["get", "groups"]).lines().count() <= 1,
+        "plan changes nothing"
+    );
+    j.ok(&["apply", "-f", &good]);
+    wait_for("2 ready instances", Duration::from_secs(20), || {
+        group(&j, "web")["ready"] == 2
+    });
+    assert!(get(port, "/").unwrap().contains("hello from juice"));
+    assert!(
+        j.ok(&["apply", "-f", &good]).contains("nothing to do"),
+        "apply is idempotent"
+    );
+
+    wait_for(
+        "the first rollout to finish",
+        Duration::from_secs(20),
+        || group(&j, "web")["status"] == "ok",
+    );
+    // Self-healing: kill an instance outright.
+    let victim = instances(&j)[0].clone();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim["pid"].as_i64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("a replacement", Duration::from_secs(20), || {
+        let now = instances(&j);
+        now.len() == 2
+            && now
+                .iter()
+                .all(|i| i["name"] != victim["name"] && i["health"] == "healthy")
+    });
+    assert!(j.ok(&["events"]).contains(&format!(
+        "instance {} ended: killed by signal 9",
+        victim["name"].as_str().unwrap()
+    )));
+
+    // A revision that starts but never passes its health check rolls back by itself,
+    // while a client keeps getting answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match get(port, "/healthz") {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let broken = site(&j, "broken", port, "/no-such-page");
+    let out = j.ok(&["apply", "-f", &broken]);
+    assert!(
+        out.contains("replace") && out.contains("revision 2"),
+        "{out}"
+    );
+    wait_for("the automatic rollback", Duration::from_secs(30), || {
+        group(&j, "web")["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("rolled-back"))
+    });
+    wait_for(
+        "2 ready instances of revision 1",
+        Duration::from_secs(20),
+        || {
+            let i = instances(&j);
+            i.len() == 2
+                && i.iter()
+                    .all(|i| i["revision"] == 1 && i["health"] == "healthy")
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 20, "the client kept asking: {ok} answers");
+    assert_eq!(
+        failed, 0,
+        "no request failed during the rollout and rollback ({ok} answered)"
+    );
+    let described = j.ok(&["describe", "group", "web"]);
+    assert!(
+        described.contains("rollout of revision 2 failed")
+            && described.contains("rolling back to revision 1"),
+        "{described}"
+    );
+
+    // Live restore: kill -9 the daemon; the instances keep serving; a new daemon adopts them.
+    let before: Vec<String> = instances(&j)
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    assert!(
+        get(port, "/healthz").is_err(),
+        "the published port belonged to the daemon"
+    );
+    let running = std::fs::read_dir(j.home.path().join("instances"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
+        .count();
+    assert_eq!(running, 2, "the instances outlive the daemon");
+    let _d2 = daemon(&j);
+    wait_for(
+        "the adopted instances to be ready",
+        Duration::from_secs(20),
+        || group(&j, "web")["ready"] == 2,
+    );
+    let mut after: Vec<String> = instances(&j)
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "the same instances, no duplicates");
+    assert!(j.ok(&["events"]).contains("adopted running instance"));
+
+    // Logs through the API, rollback to any kept revision, and delete.
+    let name = &after[0];
+    assert!(j.ok(&["logs", name]).contains("listening on port 8080"));
+    let err = j.fails(&["rollback", "web", "--to", "7"]);
+    assert!(err.contains("revision 7 is not kept"), "{err}");
+    j.ok(&["delete", "web"]);
+    wait_for("the instances to stop", Duration::from_secs(20), || {
+        instances(&j).is_empty()
+    });
+}
+
+#[test]
+fn bad_input_and_strangers_are_refused_and_change_nothing() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let j = Juice::new();
+    let _d = daemon(&j);
+    let sock = j.home.path().join("juice.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the socket is owner-only"
+    );
+
+    let bad = j.home.path().join("bad.toml");
+    std::fs::write(&bad, "[group.web]\nimage = \"x:1\"\nsise = 2\n").unwrap();
+    let err = j.fails(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(
+        err.contains("bad.toml:3:1")
+            && err.contains("group.web.sise")
+            && err.contains("did you mean `size`"),
+        "{err}"
+    );
+    std::fs::write(&bad, "[group.web]\nimage = \"no-such-image:1\"\n").unwrap();
+    let err = j.fails(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(
+        err.contains("group web") && err.contains("no image \"no-such-image:1\""),
+        "{err}"
+    );
+    assert_eq!(
+        json(&j, &["get", "groups"]),
+        serde_json::json!([]),
+        "nothing was applied"
+    );
+
+    // Garbage and oversized requests get a clear refusal, and the daemon keeps answering.
+    let raw = |req: &[u8]| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(req);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let garbage = raw(b"POST /v1/apply HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{{{{");
+    assert!(
+        garbage.starts_with("HTTP/1.1 400") && garbage.contains("not a site"),
+        "{garbage}"
+    );
+    let big = vec![b'a'; 2 << 20];
+    let mut req = format!(
+        "POST /v1/apply HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&big);
+    let oversized = raw(&req);
+    assert!(
+        oversized.starts_with("HTTP/1.1 413"),
+        "{}",
+        &oversized[..oversized.len().min(200)]
+    );
+    let nonsense = raw(b"\x00\x01\x02 not http\r\n\r\n");
+    assert!(!nonsense.contains("200 OK"), "{nonsense}");
+    assert!(
+        j.ok(&["get", "groups"]).starts_with("GROUP"),
+        "still answering"
+    );
+
+    // Another user cannot even connect.
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_juice"))
+        .env("JUICE_HOME", j.home.path())
+        .args(["get", "groups"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cannot reach the daemon")
+            && err.contains("ermission denied"),
+        "{err}"
+    );
+    assert!(Path::new(&sock).exists());
+}
