@@ -24,6 +24,12 @@ pub fn veth_name(instance: &str) -> String {
     format!("jv{h:08x}")
 }
 
+/// A locally administered unicast MAC derived from an IPv4 address: 02:4a:a.b.c.d.
+pub fn mac_for(address: Ipv4Addr) -> Vec<u8> {
+    let o = address.octets();
+    vec![0x02, 0x4a, o[0], o[1], o[2], o[3]]
+}
+
 /// Runs netlink work on a fresh single-threaded runtime in the current thread's namespace.
 fn with_handle<T>(
     f: impl AsyncFnOnce(Handle) -> Result<T, NetworkError>,
@@ -95,6 +101,9 @@ pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
         let bridge = ensure_bridge(&handle, a).await?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name("eth0".to_owned())
+            // The MAC follows the address (as Docker does): a host neighbour entry left by an
+            // earlier instance with this address stays right, so probes reach the new one at once.
+            .address(mac_for(a.address))
             .setns_by_pid(pid as u32)
             .build();
         let mut veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(
@@ -200,6 +209,15 @@ pub fn remove_bridge(name: &str) -> Result<(), NetworkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_follow_addresses() {
+        assert_eq!(
+            mac_for(Ipv4Addr::new(10, 88, 0, 2)),
+            [0x02, 0x4a, 10, 88, 0, 2]
+        );
+        assert_eq!(mac_for(Ipv4Addr::new(10, 88, 0, 2))[0] & 0x01, 0, "unicast");
+    }
 
     #[test]
     fn veth_names_fit_and_differ() {
