@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Juice, workspace};
+use common::{ChildGuard, InstanceSweeper, Juice, workspace};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -107,6 +107,8 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         .unwrap()
         .port();
     let good = site(&j, "good", port, "/healthz");
+    // Dropped after the daemons (declared first): whatever instances are left go too.
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let mut d = daemon(&j);
 
     let plan = j.ok(&["plan", "-f", &good]);

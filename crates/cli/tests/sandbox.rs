@@ -384,11 +384,15 @@ fn traffic_between_instances_is_denied_unless_declared() {
     server.stop(Duration::from_secs(5));
 }
 
-fn leftovers(home: &Path) -> Vec<String> {
+/// What this home's instances left on the host; `veths` are the host ends they had.
+fn leftovers(home: &Path, veths: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
     for l in String::from_utf8_lossy(&links.stdout).lines() {
-        if l.starts_with("jv") {
+        if veths
+            .iter()
+            .any(|v| l.starts_with(&format!("{v}@")) || l.starts_with(&format!("{v} ")))
+        {
             found.push(format!("veth {l}"));
         }
     }
@@ -447,7 +451,9 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
     wait_for("the instance", || {
         j.home.path().join("instances/orphan/state.json").exists()
     });
-    let init: i32 = state(&j, "orphan")["pid"].as_i64().unwrap() as i32;
+    let st = state(&j, "orphan");
+    let init: i32 = st["pid"].as_i64().unwrap() as i32;
+    let veths = vec![st["network"]["veth"].as_str().unwrap().to_owned()];
     guard.0.kill().unwrap(); // SIGKILL, no chance to clean up
     guard.0.wait().unwrap();
     // The instance dies with its caller (it was started in the foreground)...
@@ -459,7 +465,7 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
     assert_eq!(code, 0, "{out}{err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = leftovers(j.home.path());
+        let left = leftovers(j.home.path(), &veths);
         if left.is_empty() {
             break;
         }

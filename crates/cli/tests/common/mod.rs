@@ -154,3 +154,30 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// Kills, when dropped, every instance whose state is under `home`: a daemon leaves
+/// its instances running by design, so a failing test must not leave them behind.
+/// By pid, from the state files; never by name.
+pub struct InstanceSweeper(pub PathBuf);
+
+impl Drop for InstanceSweeper {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("instances")) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let Ok(bytes) = std::fs::read(d.path().join("state.json")) else {
+                continue;
+            };
+            let Ok(state) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            if let Some(pid) = state["pid"].as_i64() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
