@@ -698,7 +698,7 @@ impl Agent {
             g.restarts += 1;
             if *rev == g.current {
                 g.failures += 1;
-                let backoff = (250u64 << g.failures.min(7)).min(30_000);
+                let backoff = backoff_ms(g.failures);
                 g.backoff_until_ms = now + backoff;
                 if g.failures >= 3 {
                     self.event(
@@ -782,7 +782,7 @@ impl Agent {
             if w.live[n].prober.snapshot().failed {
                 self.stop_instance(w, n, "it failed its health check")?;
                 g.failures += 1;
-                g.backoff_until_ms = now + (250u64 << g.failures.min(7)).min(30_000);
+                g.backoff_until_ms = now + backoff_ms(g.failures);
             }
         }
         let new: Vec<String> = new.into_iter().filter(|n| w.live.contains_key(n)).collect();
@@ -1042,6 +1042,15 @@ impl Agent {
     }
 }
 
+/// The crash-loop back-off: the first failure is replaced at once, then 250 ms,
+/// doubling up to 30 s; it resets once a replacement passes the health gate.
+fn backoff_ms(failures: u32) -> u64 {
+    match failures {
+        0 | 1 => 0,
+        n => (250u64 << (n - 2).min(7)).min(30_000),
+    }
+}
+
 fn wake(fd: i32) {
     let one: u64 = 1;
     // SAFETY: writing 8 bytes to an eventfd.
@@ -1117,4 +1126,15 @@ pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_after_the_first_failure_and_caps() {
+        assert_eq!([1, 2, 3, 4].map(backoff_ms), [0, 250, 500, 1000]);
+        assert_eq!(backoff_ms(30), 30_000);
+    }
 }
