@@ -332,3 +332,111 @@ fn bad_input_and_strangers_are_refused_and_change_nothing() {
     );
     assert!(Path::new(&sock).exists());
 }
+
+#[test]
+fn juice_up_serves_and_tears_down_on_ctrl_c() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::hello_web_binary();
+    let j = Juice::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = site(&j, "up", port, "/healthz");
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    let child = j
+        .cmd()
+        .args(["up", "-f", &file])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = ChildGuard(child);
+    wait_for("juice up to serve", Duration::from_secs(30), || {
+        get(port, "/").is_ok()
+    });
+    assert_eq!(
+        instances(&j).len(),
+        2,
+        "the API answers while juice up runs"
+    );
+    wait_for("the rollout", Duration::from_secs(20), || {
+        group(&j, "web")["status"] == "ok"
+    });
+    // juice up prints twice a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    up.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        out.contains("create")
+            && out.contains("revision 1 is up")
+            && out.contains("listening on port 8080")
+            && out.contains("stopping"),
+        "{out}"
+    );
+    let running = std::fs::read_dir(j.home.path().join("instances"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
+        .count();
+    assert_eq!(running, 0, "everything juice up started is gone");
+    assert!(get(port, "/").is_err());
+}
+
+#[test]
+fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::hello_web_binary();
+    let j = Juice::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sites = [
+        site(&j, "a", port, "/healthz"),
+        site(&j, "b", port, "/healthz"),
+    ];
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    let mut rng = common::Rng::from_time();
+    let mut d = daemon(&j);
+    for i in 0..8 {
+        // Alternate between two revisions, so every apply starts a rollout, and kill the
+        // daemon somewhere in the middle of it.
+        let file = &sites[i % 2];
+        let _ = j.cmd().args(["apply", "-f", file]).output();
+        std::thread::sleep(Duration::from_millis(rng.below(2500)));
+        d.0.kill().unwrap();
+        d.0.wait().unwrap();
+        d = daemon(&j);
+    }
+    // Left alone, the host converges: exactly two healthy instances of the last revision, no more.
+    wait_for("convergence", Duration::from_secs(60), || {
+        let g = group(&j, "web");
+        let i = instances(&j);
+        g["status"] == "ok"
+            && i.len() == 2
+            && i.iter()
+                .all(|x| x["health"] == "healthy" && x["revision"] == g["revision"])
+    });
+    let on_disk = std::fs::read_dir(j.home.path().join("instances"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
+        .count();
+    assert_eq!(on_disk, 2, "no orphaned instance outside the daemon's view");
+    j.ok(&["delete", "web"]);
+    wait_for("the instances to stop", Duration::from_secs(20), || {
+        instances(&j).is_empty()
+    });
+}
