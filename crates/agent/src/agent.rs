@@ -74,6 +74,7 @@ pub struct Agent {
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
     wake: OwnedFd,
+    pub metrics: crate::metrics::Metrics,
 }
 
 #[derive(Default)]
@@ -141,6 +142,7 @@ impl Agent {
             state,
             world: Mutex::new(World::default()),
             wake,
+            metrics: crate::metrics::Metrics::new(),
         }))
     }
 
@@ -587,7 +589,12 @@ impl Agent {
             group: rec.group.to_string(),
             revision: rec.revision,
             address,
-            prober: Prober::start(check, address, self.waker()),
+            prober: Prober::start(
+                check,
+                address,
+                self.waker(),
+                self.metrics.probe_seconds.clone(),
+            ),
             started: Instant::now(),
         }
     }
@@ -636,7 +643,12 @@ impl Agent {
         };
         // Recorded before it starts: a daemon killed in between finds the record and sweeps it.
         self.state.put_instance(&record)?;
-        let instance = match self.runtime.spawn(&spec) {
+        let started = Instant::now();
+        let spawned = self.runtime.spawn(&spec);
+        self.metrics
+            .start_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let instance = match spawned {
             Ok(i) => i,
             Err(e) => {
                 self.state.delete_instance(&instance_name)?;
@@ -662,7 +674,12 @@ impl Agent {
                 group: name.to_owned(),
                 revision,
                 address,
-                prober: Prober::start(appliance.manifest.health.clone(), address, self.waker()),
+                prober: Prober::start(
+                    appliance.manifest.health.clone(),
+                    address,
+                    self.waker(),
+                    self.metrics.probe_seconds.clone(),
+                ),
                 started: Instant::now(),
             },
         );
@@ -696,6 +713,7 @@ impl Agent {
         // Anything that ended on its own counts toward the crash-loop back-off.
         for (rev, why) in ended {
             g.restarts += 1;
+            self.metrics.restarts.inc();
             if *rev == g.current {
                 g.failures += 1;
                 let backoff = backoff_ms(g.failures);
@@ -838,6 +856,7 @@ impl Agent {
         {
             g.last_good = Some(to);
             g.rollout = Rollout::Stable;
+            self.metrics.rollout("complete");
             self.event(
                 Some(&name),
                 None,
@@ -873,6 +892,7 @@ impl Agent {
                     ),
                 );
                 g.current = back;
+                self.metrics.rollout("rolled_back");
                 g.rollout = Rollout::RolledBack {
                     failed: to,
                     to: back,
@@ -901,6 +921,7 @@ impl Agent {
                     at: to,
                     reason: reason.to_owned(),
                 };
+                self.metrics.rollout("paused");
             }
         }
         Ok(())
@@ -1006,6 +1027,21 @@ impl Agent {
             });
         }
         Ok(out)
+    }
+
+    /// The metrics text, with the instance gauges set from the current view.
+    pub fn metrics_text(&self) -> String {
+        let instances = self.instances();
+        for state in ["starting", "healthy", "unhealthy"] {
+            let n = instances.iter().filter(|i| i.health == state).count();
+            self.metrics
+                .instances
+                .get_or_create(&crate::metrics::StateLabel {
+                    state: state.into(),
+                })
+                .set(n as i64);
+        }
+        self.metrics.encode()
     }
 
     pub fn describe(&self, name: &str) -> Result<GroupDescription, AgentError> {

@@ -173,6 +173,18 @@ async fn logs(
     Ok(([("x-juice-offset", bytes.1.to_string())], bytes.0).into_response())
 }
 
+async fn metrics(State(agent): Shared) -> Result<Response, Failure> {
+    let text = blocking(agent, |a| Ok(a.metrics_text())).await?;
+    Ok((
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn openapi() -> Response {
     ([("content-type", "application/json")], OPENAPI).into_response()
 }
@@ -180,6 +192,7 @@ async fn openapi() -> Response {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/v1/apply", post(apply))
         .route("/v1/groups", get(groups))
         .route("/v1/groups/{name}", get(group))

@@ -69,6 +69,7 @@ impl Prober {
         check: Option<HealthCheck>,
         address: Option<Ipv4Addr>,
         changed: Arc<dyn Fn() + Send + Sync>,
+        durations: prometheus_client::metrics::histogram::Histogram,
     ) -> Prober {
         let stop = Arc::new(AtomicBool::new(false));
         let (Some(check), Some(address)) = (check, address) else {
@@ -79,7 +80,7 @@ impl Prober {
         };
         let health = Arc::new(Mutex::new(Health::new()));
         let (h, s) = (health.clone(), stop.clone());
-        std::thread::spawn(move || run(check, address, &h, &s, &*changed));
+        std::thread::spawn(move || run(check, address, &h, &s, &*changed, &durations));
         Prober { health, stop }
     }
 
@@ -97,6 +98,7 @@ fn run(
     health: &Mutex<Health>,
     stop: &AtomicBool,
     changed: &(dyn Fn() + Send + Sync),
+    durations: &prometheus_client::metrics::histogram::Histogram,
 ) {
     let started = Instant::now();
     // The first probe soon after start, then every interval.
@@ -112,7 +114,9 @@ fn run(
             );
         }
         wait = check.interval;
+        let t = Instant::now();
         let result = probe(&check.probe, address, check.timeout);
+        durations.observe(t.elapsed().as_secs_f64());
         let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
         let (was_healthy, was_failed) = (h.healthy, h.failed);
         match result {

@@ -24,6 +24,7 @@
 pub mod agent;
 pub mod api;
 pub mod health;
+pub mod metrics;
 pub mod site;
 pub mod state;
 

@@ -101,36 +101,7 @@ enum Command {
     /// Delete a group and stop its instances.
     Delete { group: String },
     /// Run one instance of an image in the foreground, outside any group.
-    Run {
-        image: String,
-        /// Instance name (default: the appliance name and a random suffix).
-        #[arg(long)]
-        name: Option<String>,
-        /// Publish a port: HOST:CONTAINER or IP:HOST:CONTAINER (repeatable).
-        #[arg(short = 'p', long = "publish")]
-        publish: Vec<String>,
-        /// sandbox (shared kernel) or microvm (own kernel).
-        #[arg(long, default_value = "sandbox")]
-        isolation: String,
-        /// bridge (an address on juice0, default-deny between instances) or none (loopback only).
-        #[arg(long, default_value = "bridge")]
-        network: String,
-        /// Do not create a cgroup (no limits).
-        #[arg(long)]
-        no_cgroup: bool,
-        /// Run in a user namespace: root inside is this host uid (and the 65535 after it).
-        #[arg(long, value_name = "HOST_UID")]
-        userns: Option<u32>,
-        /// Print nothing but the appliance's output.
-        #[arg(short = 'q', long)]
-        quiet: bool,
-        /// Seconds between SIGTERM and SIGKILL on Ctrl-C.
-        #[arg(long, default_value_t = 10)]
-        grace: u64,
-        /// Arguments that replace the command's own (the program stays the manifest's).
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
+    Run(run::RunArgs),
 }
 
 /// `$JUICE_HOME`, or `/var/lib/juice`.
@@ -160,29 +131,7 @@ fn main() -> ExitCode {
         Command::Logs { instance, follow } => host::logs(&instance, follow).map(|()| 0),
         Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
         Command::Delete { group } => host::delete(&group).map(|()| 0),
-        Command::Run {
-            image,
-            name,
-            publish,
-            isolation,
-            network,
-            no_cgroup,
-            userns,
-            quiet,
-            grace,
-            args,
-        } => run::run(run::RunArgs {
-            image,
-            name,
-            publish,
-            isolation,
-            network,
-            no_cgroup,
-            userns,
-            quiet,
-            grace: std::time::Duration::from_secs(grace),
-            args,
-        }),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -16,17 +16,35 @@ use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime};
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// What `juice run` was asked for.
+#[derive(clap::Args)]
 pub struct RunArgs {
     pub image: String,
+    /// Instance name (default: the appliance name and a random suffix).
+    #[arg(long)]
     pub name: Option<String>,
+    /// Publish a port: HOST:CONTAINER or IP:HOST:CONTAINER (repeatable).
+    #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
+    /// sandbox (shared kernel) or microvm (own kernel).
+    #[arg(long, default_value = "sandbox")]
     pub isolation: String,
+    /// bridge (an address on juice0, default-deny between instances) or none (loopback only).
+    #[arg(long, default_value = "bridge")]
     pub network: String,
+    /// Do not create a cgroup (no limits).
+    #[arg(long)]
     pub no_cgroup: bool,
+    /// Run in a user namespace: root inside is this host uid (and the 65535 after it).
+    #[arg(long, value_name = "HOST_UID")]
     pub userns: Option<u32>,
+    /// Print nothing but the appliance's output.
+    #[arg(short = 'q', long)]
     pub quiet: bool,
-    pub grace: Duration,
-    /// Replace the command's arguments (the program stays).
+    /// Seconds between SIGTERM and SIGKILL on Ctrl-C.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+    /// Arguments that replace the command's own (the program stays the manifest's).
+    #[arg(last = true)]
     pub args: Vec<String>,
 }
 
@@ -152,7 +170,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // A thread turns Ctrl-C into SIGTERM for the instance, then SIGKILL after the grace period.
     // SAFETY: dup of a valid pidfd; the new fd is owned by the OwnedFd below.
     let pidfd = unsafe { OwnedFd::from_raw_fd(libc::dup(instance.pidfd().as_raw_fd())) };
-    let grace = args.grace;
+    let grace = Duration::from_secs(args.grace);
     std::thread::spawn(move || {
         let mut sent_term = false;
         while signals.wait().is_ok() {

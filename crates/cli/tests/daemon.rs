@@ -203,6 +203,29 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         "{described}"
     );
 
+    // The metrics count what happened.
+    let metrics = {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for expected in [
+        "juice_rollouts_total{outcome=\"rolled_back\"} 1",
+        "juice_rollouts_total{outcome=\"complete\"} 1",
+        "juice_instance_restarts_total 1",
+        "juice_instances{state=\"healthy\"} 2",
+        "juice_health_probe_seconds_count",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected} missing from /metrics:\n{metrics}"
+        );
+    }
+
     // Live restore: kill -9 the daemon; the instances keep serving; a new daemon adopts them.
     let before: Vec<String> = instances(&j)
         .iter()
