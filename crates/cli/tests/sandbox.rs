@@ -396,15 +396,13 @@ fn leftovers(home: &Path, veths: &[String]) -> Vec<String> {
             found.push(format!("veth {l}"));
         }
     }
-    let set = Command::new("nft")
-        .args(["list", "set", "bridge", "juice", "allowed"])
+    let table = Command::new("nft")
+        .args(["list", "table", "bridge", "juice"])
         .output()
         .unwrap();
-    if String::from_utf8_lossy(&set.stdout).contains("elements") {
-        found.push(format!(
-            "nft elements: {}",
-            String::from_utf8_lossy(&set.stdout)
-        ));
+    let table = String::from_utf8_lossy(&table.stdout);
+    if table.contains("set g_") {
+        found.push(format!("nft group sets: {table}"));
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     if mounts.contains(home.to_str().unwrap()) {

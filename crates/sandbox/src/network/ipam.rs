@@ -78,17 +78,13 @@ pub struct Member {
     pub links: Vec<String>,
 }
 
-impl Member {
-    /// Same group, or a link declared by either side.
-    pub fn may_talk_to(&self, other: &Member) -> bool {
-        self.group == other.group
-            || self.links.contains(&other.group)
-            || other.links.contains(&self.group)
-    }
-}
-
 fn dir(home: &Path) -> PathBuf {
     home.join("network")
+}
+
+/// Where the nft module records the sets it made.
+pub fn nft_state(home: &Path) -> PathBuf {
+    dir(home).join("nft-sets.json")
 }
 
 fn lock(home: &Path) -> Result<File, NetworkError> {
@@ -237,19 +233,5 @@ mod tests {
         ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn who_may_talk() {
-        let m = |g: &str, links: &[&str]| Member {
-            instance: "x".into(),
-            address: Ipv4Addr::LOCALHOST,
-            group: g.into(),
-            links: links.iter().map(|s| s.to_string()).collect(),
-        };
-        assert!(m("web", &[]).may_talk_to(&m("web", &[])));
-        assert!(!m("web", &[]).may_talk_to(&m("db", &[])));
-        assert!(m("web", &["db"]).may_talk_to(&m("db", &[])));
-        assert!(m("db", &[]).may_talk_to(&m("web", &["db"])));
     }
 }

@@ -153,7 +153,7 @@ pub fn allocate(
 pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     links::attach(a, pid)?;
     crate::trace::mark("links ready");
-    nft::apply(&ipam::members(home)?, &a.bridge)
+    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))
 }
 
 /// Frees the address and drops the instance from the allowed pairs. The veth
@@ -161,7 +161,7 @@ pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError>
 /// created inside it), which the kernel tears down once the last process exits.
 pub fn release(home: &Path, a: &Attachment) {
     let remaining = ipam::release(home, &a.instance).unwrap_or_default();
-    let _ = nft::apply(&remaining, &a.bridge);
+    let _ = nft::apply(&remaining, &a.bridge, &ipam::nft_state(home));
     crate::trace::mark("rules updated");
 }
 

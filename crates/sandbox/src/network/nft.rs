@@ -1,40 +1,37 @@
-//! Juice's nftables rules. The tables are created on first use and kept; each
-//! change replaces the `allowed` set's elements in one `nft -f` transaction.
+//! Juice's nftables rules. The tables are created on first use and kept (like
+//! the bridge); each change replaces the group sets and the `allow` chain in
+//! one `nft -f` transaction.
 //!
-//! - `table bridge juice`: frames between two instance veths pass only for
-//!   address pairs in the `allowed` set (same group or a declared link).
+//! - `table bridge juice`: IPv4 frames between two instance veths go through
+//!   the `allow` chain, which accepts them when both ends are in one group's
+//!   set (`g_<group>`), or in the sets of two linked groups; everything else
+//!   between instances is dropped, and all IPv6 between instances. Elements
+//!   grow with the number of instances, rules with groups and links.
 //! - `table inet juice`: instances cannot open connections to the host;
 //!   replies to connections the host opened (health probes, published ports) pass.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::NetworkError;
 use super::ipam::Member;
 
-/// The address pairs that may talk, as nft set elements.
-pub fn allowed_pairs(members: &[Member]) -> Vec<String> {
-    let mut pairs = Vec::new();
-    for a in members {
-        for b in members {
-            if a.instance != b.instance && a.may_talk_to(b) {
-                pairs.push(format!("{} . {}", a.address, b.address));
-            }
-        }
-    }
-    pairs
+/// The nft set of a group: `g_` and the name with '-' as '_' (group names have no '_').
+fn set_name(group: &str) -> String {
+    format!("g_{}", group.replace('-', "_"))
 }
 
-/// Juice's tables, created once and kept (like the bridge): only the set changes per instance.
+/// Juice's tables, created once and kept: only the sets and the `allow` chain change.
 pub fn base_ruleset(bridge: &str) -> String {
     format!(
         r#"table bridge juice {{
-    set allowed {{
-        type ipv4_addr . ipv4_addr
+    chain allow {{
     }}
     chain forward {{
         type filter hook forward priority 0; policy accept;
-        meta protocol ip iifname "jv*" oifname "jv*" ip saddr . ip daddr @allowed accept
+        meta protocol ip iifname "jv*" oifname "jv*" jump allow
         meta protocol ip iifname "jv*" oifname "jv*" drop
         meta protocol ip6 iifname "jv*" oifname "jv*" drop
     }}
@@ -50,17 +47,49 @@ table inet juice {{
     )
 }
 
-/// Replaces the set's elements with exactly the pairs for `members`, in one transaction.
-pub fn set_update(members: &[Member]) -> String {
-    let pairs = allowed_pairs(members);
-    let mut script = String::from("flush set bridge juice allowed\n");
-    if !pairs.is_empty() {
+/// The transaction that makes the sets and the `allow` chain match `members`;
+/// `previous` are the sets made last time (deleted first).
+pub fn update(members: &[Member], previous: &BTreeSet<String>) -> (String, BTreeSet<String>) {
+    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for m in members {
+        groups
+            .entry(m.group.as_str())
+            .or_default()
+            .push(m.address.to_string());
+    }
+    let mut script = String::from("flush chain bridge juice allow\n");
+    for old in previous {
+        script.push_str(&format!("delete set bridge juice {old}\n"));
+    }
+    let mut made = BTreeSet::new();
+    for (group, addresses) in &groups {
+        let name = set_name(group);
         script.push_str(&format!(
-            "add element bridge juice allowed {{ {} }}\n",
-            pairs.join(", ")
+            "add set bridge juice {name} {{ type ipv4_addr; elements = {{ {} }}; }}\n",
+            addresses.join(", ")
+        ));
+        script.push_str(&format!(
+            "add rule bridge juice allow ip saddr @{name} ip daddr @{name} accept\n"
+        ));
+        made.insert(name);
+    }
+    let mut pairs = BTreeSet::new();
+    for m in members {
+        for link in &m.links {
+            if groups.contains_key(link.as_str()) && link != &m.group {
+                pairs.insert((m.group.clone(), link.clone()));
+                pairs.insert((link.clone(), m.group.clone()));
+            }
+        }
+    }
+    for (a, b) in pairs {
+        script.push_str(&format!(
+            "add rule bridge juice allow ip saddr @{} ip daddr @{} accept\n",
+            set_name(&a),
+            set_name(&b)
         ));
     }
-    script
+    (script, made)
 }
 
 fn nft(script: &str) -> Result<(), NetworkError> {
@@ -90,14 +119,24 @@ fn nft(script: &str) -> Result<(), NetworkError> {
     }
 }
 
-/// Makes the allowed set exactly the pairs for `members`; creates the tables the first time.
-pub fn apply(members: &[Member], bridge: &str) -> Result<(), NetworkError> {
-    let update = set_update(members);
-    if nft(&update).is_ok() {
-        return Ok(());
+/// Makes the rules match `members`; creates the tables the first time. The names of
+/// the sets made are kept in `state` so the next change can delete them.
+pub fn apply(members: &[Member], bridge: &str, state: &Path) -> Result<(), NetworkError> {
+    let previous: BTreeSet<String> = std::fs::read(state)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let (script, made) = update(members, &previous);
+    let result = nft(&script).or_else(|_| {
+        // First use, or the tables were removed by hand: install them, with nothing to delete.
+        let (script, _) = update(members, &BTreeSet::new());
+        let _ = remove();
+        nft(&format!("{}{script}", base_ruleset(bridge)))
+    });
+    if result.is_ok() {
+        let _ = std::fs::write(state, serde_json::to_vec(&made).unwrap_or_default());
     }
-    // The tables are missing (first use, or removed by hand): install them with the elements.
-    nft(&format!("{}{update}", base_ruleset(bridge)))
+    result
 }
 
 /// Removes Juice's tables.
@@ -112,39 +151,59 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
-    #[test]
-    fn only_declared_pairs_are_allowed() {
-        let m = |name: &str, last: u8, group: &str, links: &[&str]| Member {
+    fn m(name: &str, last: u8, group: &str, links: &[&str]) -> Member {
+        Member {
             instance: name.into(),
             address: Ipv4Addr::new(10, 88, 0, last),
             group: group.into(),
             links: links.iter().map(|s| s.to_string()).collect(),
-        };
-        let rules = set_update(&[
+        }
+    }
+
+    #[test]
+    fn groups_become_sets_and_links_become_rules() {
+        let members = [
             m("w1", 2, "web", &["db"]),
             m("w2", 3, "web", &[]),
             m("d", 4, "db", &[]),
-            m("x", 5, "other", &[]),
-        ]);
-        for pair in [
-            "10.88.0.2 . 10.88.0.3",
-            "10.88.0.3 . 10.88.0.2",
-            "10.88.0.2 . 10.88.0.4",
-            "10.88.0.4 . 10.88.0.2",
-        ] {
-            assert!(rules.contains(pair), "{pair} missing:\n{rules}");
-        }
-        for pair in [
-            "10.88.0.3 . 10.88.0.4",
-            "10.88.0.5 . 10.88.0.2",
-            "10.88.0.2 . 10.88.0.5",
-        ] {
-            assert!(
-                !rules.contains(pair),
-                "{pair} must not be allowed:\n{rules}"
-            );
-        }
-        assert_eq!(set_update(&[]), "flush set bridge juice allowed\n");
+            m("x", 5, "my-app", &["gone"]),
+        ];
+        let (script, made) = update(&members, &["g_old".to_owned()].into());
+        assert!(
+            script.starts_with("flush chain bridge juice allow\ndelete set bridge juice g_old\n"),
+            "{script}"
+        );
+        assert!(script.contains("add set bridge juice g_web { type ipv4_addr; elements = { 10.88.0.2, 10.88.0.3 }; }"), "{script}");
+        assert!(
+            script.contains("ip saddr @g_web ip daddr @g_web accept"),
+            "{script}"
+        );
+        assert!(
+            script.contains("ip saddr @g_web ip daddr @g_db accept")
+                && script.contains("ip saddr @g_db ip daddr @g_web accept"),
+            "{script}"
+        );
+        assert!(
+            !script.contains("g_gone"),
+            "a link to a group with no instance makes no rule: {script}"
+        );
+        assert!(
+            !script.contains("@g_my_app ip daddr @g_web")
+                && !script.contains("@g_my_app ip daddr @g_db"),
+            "{script}"
+        );
+        assert_eq!(
+            made,
+            ["g_db", "g_my_app", "g_web"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        );
+        let (empty, none) = update(&[], &made);
+        assert!(
+            empty.contains("delete set bridge juice g_web") && none.is_empty(),
+            "{empty}"
+        );
         assert!(base_ruleset("juice0").contains(r#"iifname "juice0" drop"#));
     }
 }
