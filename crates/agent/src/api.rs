@@ -227,9 +227,11 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// A client of the API over the unix socket.
+/// A client of the API: over the unix socket, or over mutual TLS to a remote daemon
+/// when `JUICE_REMOTE=HOST:PORT` is set (certificates from `JUICE_TLS`, default `$JUICE_HOME/tls`).
 pub struct Client {
     socket: PathBuf,
+    remote: Option<(String, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,8 +248,17 @@ pub enum ClientError {
 
 impl Client {
     pub fn new(home: &Path) -> Client {
+        let remote = std::env::var("JUICE_REMOTE")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                let tls =
+                    std::env::var_os("JUICE_TLS").map_or_else(|| home.join("tls"), PathBuf::from);
+                (r, tls)
+            });
         Client {
             socket: home.join("juice.sock"),
+            remote,
         }
     }
 
@@ -263,19 +274,39 @@ impl Client {
             .build()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let socket = self.socket.clone();
+        let remote = self.remote.clone();
         rt.block_on(async move {
+            let target = remote
+                .as_ref()
+                .map_or_else(|| socket.display().to_string(), |(r, _)| r.clone());
             let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
-                socket: socket.display().to_string(),
+                socket: target.clone(),
                 reason: e.to_string(),
             };
-            let stream = tokio::net::UnixStream::connect(&socket)
-                .await
-                .map_err(|e| unreachable(&e))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| unreachable(&e))?;
-            tokio::spawn(conn);
+            let mut sender = match &remote {
+                Some((addr, tls)) => {
+                    let stream = crate::tls::connect(addr, tls)
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                    let (sender, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                            .await
+                            .map_err(|e| unreachable(&e))?;
+                    tokio::spawn(conn);
+                    sender
+                }
+                None => {
+                    let stream = tokio::net::UnixStream::connect(&socket)
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                    let (sender, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                            .await
+                            .map_err(|e| unreachable(&e))?;
+                    tokio::spawn(conn);
+                    sender
+                }
+            };
             let req = hyper::Request::builder()
                 .method(method)
                 .uri(path)

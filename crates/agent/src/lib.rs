@@ -27,6 +27,7 @@ pub mod health;
 pub mod metrics;
 pub mod site;
 pub mod state;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 /// until `shutdown` resolves. Instances keep running afterwards.
 pub async fn serve(
     agent: Arc<agent::Agent>,
+    remote: Option<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let socket = agent.home().join("juice.sock");
@@ -43,6 +45,14 @@ pub async fn serve(
     std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || reconciler.run_reconciler())?;
+    if let Some((addr, config)) = remote {
+        let router = api::router(agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tls::serve_tls(addr, config, router).await {
+                eprintln!("juice: the remote API on {addr} stopped: {e}");
+            }
+        });
+    }
     let result = axum::serve(listener, api::router(agent))
         .with_graceful_shutdown(shutdown)
         .await;

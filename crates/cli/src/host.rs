@@ -286,9 +286,12 @@ fn signalled(set: &nix::sys::signal::SigSet, timeout: Duration) -> bool {
     unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) > 0 }
 }
 
+type Remote = Option<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>;
+
 /// Starts the agent: reconciler and API, in threads of this process.
 fn start_agent(
     home: &Path,
+    remote: Remote,
 ) -> Result<(
     Arc<Agent>,
     std::sync::mpsc::Sender<()>,
@@ -315,7 +318,7 @@ fn start_agent(
             let shutdown = async move {
                 let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
             };
-            if let Err(e) = juice_agent::serve(served, shutdown).await {
+            if let Err(e) = juice_agent::serve(served, remote, shutdown).await {
                 eprintln!("juice: the API stopped: {e}");
             }
         });
@@ -324,10 +327,24 @@ fn start_agent(
 }
 
 /// `juice daemon`: runs until SIGINT/SIGTERM; instances keep running after it.
-pub fn daemon() -> Result {
+/// With `listen`, the API is also served over TCP to mutual-TLS clients only.
+pub fn daemon(listen: Option<std::net::SocketAddr>, tls: Option<PathBuf>) -> Result {
     let signals = block_signals()?;
     let home = crate::juice_home();
-    let (agent, stop, server) = start_agent(&home)?;
+    let remote = match listen {
+        Some(addr) => {
+            let dir = tls.unwrap_or_else(|| home.join("tls"));
+            let config = juice_agent::tls::server_config(&dir).map_err(|e| {
+                format!(
+                    "--listen needs the certificates `juice certs {}` makes: {e}",
+                    dir.display()
+                )
+            })?;
+            Some((addr, config))
+        }
+        None => None,
+    };
+    let (agent, stop, server) = start_agent(&home, remote)?;
     eprintln!(
         "{}",
         serde_json::json!({"level": "info", "msg": "juice daemon started", "socket": juice_agent::socket(&home), "pid": std::process::id()})
@@ -368,7 +385,7 @@ pub fn up(file: &Path) -> Result {
     let signals = block_signals()?;
     let home = crate::juice_home();
     let site = load_site(file)?;
-    let (agent, stop, server) = start_agent(&home)?;
+    let (agent, stop, server) = start_agent(&home, None)?;
     let changes = agent.apply(&site, true)?;
     print_changes(&changes, Format::Table, true)?;
     println!("juice up: serving {}; Ctrl-C stops it", file.display());
@@ -421,4 +438,24 @@ fn read_from(path: &PathBuf, offset: &mut u64) -> std::io::Result<String> {
     f.read_to_string(&mut s)?;
     *offset += s.len() as u64;
     Ok(s)
+}
+
+/// `juice certs DIR`: a CA, and server and client certificates it signed.
+pub fn certs(dir: &Path, hosts: &[String]) -> Result {
+    let mut hosts = hosts.to_vec();
+    if hosts.is_empty() {
+        hosts = vec!["localhost".into(), "127.0.0.1".into()];
+    }
+    juice_agent::tls::make_certificates(dir, &hosts)?;
+    println!(
+        "wrote {0}/ca.pem, {0}/server.pem, {0}/server-key.pem, {0}/client.pem, {0}/client-key.pem (server names: {1})",
+        dir.display(),
+        hosts.join(", ")
+    );
+    println!("daemon: juice daemon --listen ADDR --tls {}", dir.display());
+    println!(
+        "client: JUICE_REMOTE=HOST:PORT JUICE_TLS={} juice get groups",
+        dir.display()
+    );
+    Ok(())
 }

@@ -59,7 +59,21 @@ enum Command {
     /// Re-hash an image's blobs, or every image and blob in the store.
     Verify { image: Option<String> },
     /// Run the host agent: the API on $JUICE_HOME/juice.sock and the reconciler.
-    Daemon,
+    Daemon {
+        /// Also serve the API on this TCP address, to mutual-TLS clients only.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Certificates for --listen (default: $JUICE_HOME/tls, made by `juice certs`).
+        #[arg(long, value_name = "DIR")]
+        tls: Option<PathBuf>,
+    },
+    /// Make a CA, and server and client certificates for remote access with mutual TLS.
+    Certs {
+        dir: PathBuf,
+        /// Names and addresses the server certificate is valid for (default: localhost, 127.0.0.1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Development mode: an embedded daemon, the site applied, live status and logs; Ctrl-C tears down.
     Up {
         #[arg(short = 'f', long = "file", default_value = "site.toml")]
@@ -119,7 +133,8 @@ fn main() -> ExitCode {
         Command::Rmi { images } => images::remove(&images).map(|()| 0),
         Command::Gc => images::gc(format).map(|()| 0),
         Command::Verify { image } => images::verify(image.as_deref(), format).map(|()| 0),
-        Command::Daemon => host::daemon().map(|()| 0),
+        Command::Daemon { listen, tls } => host::daemon(listen, tls).map(|()| 0),
+        Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
         Command::Up { file } => host::up(&file).map(|()| 0),
         Command::Plan { file } => host::plan(&file, format).map(|()| 0),
         Command::Apply { file } => host::apply(&file, format).map(|()| 0),

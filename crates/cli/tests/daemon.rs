@@ -463,3 +463,101 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         instances(&j).is_empty()
     });
 }
+
+#[test]
+fn remote_access_needs_a_client_certificate_from_our_ca() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require("openssl");
+    let j = Juice::new();
+    let tls = j.home.path().join("tls");
+    let other = j.home.path().join("other-ca");
+    j.ok(&["certs", tls.to_str().unwrap()]);
+    j.ok(&["certs", other.to_str().unwrap()]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(tls.join("client-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = j
+        .cmd()
+        .args(["daemon", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _d = ChildGuard(child);
+    wait_for("the TLS port", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+
+    // The juice client with the right certificates.
+    let remote = |tls_dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_juice"))
+            .env("JUICE_HOME", "/nonexistent")
+            .env("JUICE_REMOTE", &addr)
+            .env("JUICE_TLS", tls_dir)
+            .args(["get", "groups", "-o", "json"])
+            .output()
+            .unwrap()
+    };
+    let ok = remote(&tls);
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).trim() == "[]",
+        "{}",
+        common::text(&ok)
+    );
+    // Certificates from another CA: refused.
+    let wrong = remote(&other);
+    assert!(!wrong.status.success(), "{}", common::text(&wrong));
+
+    // No client certificate at all: the handshake ends with "certificate required", no answer.
+    let s_client = |extra: &[&str]| {
+        let mut c = Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect", &addr, "-CAfile"])
+            .arg(tls.join("ca.pem"))
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = c.stdin.take().unwrap();
+        stdin
+            .write_all(b"GET /v1/groups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        drop(stdin);
+        let out = c.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let anonymous = s_client(&[]);
+    assert!(
+        !anonymous.contains("200 OK") && anonymous.contains("certificate required"),
+        "{anonymous}"
+    );
+    let cert = tls.join("client.pem");
+    let key = tls.join("client-key.pem");
+    let with_cert = s_client(&[
+        "-cert",
+        cert.to_str().unwrap(),
+        "-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(with_cert.contains("HTTP/1.1 200 OK"), "{with_cert}");
+    // Plain HTTP to the TLS port gets nothing.
+    assert!(get(port, "/v1/groups").is_err());
+}

@@ -1,0 +1,195 @@
+//! Remote access to the API over TCP, only with mutual TLS (rustls, ring).
+//!
+//! `juice certs DIR` makes a CA and a server and a client certificate signed
+//! by it; `juice daemon --listen ADDR` then requires every client to present a
+//! certificate from that CA, and refuses anything else during the handshake.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot {action} {path}: {reason}")]
+    File {
+        action: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+fn file_err(action: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        action,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(|e| file_err("write", path, e))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| file_err("write", path, e))
+}
+
+/// Writes `ca.pem`, `server.pem`/`server-key.pem` (for `hosts`) and `client.pem`/`client-key.pem` into `dir`.
+pub fn make_certificates(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err("create", dir, e))?;
+    let setup = |e: rcgen::Error| TlsError::Setup(e.to_string());
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(setup)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "juice CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca =
+        CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(setup)?).map_err(setup)?;
+    write(&dir.join("ca.pem"), &ca.pem(), false)?;
+
+    let mut server = CertificateParams::new(hosts.to_vec()).map_err(setup)?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "juice daemon");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate().map_err(setup)?;
+    let server_cert = server.signed_by(&server_key, &ca).map_err(setup)?;
+    write(&dir.join("server.pem"), &server_cert.pem(), false)?;
+    write(
+        &dir.join("server-key.pem"),
+        &server_key.serialize_pem(),
+        true,
+    )?;
+
+    let mut client = CertificateParams::new(Vec::<String>::new()).map_err(setup)?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "juice operator");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate().map_err(setup)?;
+    let client_cert = client.signed_by(&client_key, &ca).map_err(setup)?;
+    write(&dir.join("client.pem"), &client_cert.pem(), false)?;
+    write(
+        &dir.join("client-key.pem"),
+        &client_key.serialize_pem(),
+        true,
+    )
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err("read", path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err("read", path, e))
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err("read", path, e))
+}
+
+fn roots(dir: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&dir.join("ca.pem"))? {
+        roots.add(c).map_err(|e| TlsError::Setup(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The daemon's side: its certificate, and client certificates from the CA required.
+pub fn server_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(dir)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(&dir.join("server.pem"))?,
+            key(&dir.join("server-key.pem"))?,
+        )
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// The client's side: the CA to trust, and the client certificate to present.
+pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(
+            certs(&dir.join("client.pem"))?,
+            key(&dir.join("client-key.pem"))?,
+        )
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` on `addr` to clients that complete a mutual-TLS handshake.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            // A client without a certificate from our CA fails here, before any request is read.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+/// Connects to a remote daemon with mutual TLS.
+pub async fn connect(
+    addr: &str,
+    dir: &Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let config = client_config(dir).map_err(|e| e.to_string())?;
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let name = ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
