@@ -8,12 +8,8 @@
 # Usage: bench/heal.sh [KILLS]   (root; needs cargo build --release, jq)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 kills=${1:-20}
-juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
-command -v jq >/dev/null || apt-get install -y -qq jq >/dev/null
-work=$(mktemp -d /tmp/juice-heal.XXXXXX)
-export JUICE_HOME=$work/home
-mkdir -p "$JUICE_HOME"
 cat >"$work/site.toml" <<TOML
 [group.web]
 image = "$PWD/examples/hello-web"
@@ -21,22 +17,11 @@ size = 2
 [group.web.update]
 health_gate = "1s"
 TOML
-"$juice" daemon >"$work/daemon.log" 2>&1 &
-daemon=$!
-cleanup() {
-  "$juice" delete web >/dev/null 2>&1 || true
-  sleep 1
-  kill "$daemon" 2>/dev/null || true
-  wait "$daemon" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-until [ -S "$JUICE_HOME/juice.sock" ]; do sleep 0.05; done
+start_daemon
 "$juice" apply -f "$work/site.toml" >/dev/null
 ready() { [ "$("$juice" get groups -o json | jq '.[0].ready')" = 2 ] && [ "$("$juice" get groups -o json | jq -r '.[0].status')" = ok ]; }
 until ready; do sleep 0.1; done
 
-now_ms() { date +%s%3N; }
 detect=(); restart=(); healthy=()
 for i in $(seq "$kills"); do
   victim=$("$juice" get instances -o json | jq -r '.[0].name')

@@ -7,14 +7,10 @@
 # Usage: bench/rollout.sh [SIZE] [BATCH]   (root; needs cargo build --release, jq)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 size=${1:-20}
 batch=${2:-5}
 gate=2
-juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
-command -v jq >/dev/null || apt-get install -y -qq jq >/dev/null
-work=$(mktemp -d /tmp/juice-rollout.XXXXXX)
-export JUICE_HOME=$work/home
-mkdir -p "$JUICE_HOME"
 # Three revisions of hello-web: v1, v2 (another static file), and broken (health checks a missing page).
 for v in v1 v2 broken; do
   mkdir -p "$work/$v/static"
@@ -33,18 +29,7 @@ health_gate = "${gate}s"
 on_failure = "rollback"
 TOML
 }
-"$juice" daemon >"$work/daemon.log" 2>&1 &
-daemon=$!
-cleanup() {
-  "$juice" delete web >/dev/null 2>&1 || true
-  for _ in $(seq 100); do [ "$("$juice" get instances -o json 2>/dev/null | jq length)" = 0 ] && break; sleep 0.2; done
-  kill "$daemon" 2>/dev/null || true
-  wait "$daemon" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-until [ -S "$JUICE_HOME/juice.sock" ]; do sleep 0.05; done
-now_ms() { date +%s%3N; }
+start_daemon
 status() { "$juice" get groups -o json | jq -r '.[0].status'; }
 settled() { "$juice" get groups -o json | jq -e --argjson n "$size" '.[0].ready == $n and .[0].running == $n and .[0].status == "ok"' >/dev/null; }
 

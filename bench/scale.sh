@@ -6,12 +6,8 @@
 # Usage: bench/scale.sh [COUNT]   (root; needs cargo build --release, jq, hyperfine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 count=${1:-500}
-juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
-for t in jq hyperfine; do command -v $t >/dev/null || apt-get install -y -qq $t >/dev/null; done
-work=$(mktemp -d /tmp/juice-scale.XXXXXX)
-export JUICE_HOME=$work/home
-mkdir -p "$JUICE_HOME"
 cat >"$work/site.toml" <<TOML
 [group.web]
 image = "$PWD/examples/hello-web"
@@ -20,17 +16,7 @@ size = $count
 max_unavailable = $count
 health_gate = "1s"
 TOML
-"$juice" daemon >"$work/daemon.log" 2>&1 &
-daemon=$!
-cleanup() {
-  "$juice" delete web >/dev/null 2>&1 || true
-  for _ in $(seq 600); do [ "$("$juice" get instances -o json 2>/dev/null | jq length)" = 0 ] && break; sleep 0.2; done
-  kill "$daemon" 2>/dev/null || true
-  wait "$daemon" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-until [ -S "$JUICE_HOME/juice.sock" ]; do sleep 0.05; done
+start_daemon
 rss() { awk '/^VmRSS:/ {print $2}' /proc/$daemon/status; }
 idle_kib=$(rss)
 t0=$(date +%s%3N)

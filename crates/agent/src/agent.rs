@@ -329,14 +329,7 @@ impl Agent {
                 template,
                 created_ms: now_ms(),
             });
-            g.rollout = Rollout::Progressing {
-                from: Some(g.current),
-                to: n,
-                since_ms: now_ms(),
-            };
-            g.current = n;
-            g.failures = 0;
-            g.backoff_until_ms = 0;
+            g.start_rollout(n);
             g.prune();
             changes.push(change(
                 "replace",
@@ -420,14 +413,7 @@ impl Agent {
                 format!("revision {target} is already the current one"),
             ));
         }
-        g.rollout = Rollout::Progressing {
-            from: Some(g.current),
-            to: target,
-            since_ms: now_ms(),
-        };
-        g.current = target;
-        g.failures = 0;
-        g.backoff_until_ms = 0;
+        g.start_rollout(target);
         self.state.put_group(&g)?;
         self.event(
             Some(name),

@@ -98,6 +98,18 @@ impl GroupRecord {
     pub fn current_revision(&self) -> Option<&Revision> {
         self.revision(self.current)
     }
+    /// Makes `to` the current revision and starts rolling out to it from the present one.
+    pub fn start_rollout(&mut self, to: u64) {
+        self.rollout = Rollout::Progressing {
+            from: Some(self.current),
+            to,
+            since_ms: now_ms(),
+        };
+        self.current = to;
+        self.failures = 0;
+        self.backoff_until_ms = 0;
+    }
+
     pub fn next_number(&self) -> u64 {
         self.revisions.iter().map(|r| r.number).max().unwrap_or(0) + 1
     }
