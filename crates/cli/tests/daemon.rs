@@ -132,6 +132,10 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         Duration::from_secs(20),
         || group(&j, "web")["status"] == "ok",
     );
+    // Data in the group's volume, written now, must outlive every replacement below.
+    let marker = j.home.path().join("volumes/web/data/marker");
+    std::fs::write(&marker, "kept").unwrap();
+
     // Self-healing: kill an instance outright.
     let victim = instances(&j)[0].clone();
     nix::sys::signal::kill(
@@ -257,6 +261,45 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     after.sort();
     assert_eq!(before, after, "the same instances, no duplicates");
     assert!(j.ok(&["events"]).contains("adopted running instance"));
+
+    // The volume survived the heal, the failed rollout, the rollback and the daemon's death,
+    // and every instance sees it.
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "kept");
+    for i in instances(&j) {
+        let init = i["pid"].as_i64().unwrap();
+        let app = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+        let app = app.split_whitespace().next().unwrap().to_owned();
+        let inside =
+            std::fs::read_to_string(format!("/proc/{app}/root/var/lib/hello/marker")).unwrap();
+        assert_eq!(inside, "kept", "{}", i["name"]);
+    }
+
+    // Concurrent API requests are all answered.
+    let home = j.home.path().to_owned();
+    let askers: Vec<_> = (0..16)
+        .map(|_| {
+            let home = home.clone();
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_juice"))
+                    .env("JUICE_HOME", &home)
+                    .args(["get", "instances", "-o", "json"])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for a in askers {
+        let out = a.join().unwrap();
+        assert!(out.status.success(), "{}", common::text(&out));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
 
     // Logs through the API, rollback to any kept revision, and delete.
     let name = &after[0];
