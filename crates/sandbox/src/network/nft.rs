@@ -61,6 +61,21 @@ pub fn update(members: &[Member], previous: &BTreeSet<String>) -> (String, BTree
     for old in previous {
         script.push_str(&format!("delete set bridge juice {old}\n"));
     }
+    let linked: BTreeSet<&str> = members
+        .iter()
+        .flat_map(|m| {
+            m.links
+                .iter()
+                .map(String::as_str)
+                .chain(if m.links.is_empty() {
+                    None
+                } else {
+                    Some(m.group.as_str())
+                })
+        })
+        .collect();
+    // A lone instance with no links has nothing to allow: no set, no rule (the common `juice run`).
+    groups.retain(|g, addresses| addresses.len() > 1 || linked.contains(g));
     let mut made = BTreeSet::new();
     for (group, addresses) in &groups {
         let name = set_name(group);
