@@ -19,7 +19,9 @@ use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::{Publisher, Targets};
-use juice_sandbox::{Instance, NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+use juice_sandbox::{NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+
+use crate::backend::{Backend, Handle};
 use serde::{Deserialize, Serialize};
 
 use crate::health::Prober;
@@ -58,7 +60,7 @@ pub struct Change {
 
 /// An instance the agent holds.
 struct Live {
-    instance: Instance,
+    instance: Box<dyn Handle>,
     group: String,
     revision: u64,
     address: Option<Ipv4Addr>,
@@ -69,7 +71,8 @@ struct Live {
 pub struct Agent {
     home: PathBuf,
     store: Store,
-    runtime: Runtime,
+    /// The `sandbox` backend; `microvm` comes with its own issue.
+    sandbox: Box<dyn Backend>,
     state: State,
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
@@ -123,7 +126,8 @@ pub struct GroupDescription {
 impl Agent {
     pub fn open(home: &Path) -> Result<Arc<Agent>, AgentError> {
         let store = Store::open(home).map_err(|e| AgentError::Setup(e.to_string()))?;
-        let runtime = Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?;
+        let sandbox: Box<dyn Backend> =
+            Box::new(Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?);
         let state = State::open(&home.join("agent.redb"))?;
         // SAFETY: eventfd returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -138,7 +142,7 @@ impl Agent {
         Ok(Arc::new(Agent {
             home: home.to_owned(),
             store,
-            runtime,
+            sandbox,
             state,
             world: Mutex::new(World::default()),
             wake,
@@ -156,6 +160,16 @@ impl Agent {
 
     fn world(&self) -> MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backend for an isolation kind.
+    fn backend(&self, isolation: Isolation) -> Result<&dyn Backend, AgentError> {
+        match isolation {
+            Isolation::Sandbox => Ok(&*self.sandbox),
+            Isolation::Microvm => Err(AgentError::Setup(
+                "isolation \"microvm\" is not available yet".into(),
+            )),
+        }
     }
 
     /// Wakes the reconciler now.
@@ -444,7 +458,7 @@ impl Agent {
             let w = self.world();
             for l in w.live.values() {
                 fds.push(libc::pollfd {
-                    fd: l.instance.pidfd().as_raw_fd(),
+                    fd: l.instance.wait_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
@@ -508,7 +522,7 @@ impl Agent {
             if w.live.contains_key(&rec.name) {
                 continue;
             }
-            match self.runtime.adopt(&rec.name) {
+            match self.backend(rec.isolation)?.adopt(&rec.name) {
                 Ok(instance) if instance.is_running() => {
                     let live = self.live_for(instance, &rec, &groups);
                     self.event(
@@ -520,7 +534,7 @@ impl Agent {
                 }
                 other => {
                     if let Ok(mut i) = other {
-                        let _ = i.wait_timeout(Some(Duration::ZERO));
+                        let _ = i.wait_timeout(Duration::ZERO);
                     }
                     self.state.delete_instance(&rec.name)?;
                     self.event(
@@ -560,11 +574,11 @@ impl Agent {
 
     fn live_for(
         &self,
-        instance: Instance,
+        instance: Box<dyn Handle>,
         rec: &InstanceRecord,
         groups: &BTreeMap<String, GroupRecord>,
     ) -> Live {
-        let address = instance.state().network.as_ref().map(|a| a.address);
+        let address = instance.address();
         let check = groups
             .get(rec.group.as_str())
             .and_then(|g| g.revision(rec.revision))
@@ -626,11 +640,12 @@ impl Agent {
             group: g.name.clone(),
             revision,
             created_ms: now_ms(),
+            isolation: rev.template.isolation,
         };
         // Recorded before it starts: a daemon killed in between finds the record and sweeps it.
         self.state.put_instance(&record)?;
         let started = Instant::now();
-        let spawned = self.runtime.spawn(&spec);
+        let spawned = self.backend(rev.template.isolation)?.spawn(&spec);
         self.metrics
             .start_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -644,7 +659,7 @@ impl Agent {
                 ));
             }
         };
-        let address = instance.state().network.as_ref().map(|a| a.address);
+        let address = instance.address();
         self.event(
             Some(name),
             Some(&instance_name),
@@ -973,7 +988,7 @@ impl Agent {
                         "starting".into()
                     },
                     // From the instance's own start, which survives a daemon restart.
-                    uptime_s: now_ms().saturating_sub(l.instance.state().started_unix_ms) / 1000,
+                    uptime_s: now_ms().saturating_sub(l.instance.started_unix_ms()) / 1000,
                     last_error: h.last_error,
                 }
             })
@@ -1048,7 +1063,7 @@ impl Agent {
 
     /// The log file of an instance this agent holds (or held).
     pub fn log_path(&self, instance: &str) -> Option<PathBuf> {
-        let p = self.runtime.log_path(instance);
+        let p = self.sandbox.log_path(instance);
         p.exists().then_some(p)
     }
 

@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backend;
 pub mod health;
 pub mod metrics;
 pub mod site;

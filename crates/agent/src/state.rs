@@ -132,6 +132,9 @@ pub struct InstanceRecord {
     pub group: GroupName,
     pub revision: u64,
     pub created_ms: u64,
+    /// Which backend runs it (records from before this field are sandboxes).
+    #[serde(default)]
+    pub isolation: Isolation,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +318,7 @@ mod tests {
                 group: GroupName::try_from("web".to_owned()).unwrap(),
                 revision: 1,
                 created_ms: 1,
+                isolation: Isolation::Sandbox,
             })
             .unwrap();
             for i in 0..5 {

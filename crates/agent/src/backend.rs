@@ -1,0 +1,79 @@
+//! The isolation backends the agent runs instances with, behind one interface.
+//!
+//! `sandbox` is `juice_sandbox::Runtime`. A `microvm` backend (its own issue)
+//! implements the same two traits; the reconciler never knows which one an
+//! instance runs under.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use juice_sandbox::{ExitReport, Instance, Runtime, SandboxSpec};
+
+/// Starts and finds instances.
+pub trait Backend: Send + Sync {
+    /// Starts an instance as `spec` describes.
+    fn spawn(&self, spec: &SandboxSpec) -> Result<Box<dyn Handle>, String>;
+    /// Finds an instance an earlier process started, by name.
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String>;
+    /// Where the instance's output is.
+    fn log_path(&self, name: &str) -> PathBuf;
+}
+
+/// One running (or ended) instance.
+pub trait Handle: Send {
+    fn pid(&self) -> i32;
+    /// Readable when the instance has ended (a pidfd for a sandbox).
+    fn wait_fd(&self) -> RawFd;
+    fn is_running(&self) -> bool;
+    fn wait(&mut self) -> ExitReport;
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport>;
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) -> ExitReport;
+    fn address(&self) -> Option<Ipv4Addr>;
+    fn started_unix_ms(&self) -> u64;
+}
+
+impl Backend for Runtime {
+    fn spawn(&self, spec: &SandboxSpec) -> Result<Box<dyn Handle>, String> {
+        Runtime::spawn(self, spec)
+            .map(|i| Box::new(i) as Box<dyn Handle>)
+            .map_err(|e| e.to_string())
+    }
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String> {
+        Runtime::adopt(self, name)
+            .map(|i| Box::new(i) as Box<dyn Handle>)
+            .map_err(|e| e.to_string())
+    }
+    fn log_path(&self, name: &str) -> PathBuf {
+        Runtime::log_path(self, name)
+    }
+}
+
+impl Handle for Instance {
+    fn pid(&self) -> i32 {
+        Instance::pid(self)
+    }
+    fn wait_fd(&self) -> RawFd {
+        self.pidfd().as_raw_fd()
+    }
+    fn is_running(&self) -> bool {
+        Instance::is_running(self)
+    }
+    fn wait(&mut self) -> ExitReport {
+        Instance::wait(self)
+    }
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport> {
+        Instance::wait_timeout(self, Some(timeout))
+    }
+    fn stop(&mut self, grace: Duration) -> ExitReport {
+        Instance::stop(self, grace)
+    }
+    fn address(&self) -> Option<Ipv4Addr> {
+        self.state().network.as_ref().map(|a| a.address)
+    }
+    fn started_unix_ms(&self) -> u64 {
+        self.state().started_unix_ms
+    }
+}
