@@ -1,8 +1,7 @@
 //! The isolation backends the agent runs instances with, behind one interface.
 //!
-//! `sandbox` is `juice_sandbox::Runtime`. A `microvm` backend (its own issue)
-//! implements the same two traits; the reconciler never knows which one an
-//! instance runs under.
+//! `sandbox` is `juice_sandbox::Runtime`, `microvm` is `juice_microvm::Runtime`;
+//! the reconciler never knows which one an instance runs under.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -33,6 +32,10 @@ pub trait Handle: Send {
     fn stop(&mut self, grace: Duration) -> ExitReport;
     fn address(&self) -> Option<Ipv4Addr>;
     fn started_unix_ms(&self) -> u64;
+    /// Waits until the appliance process runs (a microVM boots first); why not, if it failed.
+    fn wait_started(&mut self, _timeout: Duration) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Backend for Runtime {
@@ -75,5 +78,51 @@ impl Handle for Instance {
     }
     fn started_unix_ms(&self) -> u64 {
         self.state().started_unix_ms
+    }
+}
+
+impl Backend for juice_microvm::Runtime {
+    fn spawn(&self, spec: &SandboxSpec) -> Result<Box<dyn Handle>, String> {
+        juice_microvm::Runtime::spawn(self, spec)
+            .map(|i| Box::new(i) as Box<dyn Handle>)
+            .map_err(|e| e.to_string())
+    }
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String> {
+        juice_microvm::Runtime::adopt(self, name)
+            .map(|i| Box::new(i) as Box<dyn Handle>)
+            .map_err(|e| e.to_string())
+    }
+    fn log_path(&self, name: &str) -> PathBuf {
+        juice_microvm::Runtime::log_path(self, name)
+    }
+}
+
+impl Handle for juice_microvm::Vm {
+    fn pid(&self) -> i32 {
+        juice_microvm::Vm::pid(self)
+    }
+    fn wait_fd(&self) -> RawFd {
+        self.pidfd().as_raw_fd()
+    }
+    fn is_running(&self) -> bool {
+        juice_microvm::Vm::is_running(self)
+    }
+    fn wait(&mut self) -> ExitReport {
+        juice_microvm::Vm::wait(self)
+    }
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport> {
+        juice_microvm::Vm::wait_timeout(self, Some(timeout))
+    }
+    fn stop(&mut self, grace: Duration) -> ExitReport {
+        juice_microvm::Vm::stop(self, grace)
+    }
+    fn address(&self) -> Option<Ipv4Addr> {
+        juice_microvm::Vm::address(self)
+    }
+    fn started_unix_ms(&self) -> u64 {
+        self.state().started_unix_ms
+    }
+    fn wait_started(&mut self, timeout: Duration) -> Result<(), String> {
+        juice_microvm::Vm::wait_started(self, timeout).map_err(|e| e.to_string())
     }
 }

@@ -1,11 +1,11 @@
 //! `juice run`: one instance in the foreground, outside any group.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use juice_agent::backend::Backend;
 use juice_image::appliance::ApplianceConfig;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
@@ -50,13 +50,11 @@ pub struct RunArgs {
 
 /// Runs the instance until it ends (or Ctrl-C); returns the exit code to use.
 pub fn run(args: RunArgs) -> Result<i32> {
-    if args.isolation != "sandbox" {
-        return Err(format!(
-            "isolation {:?} is not available yet (only \"sandbox\")",
-            args.isolation
-        )
-        .into());
-    }
+    let microvm = match args.isolation.as_str() {
+        "sandbox" => false,
+        "microvm" => true,
+        other => return Err(format!("--isolation {other:?}: use sandbox or microvm").into()),
+    };
     // Block the signals we forward before any thread exists, so every thread inherits the mask.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGINT);
@@ -86,8 +84,22 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .collect::<std::result::Result<_, _>>()?;
 
     juice_sandbox::trace::mark("image ready");
-    let runtime = Runtime::new(&home)?;
-    runtime.cleanup_stale();
+    if microvm && rootless {
+        return Err("a microVM needs root (its tap on the Juice bridge and its disks)".into());
+    }
+    let sandbox = Runtime::new(&home)?;
+    sandbox.cleanup_stale();
+    let vms = if microvm {
+        let vms = juice_microvm::Runtime::new(&home)?;
+        vms.cleanup_stale();
+        Some(vms)
+    } else {
+        None
+    };
+    let backend: &dyn Backend = match &vms {
+        Some(v) => v,
+        None => &sandbox,
+    };
     let mut spec = juice_agent::agent::sandbox_spec(
         &appliance,
         &rootfs.path,
@@ -145,76 +157,57 @@ pub fn run(args: RunArgs) -> Result<i32> {
     juice_agent::agent::prepare_volumes(&spec, args.userns.unwrap_or(0))?;
 
     juice_sandbox::trace::mark("spec ready");
-    let mut instance = runtime.spawn(&spec)?;
-    let _publisher = match (&instance.state().network, ports.is_empty()) {
-        (Some(a), false) => Some(Publisher::start(&ports, a.address)?),
+    let mut instance = backend.spawn(&spec)?;
+    if microvm && !args.quiet {
+        eprintln!(
+            "juice: booting {name} from {} ({:?}, pid {})",
+            rootfs.reference,
+            vms.as_ref().map(|v| v.accel()),
+            instance.pid()
+        );
+    }
+    instance.wait_started(Duration::from_secs(120))?;
+    let _publisher = match (instance.address(), ports.is_empty()) {
+        (Some(a), false) => Some(Publisher::start(&ports, a)?),
         _ => None,
     };
     if !args.quiet {
         let addr = instance
-            .state()
-            .network
-            .as_ref()
-            .map(|a| format!(", address {}", a.address))
+            .address()
+            .map(|a| format!(", address {a}"))
             .unwrap_or_default();
         eprintln!(
             "juice: started {name} from {} (pid {}{addr})",
             rootfs.reference,
             instance.pid()
         );
-        if let Some(l) = instance.limits() {
+        if !microvm && let Some(l) = sandbox.adopt(&name).ok().and_then(|i| i.limits()) {
             eprintln!("juice: limits in the kernel: {}", describe(&l));
         }
     }
 
-    // A thread turns Ctrl-C into SIGTERM for the instance, then SIGKILL after the grace period.
-    // SAFETY: dup of a valid pidfd; the new fd is owned by the OwnedFd below.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(libc::dup(instance.pidfd().as_raw_fd())) };
-    let grace = Duration::from_secs(args.grace);
+    // A thread turns Ctrl-C into a stop request; the loop below stops the instance
+    // (SIGTERM inside, SIGKILL after the grace period; a second Ctrl-C kills at once).
+    let stop_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let requests = stop_requests.clone();
     std::thread::spawn(move || {
-        let mut sent_term = false;
         while signals.wait().is_ok() {
-            let sig = if sent_term {
-                libc::SIGKILL
-            } else {
-                libc::SIGTERM
-            };
-            // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo, no flags.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if !sent_term {
-                sent_term = true;
-                let fd = pidfd.as_raw_fd();
-                std::thread::spawn(move || {
-                    std::thread::sleep(grace);
-                    // SAFETY: as above; a stale pidfd only makes the call fail.
-                    unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            fd,
-                            libc::SIGKILL,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        )
-                    };
-                });
-            }
+            requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
+    let grace = Duration::from_secs(args.grace);
 
-    let mut tail = Tail::new(runtime.log_path(&name));
+    let mut tail = Tail::new(backend.log_path(&name));
     let report = loop {
-        if let Some(r) = instance.wait_timeout(Some(Duration::from_millis(100))) {
+        if let Some(r) = instance.wait_timeout(Duration::from_millis(100)) {
             break r;
         }
         tail.pump();
+        match stop_requests.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => {}
+            1 => break instance.stop(grace),
+            _ => break instance.stop(Duration::ZERO),
+        }
     };
     tail.pump();
     if !args.quiet || report.oom_killed {

@@ -16,6 +16,8 @@
 
 use std::path::PathBuf;
 
+pub mod exec;
+
 use serde::{Deserialize, Serialize};
 
 pub const CONFIG_FD: i32 = 3;
@@ -85,4 +87,45 @@ pub struct SockFilter {
 pub struct ExitRecord {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+}
+
+/// The serial number of the microVM's root disk (the image as erofs).
+pub const GUEST_ROOT_SERIAL: &str = "juice-root";
+/// The serial number of the disk that holds the [`GuestConfig`] as JSON.
+pub const GUEST_CONFIG_SERIAL: &str = "juice-config";
+/// The virtio-serial port the appliance's stdout and stderr go to.
+pub const GUEST_LOG_PORT: &str = "juice.log";
+/// The virtio-serial port for status lines: `started <pid>`, `exit <ExitRecord>`, `failed <reason>`.
+pub const GUEST_STATUS_PORT: &str = "juice.status";
+/// The virtio-serial port the host sends `term` or `kill` on.
+pub const GUEST_CONTROL_PORT: &str = "juice.ctl";
+
+/// What `juice-guest`, PID 1 of a microVM, needs beyond what its initramfs holds.
+/// The host writes it as JSON (padded with NUL bytes) to the disk with serial
+/// [`GUEST_CONFIG_SERIAL`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// The appliance process, as a sandbox would start it (`rootfs`, `binds` and
+    /// the namespace fields are not used in a guest).
+    pub app: InitConfig,
+    /// Data disks by serial number, mounted (ext4) at their targets.
+    pub volumes: Vec<GuestVolume>,
+    pub network: Option<GuestNetwork>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestVolume {
+    pub serial: String,
+    pub target: PathBuf,
+}
+
+/// `eth0`'s address and the default route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
 }

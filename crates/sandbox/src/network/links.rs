@@ -1,7 +1,7 @@
 //! Bridge and veth plumbing over netlink.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
@@ -141,6 +141,67 @@ pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     })?;
     crate::trace::mark("veth on the bridge");
     configure_inside(a, pid)
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: a name and the flags (40 bytes in all).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A tap device named `a.veth` on the bridge, for a microVM. It lives as long as
+/// the returned fd (and the copies a VMM inherits), so it goes with the VM.
+pub fn attach_tap(a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> {
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|source| NetworkError::Io {
+            action: "open",
+            path: "/dev/net/tun".into(),
+            source,
+        })?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    let name = a.veth.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(NetworkError::Netlink(format!(
+            "tap name {} is too long",
+            a.veth
+        )));
+    }
+    req.name[..name.len()].copy_from_slice(name);
+    // SAFETY: TUNSETIFF reads (and writes back) one `struct ifreq`, which `req` is laid out as.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+        return Err(NetworkError::Netlink(format!(
+            "create tap {}: {}",
+            a.veth,
+            std::io::Error::last_os_error()
+        )));
+    }
+    with_handle(async |handle: Handle| {
+        let bridge = ensure_bridge(&handle, a).await?;
+        let index = index_of(&handle, &a.veth)
+            .await?
+            .ok_or_else(|| NetworkError::Netlink(format!("{} vanished", a.veth)))?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("attach the tap to the bridge"))
+    })?;
+    Ok(tun.into())
 }
 
 /// Addresses and routes inside the instance, from a thread that enters its network namespace.

@@ -156,6 +156,21 @@ pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError>
     nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))
 }
 
+/// Puts a microVM's tap on the bridge and opens the allowed paths; the tap
+/// lives as long as the returned fd (hand it to the VMM).
+pub fn attach_tap(home: &Path, a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> {
+    let tap = links::attach_tap(a)?;
+    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))?;
+    Ok(tap)
+}
+
+/// The MAC an instance with `address` gets (02:4a and the address), so that a
+/// neighbour entry left by an earlier instance with that address stays right.
+pub fn mac_for(address: Ipv4Addr) -> [u8; 6] {
+    let m = links::mac_for(address);
+    [m[0], m[1], m[2], m[3], m[4], m[5]]
+}
+
 /// Frees the address and drops the instance from the allowed pairs. The veth
 /// needs nothing: it goes with the instance's network namespace (its peer was
 /// created inside it), which the kernel tears down once the last process exits.

@@ -1,0 +1,152 @@
+//! Starting the appliance process: shared by `juice-init` (sandbox) and
+//! `juice-guest` (microVM), so both give it the same user, capabilities,
+//! no_new_privs and seccomp filter.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::signal::SigSet;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid, chdir, setgid, setgroups, setsid, setuid};
+
+use crate::InitConfig;
+
+/// A failed step and why; reported to the runtime as one line.
+pub struct Failure(pub String);
+
+pub trait Step<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure>;
+}
+
+impl<T> Step<T> for nix::Result<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
+        self.map_err(|e| Failure(format!("{}: {}", what(), e.desc())))
+    }
+}
+
+impl<T> Step<T> for std::io::Result<T> {
+    fn step(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
+        self.map_err(|e| Failure(format!("{}: {e}", what())))
+    }
+}
+
+pub fn prepare_and_exec(
+    config: &InitConfig,
+    log_w: &OwnedFd,
+) -> Result<std::convert::Infallible, Failure> {
+    SigSet::empty()
+        .thread_set_mask()
+        .step(|| "unblock signals".into())?;
+    setsid().step(|| "setsid".into())?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .open("/dev/null")
+        .step(|| "open /dev/null".into())?;
+    // SAFETY: dup2 onto 0, 1 and 2 replaces the standard streams with fds we own; no Rust object owns 0-2 here.
+    unsafe {
+        if libc::dup2(null.as_raw_fd(), 0) < 0
+            || libc::dup2(log_w.as_raw_fd(), 1) < 0
+            || libc::dup2(log_w.as_raw_fd(), 2) < 0
+        {
+            return Err(Failure(format!(
+                "redirect the standard streams: {}",
+                Errno::last().desc()
+            )));
+        }
+    }
+    drop(null);
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    // Init runs with oom_score_adj -1000 so the OOM killer picks the appliance, not init.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+    chdir(&config.workdir).step(|| format!("chdir {}", config.workdir.display()))?;
+
+    let keep = parse_caps(&config.capabilities)?;
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .map_err(|e| Failure(format!("drop {cap} from the bounding set: {e}")))?;
+        }
+    }
+    if config.uid != 0 && !keep.is_empty() {
+        // Keep the permitted set across setuid so the declared capabilities survive it.
+        nix::sys::prctl::set_keepcaps(true).step(|| "prctl(PR_SET_KEEPCAPS)".into())?;
+    }
+    match setgroups(&[]) {
+        // An unprivileged (rootless) user namespace has setgroups disabled: nothing to drop.
+        Err(Errno::EPERM) if config.user_namespace => {}
+        other => other.step(|| "setgroups".into())?,
+    }
+    setgid(Gid::from_raw(config.gid)).step(|| format!("setgid {}", config.gid))?;
+    setuid(Uid::from_raw(config.uid)).step(|| format!("setuid {}", config.uid))?;
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+    ] {
+        caps::set(None, set, &keep)
+            .map_err(|e| Failure(format!("set the {set:?} capabilities: {e}")))?;
+    }
+    if config.uid != 0 {
+        for cap in &keep {
+            caps::raise(None, caps::CapSet::Ambient, *cap)
+                .map_err(|e| Failure(format!("raise ambient {cap}: {e}")))?;
+        }
+    }
+    nix::sys::prctl::set_no_new_privs().step(|| "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
+
+    let argv: Vec<CString> = config
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let env: Vec<CString> = config
+        .env
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let program = argv
+        .first()
+        .ok_or_else(|| Failure("the command is empty".into()))?;
+
+    // SAFETY: close_range only changes fd flags; every fd above 2 becomes close-on-exec, so the
+    // appliance inherits nothing but its standard streams, while our error pipe stays usable until exec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+    // Last, so nothing above runs under the filters.
+    for filter in &config.seccomp {
+        let program: seccompiler::BpfProgram = filter
+            .iter()
+            .map(|f| seccompiler::sock_filter {
+                code: f.code,
+                jt: f.jt,
+                jf: f.jf,
+                k: f.k,
+            })
+            .collect();
+        seccompiler::apply_filter(&program)
+            .map_err(|e| Failure(format!("install the seccomp filter: {e}")))?;
+    }
+    let Err(e) = nix::unistd::execve(program, &argv, &env);
+    Err(Failure(format!("exec {}: {}", config.argv[0], e.desc())))
+}
+
+pub fn cstring(s: &str) -> Result<CString, Failure> {
+    CString::new(s).map_err(|_| Failure(format!("{s:?} contains a NUL byte")))
+}
+
+pub fn parse_caps(names: &[String]) -> Result<caps::CapsHashSet, Failure> {
+    names
+        .iter()
+        .map(|n| {
+            n.parse::<caps::Capability>()
+                .map_err(|_| Failure(format!("unknown capability {n}")))
+        })
+        .collect()
+}

@@ -1,0 +1,355 @@
+//! `juice-guest`: PID 1 of a Juice microVM.
+//!
+//! It runs from the initramfs Juice generates (this binary, the kernel
+//! modules the guest needs, nothing else: no shell, no busybox) and:
+//!
+//! 1. mounts /dev, /proc and /sys, and loads the modules listed in
+//!    `/lib/modules/order`, with any `module.param=value` from the kernel
+//!    command line (there is no modprobe to do that);
+//! 2. finds its disks by serial number: the root (erofs, mounted read-only),
+//!    the config disk (a [`GuestConfig`] as JSON) and one ext4 disk per volume;
+//! 3. configures `lo` and `eth0` over netlink, sets the hostname, and moves
+//!    the appliance's root over `/`;
+//! 4. starts the appliance exactly as a sandbox would (same user,
+//!    capabilities, no_new_privs and seccomp filter), with its output on the
+//!    `juice.log` virtio-serial port;
+//! 5. reaps every zombie, passes `term`/`kill` from the `juice.ctl` port on
+//!    as signals, reports `started`, `exit` or `failed` on `juice.status`,
+//!    syncs, and powers the VM off when the appliance ends.
+
+mod net;
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use juice_init::exec::{Failure, Step, prepare_and_exec};
+use juice_init::{
+    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_ROOT_SERIAL,
+    GUEST_STATUS_PORT, GuestConfig,
+};
+use nix::mount::{MsFlags, mount};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, chdir, chroot, fork, sethostname};
+
+/// Where the appliance's root is mounted before it moves over `/`.
+const NEW_ROOT: &str = "/newroot";
+/// How long devices may take to appear after their driver loads.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+
+fn main() {
+    let mut status: Option<std::fs::File> = None;
+    let outcome = run(&mut status);
+    let line = match outcome {
+        Ok(record) => match serde_json::to_string(&record) {
+            Ok(json) => format!("exit {json}"),
+            Err(e) => format!("failed encode the exit record: {e}"),
+        },
+        Err(Failure(reason)) => {
+            eprintln!("juice-guest: {reason}");
+            format!("failed {reason}")
+        }
+    };
+    if let Some(s) = status.as_mut() {
+        let _ = writeln!(s, "{line}");
+        let _ = s.sync_all();
+    }
+    nix::unistd::sync();
+    // SAFETY: reboot(2) with a valid command; as PID 1 this ends the VM (QEMU exits).
+    unsafe {
+        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+}
+
+fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
+    mount_basics()?;
+    load_modules()?;
+    let ports = find_ports(&[GUEST_LOG_PORT, GUEST_STATUS_PORT, GUEST_CONTROL_PORT])?;
+    let open = |i: usize, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(&ports[i])
+            .step(|| format!("open {}", ports[i].display()))
+    };
+    *status = Some(open(1, true)?);
+    let log: OwnedFd = open(0, true)?.into();
+    let control = open(2, false)?;
+
+    let disks = find_disks(&[GUEST_ROOT_SERIAL, GUEST_CONFIG_SERIAL])?;
+    let config = read_config(&disks[1])?;
+    mount_root(&disks[0], &config)?;
+    if let Some(n) = &config.network {
+        net::configure(n).map_err(Failure)?;
+    } else {
+        net::loopback_only().map_err(Failure)?;
+    }
+    sethostname(&config.app.hostname).step(|| "sethostname".into())?;
+    enter_root()?;
+
+    // The exec error (if any) comes back through this pipe; it closes on a successful exec.
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
+    // SAFETY: fork in a single-threaded process; the child only prepares and execs.
+    let app = match unsafe { fork() }.step(|| "fork".into())? {
+        ForkResult::Child => {
+            drop(err_r);
+            let Err(Failure(reason)) = prepare_and_exec(&config.app, &log);
+            let _ = nix::unistd::write(&err_w, reason.as_bytes());
+            // SAFETY: _exit in the forked child, never returning into the parent's state.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(err_w);
+    let mut reason = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut reason);
+    if !reason.is_empty() {
+        let _ = waitpid(app, None);
+        return Err(Failure(reason));
+    }
+    if let Some(s) = status.as_mut() {
+        let _ = writeln!(s, "started {app}");
+    }
+    listen_for_control(control, app);
+    Ok(supervise(app))
+}
+
+fn mount_basics() -> Result<(), Failure> {
+    for (fs, target) in [("devtmpfs", "/dev"), ("proc", "/proc"), ("sysfs", "/sys")] {
+        let _ = std::fs::create_dir_all(target);
+        mount(Some(fs), target, Some(fs), MsFlags::MS_NOSUID, None::<&str>)
+            .step(|| format!("mount {fs} on {target}"))?;
+    }
+    // Our standard streams: the kernel console (the initramfs has no /dev/console node).
+    if let Ok(console) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard streams, which no Rust object owns here.
+            unsafe { libc::dup2(console.as_raw_fd(), fd) };
+        }
+    }
+    Ok(())
+}
+
+/// Loads the modules in `/lib/modules/order` (dependencies first, as the host wrote it).
+fn load_modules() -> Result<(), Failure> {
+    let order =
+        std::fs::read_to_string("/lib/modules/order").step(|| "read /lib/modules/order".into())?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{name}.ko");
+        let file = std::fs::File::open(&path).step(|| format!("open {path}"))?;
+        let params = module_params(&cmdline, name);
+        let params = std::ffi::CString::new(params)
+            .map_err(|_| Failure(format!("parameters of {name} contain a NUL byte")))?;
+        // SAFETY: finit_module with an open module file, a NUL-terminated parameter string
+        // and no flags.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(Failure(format!("load module {name}: {e}")));
+            }
+        }
+        // The initramfs is memory: drop each module once it is loaded.
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
+/// `module.param=value` words of the kernel command line for `module`, as `param=value ...`.
+fn module_params(cmdline: &str, module: &str) -> String {
+    let norm = |s: &str| s.replace('-', "_");
+    let module = norm(module);
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| {
+            let (key, _) = w.split_once('=')?;
+            let (m, _) = key.split_once('.')?;
+            (norm(m) == module).then(|| w[m.len() + 1..].to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits for `what` to find everything, polling sysfs.
+fn wait_for<T>(what: &str, mut find: impl FnMut() -> Option<T>) -> Result<T, Failure> {
+    let deadline = Instant::now() + DEVICE_WAIT;
+    loop {
+        if let Some(t) = find() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            return Err(Failure(format!("{what} did not appear")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Entries of a sysfs class directory whose `attr` file reads as one of `wanted`, in that order.
+fn by_attribute(class: &str, attr: &str, wanted: &[&str]) -> Option<Vec<String>> {
+    let mut found = vec![None; wanted.len()];
+    for entry in std::fs::read_dir(class).ok()?.flatten() {
+        let value = std::fs::read_to_string(entry.path().join(attr)).unwrap_or_default();
+        if let Some(i) = wanted.iter().position(|w| *w == value.trim()) {
+            found[i] = Some(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn find_ports(names: &[&str]) -> Result<Vec<PathBuf>, Failure> {
+    let found = wait_for(&format!("the virtio-serial ports {names:?}"), || {
+        by_attribute("/sys/class/virtio-ports", "name", names)
+    })?;
+    Ok(found.iter().map(|n| Path::new("/dev").join(n)).collect())
+}
+
+/// Block devices by serial number, as `/dev/vdX` paths.
+fn find_disks(serials: &[&str]) -> Result<Vec<PathBuf>, Failure> {
+    let found = wait_for(&format!("the disks {serials:?}"), || {
+        by_attribute("/sys/block", "serial", serials)
+    })?;
+    Ok(found.iter().map(|n| Path::new("/dev").join(n)).collect())
+}
+
+fn read_config(disk: &Path) -> Result<GuestConfig, Failure> {
+    let bytes = std::fs::read(disk).step(|| format!("read the config disk {}", disk.display()))?;
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    serde_json::from_slice(&bytes[..end]).map_err(|e| Failure(format!("the config disk: {e}")))
+}
+
+/// The image read-only at [`NEW_ROOT`], with /proc, /dev, /tmp, /run and the volumes.
+fn mount_root(disk: &Path, config: &GuestConfig) -> Result<(), Failure> {
+    std::fs::create_dir_all(NEW_ROOT).step(|| format!("create {NEW_ROOT}"))?;
+    mount(
+        Some(disk),
+        NEW_ROOT,
+        Some("erofs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .step(|| format!("mount the root {} (erofs)", disk.display()))?;
+    let under = |p: &Path| Path::new(NEW_ROOT).join(p.strip_prefix("/").unwrap_or(p));
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for (fs, target, flags, data) in [
+        ("proc", "/proc", nosuid | MsFlags::MS_NOEXEC, None),
+        ("devtmpfs", "/dev", MsFlags::MS_NOSUID, None),
+        ("tmpfs", "/tmp", nosuid, Some("mode=1777")),
+        ("tmpfs", "/run", nosuid, Some("mode=755")),
+    ] {
+        mount(Some(fs), &under(Path::new(target)), Some(fs), flags, data)
+            .step(|| format!("mount {fs} on {target}"))?;
+    }
+    if !config.volumes.is_empty() {
+        let serials: Vec<&str> = config.volumes.iter().map(|v| v.serial.as_str()).collect();
+        let disks = find_disks(&serials)?;
+        for (v, disk) in config.volumes.iter().zip(disks) {
+            let target = under(&v.target);
+            if !target.is_dir() {
+                return Err(Failure(format!(
+                    "volume mount point {} is not a directory in the image",
+                    v.target.display()
+                )));
+            }
+            mount(Some(&disk), &target, Some("ext4"), nosuid, None::<&str>).step(|| {
+                format!(
+                    "mount volume {} ({}) on {}",
+                    v.serial,
+                    disk.display(),
+                    v.target.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves [`NEW_ROOT`] over `/` (the initramfs stays underneath, emptied).
+fn enter_root() -> Result<(), Failure> {
+    let _ = std::fs::remove_file("/init");
+    let _ = std::fs::remove_dir_all("/lib/modules");
+    chdir(NEW_ROOT).step(|| format!("chdir {NEW_ROOT}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .step(|| "move the root over /".into())?;
+    chroot(".").step(|| "chroot".into())?;
+    chdir("/").step(|| "chdir /".into())
+}
+
+/// A thread that turns `term` and `kill` lines from the host into signals for the appliance.
+fn listen_for_control(control: std::fs::File, app: Pid) {
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(control);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                // No host on the other end: wait for one.
+                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) => {
+                    let sig = match line.trim() {
+                        "term" => Signal::SIGTERM,
+                        "kill" => Signal::SIGKILL,
+                        _ => continue,
+                    };
+                    let _ = kill(app, sig);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+}
+
+/// Reaps every child until the appliance ends; then ends whatever it left.
+fn supervise(app: Pid) -> ExitRecord {
+    let record = loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == app => {
+                break ExitRecord {
+                    code: Some(code),
+                    signal: None,
+                };
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == app => {
+                break ExitRecord {
+                    code: None,
+                    signal: Some(sig as i32),
+                };
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => {
+                break ExitRecord {
+                    code: None,
+                    signal: None,
+                };
+            }
+        }
+    };
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while waitpid(Pid::from_raw(-1), None).is_ok() {}
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_params;
+
+    #[test]
+    fn module_parameters_come_from_the_command_line() {
+        let cmdline = "console=ttyS0 virtio_mmio.device=512@0xfeb00000:12 virtio-mmio.device=1K@0x1:5 quiet erofs.x=1";
+        assert_eq!(
+            module_params(cmdline, "virtio_mmio"),
+            "device=512@0xfeb00000:12 device=1K@0x1:5"
+        );
+        assert_eq!(module_params(cmdline, "erofs"), "x=1");
+        assert_eq!(module_params(cmdline, "virtio_blk"), "");
+    }
+}

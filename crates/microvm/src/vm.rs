@@ -1,0 +1,992 @@
+//! Starting, finding, stopping and waiting for microVMs.
+//!
+//! One QEMU process per instance, started detached (its own session) so it
+//! outlives the daemon; no shim. What is needed to find it again is in
+//! `$JUICE_HOME/vms/<name>/state.json` (the pid and its start time), next to
+//! its QMP socket, its control socket, its console log and the status the
+//! guest reports.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use juice_init::{
+    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_ROOT_SERIAL,
+    GUEST_STATUS_PORT, GuestConfig, GuestNetwork, GuestVolume, InitConfig, LOG_FILE,
+};
+use juice_sandbox::network::{self, Attachment};
+use juice_sandbox::{ExitReport, SandboxSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::Kernel;
+use crate::qmp::Qmp;
+use crate::{VmError, artefacts};
+
+/// Guest memory beyond the appliance's own limit: the kernel, page cache, init.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+/// Guest memory when the manifest sets no limit.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// The size of a volume's disk (sparse: it takes host space only as it fills).
+pub const VOLUME_BYTES: u64 = 1 << 30;
+
+/// Hardware-assisted or emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// `JUICE_ACCEL=kvm|tcg`, else KVM only where the CPU shows hardware
+    /// virtualisation (vmx/svm) and /dev/kvm opens. A nested software KVM
+    /// (like `kvm_pvm`) answers the API but cannot boot a stock kernel, so
+    /// /dev/kvm alone is not enough.
+    pub fn detect() -> Accel {
+        match std::env::var("JUICE_ACCEL").as_deref() {
+            Ok("kvm") => return Accel::Kvm,
+            Ok("tcg") => return Accel::Tcg,
+            _ => {}
+        }
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = flags
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if hw && kvm { Accel::Kvm } else { Accel::Tcg }
+    }
+}
+
+/// What is on disk about a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub name: String,
+    /// The QEMU process.
+    pub pid: i32,
+    pub start_time: u64,
+    pub network: Option<Attachment>,
+    pub started_unix_ms: u64,
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+/// The microVM backend.
+pub struct Runtime {
+    home: PathBuf,
+    kernel: Kernel,
+    guest_init: PathBuf,
+    qemu: PathBuf,
+    accel: Accel,
+}
+
+impl Runtime {
+    /// Finds the kernel, `juice-guest` (`JUICE_GUEST` or next to this program)
+    /// and QEMU (`JUICE_QEMU` or `qemu-system-x86_64` on the PATH).
+    pub fn new(home: &Path) -> Result<Runtime, VmError> {
+        let guest_init = match std::env::var_os("JUICE_GUEST") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()
+                .map_err(|source| VmError::Io {
+                    action: "find",
+                    path: "/proc/self/exe".into(),
+                    source,
+                })?
+                .with_file_name("juice-guest"),
+        };
+        if !guest_init.is_file() {
+            return Err(VmError::NoGuestInit(guest_init));
+        }
+        let qemu = match std::env::var_os("JUICE_QEMU") {
+            Some(p) => PathBuf::from(p),
+            None => find_in_path("qemu-system-x86_64").ok_or(VmError::NoQemu)?,
+        };
+        let kernel = Kernel::find()?;
+        let dir = home.join("vms");
+        std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Runtime {
+            home: home.to_owned(),
+            kernel,
+            guest_init,
+            qemu,
+            accel: Accel::detect(),
+        })
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.home.join("vms").join(name)
+    }
+
+    fn artefact_dir(&self) -> PathBuf {
+        self.home.join("vm-artefacts")
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(LOG_FILE)
+    }
+
+    /// The boot artefacts for an unpacked image, made once and verified now:
+    /// (initramfs, root disk).
+    pub fn artefacts(&self, rootfs: &Path) -> Result<(PathBuf, PathBuf), VmError> {
+        let initrd = artefacts::initramfs(&self.artefact_dir(), &self.kernel, &self.guest_init)?;
+        let root = artefacts::root_disk(&self.artefact_dir(), rootfs)?;
+        // Made now or long ago, both are checked against their records before a boot.
+        for a in [&initrd, &root] {
+            if !artefacts::verify(a)? {
+                return Err(VmError::Artefact(format!("{} vanished", a.display())));
+            }
+        }
+        Ok((initrd, root))
+    }
+
+    /// Boots an instance as `spec` describes. Returns once QEMU runs and answers
+    /// QMP; the guest boots on (see [`Vm::wait_started`]). On failure nothing is left.
+    pub fn spawn(&self, spec: &SandboxSpec) -> Result<Vm, VmError> {
+        check_name(&spec.name)?;
+        if let Ok(existing) = self.adopt(&spec.name) {
+            if existing.is_running() {
+                return Err(VmError::Exists(spec.name.clone()));
+            }
+            existing.cleanup();
+        }
+        let dir = self.vm_dir(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        for stale in [
+            "state.json",
+            "status",
+            "console.log",
+            "qemu.log",
+            "qmp.sock",
+            "ctl.sock",
+        ] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let (initrd, root) = self.artefacts(&spec.rootfs)?;
+
+        let mut volumes = Vec::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let disk = volume_disk_path(&v.source);
+            artefacts::volume_disk(&disk, VOLUME_BYTES, spec.uid, spec.gid)?;
+            volumes.push((format!("juice-vol-{i}"), disk, v.target.clone()));
+        }
+
+        let memory_mib = spec.limits.memory.map_or(DEFAULT_MEMORY_MIB, |m| {
+            m.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB
+        });
+        let vcpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
+
+        let attachment = match &spec.network {
+            Some(n) => Some(network::allocate(&self.home, &spec.name, n)?),
+            None => None,
+        };
+        let result = self.boot(
+            spec,
+            &dir,
+            &initrd,
+            &root,
+            &volumes,
+            attachment.as_ref(),
+            memory_mib,
+            vcpus,
+        );
+        if result.is_err()
+            && let Some(a) = &attachment
+        {
+            network::release(&self.home, a);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn boot(
+        &self,
+        spec: &SandboxSpec,
+        dir: &Path,
+        initrd: &Path,
+        root: &Path,
+        volumes: &[(String, PathBuf, PathBuf)],
+        attachment: Option<&Attachment>,
+        memory_mib: u64,
+        vcpus: u32,
+    ) -> Result<Vm, VmError> {
+        let config = GuestConfig {
+            app: InitConfig {
+                rootfs: "/".into(),
+                hostname: spec.name.clone(),
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                uid: spec.uid,
+                gid: spec.gid,
+                workdir: spec.workdir.clone(),
+                capabilities: spec.capabilities.clone(),
+                seccomp: if spec.seccomp {
+                    juice_sandbox::seccomp::default_filters()
+                        .map_err(|e| VmError::Artefact(e.to_string()))?
+                } else {
+                    Vec::new()
+                },
+                binds: Vec::new(),
+                user_namespace: false,
+                cgroup_namespace: false,
+                log_max_bytes: spec.log_max_bytes,
+                log_keep: spec.log_keep,
+            },
+            volumes: volumes
+                .iter()
+                .map(|(serial, _, target)| GuestVolume {
+                    serial: serial.clone(),
+                    target: target.clone(),
+                })
+                .collect(),
+            network: attachment.map(|a| GuestNetwork {
+                address: a.address,
+                prefix: a.subnet.prefix,
+                gateway: a.subnet.gateway(),
+            }),
+        };
+        let config_disk = dir.join("config.disk");
+        write_config_disk(&config_disk, &config)?;
+        let tap = match attachment {
+            Some(a) => Some(network::attach_tap(&self.home, a)?),
+            None => None,
+        };
+        let args = qemu_args(&QemuPlan {
+            dir,
+            kernel: &self.kernel.image,
+            initrd,
+            root,
+            config: &config_disk,
+            volumes,
+            mac: attachment.map(|a| network::mac_for(a.address)),
+            tap_fd: tap.as_ref().map(|t| t.as_raw_fd()),
+            memory_mib,
+            vcpus,
+            accel: self.accel,
+            name: &spec.name,
+        });
+        let qemu_log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(|source| VmError::Io {
+                action: "create",
+                path: dir.join("qemu.log"),
+                source,
+            })?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(qemu_log.try_clone().map_err(|e| VmError::Start {
+                name: spec.name.clone(),
+                reason: e.to_string(),
+            })?)
+            .stderr(qemu_log);
+        let tap_raw = tap.as_ref().map(|t| t.as_raw_fd());
+        let die_with_parent = spec.die_with_parent;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe calls (setsid, fcntl, prctl); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                // The tap keeps its number; only its close-on-exec flag goes.
+                if let Some(fd) = tap_raw
+                    && libc::fcntl(fd, libc::F_SETFD, 0) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if die_with_parent {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| VmError::Start {
+            name: spec.name.clone(),
+            reason: format!("cannot run {}: {e}", self.qemu.display()),
+        })?;
+        drop(tap);
+        let pid = child.id() as i32;
+        // We reap it ourselves through waitpid (dropping `Child` neither waits nor kills).
+        drop(child);
+        let kill_it = || {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        };
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                kill_it();
+                return Err(e);
+            }
+        };
+        let state = VmState {
+            name: spec.name.clone(),
+            pid,
+            start_time: juice_sandbox::instance::start_time(pid).unwrap_or(0),
+            network: attachment.cloned(),
+            started_unix_ms: now_ms(),
+            accel: self.accel,
+            memory_mib,
+            vcpus,
+        };
+        let mut vm = Vm {
+            state,
+            pidfd,
+            is_child: true,
+            dir: dir.to_owned(),
+            home: self.home.clone(),
+            reaped: None,
+        };
+        if let Err(e) = vm.write_state().and_then(|()| vm.wait_for_qmp(&spec.name)) {
+            kill_it();
+            vm.reaped = Some(ExitReport {
+                code: None,
+                signal: None,
+                oom_killed: false,
+            });
+            vm.release();
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Finds a VM started earlier, by this process or another, and checks it answers QMP.
+    pub fn adopt(&self, name: &str) -> Result<Vm, VmError> {
+        check_name(name)?;
+        let dir = self.vm_dir(name);
+        let path = dir.join("state.json");
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VmError::NotFound(name.to_owned()),
+            _ => VmError::Io {
+                action: "read",
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        let state: VmState = serde_json::from_slice(&bytes).map_err(|e| VmError::Damaged {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let alive = juice_sandbox::instance::start_time(state.pid) == Some(state.start_time);
+        let pidfd = match (alive, pidfd_open(state.pid)) {
+            (true, Ok(fd)) => fd,
+            _ => dead_pidfd()?,
+        };
+        let vm = Vm {
+            state,
+            pidfd,
+            is_child: false,
+            dir,
+            home: self.home.clone(),
+            reaped: None,
+        };
+        if vm.is_running() {
+            // A live pid that is not our VM's QEMU would not answer on its socket.
+            let status = Qmp::connect(&vm.dir.join("qmp.sock"), Duration::from_secs(2))
+                .and_then(|mut q| q.status())
+                .map_err(|reason| VmError::Damaged {
+                    name: name.to_owned(),
+                    reason,
+                })?;
+            if status != "running" {
+                return Err(VmError::Damaged {
+                    name: name.to_owned(),
+                    reason: format!("the VM is {status}"),
+                });
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Names of all VMs with state on disk.
+    pub fn list(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.home.join("vms"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("state.json").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Removes what dead VMs left behind.
+    pub fn cleanup_stale(&self) -> usize {
+        let mut n = 0;
+        for name in self.list() {
+            if let Ok(vm) = self.adopt(&name)
+                && !vm.is_running()
+            {
+                vm.cleanup();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// A volume's disk sits beside the directory a sandbox would use: `<volume>.ext4`.
+pub fn volume_disk_path(source: &Path) -> PathBuf {
+    let mut name = source.as_os_str().to_owned();
+    name.push(".ext4");
+    PathBuf::from(name)
+}
+
+struct QemuPlan<'a> {
+    dir: &'a Path,
+    kernel: &'a Path,
+    initrd: &'a Path,
+    root: &'a Path,
+    config: &'a Path,
+    volumes: &'a [(String, PathBuf, PathBuf)],
+    mac: Option<[u8; 6]>,
+    tap_fd: Option<RawFd>,
+    memory_mib: u64,
+    vcpus: u32,
+    accel: Accel,
+    name: &'a str,
+}
+
+/// QEMU's comma-separated option values escape a comma by doubling it.
+fn opt_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+    if p.accel == Accel::Tcg {
+        // Without a TSC frequency the emulated guest stalls calibrating it.
+        cmdline.push_str(" tsc_early_khz=1000000");
+    }
+    let file = |n: &str| opt_path(&p.dir.join(n));
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("juice-{}", p.name),
+        "-M".into(),
+        "microvm,isa-serial=on,pit=on,pic=on,rtc=on".into(),
+        "-accel".into(),
+        match p.accel {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => "tcg".into(),
+        },
+        "-cpu".into(),
+        match p.accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        },
+        "-m".into(),
+        format!("{}M", p.memory_mib),
+        "-smp".into(),
+        p.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", file("console.log")),
+        "-kernel".into(),
+        p.kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        p.initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+        cmdline,
+    ];
+    let mut disk = |id: &str, path: &Path, serial: &str, read_only: bool| {
+        a.push("-drive".into());
+        a.push(format!(
+            "id={id},file={},format=raw,if=none{}",
+            opt_path(path),
+            if read_only { ",readonly=on" } else { "" }
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-blk-device,drive={id},serial={serial}"));
+    };
+    disk("root", p.root, GUEST_ROOT_SERIAL, true);
+    disk("config", p.config, GUEST_CONFIG_SERIAL, true);
+    for (i, (serial, path, _)) in p.volumes.iter().enumerate() {
+        disk(&format!("vol{i}"), path, serial, false);
+    }
+    if let (Some(fd), Some(mac)) = (p.tap_fd, p.mac) {
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,fd={fd}"));
+        a.push("-device".into());
+        a.push(format!(
+            "virtio-net-device,netdev=net0,mac={}",
+            mac.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        ));
+    }
+    a.push("-device".into());
+    a.push("virtio-serial-device,max_ports=4".into());
+    for (id, backend, port) in [
+        (
+            "log",
+            format!("file,id=log,path={},append=on", file(LOG_FILE)),
+            GUEST_LOG_PORT,
+        ),
+        (
+            "status",
+            format!("file,id=status,path={}", file("status")),
+            GUEST_STATUS_PORT,
+        ),
+        (
+            "ctl",
+            format!("socket,id=ctl,path={},server=on,wait=off", file("ctl.sock")),
+            GUEST_CONTROL_PORT,
+        ),
+    ] {
+        a.push("-chardev".into());
+        a.push(backend);
+        a.push("-device".into());
+        a.push(format!("virtserialport,chardev={id},name={port}"));
+    }
+    a.push("-qmp".into());
+    a.push(format!("unix:{},server=on,wait=off", file("qmp.sock")));
+    a
+}
+
+fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), VmError> {
+    let mut bytes = serde_json::to_vec(config).map_err(|e| VmError::Artefact(e.to_string()))?;
+    // A disk is whole sectors; the guest reads up to the first NUL.
+    bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096 + 4096, 0);
+    std::fs::write(path, &bytes).map_err(|source| VmError::Io {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A running (or finished) microVM.
+pub struct Vm {
+    state: VmState,
+    pidfd: OwnedFd,
+    is_child: bool,
+    dir: PathBuf,
+    home: PathBuf,
+    reaped: Option<ExitReport>,
+}
+
+impl Vm {
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+    pub fn pid(&self) -> i32 {
+        self.state.pid
+    }
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.state.network.as_ref().map(|a| a.address)
+    }
+
+    fn write_state(&self) -> Result<(), VmError> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join("state.json.tmp");
+        let json = serde_json::to_vec(&self.state).map_err(|e| VmError::Artefact(e.to_string()))?;
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| VmError::Io {
+                action: "write",
+                path,
+                source,
+            })
+    }
+
+    /// Waits until QEMU answers on its QMP socket (or has died, with its reason).
+    fn wait_for_qmp(&self, name: &str) -> Result<(), VmError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sock = self.dir.join("qmp.sock");
+        loop {
+            if !self.is_running() {
+                return Err(VmError::Start {
+                    name: name.to_owned(),
+                    reason: format!("QEMU exited: {}", self.tail("qemu.log")),
+                });
+            }
+            if sock.exists()
+                && let Ok(mut q) = Qmp::connect(&sock, Duration::from_secs(2))
+                && q.status().is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Start {
+                    name: name.to_owned(),
+                    reason: "QEMU did not answer on its QMP socket within 10 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The last lines of a file in the VM's directory, for error messages.
+    fn tail(&self, file: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    fn status_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("status"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until the guest has started the appliance; its reason if it could not.
+    pub fn wait_started(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for line in self.status_lines() {
+                if line.starts_with("started ") {
+                    return Ok(());
+                }
+                if let Some(reason) = line.strip_prefix("failed ") {
+                    return Err(self.start_failure(reason.to_owned()));
+                }
+            }
+            if !self.is_running() {
+                let console = self.tail("console.log");
+                return Err(self.start_failure(format!("the VM stopped during boot: {console}")));
+            }
+            if Instant::now() > deadline {
+                return Err(self.start_failure(format!(
+                    "the guest did not start the appliance within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn start_failure(&mut self, reason: String) -> VmError {
+        let _ = self.stop(Duration::ZERO);
+        VmError::Start {
+            name: self.state.name.clone(),
+            reason,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.reaped.is_none() && !poll_readable(&self.pidfd, 0)
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for the VM to end; then cleans up.
+    pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
+        if let Some(r) = self.reaped {
+            return Some(r);
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        if !poll_readable(&self.pidfd, ms) {
+            return None;
+        }
+        if self.is_child {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.state.pid), None);
+        }
+        let mut report = ExitReport {
+            code: None,
+            signal: None,
+            oom_killed: false,
+        };
+        for line in self.status_lines() {
+            if let Some(json) = line.strip_prefix("exit ")
+                && let Ok(r) = serde_json::from_str::<ExitRecord>(json)
+            {
+                report.code = r.code;
+                report.signal = r.signal;
+            }
+            if let Some(reason) = line.strip_prefix("failed ") {
+                // Into the log, where `juice logs` shows it.
+                if let Ok(mut log) = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.dir.join(LOG_FILE))
+                {
+                    let _ = writeln!(
+                        log,
+                        "juice: the guest could not start the appliance: {reason}"
+                    );
+                }
+            }
+        }
+        self.reaped = Some(report);
+        self.release();
+        Some(report)
+    }
+
+    pub fn wait(&mut self) -> ExitReport {
+        loop {
+            if let Some(r) = self.wait_timeout(None) {
+                return r;
+            }
+        }
+    }
+
+    /// Asks the guest to stop the appliance (SIGTERM inside), then ends QEMU
+    /// through QMP after `grace`, then SIGKILL.
+    pub fn stop(&mut self, grace: Duration) -> ExitReport {
+        if self.reaped.is_none() {
+            if !grace.is_zero()
+                && let Ok(mut ctl) =
+                    std::os::unix::net::UnixStream::connect(self.dir.join("ctl.sock"))
+            {
+                let _ = ctl.write_all(b"term\n");
+                if let Some(r) = self.wait_timeout(Some(grace)) {
+                    return r;
+                }
+            }
+            if let Ok(mut q) = Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_millis(500))
+            {
+                let _ = q.execute("quit");
+                if let Some(r) = self.wait_timeout(Some(Duration::from_secs(2))) {
+                    return r;
+                }
+            }
+            self.signal(libc::SIGKILL);
+        }
+        self.wait()
+    }
+
+    /// Sends a signal to QEMU through the pidfd (never to a recycled pid).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+
+    /// Frees the address; the tap went with QEMU. Keeps logs and status.
+    fn release(&self) {
+        if let Some(a) = &self.state.network {
+            network::release(&self.home, a);
+        }
+        for f in ["state.json", "qmp.sock", "ctl.sock", "config.disk"] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+    }
+
+    fn cleanup(mut self) {
+        if self.reaped.is_none() {
+            self.reaped = Some(ExitReport {
+                code: None,
+                signal: None,
+                oom_killed: false,
+            });
+        }
+        self.release();
+    }
+}
+
+fn check_name(name: &str) -> Result<(), VmError> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VmError::BadName(name.to_owned()))
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn pidfd_open(pid: i32) -> Result<OwnedFd, VmError> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(VmError::Syscall(format!(
+            "pidfd_open {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a fresh fd from pidfd_open that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A readable fd standing in for the pidfd of a VM that is gone.
+fn dead_pidfd() -> Result<OwnedFd, VmError> {
+    // SAFETY: eventfd returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmError::Syscall(format!(
+            "eventfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn poll_readable(fd: &OwnedFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return rc > 0;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_gets_the_disks_ports_and_network_it_needs() {
+        let vols = vec![(
+            "juice-vol-0".to_owned(),
+            PathBuf::from("/v/data,1.ext4"),
+            PathBuf::from("/data"),
+        )];
+        let args = qemu_args(&QemuPlan {
+            dir: Path::new("/h/vms/a"),
+            kernel: Path::new("/boot/k"),
+            initrd: Path::new("/i"),
+            root: Path::new("/r"),
+            config: Path::new("/c"),
+            volumes: &vols,
+            mac: Some([2, 0x4a, 10, 88, 0, 5]),
+            tap_fd: Some(3),
+            memory_mib: 128,
+            vcpus: 2,
+            accel: Accel::Tcg,
+            name: "a",
+        });
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("file=/r,format=raw,if=none,readonly=on"),
+            "{joined}"
+        );
+        assert!(joined.contains("serial=juice-root"));
+        assert!(joined.contains("file=/v/data,,1.ext4,format=raw,if=none -device virtio-blk-device,drive=vol0,serial=juice-vol-0"), "{joined}");
+        assert!(joined.contains("tap,id=net0,fd=3"));
+        assert!(joined.contains("mac=02:4a:0a:58:00:05"));
+        assert!(joined.contains("-m 128M -smp 2"));
+        assert!(joined.contains("tsc_early_khz=1000000"));
+        assert!(joined.contains("name=juice.status"));
+        assert!(joined.contains("unix:/h/vms/a/qmp.sock,server=on,wait=off"));
+    }
+
+    #[test]
+    fn kvm_boots_without_the_tcg_clock_hint() {
+        let args = qemu_args(&QemuPlan {
+            dir: Path::new("/d"),
+            kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
+            root: Path::new("/r"),
+            config: Path::new("/c"),
+            volumes: &[],
+            mac: None,
+            tap_fd: None,
+            memory_mib: 256,
+            vcpus: 1,
+            accel: Accel::Kvm,
+            name: "b",
+        });
+        let joined = args.join(" ");
+        assert!(!joined.contains("tsc_early_khz"));
+        assert!(joined.contains("-accel kvm -cpu host"));
+        assert!(!joined.contains("netdev"));
+    }
+
+    #[test]
+    fn the_config_disk_is_whole_sectors_and_ends_in_nul() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        let config = GuestConfig {
+            app: InitConfig {
+                rootfs: "/".into(),
+                hostname: "h".into(),
+                argv: vec!["/x".into()],
+                env: vec![],
+                uid: 0,
+                gid: 0,
+                workdir: "/".into(),
+                capabilities: vec![],
+                seccomp: vec![],
+                binds: vec![],
+                user_namespace: false,
+                cgroup_namespace: false,
+                log_max_bytes: 1,
+                log_keep: 1,
+            },
+            volumes: vec![],
+            network: None,
+        };
+        write_config_disk(&p, &config).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(bytes.len() % 512, 0);
+        let end = bytes.iter().position(|b| *b == 0).unwrap();
+        let back: GuestConfig = serde_json::from_slice(&bytes[..end]).unwrap();
+        assert_eq!(back.app.argv, ["/x"]);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("web-r1-00ab").is_ok());
+        for bad in ["", "-a", "A", "a/b", "a.b", &"x".repeat(49)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
