@@ -71,8 +71,9 @@ struct Live {
 pub struct Agent {
     home: PathBuf,
     store: Store,
-    /// The `sandbox` backend; `microvm` comes with its own issue.
     sandbox: Box<dyn Backend>,
+    /// Made on first use, so a host without QEMU or a guest kernel still runs sandboxes.
+    microvm: std::sync::OnceLock<Result<Box<dyn Backend>, String>>,
     state: State,
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
@@ -143,6 +144,7 @@ impl Agent {
             home: home.to_owned(),
             store,
             sandbox,
+            microvm: std::sync::OnceLock::new(),
             state,
             world: Mutex::new(World::default()),
             wake,
@@ -166,9 +168,15 @@ impl Agent {
     fn backend(&self, isolation: Isolation) -> Result<&dyn Backend, AgentError> {
         match isolation {
             Isolation::Sandbox => Ok(&*self.sandbox),
-            Isolation::Microvm => Err(AgentError::Setup(
-                "isolation \"microvm\" is not available yet".into(),
-            )),
+            Isolation::Microvm => self
+                .microvm
+                .get_or_init(|| {
+                    let vms = juice_microvm::Runtime::new(&self.home).map_err(|e| e.to_string())?;
+                    vms.cleanup_stale();
+                    Ok(Box::new(vms) as Box<dyn Backend>)
+                })
+                .as_deref()
+                .map_err(|e| AgentError::Setup(format!("isolation \"microvm\": {e}"))),
         }
     }
 
@@ -227,13 +235,21 @@ impl Agent {
         let mut changes = Vec::new();
         let mut updates = Vec::new();
         for (name, spec) in &site.group {
-            if spec.isolation == Isolation::Microvm {
-                return Err(group_err(
-                    name.as_str(),
-                    "isolation \"microvm\" is not available yet; use \"sandbox\"",
-                ));
-            }
             let digest = self.resolve_image(name.as_str(), &spec.image)?;
+            if spec.isolation == Isolation::Microvm {
+                self.backend(Isolation::Microvm)
+                    .map_err(|e| group_err(name.as_str(), e))?;
+                let volumes = self
+                    .appliance(&digest)
+                    .map(|a| a.manifest.volumes.len())
+                    .unwrap_or(0);
+                if volumes > 0 && spec.size > 1 {
+                    return Err(group_err(
+                        name.as_str(),
+                        "size: the image declares volumes, and under isolation \"microvm\" a volume is a disk that one VM uses at a time; use size = 1 or isolation = \"sandbox\"",
+                    ));
+                }
+            }
             let template = Template {
                 image: spec.image.clone(),
                 digest,
@@ -687,6 +703,16 @@ impl Agent {
         Ok(())
     }
 
+    /// The group's current revision runs as microVMs with volume disks.
+    fn holds_volume_disks(&self, g: &GroupRecord) -> bool {
+        g.revision(g.current).is_some_and(|r| {
+            r.template.isolation == Isolation::Microvm
+                && self
+                    .appliance(&r.template.digest)
+                    .is_ok_and(|a| !a.manifest.volumes.is_empty())
+        })
+    }
+
     fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
         if let Some(mut l) = w.live.remove(name) {
             let report = l.instance.stop(Duration::from_secs(10));
@@ -824,21 +850,37 @@ impl Agent {
             }
         }
         let new_count = new.len().min(size);
+        // A microVM's volume is a disk one VM holds at a time: no surge, the old one goes first.
+        let exclusive = !old.is_empty() && self.holds_volume_disks(g);
+        let ungated = new_count - gated.min(new_count);
+        let mut make_room = if exclusive && ungated == 0 && now >= g.backoff_until_ms {
+            (g.update.max_unavailable as usize).min(size.saturating_sub(new_count))
+        } else {
+            0
+        };
         // Old instances go once enough new ones have passed the gate (or if there are too many).
         let mut old_left = old.len();
         for n in &old {
-            if gated + old_left > size {
+            let replaced = gated + old_left > size;
+            if replaced || make_room > 0 {
                 self.stop_instance(w, n, "replaced by the current revision")?;
                 old_left -= 1;
+                if !replaced {
+                    make_room -= 1;
+                }
             }
         }
         // Start new ones: up to the size, with at most max_unavailable extra while old ones serve.
-        let budget = size + g.update.max_unavailable as usize;
+        let surge = if exclusive {
+            0
+        } else {
+            g.update.max_unavailable as usize
+        };
+        let budget = size + surge;
         let mut running = new_count + old_left;
         let mut to_start = size.saturating_sub(new_count);
         if old_left > 0 {
             // During a rollout, one batch at a time: wait for the started ones to pass the gate.
-            let ungated = new_count - gated.min(new_count);
             to_start = to_start.min((g.update.max_unavailable as usize).saturating_sub(ungated));
         }
         if now < g.backoff_until_ms {
@@ -1064,7 +1106,11 @@ impl Agent {
     /// The log file of an instance this agent holds (or held).
     pub fn log_path(&self, instance: &str) -> Option<PathBuf> {
         let p = self.sandbox.log_path(instance);
-        p.exists().then_some(p)
+        if p.exists() {
+            return Some(p);
+        }
+        let vm = juice_microvm::Runtime::log_path_in(&self.home, instance);
+        vm.exists().then_some(vm)
     }
 
     /// Stops every instance and drops every group (for `juice up` on Ctrl-C).

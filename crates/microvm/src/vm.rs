@@ -143,7 +143,12 @@ impl Runtime {
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join(LOG_FILE)
+        Runtime::log_path_in(&self.home, name)
+    }
+
+    /// Where a VM's appliance output is, without a runtime (no kernel or QEMU needed).
+    pub fn log_path_in(home: &Path, name: &str) -> PathBuf {
+        home.join("vms").join(name).join(LOG_FILE)
     }
 
     /// The boot artefacts for an unpacked image, made once and verified now:
@@ -714,14 +719,18 @@ impl Vm {
         if !poll_readable(&self.pidfd, ms) {
             return None;
         }
-        if self.is_child {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.state.pid), None);
-        }
         let mut report = ExitReport {
             code: None,
             signal: None,
             oom_killed: false,
         };
+        if self.is_child
+            // Without a word from the guest, QEMU's own end is the best account (a SIGKILL, say).
+            && let Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) =
+                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.state.pid), None)
+        {
+            report.signal = Some(sig as i32);
+        }
         for line in self.status_lines() {
             if let Some(json) = line.strip_prefix("exit ")
                 && let Ok(r) = serde_json::from_str::<ExitRecord>(json)

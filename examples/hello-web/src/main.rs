@@ -2,7 +2,9 @@
 //! library only, so its closure is just libc, libgcc_s and the loader.
 //!
 //! `GET /healthz` answers `ok`; `GET /` answers a greeting with the
-//! appliance's hostname; other paths are served from `--root` if given.
+//! appliance's hostname; `GET /visits` counts visits in `--data DIR`
+//! (durably: the count survives a crash of the instance); other paths are
+//! served from `--root` if given.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,12 +14,14 @@ use std::time::Duration;
 struct Config {
     port: u16,
     root: Option<PathBuf>,
+    data: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Config, String> {
     let mut config = Config {
         port: 8080,
         root: None,
+        data: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -29,9 +33,10 @@ fn parse_args() -> Result<Config, String> {
                     .map_err(|_| format!("--port: {v:?} is not a port"))?;
             }
             "--root" => config.root = Some(args.next().ok_or("--root needs a value")?.into()),
+            "--data" => config.data = Some(args.next().ok_or("--data needs a value")?.into()),
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (use --port N, --root DIR)"
+                    "unknown argument {other:?} (use --port N, --root DIR, --data DIR)"
                 ));
             }
         }
@@ -55,18 +60,18 @@ fn main() {
         }
     };
     println!("hello-web: listening on port {}", config.port);
-    let root = config.root.map(std::sync::Arc::new);
+    let dirs = std::sync::Arc::new((config.root, config.data));
     for stream in listener.incoming().flatten() {
-        let root = root.clone();
+        let dirs = dirs.clone();
         std::thread::spawn(move || {
-            if let Err(e) = serve(stream, root.as_deref().map(PathBuf::as_path)) {
+            if let Err(e) = serve(stream, dirs.0.as_deref(), dirs.1.as_deref()) {
                 eprintln!("hello-web: {e}");
             }
         });
     }
 }
 
-fn serve(stream: TcpStream, root: Option<&Path>) -> std::io::Result<()> {
+fn serve(stream: TcpStream, root: Option<&Path>, data: Option<&Path>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -89,6 +94,14 @@ fn serve(stream: TcpStream, root: Option<&Path>) -> std::io::Result<()> {
                 format!("hello from juice ({})\n", host.trim()).into_bytes(),
             )
         }
+        ("GET", "/visits") => match data.map(count_visit) {
+            Some(Ok(n)) => ("200 OK", format!("{n}\n").into_bytes()),
+            Some(Err(e)) => (
+                "500 Internal Server Error",
+                format!("cannot count: {e}\n").into_bytes(),
+            ),
+            None => ("404 Not Found", b"no --data directory\n".to_vec()),
+        },
         ("GET", p) => match root.and_then(|r| static_file(r, p)) {
             Some(body) => ("200 OK", body),
             None => ("404 Not Found", b"not found\n".to_vec()),
@@ -111,4 +124,25 @@ fn static_file(root: &Path, url_path: &str) -> Option<Vec<u8>> {
         return None;
     }
     std::fs::read(root.join(rel)).ok()
+}
+
+/// Adds one to `visits` in `dir` and returns the new count. The file is locked
+/// (instances of a group share the directory) and synced before the answer.
+fn count_visit(dir: &Path) -> std::io::Result<u64> {
+    let path = dir.join("visits");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    file.lock()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)?;
+    let n = text.trim().parse::<u64>().unwrap_or(0) + 1;
+    file.set_len(0)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+    writeln!(file, "{n}")?;
+    file.sync_all()?;
+    Ok(n)
 }

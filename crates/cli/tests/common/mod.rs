@@ -155,17 +155,19 @@ impl Rng {
     }
 }
 
-/// Kills, when dropped, every instance whose state is under `home`: a daemon leaves
+/// Kills, when dropped, every instance (sandbox or microVM) whose state is under `home`: a daemon leaves
 /// its instances running by design, so a failing test must not leave them behind.
 /// By pid, from the state files; never by name.
 pub struct InstanceSweeper(pub PathBuf);
 
 impl Drop for InstanceSweeper {
     fn drop(&mut self) {
-        let Ok(dirs) = std::fs::read_dir(self.0.join("instances")) else {
-            return;
-        };
-        for d in dirs.flatten() {
+        // Sandboxes under instances/, microVMs (their QEMU) under vms/.
+        let dirs = ["instances", "vms"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(self.0.join(d)).ok())
+            .flat_map(|d| d.flatten());
+        for d in dirs {
             let Ok(bytes) = std::fs::read(d.path().join("state.json")) else {
                 continue;
             };
