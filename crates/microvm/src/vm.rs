@@ -30,6 +30,8 @@ use crate::{VmError, artefacts};
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
 /// Guest memory when the manifest sets no limit.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// TCG's translated-code cache, per VM.
+pub const TCG_CODE_CACHE_MIB: u32 = 32;
 /// The size of a volume's disk (sparse: it takes host space only as it fills).
 pub const VOLUME_BYTES: u64 = 1 << 30;
 
@@ -486,6 +488,10 @@ fn opt_path(p: &Path) -> String {
 
 fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+    if std::env::var_os("JUICE_TRACE").is_some() {
+        // The guest init prints its phases on the console (console.log).
+        cmdline.push_str(" juice.trace");
+    }
     if p.accel == Accel::Tcg {
         // Without a TSC frequency the emulated guest stalls calibrating it.
         cmdline.push_str(" tsc_early_khz=1000000");
@@ -499,7 +505,9 @@ fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
         "-accel".into(),
         match p.accel {
             Accel::Kvm => "kvm".into(),
-            Accel::Tcg => "tcg".into(),
+            // TCG's translated-code cache grows to 1 GiB by default; an appliance runs
+            // little distinct code, so a small cache costs no speed and saves host memory.
+            Accel::Tcg => format!("tcg,tb-size={TCG_CODE_CACHE_MIB}"),
         },
         "-cpu".into(),
         match p.accel {

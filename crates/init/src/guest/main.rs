@@ -64,9 +64,27 @@ fn main() {
     }
 }
 
+/// With `juice.trace` on the kernel command line: a phase and the guest's uptime on the console.
+fn mark(phase: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::fs::read_to_string("/proc/cmdline")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "juice.trace"))
+    });
+    if on {
+        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        eprintln!(
+            "juice-guest {:>8}s  {phase}",
+            up.split_whitespace().next().unwrap_or("?")
+        );
+    }
+}
+
 fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     mount_basics()?;
+    mark("basics mounted");
     load_modules()?;
+    mark("modules loaded");
     let ports = find_ports(&[GUEST_LOG_PORT, GUEST_STATUS_PORT, GUEST_CONTROL_PORT])?;
     let open = |i: usize, write: bool| {
         std::fs::OpenOptions::new()
@@ -78,15 +96,19 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     *status = Some(open(1, true)?);
     let log: OwnedFd = open(0, true)?.into();
     let control = open(2, false)?;
+    mark("ports found");
 
     let disks = find_disks(&[GUEST_ROOT_SERIAL, GUEST_CONFIG_SERIAL])?;
     let config = read_config(&disks[1])?;
+    mark("disks found, config read");
     mount_root(&disks[0], &config)?;
+    mark("root mounted");
     if let Some(n) = &config.network {
         net::configure(n).map_err(Failure)?;
     } else {
         net::loopback_only().map_err(Failure)?;
     }
+    mark("network configured");
     sethostname(&config.app.hostname).step(|| "sethostname".into())?;
     enter_root()?;
 
@@ -113,6 +135,7 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     if let Some(s) = status.as_mut() {
         let _ = writeln!(s, "started {app}");
     }
+    mark("appliance started");
     listen_for_control(control, app);
     Ok(supervise(app))
 }
@@ -160,6 +183,7 @@ fn load_modules() -> Result<(), Failure> {
         }
         // The initramfs is memory: drop each module once it is loaded.
         let _ = std::fs::remove_file(&path);
+        mark(&format!("module {name}"));
     }
     Ok(())
 }
