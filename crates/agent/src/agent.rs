@@ -196,13 +196,14 @@ impl Agent {
         let _ = self.state.event(group, instance, message);
     }
 
-    /// Resolves an image reference to a digest: a local name or digest, or a directory
-    /// with a juice.toml (built now).
+    /// Resolves an image reference to a digest: a local name or digest, a directory
+    /// with a juice.toml (built now), or a registry reference (pulled if missing).
+    /// The image must pass this host's trust policy.
     fn resolve_image(&self, group: &str, image: &str) -> Result<String, AgentError> {
         let path = Path::new(image);
         let looks_like_path =
             image.starts_with('/') || image.starts_with("./") || image.starts_with("../");
-        if looks_like_path {
+        let reference = if looks_like_path {
             let dir = if path.is_dir() {
                 path.to_owned()
             } else {
@@ -210,22 +211,23 @@ impl Agent {
             };
             let built = build(&self.store, &dir, &BuildOptions::default())
                 .map_err(|e| group_err(group, format!("building {image}: {e}")))?;
-            return Ok(built.digest.to_string());
-        }
-        if image
-            .split('/')
-            .next()
-            .is_some_and(|first| first.contains('.') || first.contains(':'))
-            && image.contains('/')
-        {
-            return Err(group_err(
-                group,
-                format!(
-                    "{image} looks like a registry reference; pulling is not available yet, `juice build` or import it first"
-                ),
-            ));
-        }
-        let record = self.store.resolve(image).map_err(|e| group_err(group, e))?;
+            built.reference
+        } else {
+            if juice_registry::reference::looks_remote(image) && self.store.resolve(image).is_err()
+            {
+                let options = juice_registry::remote::RemoteOptions::from_env();
+                juice_registry::remote::Remote::new(&options)
+                    .and_then(|r| r.pull(&self.store, image))
+                    .map_err(|e| group_err(group, format!("pulling {image}: {e}")))?;
+            }
+            image.to_owned()
+        };
+        juice_registry::policy::enforce(&self.store, &reference)
+            .map_err(|e| group_err(group, e))?;
+        let record = self
+            .store
+            .resolve(&reference)
+            .map_err(|e| group_err(group, e))?;
         Ok(record.digest.to_string())
     }
 

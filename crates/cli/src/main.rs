@@ -2,6 +2,7 @@
 //! product lives in a library crate; this crate only turns arguments into
 //! library calls and results into tables, JSON and one-sentence errors.
 
+mod dist;
 mod host;
 mod images;
 mod output;
@@ -56,8 +57,38 @@ enum Command {
     },
     /// Remove blobs, temp files and root filesystems no image refers to.
     Gc,
-    /// Re-hash an image's blobs, or every image and blob in the store.
-    Verify { image: Option<String> },
+    /// Re-hash an image's blobs, or every image and blob in the store; with --key, check signatures too.
+    Verify {
+        image: Option<String>,
+        /// A public key that must have signed the image (repeatable).
+        #[arg(long = "key", value_name = "FILE", requires = "image")]
+        keys: Vec<PathBuf>,
+    },
+    /// Push a local image (and its signatures) to a registry: REGISTRY/REPO:TAG.
+    Push {
+        image: String,
+        target: String,
+        #[command(flatten)]
+        registry: dist::RegistryArgs,
+    },
+    /// Pull an image (and its signatures) from a registry into the local store.
+    Pull {
+        reference: String,
+        #[command(flatten)]
+        registry: dist::RegistryArgs,
+    },
+    /// Make an ed25519 key pair: NAME.key (private) and NAME.pub.
+    Keygen { name: PathBuf },
+    /// Sign a local image; the signature travels with `juice push`.
+    Sign {
+        image: String,
+        #[arg(long = "key", value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Turn a container image into an appliance (optionally pruned to just enough).
+    Import(dist::ImportArgs),
+    /// Write an image as an OCI archive.
+    Export { image: String, file: PathBuf },
     /// Run the host agent: the API on $JUICE_HOME/juice.sock and the reconciler.
     Daemon {
         /// Also serve the API on this TCP address, to mutual-TLS clients only.
@@ -132,7 +163,25 @@ fn main() -> ExitCode {
         Command::Inspect { image } => images::inspect(&image, format).map(|()| 0),
         Command::Rmi { images } => images::remove(&images).map(|()| 0),
         Command::Gc => images::gc(format).map(|()| 0),
-        Command::Verify { image } => images::verify(image.as_deref(), format).map(|()| 0),
+        Command::Verify { image, keys } => images::verify(image.as_deref(), format)
+            .and_then(|()| match (&image, keys.is_empty()) {
+                (Some(i), false) => dist::verify_signatures(i, &keys),
+                _ => Ok(()),
+            })
+            .map(|()| 0),
+        Command::Push {
+            image,
+            target,
+            registry,
+        } => dist::push(&image, &target, &registry, format).map(|()| 0),
+        Command::Pull {
+            reference,
+            registry,
+        } => dist::pull(&reference, &registry, format).map(|()| 0),
+        Command::Keygen { name } => dist::keygen(&name).map(|()| 0),
+        Command::Sign { image, key } => dist::sign(&image, &key).map(|()| 0),
+        Command::Import(args) => dist::import_cmd(&args, format).map(|()| 0),
+        Command::Export { image, file } => dist::export(&image, &file).map(|()| 0),
         Command::Daemon { listen, tls } => host::daemon(listen, tls).map(|()| 0),
         Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
         Command::Up { file } => host::up(&file).map(|()| 0),

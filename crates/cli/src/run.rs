@@ -65,6 +65,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let home = crate::juice_home();
     let rootless = !nix::unistd::geteuid().is_root();
     let store = Store::open(&home)?;
+    if store.resolve(&args.image).is_err() && juice_registry::reference::looks_remote(&args.image) {
+        let mut options = juice_registry::remote::RemoteOptions::from_env();
+        options.progress = !args.quiet;
+        juice_registry::remote::Remote::new(&options)?.pull(&store, &args.image)?;
+    }
+    // The host's trust policy decides before anything is unpacked or started.
+    juice_registry::policy::enforce(&store, &args.image)?;
     let rootfs = materialise(&store, &args.image)?;
     let appliance = rootfs.appliance.clone().ok_or_else(|| {
         format!(

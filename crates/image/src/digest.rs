@@ -86,6 +86,10 @@ impl<W: Write> HashingWriter<W> {
     pub fn finish(self) -> (W, Digest, u64) {
         (self.inner, Digest(self.hasher.finalize().into()), self.len)
     }
+    /// The digest and length so far, without finishing.
+    pub fn peek(&self) -> (Digest, u64) {
+        (Digest(self.hasher.clone().finalize().into()), self.len)
+    }
 }
 
 impl<W: Write> Write for HashingWriter<W> {

@@ -64,6 +64,14 @@ pub enum StoreError {
     },
     #[error("image {image}: {reason}")]
     Invalid { image: String, reason: String },
+    #[error(
+        "blob {expected} arrived as {actual_size} bytes hashing to {actual}; it was refused and nothing was stored"
+    )]
+    WrongContent {
+        expected: String,
+        actual: String,
+        actual_size: u64,
+    },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
@@ -639,6 +647,28 @@ pub struct BlobWriter<'a> {
 }
 
 impl BlobWriter<'_> {
+    /// Like [`BlobWriter::commit`], but only if the content is the blob `expected`
+    /// (and `size` bytes long, if given); otherwise the bytes are dropped unseen.
+    pub fn commit_expecting(
+        mut self,
+        expected: &Digest,
+        size: Option<u64>,
+    ) -> Result<(Digest, u64), StoreError> {
+        if let Some(inner) = &self.inner {
+            let (digest, len) = inner.peek();
+            if digest != *expected || size.is_some_and(|s| s != len) {
+                let _ = fs::remove_file(&self.path);
+                self.inner = None;
+                return Err(StoreError::WrongContent {
+                    expected: expected.to_string(),
+                    actual: digest.to_string(),
+                    actual_size: len,
+                });
+            }
+        }
+        self.commit()
+    }
+
     /// Makes the blob durable and visible under its digest.
     pub fn commit(mut self) -> Result<(Digest, u64), StoreError> {
         let Some(inner) = self.inner.take() else {

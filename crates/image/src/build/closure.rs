@@ -112,7 +112,7 @@ pub struct Resolver {
     system_dirs: Vec<PathBuf>,
 }
 
-const DEFAULT_DIRS: &[&str] = &[
+pub const DEFAULT_DIRS: &[&str] = &[
     "/lib/x86_64-linux-gnu",
     "/usr/lib/x86_64-linux-gnu",
     "/lib/aarch64-linux-gnu",
@@ -244,7 +244,7 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 /// Expands `$ORIGIN`, `$LIB` and `$PLATFORM` (with or without braces).
-fn expand_origin(dir: &str, origin: &Path, is_64: bool) -> PathBuf {
+pub fn expand_origin(dir: &str, origin: &Path, is_64: bool) -> PathBuf {
     let origin = origin.display().to_string();
     let lib = if is_64 { "lib64" } else { "lib" };
     let out = dir

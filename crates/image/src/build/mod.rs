@@ -86,6 +86,85 @@ pub fn build(
             message,
         })?;
 
+    commit(store, &plan, config, &manifest_path, reference)
+}
+
+/// An image tree put together elsewhere (by `juice import`), with the manifest
+/// it runs with and the closure report that explains it.
+pub struct Assembled {
+    pub tree: Tree,
+    pub manifest: Manifest,
+    /// Object -> the libraries it needs, as image paths.
+    pub closure: BTreeMap<String, Vec<String>>,
+    /// The programs the closure started from (counted as binaries in the sizes).
+    pub binaries: Vec<PathBuf>,
+}
+
+/// Writes an assembled tree as an image, as `build` writes a planned one: the
+/// skeleton is added, the layer is reproducible, the image is tagged `reference`.
+/// `source` names where the tree came from, for errors.
+pub fn build_assembled(
+    store: &Store,
+    assembled: Assembled,
+    reference: &str,
+    source: &Path,
+) -> Result<BuildOutcome, BuildError> {
+    let Assembled {
+        mut tree,
+        manifest,
+        closure,
+        binaries,
+    } = assembled;
+    let invalid = |field: &'static str, message: String| BuildError::Invalid {
+        manifest: source.to_owned(),
+        field,
+        message,
+    };
+    let libraries: std::collections::BTreeSet<String> =
+        closure.values().flatten().cloned().collect();
+    let mut origin: BTreeMap<PathBuf, Origin> = tree
+        .nodes()
+        .map(|(p, _)| {
+            let kind = if binaries.contains(p) {
+                Origin::Binary
+            } else if libraries.contains(&p.display().to_string()) {
+                Origin::Library
+            } else {
+                Origin::File
+            };
+            (p.clone(), kind)
+        })
+        .collect();
+    skeleton(&mut tree, &manifest, &mut origin)?;
+    let program = manifest.run.command.program();
+    if !tree.resolves_to_file(Path::new(program)) {
+        return Err(invalid(
+            "run.command",
+            format!("the program {program} is not in the image"),
+        ));
+    }
+    let sizes = sizes_of(&tree, &origin);
+    let plan = Plan {
+        tree,
+        closure,
+        sizes,
+        setuid: Vec::new(),
+    };
+    let config = plan
+        .config_json(&manifest)
+        .map_err(|message| invalid("run", message))?;
+    commit(store, &plan, config, source, reference.to_owned())
+}
+
+/// Writes the layer, config and manifest of a plan (or reuses an identical earlier build) and tags it.
+fn commit(
+    store: &Store,
+    plan: &Plan,
+    config: ConfigJson,
+    manifest_path: &Path,
+    reference: String,
+) -> Result<BuildOutcome, BuildError> {
+    let manifest_path = manifest_path.to_owned();
     let _writing = store.lock_for_writing()?;
     let inputs = plan.input_digest(&config)?;
     if let Some((digest, size)) = store.recall_build(&inputs) {
@@ -276,26 +355,7 @@ impl Plan {
             ));
         }
 
-        let mut sizes = SizeBreakdown::default();
-        for (path, node) in tree.nodes() {
-            let len = match node {
-                Node::File {
-                    source: Source::Bytes(b),
-                    ..
-                } => b.len() as u64,
-                Node::File {
-                    source: Source::Host(h),
-                    ..
-                } => std::fs::metadata(h).map(|m| m.len()).unwrap_or(0),
-                _ => continue,
-            };
-            match origin.get(path).copied().unwrap_or(Origin::Generated) {
-                Origin::Binary => sizes.binaries += len,
-                Origin::Library => sizes.libraries += len,
-                Origin::File => sizes.files += len,
-                Origin::Generated => sizes.generated += len,
-            }
-        }
+        let sizes = sizes_of(&tree, &origin);
         Ok(Plan {
             tree,
             closure,
@@ -417,6 +477,30 @@ impl Plan {
             sizes: self.sizes,
         }
     }
+}
+
+fn sizes_of(tree: &Tree, origin: &BTreeMap<PathBuf, Origin>) -> SizeBreakdown {
+    let mut sizes = SizeBreakdown::default();
+    for (path, node) in tree.nodes() {
+        let len = match node {
+            Node::File {
+                source: Source::Bytes(b),
+                ..
+            } => b.len() as u64,
+            Node::File {
+                source: Source::Host(h),
+                ..
+            } => std::fs::metadata(h).map(|m| m.len()).unwrap_or(0),
+            _ => continue,
+        };
+        match origin.get(path).copied().unwrap_or(Origin::Generated) {
+            Origin::Binary => sizes.binaries += len,
+            Origin::Library => sizes.libraries += len,
+            Origin::File => sizes.files += len,
+            Origin::Generated => sizes.generated += len,
+        }
+    }
+    sizes
 }
 
 #[derive(Debug, Clone, Copy)]

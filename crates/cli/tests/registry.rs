@@ -1,0 +1,835 @@
+//! Distribution and trust, against real peers: Debian's `docker-registry` on
+//! loopback (with TLS and basic auth, or plain HTTP), skopeo and umoci.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{ChildGuard, InstanceSweeper, Juice, workspace};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `docker-registry` of our own on loopback, stopped by PID when dropped.
+struct Registry {
+    _guard: ChildGuard,
+    port: u16,
+    dir: tempfile::TempDir,
+    /// The CA that signed its certificate, when it speaks TLS.
+    ca: Option<PathBuf>,
+}
+
+impl Registry {
+    /// `secure`: TLS with a certificate from `juice certs`, and basic auth (user `ci`, password `s3cret`).
+    fn start(j: &Juice, secure: bool) -> Registry {
+        common::require("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().display()
+        );
+        let mut ca = None;
+        if secure {
+            common::require("htpasswd");
+            let certs = dir.path().join("certs");
+            j.ok(&["certs", certs.to_str().unwrap(), "--host", "127.0.0.1"]);
+            config.push_str(&format!(
+                "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server-key.pem\nauth:\n  htpasswd:\n    realm: juice-test\n    path: {1}/htpasswd\n",
+                certs.display(),
+                dir.path().display()
+            ));
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", "ci", "s3cret"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            ca = Some(certs.join("ca.pem"));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = ChildGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            _guard: guard,
+            port,
+            dir,
+            ca,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn reference(&self, repo: &str) -> String {
+        format!("{}/{repo}", self.host())
+    }
+
+    /// The registry's own copy of a blob.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+/// A hello-web appliance directory whose version (and so digest) is `version`.
+fn app(j: &Juice, version: &str) -> String {
+    let dir = j.home.path().join(format!("app-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = workspace().join("examples/hello-web");
+    let manifest = std::fs::read_to_string(example.join("juice.toml"))
+        .unwrap()
+        .replace(
+            "../../target/x86_64-unknown-linux-musl/release/hello-web",
+            common::hello_web_binary().to_str().unwrap(),
+        )
+        .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+        .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
+    std::fs::write(dir.join("juice.toml"), manifest).unwrap();
+    dir.to_str().unwrap().to_owned()
+}
+
+fn digest_line(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no digest in {out}"))
+        .to_owned()
+}
+
+/// `juice run` of an image whose program exits at once: hello-web refuses an unknown argument.
+fn run_quietly(j: &Juice, image: &str) -> std::process::Output {
+    j.cmd()
+        .args([
+            "run",
+            "-q",
+            "--network",
+            "none",
+            "--no-cgroup",
+            image,
+            "--",
+            "--exit-now",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// hello-web started (and said so) under `juice run`.
+fn hello_web_ran(out: &std::process::Output) -> bool {
+    common::text(out).contains("unknown argument \"--exit-now\"")
+}
+
+#[test]
+fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let publisher = Juice::new();
+    let reg = Registry::start(&publisher, true);
+    let ca = reg.ca.clone().unwrap();
+    let ca = ca.to_str().unwrap();
+    let auth = ["--user", "ci:s3cret", "--ca", ca, "-q"];
+    let good = reg.reference("apps/hello:1");
+
+    publisher.ok(&["build", &app(&publisher, "1.0.0"), "-t", "hello:1"]);
+    let keys = publisher.home.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    publisher.ok(&["keygen", keys.join("ci").to_str().unwrap()]);
+    publisher.ok(&[
+        "sign",
+        "hello:1",
+        "--key",
+        keys.join("ci.key").to_str().unwrap(),
+    ]);
+
+    // TLS by default: without our CA the registry's certificate is refused; without credentials, the push.
+    let err = publisher.fails(&["push", "hello:1", &good, "-q"]);
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("tls"),
+        "{err}"
+    );
+    let err = publisher.fails(&["push", "hello:1", &good, "--ca", ca, "-q"]);
+    assert!(
+        err.contains("registry 127.0.0.1")
+            && (err.contains("401") || err.to_lowercase().contains("auth")),
+        "{err}"
+    );
+    let mut args = vec!["push", "hello:1", good.as_str()];
+    args.extend(auth);
+    let out = publisher.ok(&args);
+    assert!(
+        out.contains("2 blob(s)") && out.contains("1 signature(s)"),
+        "{out}"
+    );
+    let digest = digest_line(&out);
+    // Again: every blob is already there.
+    let out = publisher.ok(&args);
+    assert!(
+        out.contains("0 blob(s)") && out.contains("2 already there"),
+        "{out}"
+    );
+
+    // An unsigned image, and one signed by a key the host does not trust.
+    publisher.ok(&["build", &app(&publisher, "2.0.0"), "-t", "hello:2"]);
+    let unsigned = reg.reference("apps/unsigned:2");
+    publisher.ok(&[
+        "push",
+        "hello:2",
+        &unsigned,
+        "--user",
+        "ci:s3cret",
+        "--ca",
+        ca,
+        "-q",
+    ]);
+    publisher.ok(&["build", &app(&publisher, "3.0.0"), "-t", "hello:3"]);
+    publisher.ok(&["keygen", keys.join("rogue").to_str().unwrap()]);
+    publisher.ok(&[
+        "sign",
+        "hello:3",
+        "--key",
+        keys.join("rogue.key").to_str().unwrap(),
+    ]);
+    let rogue = reg.reference("apps/rogue:3");
+    publisher.ok(&[
+        "push",
+        "hello:3",
+        &rogue,
+        "--user",
+        "ci:s3cret",
+        "--ca",
+        ca,
+        "-q",
+    ]);
+
+    // Another host, empty, with a strict policy: only what `ci` signed runs.
+    let host = Juice::new();
+    let _sweeper = InstanceSweeper(host.home.path().to_owned());
+    std::fs::write(
+        host.home.path().join("policy.toml"),
+        format!(
+            "unsigned = \"deny\"\n\n[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"{}/apps/*\"\nkeys = [\"ci\"]\n",
+            keys.join("ci.pub").display(),
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let mut pull = vec!["pull", good.as_str()];
+    pull.extend(auth);
+    let out = host.ok(&pull);
+    assert!(out.contains("1 signature(s)"), "{out}");
+    assert_eq!(digest_line(&out), digest, "the same image, by digest");
+    host.ok(&[
+        "verify",
+        &good,
+        "--key",
+        keys.join("ci.pub").to_str().unwrap(),
+    ]);
+    let ran = run_quietly(&host, &good);
+    assert!(hello_web_ran(&ran), "{}", common::text(&ran));
+
+    for (image, why) in [
+        (&unsigned, "it has no signature"),
+        (&rogue, "none of its 1 signature(s) verifies"),
+    ] {
+        let mut p = vec!["pull", image.as_str()];
+        p.extend(auth);
+        host.ok(&p);
+        let out = run_quietly(&host, image);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("is not trusted") && err.contains(why), "{err}");
+        assert!(!hello_web_ran(&out), "nothing started: {err}");
+    }
+
+    // A signature tampered with on this host no longer counts.
+    let sig_file = host
+        .home
+        .path()
+        .join("signatures")
+        .join(format!("{}.json", digest.trim_start_matches("sha256:")));
+    let original = std::fs::read_to_string(&sig_file).unwrap();
+    let sigs: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let sig = sigs[0]["signature"].as_str().unwrap();
+    let flipped = if sig.starts_with('A') { "B" } else { "A" };
+    std::fs::write(&sig_file, original.replacen(&sig[..1], flipped, 1)).unwrap();
+    let out = run_quietly(&host, &good);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not verify"),
+        "{}",
+        common::text(&out)
+    );
+    std::fs::write(&sig_file, &original).unwrap();
+
+    // The daemon enforces the same policy, and a refused apply leaves the running group alone.
+    let d = ChildGuard(
+        host.cmd()
+            .arg("daemon")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(host.home.path().join("juice.sock")).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let site = |image: &str| {
+        let f = host.home.path().join("site.toml");
+        std::fs::write(&f, format!("[group.web]\nimage = \"{image}\"\nsize = 1\n")).unwrap();
+        f.to_str().unwrap().to_owned()
+    };
+    host.ok(&["apply", "-f", &site(&good)]);
+    let instances = || -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&host.ok(&["get", "instances", "-o", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instances().len() != 1 {
+        assert!(Instant::now() < deadline, "the trusted group did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = instances();
+    let err = host.fails(&["apply", "-f", &site(&rogue)]);
+    assert!(
+        err.contains("web") && err.contains("is not trusted"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let after = instances();
+    assert_eq!(before[0]["name"], after[0]["name"]);
+    assert_eq!(before[0]["pid"], after[0]["pid"]);
+    host.ok(&["delete", "web"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !instances().is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(d);
+
+    // A layer tampered with inside the registry is refused, and nothing of it is kept.
+    let third = Juice::new();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.blob(&digest)).unwrap()).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no layer in {manifest}"));
+    let file = reg.blob_file(&layer);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&file, &bytes).unwrap();
+    let mut p = vec!["pull", good.as_str()];
+    p.extend(auth);
+    let err = third.fails(&p);
+    assert!(
+        err.contains(&layer) || err.to_lowercase().contains("digest"),
+        "{err}"
+    );
+    assert!(
+        third.ok(&["images"]).lines().count() <= 1,
+        "no image was tagged"
+    );
+    let blobs = std::fs::read_dir(third.layout().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert!(blobs <= 1, "at most the verified config blob: {blobs}");
+    let tmp = std::fs::read_dir(third.home.path().join("tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(tmp, 0, "no partial download left behind");
+}
+
+#[test]
+fn skopeo_reads_what_juice_pushed_and_juice_pulls_what_skopeo_pushed() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require("skopeo");
+    let j = Juice::new();
+    let reg = Registry::start(&j, false);
+    let host = reg.host();
+    j.ok(&["build", &app(&j, "1.0.0"), "-t", "hello:1"]);
+    let target = reg.reference("juice/hello:1");
+    let digest = digest_line(&j.ok(&["push", "hello:1", &target, "--insecure", &host, "-q"]));
+
+    // Plain HTTP only for hosts named as insecure.
+    let err = j.fails(&["pull", &target, "-q"]);
+    assert!(err.contains(&host), "{err}");
+
+    let out = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{target}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Digest"], digest.as_str());
+    assert_eq!(inspected["Os"], "linux");
+
+    // skopeo copies our store's image to the registry; a fresh Juice pulls it and runs it.
+    let from = format!("oci:{}:hello:1", j.layout().display());
+    let theirs = reg.reference("skopeo/hello:1");
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            &from,
+            &format!("docker://{theirs}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let other = Juice::new();
+    let pulled = other.ok(&["pull", &theirs, "--insecure", &host, "-q"]);
+    assert_eq!(
+        digest_line(&pulled),
+        digest,
+        "skopeo kept the manifest's bytes"
+    );
+    other.ok(&["verify", &theirs]);
+    let ran = run_quietly(&other, &theirs);
+    assert!(hello_web_ran(&ran), "{}", common::text(&ran));
+
+    // Export: an OCI archive that skopeo reads, with the same digest.
+    let archive = j.home.path().join("hello.tar");
+    j.ok(&["export", "hello:1", archive.to_str().unwrap()]);
+    let out = Command::new("skopeo")
+        .args(["inspect", &format!("oci-archive:{}", archive.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Digest"], digest.as_str());
+    // And a second export is byte for byte the same.
+    let again = j.home.path().join("again.tar");
+    j.ok(&["export", "hello:1", again.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&archive).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+}
+
+/// An OCI image assembled by umoci from a small root: a dynamically linked C
+/// program with glibc, files it never uses, and a second layer that deletes one.
+fn umoci_image(dir: &Path) -> PathBuf {
+    for tool in ["umoci", "gcc", "skopeo"] {
+        common::require(tool);
+    }
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}\n{}", common::text(&out));
+    };
+    std::fs::write(
+        dir.join("hello.c"),
+        "#include <stdio.h>\n#include <stdlib.h>\nint main(void){printf(\"imported says %s\\n\", getenv(\"GREETING\")); return 0;}\n",
+    )
+    .unwrap();
+    sh("gcc -O2 -o hello hello.c");
+    sh("umoci init --layout layout && umoci new --image layout:app");
+    sh("umoci unpack --rootless --image layout:app bundle");
+    let root = dir.join("bundle/rootfs");
+    for d in [
+        "usr/bin",
+        "lib/x86_64-linux-gnu",
+        "lib64",
+        "usr/share/doc/junk",
+        "etc",
+        "data",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(dir.join("hello"), root.join("usr/bin/hello")).unwrap();
+    std::fs::copy(
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        root.join("lib/x86_64-linux-gnu/libc.so.6"),
+    )
+    .unwrap();
+    std::fs::copy(
+        "/lib64/ld-linux-x86-64.so.2",
+        root.join("lib64/ld-linux-x86-64.so.2"),
+    )
+    .unwrap();
+    // Unused: a library nothing links and some documentation.
+    std::fs::copy(
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        root.join("lib/x86_64-linux-gnu/libz.so.1"),
+    )
+    .unwrap();
+    std::fs::write(root.join("usr/share/doc/junk/README"), vec![b'x'; 200_000]).unwrap();
+    std::fs::write(root.join("etc/doomed"), "deleted by the second layer").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/:/nonexistent\napp:x:1234:1234::/:/nonexistent\n",
+    )
+    .unwrap();
+    sh("umoci repack --image layout:app bundle");
+    std::fs::remove_file(root.join("etc/doomed")).unwrap();
+    sh("umoci repack --image layout:app bundle");
+    sh(
+        "umoci config --image layout:app --config.entrypoint /usr/bin/hello --config.env GREETING=hi --config.user app --config.volume /data",
+    );
+    sh("skopeo copy -q oci:layout:app docker-archive:app.tar:example/app:1");
+    dir.join("layout")
+}
+
+#[test]
+fn container_images_import_as_appliances_pruned_or_whole() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let layout = umoci_image(work.path());
+    let j = Juice::new();
+
+    // A docker save archive, whole.
+    let archive = work.path().join("app.tar");
+    let out = j.ok(&["import", archive.to_str().unwrap(), "-t", "app:whole"]);
+    assert!(
+        out.contains("as 1234:1234") && out.contains("layer(s) flattened"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[[volumes]]") && out.contains("/data"),
+        "{out}"
+    );
+    let ran = run_quietly(&j, "app:whole");
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "imported says hi",
+        "{}",
+        common::text(&ran)
+    );
+
+    // The OCI layout, pruned to the program's closure.
+    let source = format!("{}:app", layout.display());
+    let out = j.ok(&[
+        "import",
+        &source,
+        "-t",
+        "app:pruned",
+        "--prune",
+        "-o",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kept = report["kept_bytes"].as_u64().unwrap();
+    let total = report["bytes"].as_u64().unwrap();
+    assert!(kept < total, "{report}");
+    let dropped = report["dropped"].to_string();
+    assert!(dropped.contains("/usr/share/doc"), "{dropped}");
+    let ran = run_quietly(&j, "app:pruned");
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "imported says hi",
+        "{}",
+        common::text(&ran)
+    );
+    // What the layers deleted is gone; what pruning dropped is gone; the closure is there.
+    let inspect = j.ok(&["inspect", "app:pruned", "-o", "json"]);
+    assert!(
+        inspect.contains("libc.so.6") && !inspect.contains("libz"),
+        "{inspect}"
+    );
+    let whole = j.ok(&["inspect", "app:whole", "-o", "json"]);
+    let unpacked = |image: &str| {
+        let r = juice_image_tree(&j, image);
+        (
+            r.contains("/etc/doomed"),
+            r.contains("libz.so.1"),
+            r.contains("README"),
+        )
+    };
+    assert_eq!(unpacked("app:whole"), (false, true, true), "{whole}");
+    assert_eq!(unpacked("app:pruned"), (false, false, false));
+
+    // Broken and hostile input: a clear error, and nothing new in the store.
+    let before = j.ok(&["images"]);
+    let bad = work.path().join("bad.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(9);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "manifest.json", &b"[{oops"[..])
+        .unwrap();
+    std::fs::write(&bad, b.into_inner().unwrap()).unwrap();
+    let err = j.fails(&["import", bad.to_str().unwrap(), "-t", "bad:1"]);
+    assert!(err.contains("manifest.json is not valid"), "{err}");
+    let evil = work.path().join("evil.tar");
+    std::fs::write(
+        &evil,
+        docker_archive_with_layer(&[("../../etc/cron.d/x", b"* * * * * root sh")]),
+    )
+    .unwrap();
+    let err = j.fails(&["import", evil.to_str().unwrap(), "-t", "evil:1"]);
+    assert!(
+        err.contains("layer 1") && err.contains("climbs out of the root"),
+        "{err}"
+    );
+    assert_eq!(j.ok(&["images"]), before);
+}
+
+/// The paths of an image's layer, through an OCI archive export and tar.
+fn juice_image_tree(j: &Juice, image: &str) -> String {
+    let out = j
+        .home
+        .path()
+        .join(format!("{}.tar", image.replace(':', "-")));
+    j.ok(&["export", image, out.to_str().unwrap()]);
+    let mut names = String::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(&out).unwrap());
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().display().to_string();
+        if path.starts_with("blobs/") {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                let mut layer = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+                for f in layer.entries().unwrap() {
+                    names.push_str(&format!("/{}\n", f.unwrap().path().unwrap().display()));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// A `docker save` archive with one layer holding `files` under raw (unchecked) names.
+fn docker_archive_with_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        let n = name.as_bytes();
+        h.as_old_mut().name[..n.len()].copy_from_slice(n);
+        h.set_cksum();
+        layer.append(&h, *data).unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let config =
+        br#"{"config":{"Entrypoint":["/x"]},"rootfs":{"type":"layers","diff_ids":["sha256:00"]}}"#;
+    let manifest = br#"[{"Config":"config.json","RepoTags":["evil:1"],"Layers":["layer.tar"]}]"#;
+    let mut outer = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", &manifest[..]),
+        ("config.json", &config[..]),
+        ("layer.tar", &layer[..]),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        outer.append_data(&mut h, name, data).unwrap();
+    }
+    outer.into_inner().unwrap()
+}
+
+/// How the fake registry misbehaves when the image's layer is fetched.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// Other bytes of the right length.
+    WrongContent,
+    /// Half the body, then the connection closes.
+    Truncated,
+    /// A 503 for the layer (after the config came through).
+    ServerError,
+    /// The connection closes before any answer.
+    GoesAway,
+}
+
+/// A registry that serves one real image over plain HTTP, with one fault on its layer.
+/// Its thread ends with the test process; it listens on loopback only.
+fn fake_registry(
+    blobs: std::collections::BTreeMap<String, Vec<u8>>,
+    manifest: Vec<u8>,
+    layer: String,
+    fault: Fault,
+) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut h = String::new();
+            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                h.clear();
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let mut out = stream;
+            let respond = |out: &mut std::net::TcpStream,
+                           status: &str,
+                           ctype: &str,
+                           body: &[u8],
+                           claimed: usize| {
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = out.write_all(body);
+            };
+            if path == "/v2/" {
+                respond(&mut out, "200 OK", "application/json", b"{}", 2);
+            } else if path.contains("/manifests/") && !path.contains(".sig") {
+                respond(
+                    &mut out,
+                    "200 OK",
+                    "application/vnd.oci.image.manifest.v1+json",
+                    &manifest,
+                    manifest.len(),
+                );
+            } else if let Some(d) = path.split("/blobs/").nth(1) {
+                let Some(body) = blobs.get(d) else {
+                    respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+                    continue;
+                };
+                if d != layer {
+                    respond(
+                        &mut out,
+                        "200 OK",
+                        "application/octet-stream",
+                        body,
+                        body.len(),
+                    );
+                    continue;
+                }
+                match fault {
+                    Fault::WrongContent => {
+                        let mut other = body.clone();
+                        let mid = other.len() / 2;
+                        other[mid] ^= 0xff;
+                        respond(
+                            &mut out,
+                            "200 OK",
+                            "application/octet-stream",
+                            &other,
+                            other.len(),
+                        );
+                    }
+                    Fault::Truncated => respond(
+                        &mut out,
+                        "200 OK",
+                        "application/octet-stream",
+                        &body[..body.len() / 2],
+                        body.len(),
+                    ),
+                    Fault::ServerError => respond(
+                        &mut out,
+                        "503 Service Unavailable",
+                        "text/plain",
+                        b"overloaded",
+                        10,
+                    ),
+                    Fault::GoesAway => drop(out),
+                }
+            } else {
+                respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let source = Juice::new();
+    let digest = digest_line(
+        &source
+            .ok(&["build", &app(&source, "1.0.0"), "-t", "hello:1"])
+            .replace(' ', "\n"),
+    );
+    let manifest = std::fs::read(source.blob(&digest)).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = doc["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let config = doc["config"]["digest"].as_str().unwrap().to_owned();
+    let blobs: std::collections::BTreeMap<String, Vec<u8>> = [&layer, &config]
+        .iter()
+        .map(|d| ((*d).clone(), std::fs::read(source.blob(d)).unwrap()))
+        .collect();
+    for (fault, want) in [
+        (Fault::WrongContent, "nothing was stored"),
+        (Fault::Truncated, "nothing was stored"),
+        (Fault::ServerError, "503"),
+        (Fault::GoesAway, "fetching blob"),
+    ] {
+        let port = fake_registry(blobs.clone(), manifest.clone(), layer.clone(), fault);
+        let host = format!("127.0.0.1:{port}");
+        let j = Juice::new();
+        let err = j.fails(&[
+            "pull",
+            &format!("{host}/apps/hello:1"),
+            "--insecure",
+            &host,
+            "-q",
+        ]);
+        assert!(
+            err.contains(&host) && err.contains(want),
+            "{fault:?}: {err}"
+        );
+        assert!(
+            j.ok(&["images"]).lines().count() <= 1,
+            "{fault:?}: nothing tagged"
+        );
+        assert!(
+            !j.blob(&layer).exists(),
+            "{fault:?}: the bad layer is not in the store"
+        );
+        let tmp = std::fs::read_dir(j.home.path().join("tmp"))
+            .unwrap()
+            .count();
+        assert_eq!(tmp, 0, "{fault:?}: no partial download left");
+        // Asking for the right digest by name is checked too: a manifest that does not match is refused.
+        if fault == Fault::WrongContent {
+            let wrong = format!("{host}/apps/hello@sha256:{}", "0".repeat(64));
+            let err = j.fails(&["pull", &wrong, "--insecure", &host, "-q"]);
+            assert!(
+                err.contains("Invalid digest") || err.contains("refused"),
+                "{err}"
+            );
+        }
+    }
+}

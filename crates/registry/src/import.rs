@@ -1,0 +1,1320 @@
+//! `juice import`: a container image becomes an appliance.
+//!
+//! Sources: a `docker save` archive, an OCI image layout directory
+//! (`DIR` or `DIR:TAG`), an OCI archive (a tar of a layout), or a registry
+//! reference (pulled into a scratch layout first).
+//!
+//! The layers are flattened in order with overlay semantics: an entry replaces
+//! what was at its path (a directory in a later layer replaces a symlink, so
+//! nothing is ever written through a link), `.wh.NAME` deletes `NAME`,
+//! `.wh..wh..opq` empties its directory of what earlier layers put there.
+//! Hostile entries are refused with the layer and path named: `..` or absolute
+//! paths, whiteouts naming `.`/`..`, device nodes and FIFOs, hard links to
+//! nothing, symlinks that climb out of the root. Setuid and setgid bits are
+//! dropped (and listed); ownership becomes root's, as in every Juice image.
+//!
+//! `--prune` keeps only the entrypoint (through its `#!` interpreter if it is
+//! a script), what `--keep` names, and the ELF closure of every kept program
+//! and library, resolved inside the image the way its `ld.so` would (DT_RPATH,
+//! DT_RUNPATH with `$ORIGIN`, the image's `/etc/ld.so.conf`, the default
+//! directories), with every symlink on the way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use juice_image::build::closure::{DEFAULT_DIRS, ElfObject, expand_origin};
+use juice_image::build::tree::{Node, Source, Tree, normal_file_mode};
+use juice_image::build::{Assembled, BuildOutcome, build_assembled};
+use juice_image::digest::{Digest, HashingReader};
+use juice_image::manifest::Manifest;
+use juice_image::store::Store;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::remote::RemoteOptions;
+use crate::{RegistryError, io_err};
+
+/// Refuse images bigger than this (entries, bytes): a decompression bomb stops here.
+const MAX_ENTRIES: usize = 1_000_000;
+const MAX_BYTES: u64 = 16 << 30;
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// `name:version` of the appliance.
+    pub tag: String,
+    pub prune: bool,
+    /// Image paths (files or directories) kept when pruning.
+    pub keep: Vec<PathBuf>,
+    /// Replaces the image's entrypoint and command.
+    pub command: Option<Vec<String>>,
+    pub remote: RemoteOptions,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    pub reference: String,
+    pub digest: String,
+    pub command: Vec<String>,
+    pub user: String,
+    pub layers: usize,
+    pub files: usize,
+    pub bytes: u64,
+    pub kept_files: usize,
+    pub kept_bytes: u64,
+    /// The largest dropped directories (three levels deep) and their bytes.
+    pub dropped: Vec<(String, u64)>,
+    pub setid_dropped: Vec<String>,
+    /// The appliance manifest Juice inferred (a starting point for `juice build`).
+    pub manifest: String,
+}
+
+fn import_err(source: &str, reason: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Import {
+        what: source.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A container image read from its source: config and layers in order.
+struct Loaded {
+    config: Value,
+    /// Layer files, each verified against its digest if the format has one.
+    layers: Vec<PathBuf>,
+}
+
+pub fn import(
+    store: &Store,
+    source: &str,
+    opts: &ImportOptions,
+) -> Result<(ImportReport, BuildOutcome), RegistryError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("import-")
+        .tempdir_in(store.tmp_dir())
+        .map_err(io_err("create a directory in", &store.tmp_dir()))?;
+    let loaded = load(source, scratch.path(), &opts.remote)?;
+    let staged = flatten(source, &loaded.layers, &scratch.path().join("files"))?;
+    let run = RunConfig::from_config(source, &loaded.config, &staged, opts)?;
+
+    let total_files = staged.files();
+    let total_bytes = staged.bytes();
+    let (kept, closure, binaries) = if opts.prune {
+        staged.prune(source, &run.command[0], &opts.keep)?
+    } else {
+        (staged.clone_all(), BTreeMap::new(), Vec::new())
+    };
+    let dropped = staged.dropped_by_dir(&kept);
+
+    let manifest_text = run.manifest_toml(&opts.tag);
+    let manifest_path = Path::new(source).join("juice.toml");
+    let manifest = Manifest::parse(&manifest_text, &manifest_path).map_err(|e| {
+        import_err(
+            source,
+            format!("the inferred manifest is not valid: {e}\n{manifest_text}"),
+        )
+    })?;
+    let mut tree = Tree::new();
+    for (path, node) in &kept.nodes {
+        let n = match node {
+            SNode::Dir { mode } => Node::Dir {
+                mode: mode & 0o7777 & !0o6000,
+            },
+            SNode::File { mode, data, .. } => Node::File {
+                source: Source::Host(data.clone()),
+                mode: normal_file_mode(*mode, false),
+            },
+            SNode::Symlink { target } => Node::Symlink {
+                target: target.clone(),
+            },
+        };
+        tree.insert(path, n).map_err(|e| import_err(source, e))?;
+    }
+    let outcome = build_assembled(
+        store,
+        Assembled {
+            tree,
+            manifest,
+            closure,
+            binaries,
+        },
+        &opts.tag,
+        Path::new(source),
+    )?;
+    let report = ImportReport {
+        reference: outcome.reference.clone(),
+        digest: outcome.digest.to_string(),
+        command: run.command.clone(),
+        user: format!("{}:{}", run.uid, run.gid),
+        layers: loaded.layers.len(),
+        files: total_files,
+        bytes: total_bytes,
+        kept_files: kept.files(),
+        kept_bytes: kept.bytes(),
+        dropped,
+        setid_dropped: staged.setid_dropped.clone(),
+        manifest: manifest_text,
+    };
+    Ok((report, outcome))
+}
+
+/// Reads the image at `source` into `scratch`.
+fn load(source: &str, scratch: &Path, remote: &RemoteOptions) -> Result<Loaded, RegistryError> {
+    let path = Path::new(source);
+    if path.is_file() {
+        let dir = scratch.join("archive");
+        extract_archive(source, path, &dir)?;
+        if dir.join("manifest.json").is_file() {
+            return load_docker(source, &dir);
+        }
+        if dir.join("oci-layout").is_file() {
+            return load_layout(source, &dir, None);
+        }
+        return Err(import_err(
+            source,
+            "neither a docker save archive (no manifest.json) nor an OCI archive (no oci-layout)",
+        ));
+    }
+    if path.is_dir() {
+        return load_layout(source, path, None);
+    }
+    if let Some((dir, tag)) = source.rsplit_once(':')
+        && Path::new(dir).is_dir()
+    {
+        return load_layout(source, Path::new(dir), Some(tag));
+    }
+    if crate::reference::looks_remote(source) {
+        let (layout, tag) = crate::remote::pull_to_layout(remote, source, &scratch.join("pulled"))?;
+        return load_layout(source, &layout, Some(&tag));
+    }
+    Err(import_err(
+        source,
+        "no such file or directory, and not a registry reference",
+    ))
+}
+
+/// Unpacks the outer archive (not an image layer) into `dir`: regular files and
+/// directories, and symlinks that stay inside (docker links identical layers).
+fn extract_archive(source: &str, file: &Path, dir: &Path) -> Result<(), RegistryError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let f = std::fs::File::open(file).map_err(io_err("open", file))?;
+    let mut archive = tar::Archive::new(f);
+    let entries = archive
+        .entries()
+        .map_err(|e| import_err(source, format!("not a tar archive: {e}")))?;
+    for (count, entry) in entries.enumerate() {
+        if count > 100_000 {
+            return Err(import_err(source, "too many entries for an image archive"));
+        }
+        let mut entry =
+            entry.map_err(|e| import_err(source, format!("a damaged tar archive: {e}")))?;
+        let name = entry
+            .path()
+            .map_err(|e| import_err(source, e))?
+            .into_owned();
+        let rel = normalise(&name).ok_or_else(|| {
+            import_err(
+                source,
+                format!("archive entry {} climbs out of the archive", name.display()),
+            )
+        })?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let dest = dir.join(&rel);
+        let kind = entry.header().entry_type();
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        }
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dest).map_err(io_err("create", &dest))?;
+        } else if kind.is_file() {
+            let mut out = std::fs::File::create(&dest).map_err(io_err("create", &dest))?;
+            std::io::copy(&mut entry, &mut out).map_err(io_err("write", &dest))?;
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.into_owned())
+                .unwrap_or_default();
+            if target.is_absolute() || !stays_inside(&rel, &target) {
+                return Err(import_err(
+                    source,
+                    format!("archive entry {} links outside the archive", rel.display()),
+                ));
+            }
+            std::os::unix::fs::symlink(&target, &dest).map_err(io_err("create", &dest))?;
+        } else {
+            return Err(import_err(
+                source,
+                format!(
+                    "archive entry {} is not a file, directory or link",
+                    rel.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A file of the extracted archive, which must stay inside it (through links too).
+fn inside(source: &str, dir: &Path, rel: &str) -> Result<PathBuf, RegistryError> {
+    let norm = normalise(Path::new(rel))
+        .ok_or_else(|| import_err(source, format!("{rel:?} climbs out of the archive")))?;
+    let full = dir.join(norm);
+    let real = full
+        .canonicalize()
+        .map_err(|e| import_err(source, format!("{rel}: {e}")))?;
+    let root = dir.canonicalize().map_err(io_err("resolve", dir))?;
+    if !real.starts_with(&root) {
+        return Err(import_err(
+            source,
+            format!("{rel} resolves outside the archive"),
+        ));
+    }
+    Ok(real)
+}
+
+fn load_docker(source: &str, dir: &Path) -> Result<Loaded, RegistryError> {
+    let bad = |e: String| import_err(source, format!("manifest.json is not valid: {e}"));
+    let text = std::fs::read(dir.join("manifest.json")).map_err(|e| bad(e.to_string()))?;
+    let list: Vec<DockerEntry> = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let entry = list
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("it lists no image".into()))?;
+    let config_path = inside(source, dir, &entry.config)?;
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(&config_path).map_err(io_err("read", &config_path))?)
+            .map_err(|e| import_err(source, format!("the image config {}: {e}", entry.config)))?;
+    // Docker names the config by its digest: check it when it does.
+    if let Some(hex) = Path::new(&entry.config)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.trim_end_matches(".json"))
+        .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        let actual = file_digest(&config_path)?;
+        if actual.hex() != hex {
+            return Err(import_err(
+                source,
+                format!(
+                    "the image config {} does not match its digest",
+                    entry.config
+                ),
+            ));
+        }
+    }
+    let layers = entry
+        .layers
+        .iter()
+        .map(|l| inside(source, dir, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !diff_ids.is_empty() && diff_ids.len() != layers.len() {
+        return Err(bad(format!(
+            "{} layers, but the config lists {} diff_ids",
+            layers.len(),
+            diff_ids.len()
+        )));
+    }
+    Ok(Loaded { config, layers })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerEntry {
+    config: String,
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+fn file_digest(path: &Path) -> Result<Digest, RegistryError> {
+    let f = std::fs::File::open(path).map_err(io_err("open", path))?;
+    let mut r = HashingReader::new(f);
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err("read", path))?;
+    Ok(r.finish().map_err(io_err("read", path))?.0)
+}
+
+/// A blob of an OCI layout, checked against its digest.
+fn layout_blob(source: &str, layout: &Path, digest: &str) -> Result<PathBuf, RegistryError> {
+    let d: Digest = digest
+        .parse()
+        .map_err(|_| import_err(source, format!("{digest:?} is not a sha256 digest")))?;
+    let path = layout.join("blobs/sha256").join(d.hex());
+    let actual = file_digest(&path)?;
+    if actual != d {
+        return Err(import_err(
+            source,
+            format!("blob {digest} is corrupt (its content hashes to {actual})"),
+        ));
+    }
+    Ok(path)
+}
+
+fn read_json(source: &str, path: &Path) -> Result<Value, RegistryError> {
+    let bytes = std::fs::read(path).map_err(io_err("read", path))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| import_err(source, format!("{} is not valid JSON: {e}", path.display())))
+}
+
+fn load_layout(source: &str, layout: &Path, tag: Option<&str>) -> Result<Loaded, RegistryError> {
+    if !layout.join("oci-layout").is_file() {
+        return Err(import_err(
+            source,
+            "not an OCI image layout (no oci-layout file)",
+        ));
+    }
+    let index = read_json(source, &layout.join("index.json"))?;
+    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    let ref_name = |m: &Value| {
+        m["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let chosen = match tag {
+        Some(t) => manifests
+            .iter()
+            .find(|m| ref_name(m).as_deref() == Some(t))
+            .ok_or_else(|| import_err(source, format!("the layout has no image tagged {t:?}")))?,
+        None if manifests.len() == 1 => &manifests[0],
+        None => {
+            let names: Vec<String> = manifests.iter().filter_map(ref_name).collect();
+            return Err(import_err(
+                source,
+                format!(
+                    "the layout holds {} images; name one as DIR:TAG ({})",
+                    manifests.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+    };
+    let mut digest = chosen["digest"].as_str().unwrap_or_default().to_owned();
+    let mut manifest = read_json(source, &layout_blob(source, layout, &digest)?)?;
+    if manifest["manifests"].is_array() {
+        // An index: its linux/amd64 image.
+        let pick = manifest["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
+            .ok_or_else(|| import_err(source, "the index has no linux/amd64 image"))?;
+        digest = pick["digest"].as_str().unwrap_or_default().to_owned();
+        manifest = read_json(source, &layout_blob(source, layout, &digest)?)?;
+    }
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| import_err(source, "the manifest names no config"))?;
+    let config = read_json(source, &layout_blob(source, layout, config_digest)?)?;
+    let layers = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| layout_blob(source, layout, l["digest"].as_str().unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded { config, layers })
+}
+
+/// `a/./b/` -> `a/b`; `None` for `..`, absolute paths and other escapes.
+fn normalise(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Whether a relative symlink target at `link` (relative to the root) stays inside the root.
+fn stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return true;
+    }
+    let mut depth = link.components().count().saturating_sub(1) as i64;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[derive(Debug, Clone)]
+enum SNode {
+    Dir { mode: u32 },
+    File { mode: u32, data: PathBuf, size: u64 },
+    Symlink { target: PathBuf },
+}
+
+/// The flattened image: absolute image paths to nodes, each with the layer that put it there.
+#[derive(Debug, Clone, Default)]
+struct Staged {
+    nodes: BTreeMap<PathBuf, SNode>,
+    layer_of: BTreeMap<PathBuf, usize>,
+    setid_dropped: Vec<String>,
+}
+
+fn flatten(source: &str, layers: &[PathBuf], files: &Path) -> Result<Staged, RegistryError> {
+    std::fs::create_dir_all(files).map_err(io_err("create", files))?;
+    let mut staged = Staged::default();
+    staged.nodes.insert("/".into(), SNode::Dir { mode: 0o755 });
+    let mut entries = 0usize;
+    let mut bytes = 0u64;
+    for (i, layer) in layers.iter().enumerate() {
+        let n = i + 1;
+        let hostile = |what: String| import_err(source, format!("layer {n}: {what}; refused"));
+        let reader = open_layer(layer).map_err(|e| hostile(e.to_string()))?;
+        let mut archive = tar::Archive::new(reader);
+        let iter = archive
+            .entries()
+            .map_err(|e| hostile(format!("not a tar stream: {e}")))?;
+        for entry in iter {
+            let mut entry = entry.map_err(|e| hostile(format!("a damaged tar stream: {e}")))?;
+            entries += 1;
+            if entries > MAX_ENTRIES {
+                return Err(hostile(format!("more than {MAX_ENTRIES} entries")));
+            }
+            let raw = entry
+                .path()
+                .map_err(|e| hostile(e.to_string()))?
+                .into_owned();
+            let rel = normalise(&raw).ok_or_else(|| {
+                hostile(format!("entry {} climbs out of the root", raw.display()))
+            })?;
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let path = Path::new("/").join(&rel);
+            let name = rel
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent = path.parent().unwrap_or(Path::new("/")).to_owned();
+            if name == ".wh..wh..opq" {
+                staged.clear_dir(&parent, n);
+                continue;
+            }
+            if let Some(victim) = name.strip_prefix(".wh.") {
+                if victim.is_empty() || victim == "." || victim == ".." || victim.contains('/') {
+                    return Err(hostile(format!(
+                        "whiteout {} escapes its directory",
+                        raw.display()
+                    )));
+                }
+                staged.remove(&parent.join(victim));
+                continue;
+            }
+            let header = entry.header();
+            let mode = header.mode().unwrap_or(0o644);
+            let kind = header.entry_type();
+            if mode & 0o6000 != 0 && kind.is_file() {
+                staged.setid_dropped.push(path.display().to_string());
+            }
+            let node = if kind.is_dir() {
+                SNode::Dir { mode }
+            } else if kind.is_file() {
+                let size = header.size().unwrap_or(0);
+                bytes += size;
+                if bytes > MAX_BYTES {
+                    return Err(hostile(format!("more than {MAX_BYTES} bytes of files")));
+                }
+                let data = files.join(format!("{entries}"));
+                let mut out = std::fs::File::create(&data).map_err(io_err("create", &data))?;
+                let copied = std::io::copy(&mut entry, &mut out)
+                    .map_err(|e| hostile(format!("{}: {e}", raw.display())))?;
+                out.flush().map_err(io_err("write", &data))?;
+                SNode::File {
+                    mode,
+                    data,
+                    size: copied,
+                }
+            } else if kind.is_symlink() {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|t| t.into_owned())
+                    .ok_or_else(|| hostile(format!("symlink {} has no target", raw.display())))?;
+                if !stays_inside(&rel, &target) {
+                    return Err(hostile(format!(
+                        "symlink {} -> {} climbs out of the root",
+                        raw.display(),
+                        target.display()
+                    )));
+                }
+                SNode::Symlink { target }
+            } else if kind.is_hard_link() {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .and_then(|t| normalise(&t))
+                    .map(|t| Path::new("/").join(t))
+                    .ok_or_else(|| {
+                        hostile(format!("hard link {} has a bad target", raw.display()))
+                    })?;
+                match staged.nodes.get(&target) {
+                    Some(f @ SNode::File { .. }) => f.clone(),
+                    _ => {
+                        return Err(hostile(format!(
+                            "hard link {} -> {} names no file",
+                            raw.display(),
+                            target.display()
+                        )));
+                    }
+                }
+            } else {
+                return Err(hostile(format!(
+                    "{} is a device node, FIFO or other special file, which an appliance cannot carry",
+                    raw.display()
+                )));
+            };
+            staged.put(&path, node, n);
+        }
+    }
+    Ok(staged)
+}
+
+fn open_layer(path: &Path) -> std::io::Result<Box<dyn Read>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic)?;
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    match &magic[..n] {
+        [0x1f, 0x8b, ..] => Ok(Box::new(flate2::read::GzDecoder::new(
+            std::io::BufReader::new(f),
+        ))),
+        [0x28, 0xb5, 0x2f, 0xfd] => Err(std::io::Error::other(
+            "zstd layers are not supported (re-save the image with gzip)",
+        )),
+        _ => Ok(Box::new(std::io::BufReader::new(f))),
+    }
+}
+
+impl Staged {
+    /// Puts a node at `path`; its ancestors become directories (replacing whatever was there).
+    fn put(&mut self, path: &Path, node: SNode, layer: usize) {
+        for a in path.ancestors().skip(1) {
+            match self.nodes.get(a) {
+                Some(SNode::Dir { .. }) => {}
+                _ => {
+                    self.remove(a);
+                    self.nodes.insert(a.to_owned(), SNode::Dir { mode: 0o755 });
+                    self.layer_of.insert(a.to_owned(), layer);
+                }
+            }
+        }
+        match (self.nodes.get(path), &node) {
+            // A directory over a directory: contents merge, the new mode wins.
+            (Some(SNode::Dir { .. }), SNode::Dir { .. }) => {}
+            (Some(_), _) => self.remove(path),
+            _ => {}
+        }
+        self.nodes.insert(path.to_owned(), node);
+        self.layer_of.insert(path.to_owned(), layer);
+    }
+
+    /// Removes `path` and everything under it.
+    fn remove(&mut self, path: &Path) {
+        if path == Path::new("/") {
+            return;
+        }
+        let doomed: Vec<PathBuf> = self
+            .nodes
+            .range(path.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in doomed {
+            self.nodes.remove(&p);
+            self.layer_of.remove(&p);
+        }
+    }
+
+    /// An opaque whiteout: what earlier layers put under `dir` goes.
+    fn clear_dir(&mut self, dir: &Path, layer: usize) {
+        let doomed: Vec<PathBuf> = self
+            .nodes
+            .range(dir.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(dir))
+            .filter(|(p, _)| {
+                p.as_path() != dir && self.layer_of.get(*p).is_some_and(|l| *l < layer)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in doomed {
+            self.nodes.remove(&p);
+            self.layer_of.remove(&p);
+        }
+    }
+
+    fn files(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| matches!(n, SNode::File { .. }))
+            .count()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.nodes
+            .values()
+            .map(|n| match n {
+                SNode::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn clone_all(&self) -> Staged {
+        self.clone()
+    }
+
+    /// Follows symlinks inside the image; the final path and every link on the way.
+    fn resolve(&self, path: &Path, links: &mut BTreeSet<PathBuf>) -> Option<PathBuf> {
+        let mut pending: Vec<std::ffi::OsString> = path
+            .components()
+            .rev()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        let mut out = PathBuf::from("/");
+        let mut hops = 0;
+        while let Some(c) = pending.pop() {
+            if c == ".." {
+                out.pop();
+                continue;
+            }
+            let next = out.join(&c);
+            match self.nodes.get(&next)? {
+                SNode::Symlink { target } => {
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    links.insert(next.clone());
+                    if target.is_absolute() {
+                        out = PathBuf::from("/");
+                    }
+                    pending.extend(target.components().rev().filter_map(|c| match c {
+                        Component::Normal(n) => Some(n.to_owned()),
+                        Component::ParentDir => Some("..".into()),
+                        _ => None,
+                    }));
+                }
+                _ => out = next,
+            }
+        }
+        Some(out)
+    }
+
+    fn file_bytes(&self, path: &Path) -> Option<Vec<u8>> {
+        match self.nodes.get(path)? {
+            SNode::File { data, .. } => std::fs::read(data).ok(),
+            _ => None,
+        }
+    }
+
+    /// Library directories the image's loader searches after DT_RUNPATH: its ld.so.conf, the defaults.
+    fn loader_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        let mut confs = vec![PathBuf::from("/etc/ld.so.conf")];
+        confs.extend(
+            self.nodes
+                .keys()
+                .filter(|p| {
+                    p.starts_with("/etc/ld.so.conf.d") && p.extension().is_some_and(|e| e == "conf")
+                })
+                .cloned(),
+        );
+        for conf in confs {
+            let mut links = BTreeSet::new();
+            let Some(real) = self.resolve(&conf, &mut links) else {
+                continue;
+            };
+            let text =
+                String::from_utf8_lossy(&self.file_bytes(&real).unwrap_or_default()).into_owned();
+            for line in text.lines().map(str::trim) {
+                if line.starts_with('/') {
+                    dirs.push(PathBuf::from(line));
+                }
+            }
+        }
+        dirs.extend(DEFAULT_DIRS.iter().map(PathBuf::from));
+        dirs
+    }
+
+    /// The pruned image: roots, kept paths and their closure; the closure report; the programs.
+    #[allow(clippy::type_complexity)]
+    fn prune(
+        &self,
+        source: &str,
+        program: &str,
+        keep: &[PathBuf],
+    ) -> Result<(Staged, BTreeMap<String, Vec<String>>, Vec<PathBuf>), RegistryError> {
+        let mut kept: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut roots: Vec<PathBuf> = Vec::new();
+        let mut links = BTreeSet::new();
+        let program_path = self
+            .resolve(Path::new(program), &mut links)
+            .filter(|p| matches!(self.nodes.get(p), Some(SNode::File { .. })))
+            .ok_or_else(|| {
+                import_err(
+                    source,
+                    format!("the program {program} is not a file in the image"),
+                )
+            })?;
+        roots.push(program_path.clone());
+        // A script: its interpreter too.
+        if let Some(bytes) = self.file_bytes(&program_path)
+            && bytes.starts_with(b"#!")
+        {
+            let line = String::from_utf8_lossy(&bytes[2..bytes.len().min(256)]).into_owned();
+            if let Some(interp) = line
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().next())
+            {
+                let real = self.resolve(Path::new(interp), &mut links).ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!("{program}'s interpreter {interp} is not in the image"),
+                    )
+                })?;
+                roots.push(real);
+            }
+        }
+        for k in keep {
+            let k = Path::new("/").join(k.strip_prefix("/").unwrap_or(k));
+            let real = self.resolve(&k, &mut links).ok_or_else(|| {
+                import_err(source, format!("--keep {}: not in the image", k.display()))
+            })?;
+            for (p, n) in self
+                .nodes
+                .range(real.clone()..)
+                .take_while(|(p, _)| p.starts_with(&real))
+            {
+                kept.insert(p.clone());
+                if let SNode::File { .. } = n {
+                    roots.push(p.clone());
+                }
+            }
+        }
+        kept.extend(links.iter().cloned());
+        let search = self.loader_dirs();
+        let mut closure: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut queue: Vec<PathBuf> = roots.clone();
+        let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+        while let Some(obj_path) = queue.pop() {
+            if !seen.insert(obj_path.clone()) {
+                continue;
+            }
+            kept.insert(obj_path.clone());
+            let Some(bytes) = self.file_bytes(&obj_path) else {
+                continue;
+            };
+            if !bytes.starts_with(b"\x7fELF") {
+                continue;
+            }
+            let obj = ElfObject::parse(&bytes, &obj_path).map_err(|e| import_err(source, e))?;
+            let mut needs = Vec::new();
+            if let Some(interp) = &obj.interpreter {
+                let mut l = BTreeSet::new();
+                let real = self.resolve(interp, &mut l).ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!(
+                            "{} needs the loader {}, which is not in the image",
+                            obj_path.display(),
+                            interp.display()
+                        ),
+                    )
+                })?;
+                kept.extend(l);
+                queue.push(real);
+            }
+            let origin = obj_path.parent().unwrap_or(Path::new("/")).to_owned();
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            if obj.runpath.is_empty() {
+                dirs.extend(
+                    obj.rpath
+                        .iter()
+                        .map(|d| expand_origin(d, &origin, obj.is_64)),
+                );
+            }
+            dirs.extend(
+                obj.runpath
+                    .iter()
+                    .map(|d| expand_origin(d, &origin, obj.is_64)),
+            );
+            dirs.extend(search.iter().cloned());
+            for name in &obj.needed {
+                let mut found = None;
+                for d in &dirs {
+                    let mut l = BTreeSet::new();
+                    if let Some(real) = self.resolve(&d.join(name), &mut l)
+                        && let Some(lib_bytes) = self.file_bytes(&real)
+                        && ElfObject::parse(&lib_bytes, &real)
+                            .is_ok_and(|o| o.is_64 == obj.is_64 && o.machine == obj.machine)
+                    {
+                        kept.extend(l);
+                        found = Some(real);
+                        break;
+                    }
+                }
+                let real = found.ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!(
+                            "{} needs {name}, which the image does not have",
+                            obj_path.display()
+                        ),
+                    )
+                })?;
+                needs.push(real.display().to_string());
+                queue.push(real);
+            }
+            closure.insert(obj_path.display().to_string(), needs);
+        }
+        let mut out = Staged::default();
+        for p in &kept {
+            for a in p.ancestors() {
+                if let Some(n) = self.nodes.get(a) {
+                    out.nodes.entry(a.to_owned()).or_insert_with(|| n.clone());
+                }
+            }
+        }
+        Ok((out, closure, vec![program_path]))
+    }
+
+    /// Bytes dropped by pruning, by directory three levels deep, largest first (at most 12).
+    fn dropped_by_dir(&self, kept: &Staged) -> Vec<(String, u64)> {
+        let mut by: BTreeMap<String, u64> = BTreeMap::new();
+        for (p, n) in &self.nodes {
+            if let SNode::File { size, .. } = n
+                && !kept.nodes.contains_key(p)
+            {
+                let dir: PathBuf = p
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .components()
+                    .take(4)
+                    .collect();
+                *by.entry(dir.display().to_string()).or_default() += size;
+            }
+        }
+        let mut v: Vec<(String, u64)> = by.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v.truncate(12);
+        v
+    }
+}
+
+/// How the container image runs, mapped to an appliance.
+struct RunConfig {
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    uid: u32,
+    gid: u32,
+    workdir: Option<String>,
+    ports: Vec<u16>,
+    /// The config's `Volumes`, as (name, path).
+    volumes: Vec<(String, String)>,
+}
+
+impl RunConfig {
+    fn from_config(
+        source: &str,
+        config: &Value,
+        staged: &Staged,
+        opts: &ImportOptions,
+    ) -> Result<RunConfig, RegistryError> {
+        let c = &config["config"];
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let env: Vec<(String, String)> = strings(&c["Env"])
+            .into_iter()
+            .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        let mut command = match &opts.command {
+            Some(c) => c.clone(),
+            None => {
+                let mut c2 = strings(&c["Entrypoint"]);
+                c2.extend(strings(&c["Cmd"]));
+                c2
+            }
+        };
+        if command.is_empty() {
+            return Err(import_err(
+                source,
+                "the image has neither an Entrypoint nor a Cmd; give --command",
+            ));
+        }
+        if !command[0].starts_with('/') {
+            let path = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| {
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+                });
+            let found = path.split(':').find_map(|d| {
+                let candidate = Path::new(d).join(&command[0]);
+                let mut l = BTreeSet::new();
+                staged
+                    .resolve(&candidate, &mut l)
+                    .filter(|r| matches!(staged.nodes.get(r), Some(SNode::File { .. })))
+                    .map(|_| candidate)
+            });
+            command[0] = found
+                .ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!("the program {:?} is not on the image's PATH", command[0]),
+                    )
+                })?
+                .display()
+                .to_string();
+        }
+        let (uid, gid) = user_ids(source, c["User"].as_str().unwrap_or(""), staged)?;
+        let workdir = c["WorkingDir"]
+            .as_str()
+            .filter(|w| !w.is_empty() && *w != "/")
+            .map(str::to_owned);
+        let ports = c["ExposedPorts"]
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| k.ends_with("/tcp") || !k.contains('/'))
+                    .filter_map(|k| k.split('/').next().and_then(|p| p.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut volumes: Vec<(String, String)> = Vec::new();
+        for path in c["Volumes"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            if !path.starts_with('/') || path == "/" {
+                continue;
+            }
+            let base: String = path
+                .rsplit('/')
+                .find(|s| !s.is_empty())
+                .unwrap_or("data")
+                .chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() {
+                        ch.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            let base = base.trim_matches('-').to_owned();
+            let base = if base.is_empty() {
+                "data".to_owned()
+            } else {
+                base
+            };
+            let mut name = base.clone();
+            let mut n = 2;
+            while volumes.iter().any(|(v, _)| *v == name) {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
+            volumes.push((name, path));
+        }
+        Ok(RunConfig {
+            command,
+            env,
+            uid,
+            gid,
+            workdir,
+            ports,
+            volumes,
+        })
+    }
+
+    fn manifest_toml(&self, tag: &str) -> String {
+        let (name, version) = tag.rsplit_once(':').unwrap_or((tag, "imported"));
+        let name = name.rsplit('/').next().unwrap_or(name);
+        let q = |s: &str| toml_string(s);
+        let mut t = format!(
+            "# Inferred by `juice import`.\n[appliance]\nname = {}\nversion = {}\n\n[run]\ncommand = [{}]\nuser = \"{}:{}\"\n",
+            q(name),
+            q(version),
+            self.command
+                .iter()
+                .map(|a| q(a))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.uid,
+            self.gid
+        );
+        if !self.env.is_empty() {
+            t.push_str(&format!(
+                "env = {{ {} }}\n",
+                self.env
+                    .iter()
+                    .map(|(k, v)| format!("{} = {}", q(k), q(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Some(w) = &self.workdir {
+            t.push_str(&format!("workdir = {}\n", q(w)));
+        }
+        if !self.ports.is_empty() {
+            t.push_str(&format!(
+                "ports = [{}]\n",
+                self.ports
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for (name, path) in &self.volumes {
+            t.push_str(&format!(
+                "\n[[volumes]]\nname = {}\npath = {}\n",
+                q(name),
+                q(path)
+            ));
+        }
+        t
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    // serde_json's string escaping is valid TOML basic-string escaping for these characters.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `User` of a container config as numeric ids, names looked up in the image's passwd and group.
+fn user_ids(source: &str, user: &str, staged: &Staged) -> Result<(u32, u32), RegistryError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let table = |file: &str| -> Vec<Vec<String>> {
+        let mut l = BTreeSet::new();
+        staged
+            .resolve(Path::new(file), &mut l)
+            .and_then(|p| staged.file_bytes(&p))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .map(|l| l.split(':').map(str::to_owned).collect())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let passwd = table("/etc/passwd");
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let (uid, default_gid) = match u.parse::<u32>() {
+        Ok(n) => (
+            n,
+            passwd
+                .iter()
+                .find(|f| f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(n))
+                .and_then(|f| f.get(3).and_then(|s| s.parse().ok()))
+                .unwrap_or(0),
+        ),
+        Err(_) => {
+            let f = passwd
+                .iter()
+                .find(|f| f.first().map(String::as_str) == Some(u))
+                .ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!("user {u:?} is not in the image's /etc/passwd"),
+                    )
+                })?;
+            let id = |i: usize| f.get(i).and_then(|s| s.parse::<u32>().ok());
+            (
+                id(2).ok_or_else(|| {
+                    import_err(source, format!("user {u:?} has a bad passwd line"))
+                })?,
+                id(3).unwrap_or(0),
+            )
+        }
+    };
+    let gid = match g {
+        None => default_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => table("/etc/group")
+                .iter()
+                .find(|f| f.first().map(String::as_str) == Some(g))
+                .and_then(|f| f.get(2).and_then(|s| s.parse().ok()))
+                .ok_or_else(|| {
+                    import_err(
+                        source,
+                        format!("group {g:?} is not in the image's /etc/group"),
+                    )
+                })?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o4755
+            });
+            h.set_size(data.len() as u64);
+            // Raw names: the tar crate's own checks would stop the hostile ones we test.
+            let name = path.as_bytes();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            if !link.is_empty() {
+                let l = link.as_bytes();
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn flat(layers: Vec<Vec<u8>>) -> Result<Staged, RegistryError> {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let p = dir.path().join(format!("l{i}"));
+                std::fs::write(&p, l).unwrap();
+                p
+            })
+            .collect();
+        let s = flatten("test", &paths, &dir.path().join("files"))?;
+        // Keep the staged data readable after the tempdir goes: tests only look at the tree.
+        std::mem::forget(dir);
+        Ok(s)
+    }
+
+    use tar::EntryType::{Block, Directory, Fifo, Link, Regular, Symlink};
+
+    #[test]
+    fn whiteouts_and_opaque_directories_follow_overlay_rules() {
+        let s = flat(vec![
+            layer(&[
+                ("etc/", Directory, b"", ""),
+                ("etc/a", Regular, b"a", ""),
+                ("etc/b", Regular, b"b", ""),
+                ("var/lib/x/", Directory, b"", ""),
+                ("var/lib/x/old", Regular, b"o", ""),
+                ("lib", Symlink, b"", "usr/lib"),
+            ]),
+            layer(&[
+                ("etc/.wh.a", Regular, b"", ""),
+                ("var/lib/x/.wh..wh..opq", Regular, b"", ""),
+                ("var/lib/x/new", Regular, b"n", ""),
+                ("lib/z", Regular, b"z", ""),
+            ]),
+        ])
+        .unwrap();
+        let has = |p: &str| s.nodes.contains_key(Path::new(p));
+        assert!(!has("/etc/a") && has("/etc/b"));
+        assert!(!has("/var/lib/x/old") && has("/var/lib/x/new"));
+        // A later layer's directory replaced the symlink: nothing went through it.
+        assert!(matches!(
+            s.nodes.get(Path::new("/lib")),
+            Some(SNode::Dir { .. })
+        ));
+        assert!(has("/lib/z") && !has("/usr/lib/z"));
+        assert_eq!(s.setid_dropped.len(), 5, "{:?}", s.setid_dropped);
+    }
+
+    #[test]
+    fn hostile_layers_are_refused_with_the_layer_and_entry_named() {
+        for (entries, want) in [
+            (vec![("../evil", Regular, &b"x"[..], "")], "climbs out"),
+            (vec![("/etc/passwd", Regular, &b"x"[..], "")], "climbs out"),
+            (vec![("a/../../b", Regular, &b"x"[..], "")], "climbs out"),
+            (vec![("dev/sda", Block, &b""[..], "")], "device node"),
+            (vec![("p", Fifo, &b""[..], "")], "device node"),
+            (vec![("etc/.wh...", Regular, &b""[..], "")], "whiteout"),
+            (vec![("l", Symlink, &b""[..], "../../etc")], "climbs out"),
+            (vec![("h", Link, &b""[..], "nothing")], "names no file"),
+        ] {
+            let e = flat(vec![layer(&[]), layer(&entries)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("layer 2") && e.contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn users_map_through_the_image_passwd() {
+        let s = flat(vec![layer(&[
+            (
+                "etc/passwd",
+                Regular,
+                b"root:x:0:0::/:/bin/sh\nwww-data:x:33:33::/:/bin/false\n",
+                "",
+            ),
+            ("etc/group", Regular, b"root:x:0:\nweb:x:44:\n", ""),
+        ])])
+        .unwrap();
+        assert_eq!(user_ids("t", "", &s).unwrap(), (0, 0));
+        assert_eq!(user_ids("t", "www-data", &s).unwrap(), (33, 33));
+        assert_eq!(user_ids("t", "www-data:web", &s).unwrap(), (33, 44));
+        assert_eq!(user_ids("t", "33", &s).unwrap(), (33, 33));
+        assert_eq!(user_ids("t", "1000:1000", &s).unwrap(), (1000, 1000));
+        assert!(
+            user_ids("t", "nobody", &s)
+                .unwrap_err()
+                .to_string()
+                .contains("passwd")
+        );
+    }
+
+    #[test]
+    fn archive_paths_cannot_escape() {
+        assert!(normalise(Path::new("a/./b")).is_some());
+        assert!(normalise(Path::new("../a")).is_none());
+        assert!(stays_inside(Path::new("a/b"), Path::new("../c")));
+        assert!(!stays_inside(Path::new("a/b"), Path::new("../../c")));
+    }
+}

@@ -1,0 +1,71 @@
+//! Distribution and trust for Juice images.
+//!
+//! - [`remote`]: push and pull through any OCI distribution registry with
+//!   `oci-client` (basic and bearer-token auth, TLS by default, plain HTTP
+//!   only for hosts named as insecure). Every blob is checked against its
+//!   digest before it enters the store; a partial download is never visible.
+//! - [`sign`]: ed25519 keys, signatures in cosign's layout (a simple-signing
+//!   payload naming the manifest digest, stored in the registry under the tag
+//!   `sha256-<hex>.sig` next to the image), and a local copy per image.
+//! - [`policy`]: `$JUICE_HOME/policy.toml`, which keys are trusted for which
+//!   images and whether unsigned images may run.
+//! - [`import`]: container images (`docker save` archives, OCI layouts and
+//!   archives, registry references) flattened into appliances, optionally
+//!   pruned to the ELF closure of their entrypoint.
+//! - [`export`]: an image as an OCI archive for other tools.
+//!
+//! The registry protocol, HTTP, TLS, signatures and tar come from crates;
+//! what is written here is Juice's own: which blobs move when, the store
+//! invariants, the trust decisions and the flattening and pruning rules.
+
+pub mod export;
+pub mod import;
+pub mod policy;
+pub mod reference;
+pub mod remote;
+pub mod sign;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] juice_image::store::StoreError),
+    #[error(transparent)]
+    Build(#[from] juice_image::build::BuildError),
+    #[error(
+        "{0:?} is not a registry reference like registry.example.com/team/app:1.0 (name the registry)"
+    )]
+    BadReference(String),
+    #[error("registry {registry}: {reason}")]
+    Remote { registry: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Untrusted(String),
+    #[error("{reason}")]
+    Policy { path: PathBuf, reason: String },
+    #[error("{what}: {reason}")]
+    Import { what: String, reason: String },
+}
+
+pub(crate) fn io_err(
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> RegistryError + use<> {
+    let path = path.to_owned();
+    move |source| RegistryError::Io {
+        action,
+        path,
+        source,
+    }
+}
