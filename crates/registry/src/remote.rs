@@ -221,16 +221,17 @@ impl Remote {
                     continue;
                 }
                 let data = store.read_blob(&name, &blob)?;
-                let pb = self.bar(data.len() as u64, &format!("push {}", blob.short()));
+                let len = data.len() as u64;
+                let pb = self.bar(len, &format!("push {}", blob.short()));
                 self.client
-                    .push_blob(&target, data.clone(), &blob.to_string())
+                    .push_blob(&target, data, &blob.to_string())
                     .await
                     .map_err(|e| {
                         remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
                     })?;
                 pb.finish_and_clear();
                 out.moved += 1;
-                out.moved_bytes += data.len() as u64;
+                out.moved_bytes += len;
             }
             self.client
                 .push_manifest_raw(
