@@ -288,9 +288,13 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     std::fs::write(&sig_file, &original).unwrap();
 
     // The daemon enforces the same policy, and a refused apply leaves the running group alone.
+    // It pulls what a site names and it lacks, with the credentials and CA of its environment.
     let d = ChildGuard(
         host.cmd()
             .arg("daemon")
+            .env("JUICE_REGISTRY_USER", "ci")
+            .env("JUICE_REGISTRY_PASSWORD", "s3cret")
+            .env("JUICE_REGISTRY_CA", ca)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -306,7 +310,12 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
         std::fs::write(&f, format!("[group.web]\nimage = \"{image}\"\nsize = 1\n")).unwrap();
         f.to_str().unwrap().to_owned()
     };
-    host.ok(&["apply", "-f", &site(&good)]);
+    let by_digest = format!("{}/apps/hello@{digest}", reg.host());
+    host.ok(&["apply", "-f", &site(&by_digest)]);
+    assert!(
+        host.ok(&["images"]).contains("@sha256:"),
+        "the daemon pulled it"
+    );
     let instances = || -> Vec<serde_json::Value> {
         serde_json::from_str::<serde_json::Value>(&host.ok(&["get", "instances", "-o", "json"]))
             .unwrap()
@@ -434,6 +443,9 @@ fn skopeo_reads_what_juice_pushed_and_juice_pulls_what_skopeo_pushed() {
     assert!(out.status.success(), "{}", common::text(&out));
     let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(inspected["Digest"], digest.as_str());
+    // Juice imports it back (an OCI archive) as the same program.
+    j.ok(&["import", archive.to_str().unwrap(), "-t", "again:1"]);
+    assert!(hello_web_ran(&run_quietly(&j, "again:1")));
     // And a second export is byte for byte the same.
     let again = j.home.path().join("again.tar");
     j.ok(&["export", "hello:1", again.to_str().unwrap()]);

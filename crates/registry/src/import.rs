@@ -1216,7 +1216,8 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn flat(layers: Vec<Vec<u8>>) -> Result<Staged, RegistryError> {
+    /// Flattens `layers`; the staging directory lives as long as the returned guard.
+    fn flat(layers: Vec<Vec<u8>>) -> (Result<Staged, RegistryError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let paths: Vec<PathBuf> = layers
             .iter()
@@ -1227,17 +1228,15 @@ mod tests {
                 p
             })
             .collect();
-        let s = flatten("test", &paths, &dir.path().join("files"))?;
-        // Keep the staged data readable after the tempdir goes: tests only look at the tree.
-        std::mem::forget(dir);
-        Ok(s)
+        let s = flatten("test", &paths, &dir.path().join("files"));
+        (s, dir)
     }
 
     use tar::EntryType::{Block, Directory, Fifo, Link, Regular, Symlink};
 
     #[test]
     fn whiteouts_and_opaque_directories_follow_overlay_rules() {
-        let s = flat(vec![
+        let (s, _dir) = flat(vec![
             layer(&[
                 ("etc/", Directory, b"", ""),
                 ("etc/a", Regular, b"a", ""),
@@ -1252,8 +1251,8 @@ mod tests {
                 ("var/lib/x/new", Regular, b"n", ""),
                 ("lib/z", Regular, b"z", ""),
             ]),
-        ])
-        .unwrap();
+        ]);
+        let s = s.unwrap();
         let has = |p: &str| s.nodes.contains_key(Path::new(p));
         assert!(!has("/etc/a") && has("/etc/b"));
         assert!(!has("/var/lib/x/old") && has("/var/lib/x/new"));
@@ -1279,6 +1278,7 @@ mod tests {
             (vec![("h", Link, &b""[..], "nothing")], "names no file"),
         ] {
             let e = flat(vec![layer(&[]), layer(&entries)])
+                .0
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("layer 2") && e.contains(want), "{want}: {e}");
@@ -1287,7 +1287,7 @@ mod tests {
 
     #[test]
     fn users_map_through_the_image_passwd() {
-        let s = flat(vec![layer(&[
+        let (s, _dir) = flat(vec![layer(&[
             (
                 "etc/passwd",
                 Regular,
@@ -1295,8 +1295,8 @@ mod tests {
                 "",
             ),
             ("etc/group", Regular, b"root:x:0:\nweb:x:44:\n", ""),
-        ])])
-        .unwrap();
+        ])]);
+        let s = s.unwrap();
         assert_eq!(user_ids("t", "", &s).unwrap(), (0, 0));
         assert_eq!(user_ids("t", "www-data", &s).unwrap(), (33, 33));
         assert_eq!(user_ids("t", "www-data:web", &s).unwrap(), (33, 44));
@@ -1308,6 +1308,45 @@ mod tests {
                 .to_string()
                 .contains("passwd")
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Random layers of hostile-looking names and kinds: the flattener never panics, and
+        /// whatever it accepts is a tree of plain absolute paths whose links stay inside.
+        #[test]
+        fn random_layers_never_escape(entries in proptest::collection::vec(
+            (proptest::sample::select(vec!["a", "b", "..", ".", ".wh.a", ".wh..wh..opq", ".wh...", "etc", "/"]),
+             proptest::sample::select(vec!["a", "b", "..", "c", ".wh.b", ""]),
+             0u8..6,
+             proptest::sample::select(vec!["a", "../a", "../../x", "/etc", "b/c", ""])),
+            0..12)) {
+            let mut layers = Vec::new();
+            for chunk in entries.chunks(4) {
+                let built: Vec<(String, tar::EntryType, Vec<u8>, String)> = chunk
+                    .iter()
+                    .map(|(d, f, k, l)| {
+                        let name = if f.is_empty() { (*d).to_owned() } else { format!("{d}/{f}") };
+                        let kind = [Regular, Directory, Symlink, Link, Fifo, Block][*k as usize];
+                        (name, kind, b"data".to_vec(), (*l).to_owned())
+                    })
+                    .collect();
+                let refs: Vec<(&str, tar::EntryType, &[u8], &str)> = built
+                    .iter()
+                    .map(|(n, k, d, l)| (n.as_str(), *k, d.as_slice(), l.as_str()))
+                    .collect();
+                layers.push(layer(&refs));
+            }
+            if let (Ok(s), _dir) = flat(layers) {
+                for (p, n) in &s.nodes {
+                    proptest::prop_assert!(p.is_absolute());
+                    proptest::prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir)), "{}", p.display());
+                    if let SNode::Symlink { target } = n {
+                        proptest::prop_assert!(stays_inside(p.strip_prefix("/").unwrap_or(p), target));
+                    }
+                }
+            }
+        }
     }
 
     #[test]
