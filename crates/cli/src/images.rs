@@ -144,16 +144,25 @@ pub fn remove(references: &[String]) -> Result {
 }
 
 pub fn gc(format: Format) -> Result {
-    let report = store()?.gc()?;
+    let store = store()?;
+    let report = store.gc()?;
+    // What was derived from removed images: microVM root disks, signatures.
+    let vm_artefacts = juice_microvm::artefacts::gc(store.home(), 30);
+    let signatures = juice_registry::sign::gc(&store);
     if format == Format::Json {
-        return output::json(&report);
+        let mut v = serde_json::to_value(&report)?;
+        v["vm_artefacts_removed"] = vm_artefacts.into();
+        v["signatures_removed"] = signatures.into();
+        return output::json(&v);
     }
     println!(
-        "removed {} blobs ({}), {} temp files, {} root filesystems",
+        "removed {} blobs ({}), {} temp files, {} root filesystems, {} microVM artefacts, {} signature files",
         report.blobs_removed,
         output::size(report.bytes_freed),
         report.temp_files_removed,
-        report.rootfs_removed
+        report.rootfs_removed,
+        vm_artefacts,
+        signatures
     );
     Ok(())
 }

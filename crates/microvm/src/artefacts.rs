@@ -232,9 +232,67 @@ pub fn volume_disk(path: &Path, size: u64, uid: u32, gid: u32) -> Result<(), VmE
     result
 }
 
+/// Removes root disks whose unpacked layer (`rootfs/<diff_id>`) is gone, and
+/// initramfs files not used for `keep_days` days (each `juice-guest` build makes a
+/// new one). Returns how many artefacts went.
+pub fn gc(home: &Path, keep_days: u64) -> usize {
+    let dir = home.join("vm-artefacts");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    let max_age = std::time::Duration::from_secs(keep_days * 86_400);
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if !home.join("rootfs").join(&name).exists() && std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+        } else if name.starts_with("initramfs-") && name.ends_with(".cpio") {
+            let unused = e
+                .metadata()
+                .and_then(|m| m.accessed())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max_age);
+            if unused && std::fs::remove_file(&path).is_ok() {
+                let _ = std::fs::remove_file(record_path(&path));
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gc_takes_root_disks_of_layers_that_are_gone() {
+        let home = tempfile::tempdir().unwrap();
+        for layer in ["kept", "gone"] {
+            std::fs::create_dir_all(home.path().join("vm-artefacts").join(layer)).unwrap();
+            std::fs::write(
+                home.path()
+                    .join("vm-artefacts")
+                    .join(layer)
+                    .join("root.erofs"),
+                b"x",
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(home.path().join("rootfs/kept")).unwrap();
+        std::fs::write(home.path().join("vm-artefacts/initramfs-1.cpio"), b"x").unwrap();
+        assert_eq!(gc(home.path(), 30), 1);
+        assert!(home.path().join("vm-artefacts/kept/root.erofs").exists());
+        assert!(!home.path().join("vm-artefacts/gone").exists());
+        assert!(
+            home.path().join("vm-artefacts/initramfs-1.cpio").exists(),
+            "recently used"
+        );
+    }
 
     #[test]
     fn a_changed_artefact_is_refused_and_an_unfinished_one_is_redone() {

@@ -225,6 +225,27 @@ pub fn add_local(home: &Path, digest: &Digest, sig: &StoredSignature) -> Result<
     std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))
 }
 
+/// Removes the local signatures of images whose manifest is no longer in the store.
+pub fn gc(store: &juice_image::store::Store) -> usize {
+    let Ok(entries) = std::fs::read_dir(store.home().join("signatures")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(hex) = name.strip_suffix(".json") else {
+            continue;
+        };
+        let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+            continue;
+        };
+        if !store.has_blob(&digest) && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
