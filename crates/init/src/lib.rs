@@ -97,6 +97,9 @@ pub const GUEST_CONFIG_SERIAL: &str = "juice-config";
 pub const GUEST_LOG_PORT: &str = "juice.log";
 /// The virtio-serial port for status lines: `started <pid>`, `exit <ExitRecord>`, `failed <reason>`.
 pub const GUEST_STATUS_PORT: &str = "juice.status";
+/// What `juice-guest` prints on the console and then powers off, when the
+/// kernel command line has `juice.probe`: the host's check that a guest boots.
+pub const GUEST_PROBE_OK: &str = "juice-guest: probe ok";
 /// The virtio-serial port the host sends `term` or `kill` on.
 pub const GUEST_CONTROL_PORT: &str = "juice.ctl";
 

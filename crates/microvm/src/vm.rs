@@ -15,8 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use juice_init::{
-    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_ROOT_SERIAL,
-    GUEST_STATUS_PORT, GuestConfig, GuestNetwork, GuestVolume, InitConfig, LOG_FILE,
+    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_PROBE_OK,
+    GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GuestConfig, GuestNetwork, GuestVolume, InitConfig,
+    LOG_FILE,
 };
 use juice_sandbox::network::{self, Attachment};
 use juice_sandbox::{ExitReport, SandboxSpec};
@@ -44,16 +45,26 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// `JUICE_ACCEL=kvm|tcg`, else KVM only where the CPU shows hardware
-    /// virtualisation (vmx/svm) and /dev/kvm opens. A nested software KVM
-    /// (like `kvm_pvm`) answers the API but cannot boot a stock kernel, so
-    /// /dev/kvm alone is not enough.
-    pub fn detect() -> Accel {
+    /// `JUICE_ACCEL=kvm|tcg`; else KVM only where the CPU shows hardware
+    /// virtualisation (vmx/svm), /dev/kvm opens, and a probe guest actually
+    /// boots with it (`boots`, asked once per kernel and remembered by the
+    /// caller). A nested software KVM (like `kvm_pvm`) answers the API but
+    /// cannot boot a stock kernel, so /dev/kvm alone is not enough.
+    pub fn detect(boots: impl FnOnce(Accel) -> bool) -> Accel {
         match std::env::var("JUICE_ACCEL").as_deref() {
             Ok("kvm") => return Accel::Kvm,
             Ok("tcg") => return Accel::Tcg,
             _ => {}
         }
+        if Accel::hardware() && boots(Accel::Kvm) {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    /// The CPU has vmx or svm and /dev/kvm opens read-write.
+    pub fn hardware() -> bool {
         let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let hw = flags
             .lines()
@@ -64,8 +75,78 @@ impl Accel {
             .write(true)
             .open("/dev/kvm")
             .is_ok();
-        if hw && kvm { Accel::Kvm } else { Accel::Tcg }
+        hw && kvm
     }
+}
+
+/// Boots the probe: `juice-guest` with `juice.probe` prints [`GUEST_PROBE_OK`] and
+/// powers off. True if that line appeared within `timeout`.
+pub fn probe_boot(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    accel: Accel,
+    timeout: Duration,
+) -> bool {
+    let mut args = vec![
+        "-M".to_owned(),
+        "microvm,isa-serial=on,pit=on,pic=on,rtc=on".into(),
+        "-accel".into(),
+        match accel {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_CODE_CACHE_MIB}"),
+        },
+        "-cpu".into(),
+        match accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        },
+        "-m".into(),
+        "128M".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-kernel".into(),
+        kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+    ];
+    let mut cmdline = "console=ttyS0 quiet panic=-1 reboot=t juice.probe".to_owned();
+    if accel == Accel::Tcg {
+        cmdline.push_str(" tsc_early_khz=1000000");
+    }
+    args.push(cmdline);
+    let Ok(mut child) = Command::new(qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return false;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let ok = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains(GUEST_PROBE_OK));
+        let _ = tx.send(ok);
+    });
+    let ok = rx.recv_timeout(timeout).unwrap_or(false);
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
 }
 
 /// What is on disk about a running VM.
@@ -119,13 +200,46 @@ impl Runtime {
             path: dir.clone(),
             source,
         })?;
-        Ok(Runtime {
+        let mut runtime = Runtime {
             home: home.to_owned(),
             kernel,
             guest_init,
             qemu,
-            accel: Accel::detect(),
-        })
+            accel: Accel::Tcg,
+        };
+        runtime.accel = Accel::detect(|accel| runtime.kvm_boots(accel));
+        Ok(runtime)
+    }
+
+    /// Whether a guest boots with `accel`, probed once per kernel and guest init
+    /// and remembered in `vm-artefacts/accel-<kernel>.json`.
+    fn kvm_boots(&self, accel: Accel) -> bool {
+        let Ok(initrd) = artefacts::initramfs(&self.artefact_dir(), &self.kernel, &self.guest_init)
+        else {
+            return false;
+        };
+        let memo = self
+            .artefact_dir()
+            .join(format!("accel-{}.json", self.kernel.version));
+        if let Some(known) = std::fs::read(&memo)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["boots"].as_bool())
+        {
+            return known;
+        }
+        let boots = probe_boot(
+            &self.qemu,
+            &self.kernel.image,
+            &initrd,
+            accel,
+            Duration::from_secs(60),
+        );
+        let _ = std::fs::write(
+            &memo,
+            serde_json::json!({ "accel": accel, "boots": boots }).to_string(),
+        );
+        boots
     }
 
     pub fn kernel(&self) -> &Kernel {

@@ -83,6 +83,16 @@ fn mark(phase: &str) {
 fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     mount_basics()?;
     mark("basics mounted");
+    if std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "juice.probe"))
+    {
+        // The host asks whether a guest boots with this accelerator at all.
+        println!("{}", juice_init::GUEST_PROBE_OK);
+        return Ok(ExitRecord {
+            code: Some(0),
+            signal: None,
+        });
+    }
     load_modules()?;
     mark("modules loaded");
     let ports = find_ports(&[GUEST_LOG_PORT, GUEST_STATUS_PORT, GUEST_CONTROL_PORT])?;
