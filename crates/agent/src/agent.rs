@@ -587,6 +587,9 @@ impl Agent {
             }
         }
         self.update_publishers(&mut w, &groups);
+        for l in w.live.values_mut() {
+            l.instance.maintain();
+        }
         Ok(())
     }
 

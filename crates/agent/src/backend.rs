@@ -36,6 +36,8 @@ pub trait Handle: Send {
     fn wait_started(&mut self, _timeout: Duration) -> Result<(), String> {
         Ok(())
     }
+    /// Periodic upkeep (a microVM's log rotation; a sandbox's init rotates its own).
+    fn maintain(&mut self) {}
 }
 
 impl Backend for Runtime {
@@ -124,5 +126,8 @@ impl Handle for juice_microvm::Vm {
     }
     fn wait_started(&mut self, timeout: Duration) -> Result<(), String> {
         juice_microvm::Vm::wait_started(self, timeout).map_err(|e| e.to_string())
+    }
+    fn maintain(&mut self) {
+        juice_microvm::Vm::maintain(self)
     }
 }

@@ -210,6 +210,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             break r;
         }
         tail.pump();
+        instance.maintain();
         match stop_requests.load(std::sync::atomic::Ordering::SeqCst) {
             0 => {}
             1 => break instance.stop(grace),

@@ -50,7 +50,17 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value (events in between are skipped).
     pub fn execute(&mut self, command: &str) -> Result<Value, String> {
-        let mut msg = json!({ "execute": command }).to_string();
+        self.execute_with(command, Value::Null)
+    }
+
+    /// Runs a command with arguments.
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut msg = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        }
+        .to_string();
         msg.push('\n');
         self.writer
             .write_all(msg.as_bytes())

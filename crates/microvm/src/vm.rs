@@ -161,6 +161,11 @@ pub struct VmState {
     pub accel: Accel,
     pub memory_mib: u64,
     pub vcpus: u32,
+    /// `app.log` is rotated past this size, keeping this many old files (as a sandbox's init does).
+    #[serde(default)]
+    pub log_max_bytes: u64,
+    #[serde(default)]
+    pub log_keep: u32,
 }
 
 /// The microVM backend.
@@ -186,6 +191,11 @@ impl Runtime {
                 })?
                 .with_file_name("juice-guest"),
         };
+        Runtime::with_guest_init(home, guest_init)
+    }
+
+    /// As [`Runtime::new`], with the guest init at `guest_init`.
+    pub fn with_guest_init(home: &Path, guest_init: PathBuf) -> Result<Runtime, VmError> {
         if !guest_init.is_file() {
             return Err(VmError::NoGuestInit(guest_init));
         }
@@ -474,6 +484,8 @@ impl Runtime {
             accel: self.accel,
             memory_mib,
             vcpus,
+            log_max_bytes: spec.log_max_bytes,
+            log_keep: spec.log_keep,
         };
         let mut vm = Vm {
             state,
@@ -910,6 +922,53 @@ impl Vm {
             self.signal(libc::SIGKILL);
         }
         self.wait()
+    }
+
+    /// Periodic upkeep while running: rotates the log.
+    pub fn maintain(&mut self) {
+        if self.is_running() {
+            let _ = self.rotate_log();
+        }
+    }
+
+    /// Once `app.log` is past its size: shifts `app.log.N`, renames `app.log` to
+    /// `app.log.1`, and has QEMU write a new `app.log` (QMP `chardev-change`), so
+    /// nothing is copied or lost. True if it rotated.
+    pub fn rotate_log(&self) -> Result<bool, VmError> {
+        let max = self.state.log_max_bytes;
+        let log = self.dir.join(LOG_FILE);
+        let size = std::fs::metadata(&log).map_or(0, |m| m.len());
+        if max == 0 || size <= max {
+            return Ok(false);
+        }
+        let keep = self.state.log_keep.max(1);
+        let numbered = |n: u32| self.dir.join(format!("{LOG_FILE}.{n}"));
+        let _ = std::fs::remove_file(numbered(keep));
+        for n in (1..keep).rev() {
+            let _ = std::fs::rename(numbered(n), numbered(n + 1));
+        }
+        std::fs::rename(&log, numbered(1)).map_err(|source| VmError::Io {
+            action: "rotate",
+            path: log.clone(),
+            source,
+        })?;
+        let damaged = |reason: String| VmError::Damaged {
+            name: self.state.name.clone(),
+            reason,
+        };
+        Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_secs(2))
+            .and_then(|mut q| {
+                q.execute_with(
+                    "chardev-change",
+                    serde_json::json!({
+                        "id": "log",
+                        "backend": { "type": "file", "data": {
+                            "out": log.to_string_lossy(), "append": true } },
+                    }),
+                )
+            })
+            .map_err(damaged)?;
+        Ok(true)
     }
 
     /// Sends a signal to QEMU through the pidfd (never to a recycled pid).
