@@ -108,11 +108,13 @@ fn serve(stream: TcpStream, root: Option<&Path>, data: Option<&Path>) -> std::io
         },
         _ => ("405 Method Not Allowed", b"method not allowed\n".to_vec()),
     };
-    // One line per request, as a web server's access log.
-    println!(
-        "hello-web: {method} {path} {}",
-        status.split(' ').next().unwrap_or("")
-    );
+    // One line per request, as a web server's access log; health probes are not logged.
+    if path != "/healthz" {
+        println!(
+            "hello-web: {method} {path} {}",
+            status.split(' ').next().unwrap_or("")
+        );
+    }
     let mut out = stream;
     write!(
         out,
