@@ -845,3 +845,36 @@ fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
         }
     }
 }
+
+#[test]
+fn a_layer_too_big_to_hold_is_streamed_up_and_arrives_whole() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let j = Juice::new();
+    let reg = Registry::start(&j, false);
+    let dir = app(&j, "9.0.0");
+    // 24 MiB that gzip cannot shrink: the layer is past the 16 MiB monolithic limit.
+    let mut rng = common::Rng::from_time();
+    let noise: Vec<u8> = (0..24 << 20).map(|_| rng.below(256) as u8).collect();
+    std::fs::write(Path::new(&dir).join("noise.bin"), &noise).unwrap();
+    let manifest = std::fs::read_to_string(Path::new(&dir).join("juice.toml"))
+        .unwrap()
+        .replace(
+            "files = [",
+            "files = [{ from = \"noise.bin\", to = \"/srv/noise.bin\" }, ",
+        );
+    std::fs::write(Path::new(&dir).join("juice.toml"), manifest).unwrap();
+    j.ok(&["build", &dir, "-t", "big:1"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&j.ok(&["inspect", "big:1", "-o", "json"])).unwrap();
+    assert!(
+        inspect["layer_size"].as_u64().unwrap() > 16 << 20,
+        "{}",
+        inspect["layer_size"]
+    );
+    let target = reg.reference("big/app:1");
+    let pushed = j.ok(&["push", "big:1", &target, "--insecure", &reg.host(), "-q"]);
+    let other = Juice::new();
+    let pulled = other.ok(&["pull", &target, "--insecure", &reg.host(), "-q"]);
+    assert_eq!(digest_line(&pushed), digest_line(&pulled));
+    other.ok(&["verify", &target]);
+}

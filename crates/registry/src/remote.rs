@@ -30,6 +30,10 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const ACCEPTED: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+/// Blobs up to this size are pushed in one request; larger ones are streamed.
+const MONOLITHIC_MAX: u64 = 16 << 20;
+/// The piece of a streamed blob read (and sent) at a time.
+const CHUNK: usize = 4 << 20;
 /// cosign's media type for a signed payload, and the annotation with the signature.
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
@@ -220,15 +224,45 @@ impl Remote {
                     out.skipped += 1;
                     continue;
                 }
-                let data = store.read_blob(&name, &blob)?;
-                let len = data.len() as u64;
+                let len = d.size();
                 let pb = self.bar(len, &format!("push {}", blob.short()));
-                self.client
-                    .push_blob(&target, data, &blob.to_string())
-                    .await
-                    .map_err(|e| {
-                        remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
-                    })?;
+                if len <= MONOLITHIC_MAX {
+                    // Small enough to hold: read (and re-verify) it whole, send it in one request.
+                    let data = store.read_blob(&name, &blob)?;
+                    self.client
+                        .push_blob(&target, data, &blob.to_string())
+                        .await
+                        .map_err(|e| {
+                            remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
+                        })?;
+                } else {
+                    // Streamed in chunks, so memory stays bounded; the registry checks the
+                    // digest the upload is closed with, so a damaged local copy is refused there.
+                    let path = store.blob_path(&blob);
+                    let file = std::fs::File::open(&path).map_err(io_err("open", &path))?;
+                    let progress = pb.clone();
+                    let chunks = futures::stream::unfold(file, move |mut f| {
+                        let progress = progress.clone();
+                        async move {
+                            let mut buf = vec![0u8; CHUNK];
+                            match std::io::Read::read(&mut f, &mut buf) {
+                                Ok(0) => None,
+                                Ok(n) => {
+                                    buf.truncate(n);
+                                    progress.inc(n as u64);
+                                    Some((Ok(bytes::Bytes::from(buf)), f))
+                                }
+                                Err(e) => Some((Err(e.into()), f)),
+                            }
+                        }
+                    });
+                    self.client
+                        .push_blob_stream(&target, chunks, &blob.to_string())
+                        .await
+                        .map_err(|e| {
+                            remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
+                        })?;
+                }
                 pb.finish_and_clear();
                 out.moved += 1;
                 out.moved_bytes += len;
