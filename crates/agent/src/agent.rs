@@ -72,8 +72,9 @@ pub struct Agent {
     home: PathBuf,
     store: Store,
     sandbox: Box<dyn Backend>,
-    /// Made on first use, so a host without QEMU or a guest kernel still runs sandboxes.
-    microvm: std::sync::OnceLock<Result<Box<dyn Backend>, String>>,
+    /// Made on first use, so a host without QEMU or a guest kernel still runs sandboxes
+    /// (and a failure is not remembered: installing QEMU later needs no restart).
+    microvm: std::sync::OnceLock<Box<dyn Backend>>,
     state: State,
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
@@ -168,15 +169,19 @@ impl Agent {
     fn backend(&self, isolation: Isolation) -> Result<&dyn Backend, AgentError> {
         match isolation {
             Isolation::Sandbox => Ok(&*self.sandbox),
-            Isolation::Microvm => self
-                .microvm
-                .get_or_init(|| {
-                    let vms = juice_microvm::Runtime::new(&self.home).map_err(|e| e.to_string())?;
+            Isolation::Microvm => {
+                if self.microvm.get().is_none() {
+                    let vms = juice_microvm::Runtime::new(&self.home)
+                        .map_err(|e| AgentError::Setup(format!("isolation \"microvm\": {e}")))?;
                     vms.cleanup_stale();
-                    Ok(Box::new(vms) as Box<dyn Backend>)
-                })
-                .as_deref()
-                .map_err(|e| AgentError::Setup(format!("isolation \"microvm\": {e}"))),
+                    // Another caller may have won the race; either runtime is the same.
+                    let _ = self.microvm.set(Box::new(vms));
+                }
+                self.microvm
+                    .get()
+                    .map(|b| &**b)
+                    .ok_or_else(|| AgentError::Setup("isolation \"microvm\" is unavailable".into()))
+            }
         }
     }
 
