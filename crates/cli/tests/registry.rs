@@ -276,8 +276,13 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     let original = std::fs::read_to_string(&sig_file).unwrap();
     let sigs: serde_json::Value = serde_json::from_str(&original).unwrap();
     let sig = sigs[0]["signature"].as_str().unwrap();
-    let flipped = if sig.starts_with('A') { "B" } else { "A" };
-    std::fs::write(&sig_file, original.replacen(&sig[..1], flipped, 1)).unwrap();
+    // Another valid base64 signature of the same length: its first character changed.
+    let tampered = format!(
+        "{}{}",
+        if sig.starts_with('A') { 'B' } else { 'A' },
+        &sig[1..]
+    );
+    std::fs::write(&sig_file, original.replace(sig, &tampered)).unwrap();
     let out = run_quietly(&host, &good);
     assert!(!out.status.success());
     assert!(
