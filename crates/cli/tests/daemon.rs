@@ -11,24 +11,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, workspace};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn daemon(j: &Juice) -> ChildGuard {
-    let child = j
-        .cmd()
-        .arg("daemon")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard(child);
-    wait_for("the daemon's socket", Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_ok()
-    });
-    guard
-}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -75,14 +60,7 @@ fn get(port: u16, path: &str) -> std::io::Result<String> {
 fn site(j: &Juice, name: &str, port: u16, health: &str) -> String {
     let app = j.home.path().join(format!("app-{name}"));
     std::fs::create_dir_all(&app).unwrap();
-    let example = workspace().join("examples/hello-web");
-    let manifest = std::fs::read_to_string(example.join("juice.toml"))
-        .unwrap()
-        .replace(
-            "../../target/x86_64-unknown-linux-musl/release/hello-web",
-            common::hello_web_binary().to_str().unwrap(),
-        )
-        .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+    let manifest = common::hello_web_manifest()
         .replace("http = \"/healthz\"", &format!("http = \"{health}\""));
     std::fs::write(app.join("juice.toml"), manifest).unwrap();
     let file = j.home.path().join(format!("{name}.toml"));

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, workspace};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -187,15 +187,7 @@ fn write_site(j: &Juice, port: u16, isolation: &str, size: u32) -> String {
     let app = j.home.path().join("app");
     if !app.exists() {
         std::fs::create_dir_all(&app).unwrap();
-        let example = workspace().join("examples/hello-web");
-        let manifest = std::fs::read_to_string(example.join("juice.toml"))
-            .unwrap()
-            .replace(
-                "../../target/x86_64-unknown-linux-musl/release/hello-web",
-                common::hello_web_binary().to_str().unwrap(),
-            )
-            .replace("\"static/\"", &format!("\"{}/static/\"", example.display()));
-        std::fs::write(app.join("juice.toml"), manifest).unwrap();
+        std::fs::write(app.join("juice.toml"), common::hello_web_manifest()).unwrap();
     }
     let file = j.home.path().join(format!("site-{isolation}-{size}.toml"));
     std::fs::write(
@@ -206,23 +198,6 @@ fn write_site(j: &Juice, port: u16, isolation: &str, size: u32) -> String {
     )
     .unwrap();
     file.to_str().unwrap().to_owned()
-}
-
-fn daemon(j: &Juice) -> ChildGuard {
-    let child = j
-        .cmd()
-        .arg("daemon")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard(child);
-    wait_for("the daemon's socket", Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock"))
-            .ok()
-            .map(|_| ())
-    });
-    guard
 }
 
 fn instances(j: &Juice) -> Vec<serde_json::Value> {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, workspace};
+use common::{ChildGuard, InstanceSweeper, Juice};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -104,14 +104,7 @@ impl Registry {
 fn app(j: &Juice, version: &str) -> String {
     let dir = j.home.path().join(format!("app-{version}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let example = workspace().join("examples/hello-web");
-    let manifest = std::fs::read_to_string(example.join("juice.toml"))
-        .unwrap()
-        .replace(
-            "../../target/x86_64-unknown-linux-musl/release/hello-web",
-            common::hello_web_binary().to_str().unwrap(),
-        )
-        .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+    let manifest = common::hello_web_manifest()
         .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
     std::fs::write(dir.join("juice.toml"), manifest).unwrap();
     dir.to_str().unwrap().to_owned()
@@ -294,22 +287,14 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
 
     // The daemon enforces the same policy, and a refused apply leaves the running group alone.
     // It pulls what a site names and it lacks, with the credentials and CA of its environment.
-    let d = ChildGuard(
-        host.cmd()
-            .arg("daemon")
-            .env("JUICE_REGISTRY_USER", "ci")
-            .env("JUICE_REGISTRY_PASSWORD", "s3cret")
-            .env("JUICE_REGISTRY_CA", ca)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let d = common::daemon_with_env(
+        &host,
+        &[
+            ("JUICE_REGISTRY_USER", "ci"),
+            ("JUICE_REGISTRY_PASSWORD", "s3cret"),
+            ("JUICE_REGISTRY_CA", ca),
+        ],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(host.home.path().join("juice.sock")).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let site = |image: &str| {
         let f = host.home.path().join("site.toml");
         std::fs::write(&f, format!("[group.web]\nimage = \"{image}\"\nsize = 1\n")).unwrap();

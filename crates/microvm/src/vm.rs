@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,6 +20,7 @@ use juice_init::{
     LOG_FILE,
 };
 use juice_sandbox::network::{self, Attachment};
+use juice_sandbox::process::{pidfd_of, pidfd_open, poll_readable, valid_name};
 use juice_sandbox::{ExitReport, SandboxSpec};
 use serde::{Deserialize, Serialize};
 
@@ -472,7 +473,7 @@ impl Runtime {
             Ok(fd) => fd,
             Err(e) => {
                 kill_it();
-                return Err(e);
+                return Err(VmError::Syscall(format!("pidfd_open {pid}: {e}")));
             }
         };
         let state = VmState {
@@ -525,11 +526,8 @@ impl Runtime {
             name: name.to_owned(),
             reason: e.to_string(),
         })?;
-        let alive = juice_sandbox::instance::start_time(state.pid) == Some(state.start_time);
-        let pidfd = match (alive, pidfd_open(state.pid)) {
-            (true, Ok(fd)) => fd,
-            _ => dead_pidfd()?,
-        };
+        let pidfd = pidfd_of(state.pid, state.start_time)
+            .map_err(|e| VmError::Syscall(format!("find microVM {name:?} again: {e}")))?;
         let vm = Vm {
             state,
             pidfd,
@@ -1008,13 +1006,7 @@ impl Vm {
 }
 
 fn check_name(name: &str) -> Result<(), VmError> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
+    if valid_name(name) {
         Ok(())
     } else {
         Err(VmError::BadName(name.to_owned()))
@@ -1027,49 +1019,6 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
             .map(|p| p.join(program))
             .find(|p| p.is_file())
     })
-}
-
-fn pidfd_open(pid: i32) -> Result<OwnedFd, VmError> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(VmError::Syscall(format!(
-            "pidfd_open {pid}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: a fresh fd from pidfd_open that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// A readable fd standing in for the pidfd of a VM that is gone.
-fn dead_pidfd() -> Result<OwnedFd, VmError> {
-    // SAFETY: eventfd returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(VmError::Syscall(format!(
-            "eventfd: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn poll_readable(fd: &OwnedFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return rc > 0;
-    }
 }
 
 fn now_ms() -> u64 {

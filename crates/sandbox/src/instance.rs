@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, CgroupError, Hierarchy, Limits};
 use crate::network::{self, Attachment, NetworkError, NetworkSpec};
+use crate::process::{pidfd_of, poll_readable};
 use crate::seccomp::{self, SeccompError};
 
 #[derive(Debug, thiserror::Error)]
@@ -562,23 +563,8 @@ impl Runtime {
                 name: name.to_owned(),
                 reason: e.to_string(),
             })?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, state.pid, 0) };
-        let alive = fd >= 0 && start_time(state.pid) == Some(state.start_time);
-        let pidfd = if fd >= 0 {
-            // SAFETY: a fresh fd from pidfd_open that nothing else owns.
-            Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-        } else {
-            None
-        };
-        let pidfd = match (alive, pidfd) {
-            (true, Some(p)) => p,
-            (_, p) => {
-                drop(p);
-                // Dead: a pidfd on nothing, so waiting returns at once.
-                dead_pidfd()?
-            }
-        };
+        let pidfd = pidfd_of(state.pid, state.start_time)
+            .map_err(|e| SandboxError::Syscall(format!("find instance {name:?} again: {e}")))?;
         Ok(Instance {
             state,
             pidfd,
@@ -806,13 +792,7 @@ impl Instance {
 }
 
 fn check_name(name: &str) -> Result<(), SandboxError> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
+    if crate::process::valid_name(name) {
         Ok(())
     } else {
         Err(SandboxError::BadName(name.to_owned()))
@@ -833,33 +813,6 @@ fn high_dup(fd: &OwnedFd) -> Result<RawFd, SandboxError> {
     // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd to the lowest free number >= 10.
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
     if r < 0 { Err(errno("dup")) } else { Ok(r) }
-}
-
-fn poll_readable(fd: &OwnedFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return r > 0;
-    }
-}
-
-/// A pidfd-like fd that is always readable: an eventfd already signalled.
-fn dead_pidfd() -> Result<OwnedFd, SandboxError> {
-    // SAFETY: eventfd with an initial count of 1 returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno("eventfd"));
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn read_status(fd: OwnedFd, timeout: Duration) -> Result<String, SandboxError> {

@@ -25,6 +25,7 @@
 pub mod cgroup;
 pub mod instance;
 pub mod network;
+pub mod process;
 pub mod seccomp;
 
 pub use instance::{

@@ -183,3 +183,43 @@ impl Drop for InstanceSweeper {
         }
     }
 }
+
+/// examples/hello-web's manifest, pointing at the built program and the example's files,
+/// so it can be written into any directory (and edited first).
+pub fn hello_web_manifest() -> String {
+    let example = workspace().join("examples/hello-web");
+    std::fs::read_to_string(example.join("juice.toml"))
+        .expect("examples/hello-web/juice.toml")
+        .replace(
+            "../../target/x86_64-unknown-linux-musl/release/hello-web",
+            hello_web_binary().to_str().expect("a UTF-8 path"),
+        )
+        .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+}
+
+/// `juice daemon` for `j` with extra environment, once its socket answers; stopped
+/// (by PID) when the guard drops.
+pub fn daemon_with_env(j: &Juice, env: &[(&str, &str)]) -> ChildGuard {
+    let child = j
+        .cmd()
+        .arg("daemon")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("juice daemon starts");
+    let guard = ChildGuard(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the daemon's socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    guard
+}
+
+pub fn daemon(j: &Juice) -> ChildGuard {
+    daemon_with_env(j, &[])
+}
