@@ -95,6 +95,29 @@ async fn ensure_bridge(handle: &Handle, a: &Attachment) -> Result<u32, NetworkEr
     Ok(index)
 }
 
+/// Puts the host-side link `name` (a veth end or a tap) on the bridge and brings it up.
+async fn enslave_and_up(
+    handle: &Handle,
+    name: &str,
+    bridge: u32,
+    what: &'static str,
+) -> Result<(), NetworkError> {
+    let index = index_of(handle, name)
+        .await?
+        .ok_or_else(|| NetworkError::Netlink(format!("{name} vanished")))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .controller(bridge)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl(what))
+}
+
 /// The veth pair, its host end on the bridge, its other end as `eth0` in the instance.
 pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     with_handle(async |handle: Handle| {
@@ -124,20 +147,7 @@ pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
             .execute()
             .await
             .map_err(nl("create the veth pair"))?;
-        let index = index_of(&handle, &a.veth)
-            .await?
-            .ok_or_else(|| NetworkError::Netlink(format!("{} vanished", a.veth)))?;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(bridge)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("attach the veth to the bridge"))
+        enslave_and_up(&handle, &a.veth, bridge, "attach the veth to the bridge").await
     })?;
     crate::trace::mark("veth on the bridge");
     configure_inside(a, pid)
@@ -186,20 +196,7 @@ pub fn attach_tap(a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> 
     }
     with_handle(async |handle: Handle| {
         let bridge = ensure_bridge(&handle, a).await?;
-        let index = index_of(&handle, &a.veth)
-            .await?
-            .ok_or_else(|| NetworkError::Netlink(format!("{} vanished", a.veth)))?;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(bridge)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("attach the tap to the bridge"))
+        enslave_and_up(&handle, &a.veth, bridge, "attach the tap to the bridge").await
     })?;
     Ok(tun.into())
 }
