@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::appliance::ApplianceConfig;
-use crate::build::tree::check_symlink_stays_inside;
+use crate::confine::{Kind, check_link};
 use crate::digest::{Digest, HashingReader};
 use crate::store::{Store, StoreError, from_oci, open_layer};
 
@@ -189,6 +189,8 @@ pub fn unpack_layer<R: Read>(
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
     let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+    // What each image path is, to check every link once the whole tree is known.
+    let mut kinds: std::collections::BTreeMap<PathBuf, Kind> = std::collections::BTreeMap::new();
     for entry in archive.entries().map_err(UnpackError::Archive)? {
         let mut entry = entry.map_err(UnpackError::Archive)?;
         stats.entries += 1;
@@ -253,12 +255,17 @@ pub fn unpack_layer<R: Read>(
         };
         match kind {
             tar::EntryType::Directory => match fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.is_dir() => {
+                    kinds.insert(image_path.clone(), Kind::Dir);
+                }
                 Ok(_) => return Err(hostile("a directory replaces an earlier non-directory")),
-                Err(_) => fs::DirBuilder::new()
-                    .mode(mode & 0o1777)
-                    .create(&target)
-                    .map_err(write_err)?,
+                Err(_) => {
+                    fs::DirBuilder::new()
+                        .mode(mode & 0o1777)
+                        .create(&target)
+                        .map_err(write_err)?;
+                    kinds.insert(image_path.clone(), Kind::Dir);
+                }
             },
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut out = OpenOptions::new()
@@ -277,6 +284,7 @@ pub fn unpack_layer<R: Read>(
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode & 0o7777))
                     .map_err(write_err)?;
                 out.sync_all().map_err(write_err)?;
+                kinds.insert(image_path.clone(), Kind::Other);
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -287,9 +295,8 @@ pub fn unpack_layer<R: Read>(
                 if link.as_os_str().is_empty() {
                     return Err(hostile("is a symlink without a target"));
                 }
-                check_symlink_stays_inside(&image_path, &link)
-                    .map_err(|_| hostile("is a symlink that climbs out of the root"))?;
                 std::os::unix::fs::symlink(&link, &target).map_err(write_err)?;
+                kinds.insert(image_path.clone(), Kind::Symlink(link));
             }
             tar::EntryType::Link => {
                 let link = entry
@@ -314,12 +321,35 @@ pub fn unpack_layer<R: Read>(
                     }
                 }
                 fs::hard_link(&source, &target).map_err(write_err)?;
+                kinds.insert(image_path.clone(), Kind::Other);
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(hostile("is a device node"));
             }
             tar::EntryType::Fifo => return Err(hostile("is a FIFO")),
             other => return Err(hostile(&format!("has unsupported type {other:?}"))),
+        }
+    }
+    // Parents made implicitly are directories too.
+    let dirs: Vec<PathBuf> = kinds
+        .keys()
+        .flat_map(|p| {
+            p.ancestors()
+                .skip(1)
+                .map(Path::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for d in dirs {
+        kinds.entry(d).or_insert(Kind::Dir);
+    }
+    let lookup = |p: &Path| kinds.get(p).cloned();
+    for (path, kind) in &kinds {
+        if matches!(kind, Kind::Symlink(_)) {
+            check_link(path, lookup).map_err(|e| UnpackError::Hostile {
+                entry: path.display().to_string(),
+                reason: format!("is a symlink that escapes: {e}"),
+            })?;
         }
     }
     Ok(stats)
@@ -501,9 +531,32 @@ mod tests {
         );
         refused(
             &[link("esc", b'2', "../.."), file("esc/evil", b"x")],
-            "climbs out",
+            "not a directory",
         );
-        refused(&[link("a/b/up", b'2', "../../../x")], "climbs out");
+        refused(&[link("a/b/up", b'2', "../../../x")], "escapes");
+        refused(&[link("up", b'2', "../x")], "escapes");
+    }
+
+    #[test]
+    fn a_chain_of_links_that_each_look_inside_is_refused() {
+        // `a/b -> ..` is fine alone; `x -> a/b/../..` counts as inside, but resolves above the root.
+        refused(
+            &[
+                dir("a/"),
+                link("a/b", b'2', ".."),
+                link("x", b'2', "a/b/../.."),
+            ],
+            "escapes",
+        );
+        // The same with the links in the other order, and through an absolute target.
+        refused(
+            &[
+                link("x", b'2', "/a/b/../.."),
+                dir("a/"),
+                link("a/b", b'2', "/"),
+            ],
+            "escapes",
+        );
     }
 
     #[test]

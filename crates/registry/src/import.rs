@@ -26,6 +26,7 @@ use std::path::{Component, Path, PathBuf};
 use juice_image::build::closure::{DEFAULT_DIRS, ElfObject, expand_origin};
 use juice_image::build::tree::{Node, Source, Tree, normal_file_mode};
 use juice_image::build::{Assembled, BuildOutcome, build_assembled};
+use juice_image::confine;
 use juice_image::digest::{Digest, HashingReader};
 use juice_image::manifest::Manifest;
 use juice_image::store::Store;
@@ -79,8 +80,8 @@ fn import_err(source: &str, reason: impl std::fmt::Display) -> RegistryError {
 /// A container image read from its source: config and layers in order.
 struct Loaded {
     config: Value,
-    /// Layer files, each verified against its digest if the format has one.
-    layers: Vec<PathBuf>,
+    /// Layer files, open, each verified against its digest if the format has one.
+    layers: Vec<std::fs::File>,
 }
 
 pub fn import(
@@ -93,7 +94,8 @@ pub fn import(
         .tempdir_in(store.tmp_dir())
         .map_err(io_err("create a directory in", &store.tmp_dir()))?;
     let loaded = load(source, scratch.path(), &opts.remote)?;
-    let staged = flatten(source, &loaded.layers, &scratch.path().join("files"))?;
+    let layer_count = loaded.layers.len();
+    let staged = flatten(source, loaded.layers, &scratch.path().join("files"))?;
     let run = RunConfig::from_config(source, &loaded.config, &staged, opts)?;
 
     let total_files = staged.files();
@@ -145,7 +147,7 @@ pub fn import(
         digest: outcome.digest.to_string(),
         command: run.command.clone(),
         user: format!("{}:{}", run.uid, run.gid),
-        layers: loaded.layers.len(),
+        layers: layer_count,
         files: total_files,
         bytes: total_bytes,
         kept_files: kept.files(),
@@ -157,17 +159,16 @@ pub fn import(
     Ok((report, outcome))
 }
 
-/// Reads the image at `source` into `scratch`.
+/// Reads the image at `source`; an archive's files go into `scratch`.
 fn load(source: &str, scratch: &Path, remote: &RemoteOptions) -> Result<Loaded, RegistryError> {
     let path = Path::new(source);
     if path.is_file() {
-        let dir = scratch.join("archive");
-        extract_archive(source, path, &dir)?;
-        if dir.join("manifest.json").is_file() {
-            return load_docker(source, &dir);
+        let tree = SourceTree::read_archive(source, path, &scratch.join("archive"))?;
+        if tree.is_file("manifest.json") {
+            return load_docker(source, &tree);
         }
-        if dir.join("oci-layout").is_file() {
-            return load_layout(source, &dir, None);
+        if tree.is_file("oci-layout") {
+            return load_layout(source, &tree, None);
         }
         return Err(import_err(
             source,
@@ -175,16 +176,16 @@ fn load(source: &str, scratch: &Path, remote: &RemoteOptions) -> Result<Loaded, 
         ));
     }
     if path.is_dir() {
-        return load_layout(source, path, None);
+        return load_layout(source, &SourceTree::dir(source, path)?, None);
     }
     if let Some((dir, tag)) = source.rsplit_once(':')
         && Path::new(dir).is_dir()
     {
-        return load_layout(source, Path::new(dir), Some(tag));
+        return load_layout(source, &SourceTree::dir(source, Path::new(dir))?, Some(tag));
     }
     if crate::reference::looks_remote(source) {
         let (layout, tag) = crate::remote::pull_to_layout(remote, source, &scratch.join("pulled"))?;
-        return load_layout(source, &layout, Some(&tag));
+        return load_layout(source, &SourceTree::dir(source, &layout)?, Some(&tag));
     }
     Err(import_err(
         source,
@@ -192,101 +193,207 @@ fn load(source: &str, scratch: &Path, remote: &RemoteOptions) -> Result<Loaded, 
     ))
 }
 
-/// Unpacks the outer archive (not an image layer) into `dir`: regular files and
-/// directories, and symlinks that stay inside (docker links identical layers).
-fn extract_archive(source: &str, file: &Path, dir: &Path) -> Result<(), RegistryError> {
-    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let f = std::fs::File::open(file).map_err(io_err("open", file))?;
-    let mut archive = tar::Archive::new(f);
-    let entries = archive
-        .entries()
-        .map_err(|e| import_err(source, format!("not a tar archive: {e}")))?;
-    for (count, entry) in entries.enumerate() {
-        if count > 100_000 {
-            return Err(import_err(source, "too many entries for an image archive"));
-        }
-        let mut entry =
-            entry.map_err(|e| import_err(source, format!("a damaged tar archive: {e}")))?;
-        let name = entry
-            .path()
-            .map_err(|e| import_err(source, e))?
-            .into_owned();
-        let rel = normalise(&name).ok_or_else(|| {
-            import_err(
-                source,
-                format!("archive entry {} climbs out of the archive", name.display()),
-            )
-        })?;
-        if rel.as_os_str().is_empty() {
-            continue;
-        }
-        let dest = dir.join(&rel);
-        let kind = entry.header().entry_type();
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err("create", parent))?;
-        }
-        if kind.is_dir() {
-            std::fs::create_dir_all(&dest).map_err(io_err("create", &dest))?;
-        } else if kind.is_file() {
-            let mut out = std::fs::File::create(&dest).map_err(io_err("create", &dest))?;
-            std::io::copy(&mut entry, &mut out).map_err(io_err("write", &dest))?;
-        } else if kind.is_symlink() {
-            let target = entry
-                .link_name()
-                .ok()
-                .flatten()
-                .map(|t| t.into_owned())
-                .unwrap_or_default();
-            if target.is_absolute() || !stays_inside(&rel, &target) {
+/// Where an image's outer files (manifests, configs, layer blobs) are read
+/// from. Nothing the source contains ever becomes a host path that is then
+/// followed: an archive's names are only keys of a map and its links are
+/// resolved in that map ([`juice_image::confine`]); a directory is read with
+/// `openat2(RESOLVE_BENEATH)`, so the kernel refuses any way out of it.
+enum SourceTree {
+    /// An archive read once, in order. File bodies are numbered files in scratch.
+    Archive {
+        nodes: BTreeMap<PathBuf, ArchiveNode>,
+    },
+    Dir {
+        root: std::os::fd::OwnedFd,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum ArchiveNode {
+    Dir,
+    File(PathBuf),
+    Symlink(PathBuf),
+}
+
+/// The most entries and bytes an outer archive may hold.
+const MAX_ARCHIVE_ENTRIES: usize = 100_000;
+
+impl SourceTree {
+    fn dir(source: &str, path: &Path) -> Result<SourceTree, RegistryError> {
+        let root = confine::open_root(path).map_err(io_err("open", path))?;
+        let _ = source;
+        Ok(SourceTree::Dir { root })
+    }
+
+    /// Reads the outer archive (not an image layer): directories, regular
+    /// files, and links (docker links identical layers). Hard links name an
+    /// earlier file; anything else is refused.
+    fn read_archive(
+        source: &str,
+        file: &Path,
+        scratch: &Path,
+    ) -> Result<SourceTree, RegistryError> {
+        std::fs::create_dir_all(scratch).map_err(io_err("create", scratch))?;
+        let f = std::fs::File::open(file).map_err(io_err("open", file))?;
+        let mut archive = tar::Archive::new(f);
+        let entries = archive
+            .entries()
+            .map_err(|e| import_err(source, format!("not a tar archive: {e}")))?;
+        let mut nodes: BTreeMap<PathBuf, ArchiveNode> = BTreeMap::new();
+        let mut bytes = 0u64;
+        for (count, entry) in entries.enumerate() {
+            if count >= MAX_ARCHIVE_ENTRIES {
+                return Err(import_err(source, "too many entries for an image archive"));
+            }
+            let mut entry =
+                entry.map_err(|e| import_err(source, format!("a damaged tar archive: {e}")))?;
+            let name = entry
+                .path()
+                .map_err(|e| import_err(source, e))?
+                .into_owned();
+            let rel = normalise(&name).ok_or_else(|| {
+                import_err(
+                    source,
+                    format!("archive entry {} climbs out of the archive", name.display()),
+                )
+            })?;
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let key = Path::new("/").join(&rel);
+            let kind = entry.header().entry_type();
+            let node = if kind.is_dir() {
+                ArchiveNode::Dir
+            } else if kind.is_file() {
+                bytes += entry.header().size().unwrap_or(0);
+                if bytes > MAX_BYTES {
+                    return Err(import_err(
+                        source,
+                        format!("the archive holds more than {MAX_BYTES} bytes"),
+                    ));
+                }
+                // The body's name on disk is ours, never the entry's.
+                let data = scratch.join(count.to_string());
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&data)
+                    .map_err(io_err("create", &data))?;
+                std::io::copy(&mut entry, &mut out).map_err(|e| {
+                    import_err(source, format!("archive entry {}: {e}", rel.display()))
+                })?;
+                ArchiveNode::File(data)
+            } else if kind.is_symlink() {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|t| t.into_owned())
+                    .filter(|t| !t.as_os_str().is_empty())
+                    .ok_or_else(|| {
+                        import_err(
+                            source,
+                            format!("archive entry {} is a link to nothing", rel.display()),
+                        )
+                    })?;
+                ArchiveNode::Symlink(target)
+            } else if kind.is_hard_link() {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .and_then(|t| normalise(&t))
+                    .map(|t| Path::new("/").join(t));
+                match target.as_ref().and_then(|t| nodes.get(t)) {
+                    Some(f @ ArchiveNode::File(_)) => f.clone(),
+                    _ => {
+                        return Err(import_err(
+                            source,
+                            format!(
+                                "archive entry {} is a hard link to no earlier file",
+                                rel.display()
+                            ),
+                        ));
+                    }
+                }
+            } else {
                 return Err(import_err(
                     source,
-                    format!("archive entry {} links outside the archive", rel.display()),
+                    format!(
+                        "archive entry {} is not a file, directory or link",
+                        rel.display()
+                    ),
                 ));
+            };
+            nodes.insert(key, node);
+        }
+        Ok(SourceTree::Archive { nodes })
+    }
+
+    /// Opens the regular file `rel` of the source, following links only inside it.
+    fn open(&self, source: &str, rel: &str) -> Result<std::fs::File, RegistryError> {
+        let norm = normalise(Path::new(rel))
+            .ok_or_else(|| import_err(source, format!("{rel:?} climbs out of the archive")))?;
+        match self {
+            SourceTree::Dir { root } => confine::open_beneath(root, &norm)
+                .map_err(|e| import_err(source, format!("{rel}: {e}"))),
+            SourceTree::Archive { nodes } => {
+                let lookup = |p: &Path| {
+                    nodes.get(p).map(|n| match n {
+                        ArchiveNode::Dir => confine::Kind::Dir,
+                        ArchiveNode::File(_) => confine::Kind::Other,
+                        ArchiveNode::Symlink(t) => confine::Kind::Symlink(t.clone()),
+                    })
+                };
+                let real = confine::resolve(&Path::new("/").join(&norm), lookup).map_err(|e| {
+                    import_err(source, format!("{rel} leads outside the archive: {e}"))
+                })?;
+                match nodes.get(&real) {
+                    Some(ArchiveNode::File(data)) => {
+                        std::fs::File::open(data).map_err(io_err("open", data))
+                    }
+                    _ => Err(import_err(
+                        source,
+                        format!("{rel} is not a file in the archive"),
+                    )),
+                }
             }
-            std::os::unix::fs::symlink(&target, &dest).map_err(io_err("create", &dest))?;
-        } else {
-            return Err(import_err(
-                source,
-                format!(
-                    "archive entry {} is not a file, directory or link",
-                    rel.display()
-                ),
-            ));
         }
     }
-    Ok(())
-}
 
-/// A file of the extracted archive, which must stay inside it (through links too).
-fn inside(source: &str, dir: &Path, rel: &str) -> Result<PathBuf, RegistryError> {
-    let norm = normalise(Path::new(rel))
-        .ok_or_else(|| import_err(source, format!("{rel:?} climbs out of the archive")))?;
-    let full = dir.join(norm);
-    let real = full
-        .canonicalize()
-        .map_err(|e| import_err(source, format!("{rel}: {e}")))?;
-    let root = dir.canonicalize().map_err(io_err("resolve", dir))?;
-    if !real.starts_with(&root) {
-        return Err(import_err(
-            source,
-            format!("{rel} resolves outside the archive"),
-        ));
+    fn is_file(&self, rel: &str) -> bool {
+        self.open("", rel).is_ok()
     }
-    Ok(real)
+
+    fn read(&self, source: &str, rel: &str) -> Result<Vec<u8>, RegistryError> {
+        let mut bytes = Vec::new();
+        self.open(source, rel)?
+            .read_to_end(&mut bytes)
+            .map_err(|e| import_err(source, format!("{rel}: {e}")))?;
+        Ok(bytes)
+    }
+
+    fn read_json(&self, source: &str, rel: &str) -> Result<Value, RegistryError> {
+        serde_json::from_slice(&self.read(source, rel)?)
+            .map_err(|e| import_err(source, format!("{rel} is not valid JSON: {e}")))
+    }
 }
 
-fn load_docker(source: &str, dir: &Path) -> Result<Loaded, RegistryError> {
+fn load_docker(source: &str, tree: &SourceTree) -> Result<Loaded, RegistryError> {
     let bad = |e: String| import_err(source, format!("manifest.json is not valid: {e}"));
-    let text = std::fs::read(dir.join("manifest.json")).map_err(|e| bad(e.to_string()))?;
+    let text = tree.read(source, "manifest.json")?;
     let list: Vec<DockerEntry> = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
     let entry = list
         .into_iter()
         .next()
         .ok_or_else(|| bad("it lists no image".into()))?;
-    let config_path = inside(source, dir, &entry.config)?;
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(&config_path).map_err(io_err("read", &config_path))?)
-            .map_err(|e| import_err(source, format!("the image config {}: {e}", entry.config)))?;
+    let mut config_file = tree.open(source, &entry.config)?;
+    let mut config_bytes = Vec::new();
+    config_file
+        .read_to_end(&mut config_bytes)
+        .map_err(|e| import_err(source, format!("{}: {e}", entry.config)))?;
+    let config: Value = serde_json::from_slice(&config_bytes)
+        .map_err(|e| import_err(source, format!("the image config {}: {e}", entry.config)))?;
     // Docker names the config by its digest: check it when it does.
     if let Some(hex) = Path::new(&entry.config)
         .file_name()
@@ -294,7 +401,7 @@ fn load_docker(source: &str, dir: &Path) -> Result<Loaded, RegistryError> {
         .map(|n| n.trim_end_matches(".json"))
         .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        let actual = file_digest(&config_path)?;
+        let actual = Digest::of(&config_bytes);
         if actual.hex() != hex {
             return Err(import_err(
                 source,
@@ -308,7 +415,7 @@ fn load_docker(source: &str, dir: &Path) -> Result<Loaded, RegistryError> {
     let layers = entry
         .layers
         .iter()
-        .map(|l| inside(source, dir, l))
+        .map(|l| tree.open(source, l))
         .collect::<Result<Vec<_>, _>>()?;
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
         .as_array()
@@ -336,43 +443,53 @@ struct DockerEntry {
     layers: Vec<String>,
 }
 
-fn file_digest(path: &Path) -> Result<Digest, RegistryError> {
-    let f = std::fs::File::open(path).map_err(io_err("open", path))?;
-    let mut r = HashingReader::new(f);
-    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err("read", path))?;
-    Ok(r.finish().map_err(io_err("read", path))?.0)
-}
-
-/// A blob of an OCI layout, checked against its digest.
-fn layout_blob(source: &str, layout: &Path, digest: &str) -> Result<PathBuf, RegistryError> {
+/// A blob of an OCI layout, opened beneath it and checked against its digest.
+fn layout_blob(
+    source: &str,
+    tree: &SourceTree,
+    digest: &str,
+) -> Result<std::fs::File, RegistryError> {
     let d: Digest = digest
         .parse()
         .map_err(|_| import_err(source, format!("{digest:?} is not a sha256 digest")))?;
-    let path = layout.join("blobs/sha256").join(d.hex());
-    let actual = file_digest(&path)?;
+    let rel = format!("blobs/sha256/{}", d.hex());
+    let mut file = tree.open(source, &rel)?;
+    let mut r = HashingReader::new(&mut file);
+    let read = |e: std::io::Error| import_err(source, format!("{rel}: {e}"));
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(read)?;
+    let (actual, _) = r.finish().map_err(read)?;
     if actual != d {
         return Err(import_err(
             source,
             format!("blob {digest} is corrupt (its content hashes to {actual})"),
         ));
     }
-    Ok(path)
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(read)?;
+    Ok(file)
 }
 
-fn read_json(source: &str, path: &Path) -> Result<Value, RegistryError> {
-    let bytes = std::fs::read(path).map_err(io_err("read", path))?;
+fn blob_json(source: &str, tree: &SourceTree, digest: &str) -> Result<Value, RegistryError> {
+    let mut bytes = Vec::new();
+    layout_blob(source, tree, digest)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| import_err(source, format!("blob {digest}: {e}")))?;
     serde_json::from_slice(&bytes)
-        .map_err(|e| import_err(source, format!("{} is not valid JSON: {e}", path.display())))
+        .map_err(|e| import_err(source, format!("blob {digest} is not valid JSON: {e}")))
 }
 
-fn load_layout(source: &str, layout: &Path, tag: Option<&str>) -> Result<Loaded, RegistryError> {
-    if !layout.join("oci-layout").is_file() {
+fn load_layout(
+    source: &str,
+    tree: &SourceTree,
+    tag: Option<&str>,
+) -> Result<Loaded, RegistryError> {
+    if !tree.is_file("oci-layout") {
         return Err(import_err(
             source,
             "not an OCI image layout (no oci-layout file)",
         ));
     }
-    let index = read_json(source, &layout.join("index.json"))?;
+    let index = tree.read_json(source, "index.json")?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let ref_name = |m: &Value| {
         m["annotations"]["org.opencontainers.image.ref.name"]
@@ -398,7 +515,7 @@ fn load_layout(source: &str, layout: &Path, tag: Option<&str>) -> Result<Loaded,
         }
     };
     let mut digest = chosen["digest"].as_str().unwrap_or_default().to_owned();
-    let mut manifest = read_json(source, &layout_blob(source, layout, &digest)?)?;
+    let mut manifest = blob_json(source, tree, &digest)?;
     if manifest["manifests"].is_array() {
         // An index: its linux/amd64 image.
         let pick = manifest["manifests"]
@@ -408,17 +525,17 @@ fn load_layout(source: &str, layout: &Path, tag: Option<&str>) -> Result<Loaded,
             .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
             .ok_or_else(|| import_err(source, "the index has no linux/amd64 image"))?;
         digest = pick["digest"].as_str().unwrap_or_default().to_owned();
-        manifest = read_json(source, &layout_blob(source, layout, &digest)?)?;
+        manifest = blob_json(source, tree, &digest)?;
     }
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .ok_or_else(|| import_err(source, "the manifest names no config"))?;
-    let config = read_json(source, &layout_blob(source, layout, config_digest)?)?;
+    let config = blob_json(source, tree, config_digest)?;
     let layers = manifest["layers"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|l| layout_blob(source, layout, l["digest"].as_str().unwrap_or_default()))
+        .map(|l| layout_blob(source, tree, l["digest"].as_str().unwrap_or_default()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Loaded { config, layers })
 }
@@ -436,30 +553,21 @@ fn normalise(p: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Whether a relative symlink target at `link` (relative to the root) stays inside the root.
-fn stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return true;
-    }
-    let mut depth = link.components().count().saturating_sub(1) as i64;
-    for c in target.components() {
-        match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            _ => {}
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
-}
-
 #[derive(Debug, Clone)]
 enum SNode {
     Dir { mode: u32 },
     File { mode: u32, data: PathBuf, size: u64 },
     Symlink { target: PathBuf },
+}
+
+impl SNode {
+    fn kind(&self) -> confine::Kind {
+        match self {
+            SNode::Dir { .. } => confine::Kind::Dir,
+            SNode::File { .. } => confine::Kind::Other,
+            SNode::Symlink { target } => confine::Kind::Symlink(target.clone()),
+        }
+    }
 }
 
 /// The flattened image: absolute image paths to nodes, each with the layer that put it there.
@@ -470,13 +578,17 @@ struct Staged {
     setid_dropped: Vec<String>,
 }
 
-fn flatten(source: &str, layers: &[PathBuf], files: &Path) -> Result<Staged, RegistryError> {
+fn flatten(
+    source: &str,
+    layers: Vec<std::fs::File>,
+    files: &Path,
+) -> Result<Staged, RegistryError> {
     std::fs::create_dir_all(files).map_err(io_err("create", files))?;
     let mut staged = Staged::default();
     staged.nodes.insert("/".into(), SNode::Dir { mode: 0o755 });
     let mut entries = 0usize;
     let mut bytes = 0u64;
-    for (i, layer) in layers.iter().enumerate() {
+    for (i, layer) in layers.into_iter().enumerate() {
         let n = i + 1;
         let hostile = |what: String| import_err(source, format!("layer {n}: {what}; refused"));
         let reader = open_layer(layer).map_err(|e| hostile(e.to_string()))?;
@@ -551,13 +663,6 @@ fn flatten(source: &str, layers: &[PathBuf], files: &Path) -> Result<Staged, Reg
                     .flatten()
                     .map(|t| t.into_owned())
                     .ok_or_else(|| hostile(format!("symlink {} has no target", raw.display())))?;
-                if !stays_inside(&rel, &target) {
-                    return Err(hostile(format!(
-                        "symlink {} -> {} climbs out of the root",
-                        raw.display(),
-                        target.display()
-                    )));
-                }
                 SNode::Symlink { target }
             } else if kind.is_hard_link() {
                 let target = entry
@@ -588,11 +693,27 @@ fn flatten(source: &str, layers: &[PathBuf], files: &Path) -> Result<Staged, Reg
             staged.put(&path, node, n);
         }
     }
+    // Links are judged on the flattened tree: a later layer can change where an earlier link leads.
+    let lookup = |p: &Path| staged.nodes.get(p).map(SNode::kind);
+    for (path, node) in &staged.nodes {
+        if let SNode::Symlink { target } = node {
+            confine::check_link(path, lookup).map_err(|e| {
+                let n = staged.layer_of.get(path).copied().unwrap_or(0);
+                import_err(
+                    source,
+                    format!(
+                        "layer {n}: symlink {} -> {} climbs out of the root ({e}); refused",
+                        path.display(),
+                        target.display()
+                    ),
+                )
+            })?;
+        }
+    }
     Ok(staged)
 }
 
-fn open_layer(path: &Path) -> std::io::Result<Box<dyn Read>> {
-    let mut f = std::fs::File::open(path)?;
+fn open_layer(mut f: std::fs::File) -> std::io::Result<Box<dyn Read>> {
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic)?;
     use std::io::Seek;
@@ -1219,16 +1340,16 @@ mod tests {
     /// Flattens `layers`; the staging directory lives as long as the returned guard.
     fn flat(layers: Vec<Vec<u8>>) -> (Result<Staged, RegistryError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let paths: Vec<PathBuf> = layers
+        let files: Vec<std::fs::File> = layers
             .iter()
             .enumerate()
             .map(|(i, l)| {
                 let p = dir.path().join(format!("l{i}"));
                 std::fs::write(&p, l).unwrap();
-                p
+                std::fs::File::open(p).unwrap()
             })
             .collect();
-        let s = flatten("test", &paths, &dir.path().join("files"));
+        let s = flatten("test", files, &dir.path().join("files"));
         (s, dir)
     }
 
@@ -1341,19 +1462,74 @@ mod tests {
                 for (p, n) in &s.nodes {
                     proptest::prop_assert!(p.is_absolute());
                     proptest::prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir)), "{}", p.display());
-                    if let SNode::Symlink { target } = n {
-                        proptest::prop_assert!(stays_inside(p.strip_prefix("/").unwrap_or(p), target));
+                    if let SNode::Symlink { .. } = n {
+                        let lookup = |q: &Path| s.nodes.get(q).map(SNode::kind);
+                        proptest::prop_assert!(confine::check_link(p, lookup).is_ok());
                     }
                 }
             }
         }
     }
 
+    /// An outer archive whose links chain out of it, then entries that write
+    /// and read through them (the attack that wrote host files as root).
+    #[test]
+    fn an_outer_archive_cannot_write_or_read_through_its_links() {
+        let host = tempfile::tempdir().unwrap();
+        let victim = host.path().join("victim");
+        std::fs::write(&victim, b"host data").unwrap();
+        let deep = host.path().join("a/b/c");
+        std::fs::create_dir_all(&deep).unwrap();
+        let scratch = deep.join("scratch");
+        // Each link counts as inside; together they lead to `host`, above the scratch.
+        let up = "../../../../..";
+        let archive = layer(&[
+            ("x/", Directory, b"", ""),
+            ("x/l1", Symlink, b"", ".."),
+            ("l2", Symlink, b"", &format!("x/l1/{up}")),
+            ("l2/victim", Regular, b"overwritten", ""),
+            (
+                "manifest.json",
+                Regular,
+                br#"[{"Config":"l2/victim","Layers":[]}]"#,
+                "",
+            ),
+        ]);
+        let file = host.path().join("evil.tar");
+        std::fs::write(&file, archive).unwrap();
+        let tree = SourceTree::read_archive("evil.tar", &file, &scratch);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"host data");
+        // Nothing but numbered bodies was created, all inside the scratch directory.
+        for e in std::fs::read_dir(&scratch).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert!(name.parse::<u64>().is_ok(), "{name}");
+        }
+        let tree = tree.unwrap();
+        let err = load_docker("evil.tar", &tree).err().unwrap().to_string();
+        assert!(err.contains("leads outside the archive"), "{err}");
+        // A link that stays inside is followed (docker links identical layers).
+        assert!(tree.is_file("manifest.json"));
+    }
+
+    #[test]
+    fn a_layout_directory_is_read_beneath_itself() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("secret"), b"{}").unwrap();
+        let layout = host.path().join("layout");
+        std::fs::create_dir(&layout).unwrap();
+        std::fs::write(layout.join("oci-layout"), b"{}").unwrap();
+        std::os::unix::fs::symlink("../secret", layout.join("index.json")).unwrap();
+        let tree = SourceTree::dir("layout", &layout).unwrap();
+        let err = load_layout("layout", &tree, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("index.json"), "{err}");
+    }
+
     #[test]
     fn archive_paths_cannot_escape() {
         assert!(normalise(Path::new("a/./b")).is_some());
         assert!(normalise(Path::new("../a")).is_none());
-        assert!(stays_inside(Path::new("a/b"), Path::new("../c")));
-        assert!(!stays_inside(Path::new("a/b"), Path::new("../../c")));
     }
 }

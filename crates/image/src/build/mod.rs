@@ -136,6 +136,7 @@ pub fn build_assembled(
         })
         .collect();
     skeleton(&mut tree, &manifest, &mut origin)?;
+    tree.check_links()?;
     let program = manifest.run.command.program();
     if !tree.resolves_to_file(Path::new(program)) {
         return Err(invalid(

@@ -11,6 +11,8 @@ use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::confine::{Kind, check_link};
+
 /// The most symlinks followed for one path, as the kernel's ELOOP limit.
 const MAX_HOPS: usize = 40;
 
@@ -28,7 +30,9 @@ pub enum TreeError {
     BrokenSymlink { path: PathBuf, target: PathBuf },
     #[error("{path} is part of a symlink cycle")]
     SymlinkCycle { path: PathBuf },
-    #[error("symlink {path} -> {target} climbs above the image root")]
+    #[error(
+        "symlink {path} -> {target} climbs above the image root (followed through the image's links)"
+    )]
     EscapingSymlink { path: PathBuf, target: PathBuf },
     #[error("{path} is a {kind}; only regular files, directories and symlinks go into an image")]
     Special { path: PathBuf, kind: &'static str },
@@ -100,9 +104,6 @@ impl Tree {
     /// Inserts a node, creating parent directories; an equal node already there is fine.
     pub fn insert(&mut self, path: &Path, node: Node) -> Result<(), TreeError> {
         let path = self.resolve_parents(path)?;
-        if let Node::Symlink { target } = &node {
-            check_symlink_stays_inside(&path, target)?;
-        }
         if let Some(parent) = path.parent() {
             self.mkdir_p(parent)?;
         }
@@ -302,6 +303,27 @@ impl Tree {
         false
     }
 
+    /// Refuses a symlink that, followed through the tree's other links, climbs
+    /// above the root ([`crate::confine`]): the whole tree is known only now.
+    pub fn check_links(&self) -> Result<(), TreeError> {
+        let lookup = |p: &Path| {
+            self.nodes.get(p).map(|n| match n {
+                Node::Dir { .. } => Kind::Dir,
+                Node::File { .. } => Kind::Other,
+                Node::Symlink { target } => Kind::Symlink(target.clone()),
+            })
+        };
+        for (path, node) in &self.nodes {
+            if let Node::Symlink { target } = node {
+                check_link(path, lookup).map_err(|_| TreeError::EscapingSymlink {
+                    path: path.clone(),
+                    target: target.clone(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Lets `path` keep a setuid/setgid bit it would otherwise lose.
     pub fn allow_setid(&mut self, path: &Path) -> Result<bool, TreeError> {
         let resolved = self.resolve_parents(path)?;
@@ -383,35 +405,6 @@ pub fn normal_file_mode(host_mode: u32, keep_setid: bool) -> u32 {
     } else {
         base
     }
-}
-
-/// A relative symlink target that climbs above `/` from where the link sits.
-pub fn check_symlink_stays_inside(link: &Path, target: &Path) -> Result<(), TreeError> {
-    if target.is_absolute() {
-        // Absolute targets are resolved inside the root by everything that reads an image.
-        return Ok(());
-    }
-    let mut depth = link.parent().map_or(0, |p| {
-        p.components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .count()
-    });
-    for c in target.components() {
-        match c {
-            Component::ParentDir => {
-                if depth == 0 {
-                    return Err(TreeError::EscapingSymlink {
-                        path: link.to_owned(),
-                        target: target.to_owned(),
-                    });
-                }
-                depth -= 1;
-            }
-            Component::Normal(_) => depth += 1,
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -496,13 +489,22 @@ mod tests {
         std::fs::write(d.join("secret"), b"s").unwrap();
         // Fine on the host (it reaches d/secret), but from /srv/leak it climbs above the root.
         symlink("../../../secret", d.join("a/b/www/leak")).unwrap();
-        let err = Tree::new()
-            .copy_from_host(&d.join("a/b/www"), Path::new("/srv"))
-            .unwrap_err();
+        let mut tree = Tree::new();
+        tree.copy_from_host(&d.join("a/b/www"), Path::new("/srv"))
+            .unwrap();
+        let err = tree.check_links().unwrap_err();
         assert!(matches!(err, TreeError::EscapingSymlink { .. }), "{err}");
-        assert!(check_symlink_stays_inside(Path::new("/a/b"), Path::new("../c")).is_ok());
-        assert!(check_symlink_stays_inside(Path::new("/a/b"), Path::new("../../c")).is_err());
-        assert!(check_symlink_stays_inside(Path::new("/a/b"), Path::new("/etc/passwd")).is_ok());
+        let mut ok = Tree::new();
+        for (link, target) in [("/a/b", "../c"), ("/etc/l", "/etc/passwd")] {
+            ok.insert(
+                Path::new(link),
+                Node::Symlink {
+                    target: target.into(),
+                },
+            )
+            .unwrap();
+        }
+        ok.check_links().unwrap();
     }
 
     #[test]
