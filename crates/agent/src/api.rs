@@ -46,6 +46,40 @@ impl From<AgentError> for Failure {
 
 type Shared = State<Arc<Agent>>;
 
+/// A group or instance name from the URL, checked before any handler sees it:
+/// every name may become a path under `$JUICE_HOME`, so `..`, `/`, `%2F` and
+/// the like are refused here, for every route, with 400.
+struct Name(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let UrlPath(name) = UrlPath::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+        check_name(&name)?;
+        Ok(Name(name))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Failure> {
+    if juice_sandbox::process::valid_name(name) {
+        Ok(())
+    } else {
+        Err(Failure(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{:?} is not a group or instance name (lowercase letters, digits and '-', at most 48)",
+                name.chars().take(64).collect::<String>()
+            ),
+        ))
+    }
+}
+
 /// Runs agent work off the async threads (it takes locks and starts processes).
 async fn blocking<T: Send + 'static>(
     agent: Arc<Agent>,
@@ -82,14 +116,11 @@ async fn groups(State(agent): Shared) -> Result<Response, Failure> {
     Ok(axum::Json(blocking(agent, |a| a.groups()).await?).into_response())
 }
 
-async fn group(State(agent): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, Failure> {
+async fn group(State(agent): Shared, Name(name): Name) -> Result<Response, Failure> {
     Ok(axum::Json(blocking(agent, move |a| a.describe(&name)).await?).into_response())
 }
 
-async fn delete_group(
-    State(agent): Shared,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Response, Failure> {
+async fn delete_group(State(agent): Shared, Name(name): Name) -> Result<Response, Failure> {
     blocking(agent, move |a| a.delete(&name)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -101,7 +132,7 @@ pub struct RollbackRequest {
 
 async fn rollback(
     State(agent): Shared,
-    UrlPath(name): UrlPath<String>,
+    Name(name): Name,
     body: Bytes,
 ) -> Result<Response, Failure> {
     let req: RollbackRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -126,6 +157,9 @@ struct EventsQuery {
 }
 
 async fn events(State(agent): Shared, Query(q): Query<EventsQuery>) -> Result<Response, Failure> {
+    if let Some(g) = &q.group {
+        check_name(g)?;
+    }
     let events = blocking(agent, move |a| {
         Ok(a.state().events(q.since, q.group.as_deref(), 1000)?)
     })
@@ -142,7 +176,7 @@ struct LogsQuery {
 /// The instance's log from `offset`; the `x-juice-offset` header says where to continue.
 async fn logs(
     State(agent): Shared,
-    UrlPath(name): UrlPath<String>,
+    Name(name): Name,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, Failure> {
     let path = agent.log_path(&name).ok_or_else(|| {
@@ -153,7 +187,13 @@ async fn logs(
     })?;
     let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&path)?;
+        // The log directory is the appliance's to write: follow nothing in it.
+        let (dir, file) = (
+            path.parent().unwrap_or(Path::new("/")),
+            path.file_name().unwrap_or_default(),
+        );
+        let root = juice_image::confine::open_root(dir)?;
+        let mut f = juice_image::confine::open_beneath(&root, Path::new(file))?;
         let len = f.metadata()?.len();
         // A rotated (shorter) file starts again from 0.
         let from = if q.offset > len { 0 } else { q.offset };

@@ -582,3 +582,75 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
     // Plain HTTP to the TLS port gets nothing.
     assert!(get(port, "/v1/groups").is_err());
 }
+
+/// Every name that reaches the API may become a path under `$JUICE_HOME`: the
+/// attack read `/v1/instances/..%2F..%2F.../logs` from anywhere on the host.
+/// Each route gets hostile names; none may answer with a host file, and a log
+/// the appliance could replace with a link is not followed.
+#[test]
+fn hostile_names_on_every_route_never_reach_a_host_file() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let j = Juice::new();
+    let _d = daemon(&j);
+    let sock = j.home.path().join("juice.sock");
+    // A host file shaped like an instance's log, outside JUICE_HOME.
+    let outside = tempfile::tempdir().unwrap();
+    let canary = "CANARY-host-file-must-not-leak";
+    std::fs::create_dir_all(outside.path().join("logs")).unwrap();
+    std::fs::write(outside.path().join("logs/app.log"), canary).unwrap();
+    let abs = outside.path().to_str().unwrap().trim_start_matches('/');
+    let climb = "..%2F".repeat(12);
+    let request = |method: &str, path: &str| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let body = if method == "POST" { "{}" } else { "" };
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let names = [
+        format!("{climb}{}", abs.replace('/', "%2F")),
+        "..".into(),
+        "%2E%2E".into(),
+        "a%2Fb".into(),
+        "a%00b".into(),
+        "UPPER".into(),
+        "x".repeat(200),
+        format!("..%2F..%2F{}", abs.replace('/', "%2F")),
+    ];
+    for name in &names {
+        for (method, path) in [
+            ("GET", format!("/v1/instances/{name}/logs")),
+            ("GET", format!("/v1/groups/{name}")),
+            ("DELETE", format!("/v1/groups/{name}")),
+            ("POST", format!("/v1/groups/{name}/rollback")),
+            ("GET", format!("/v1/events?group={name}")),
+        ] {
+            let answer = request(method, &path);
+            assert!(
+                answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 404"),
+                "{method} {path}: {answer}"
+            );
+            assert!(!answer.contains(canary), "{method} {path} leaked: {answer}");
+        }
+    }
+    // A valid name whose log is a link out (as an appliance could plant) is not followed.
+    let logs = j.home.path().join("instances/planted/logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("logs/app.log"), logs.join("app.log")).unwrap();
+    let answer = request("GET", "/v1/instances/planted/logs");
+    assert!(
+        !answer.contains(canary),
+        "followed a planted link: {answer}"
+    );
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        j.ok(&["get", "groups"]).starts_with("GROUP"),
+        "still answering"
+    );
+}
