@@ -22,9 +22,13 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, chdir, fork, pivot_root, sethostname};
+
+/// The device nodes an appliance gets: the host's, bound in. The runtime's
+/// device policy (the devices cgroup) allows exactly these and the ptys.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the runtime opens these fds for us before exec (see the crate docs) and
@@ -36,7 +40,26 @@ fn report(line: &str) {
     let _ = nix::unistd::write(borrowed(STATUS_FD), format!("{line}\n").as_bytes());
 }
 
+/// PID 1 holds only the contract's descriptors: whatever else the runtime's caller
+/// left open (its terminal, its log file, a pipe) would be one `/proc/1/fd/N`
+/// away from an appliance granted CAP_SYS_PTRACE.
+fn close_inherited() {
+    // SAFETY: close_range closes descriptors above the contract's (3 to 6), none of which Rust owns.
+    unsafe { libc::syscall(libc::SYS_close_range, STATE_DIR_FD + 1, u32::MAX, 0) };
+    if let Ok(null) = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto 0-2 replaces the standard streams; no Rust object owns them.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
 fn main() {
+    close_inherited();
     let (config, after_config) = match read_config() {
         Ok(c) => c,
         Err(Failure(e)) => {
@@ -231,44 +254,29 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
     let proc_ = open_in_root(root_fd, Path::new("proc"))?;
     mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
     let dev = open_in_root(root_fd, Path::new("dev"))?;
+    // nodev: a node the appliance makes (with CAP_MKNOD) opens nothing. The usual
+    // nodes are bind mounts of the host's, which keep working on their own mounts.
     mount_fs(
         "tmpfs",
         &fd_path(&dev),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        nosuid | MsFlags::MS_NOEXEC,
         "mode=755,size=1m",
     )?;
     // The new tmpfs is now what `root/dev` resolves to.
     let dev_dir = open_in_root(root_fd, Path::new("dev"))?;
     let dev_path = fd_path(&dev_dir);
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
+    for name in DEVICES {
         let node = dev_path.join(name);
-        if config.user_namespace {
-            std::fs::File::create(&node).step(|| format!("create /dev/{name}"))?;
-            let host = format!("/dev/{name}");
-            mount(
-                Some(host.as_str()),
-                &node,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .step(|| format!("bind /dev/{name}"))?;
-        } else {
-            mknod(
-                &node,
-                SFlag::S_IFCHR,
-                Mode::from_bits_truncate(0o666),
-                makedev(major, minor),
-            )
-            .step(|| format!("mknod /dev/{name}"))?;
-        }
+        std::fs::File::create(&node).step(|| format!("create /dev/{name}"))?;
+        let host = format!("/dev/{name}");
+        mount(
+            Some(host.as_str()),
+            &node,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .step(|| format!("bind /dev/{name}"))?;
     }
     for dir in ["pts", "shm"] {
         std::fs::create_dir(dev_path.join(dir)).step(|| format!("mkdir /dev/{dir}"))?;

@@ -11,6 +11,18 @@
 //! keys = ["ci"]
 //! ```
 //!
+//! Capabilities are the host's decision, never the image's alone. An image
+//! may keep the ordinary ones it declares ([`ORDINARY_CAPABILITIES`], those
+//! that act only inside its own namespaces and files); any other one
+//! (CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN, CAP_NET_RAW, CAP_MKNOD, ...)
+//! needs a grant here, or the image is refused before anything is unpacked:
+//!
+//! ```toml
+//! [[grant]]
+//! images = "registry.example.com/net/*"
+//! capabilities = ["CAP_NET_ADMIN"]
+//! ```
+//!
 //! An image may run when every rule whose `images` matches one of its names
 //! is satisfied by a valid signature from one of that rule's keys. An image no
 //! rule covers runs if `unsigned = "allow"` (the default), or if
@@ -45,7 +57,35 @@ struct PolicyFile {
     keys: BTreeMap<String, PathBuf>,
     #[serde(default)]
     trust: Vec<TrustRule>,
+    #[serde(default)]
+    grant: Vec<GrantRule>,
 }
+
+/// Capabilities the host lets images matching `images` keep.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRule {
+    pub images: String,
+    pub capabilities: Vec<String>,
+}
+
+/// Capabilities an image may keep without a grant: each acts only on the
+/// appliance's own files, processes and ports inside its namespaces. The rest
+/// reach the kernel or the host (modules, raw I/O, ptrace, mounts, devices,
+/// packet sockets, network configuration) and are granted by the host only.
+pub const ORDINARY_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +100,7 @@ pub struct Policy {
     pub unsigned: Unsigned,
     keys: BTreeMap<String, VerifyingKey>,
     rules: Vec<(TrustRule, glob::Pattern)>,
+    grants: Vec<(GrantRule, glob::Pattern)>,
 }
 
 /// Why an image may run.
@@ -149,11 +190,31 @@ impl Policy {
             }
             rules.push((rule.clone(), pattern));
         }
+        let mut grants = Vec::new();
+        for (i, grant) in file.grant.iter().enumerate() {
+            let at = |what: &str, msg: String| located(error_at_key(text, path, what, i, &msg));
+            let pattern = glob::Pattern::new(&grant.images).map_err(|e| {
+                at(
+                    "images",
+                    format!("{:?} is not a valid pattern: {e}", grant.images),
+                )
+            })?;
+            for c in &grant.capabilities {
+                if !c.starts_with("CAP_") || c.len() < 5 {
+                    return Err(at(
+                        "capabilities",
+                        format!("{c:?} is not a capability name like CAP_NET_ADMIN"),
+                    ));
+                }
+            }
+            grants.push((grant.clone(), pattern));
+        }
         Ok(Policy {
             path: path.to_owned(),
             unsigned: file.unsigned,
             keys,
             rules,
+            grants,
         })
     }
 
@@ -237,17 +298,118 @@ impl Policy {
     }
 }
 
-/// Checks `reference` against the policy of `home` (every image may run without one).
+/// The capabilities of `asked` that `names` (an image's names) may not keep
+/// under `policy` (none: no grants at all).
+pub fn refused_capabilities(
+    policy: Option<&Policy>,
+    names: &[String],
+    asked: &[String],
+) -> Vec<String> {
+    asked
+        .iter()
+        .filter(|c| !ORDINARY_CAPABILITIES.contains(&c.as_str()))
+        .filter(|c| {
+            !policy.is_some_and(|p| {
+                p.grants.iter().any(|(g, pattern)| {
+                    g.capabilities.contains(c) && names.iter().any(|n| pattern.matches(n))
+                })
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// Checks `reference` against the policy of `home`: its signatures (every
+/// image may run without a policy file) and the capabilities it asks for.
 pub fn enforce(store: &Store, reference: &str) -> Result<Verdict, RegistryError> {
-    match Policy::load(store.home())? {
-        Some(p) => p.check(store, reference),
-        None => Ok(Verdict::NoPolicy),
+    let policy = Policy::load(store.home())?;
+    let verdict = match &policy {
+        Some(p) => p.check(store, reference)?,
+        None => Verdict::NoPolicy,
+    };
+    let image = store.image(reference)?;
+    let asked: Vec<String> = image
+        .appliance
+        .as_ref()
+        .map(|a| {
+            a.manifest
+                .run
+                .capabilities
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut names = store.references_to(&image.record.digest)?;
+    names.push(reference.to_owned());
+    names.push(image.record.reference.clone());
+    let refused = refused_capabilities(policy.as_ref(), &names, &asked);
+    if !refused.is_empty() {
+        let file = policy_path(store.home());
+        return Err(RegistryError::Untrusted(format!(
+            "image {} asks for {}, which this host grants only through a [[grant]] rule in {} (none covers it)",
+            image.record.reference,
+            refused.join(", "),
+            file.display()
+        )));
     }
+    Ok(verdict)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dangerous_capabilities_need_a_grant_that_names_the_image() {
+        let path = Path::new("/etc/juice/policy.toml");
+        let p = Policy::parse(
+            "[[grant]]\nimages = \"reg.example/net/*\"\ncapabilities = [\"CAP_NET_ADMIN\"]\n",
+            path,
+        )
+        .unwrap();
+        let names = |n: &str| vec![n.to_owned()];
+        let asked = |c: &[&str]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        // Ordinary ones need nothing.
+        assert!(
+            refused_capabilities(
+                None,
+                &names("a:1"),
+                &asked(&["CAP_NET_BIND_SERVICE", "CAP_CHOWN"])
+            )
+            .is_empty()
+        );
+        for cap in [
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_MKNOD",
+            "CAP_NET_RAW",
+            "CAP_SYS_MODULE",
+            "CAP_BPF",
+            "CAP_DAC_READ_SEARCH",
+        ] {
+            assert_eq!(
+                refused_capabilities(Some(&p), &names("reg.example/net/x:1"), &asked(&[cap])),
+                vec![cap.to_owned()]
+            );
+        }
+        assert!(
+            refused_capabilities(
+                Some(&p),
+                &names("reg.example/net/x:1"),
+                &asked(&["CAP_NET_ADMIN"])
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            refused_capabilities(
+                Some(&p),
+                &names("reg.example/web/x:1"),
+                &asked(&["CAP_NET_ADMIN"])
+            ),
+            vec!["CAP_NET_ADMIN".to_owned()]
+        );
+    }
 
     #[test]
     fn mistakes_in_the_policy_are_located() {
@@ -276,6 +438,10 @@ mod tests {
                 "policy.toml:3",
             ),
             (good.replace("apps/*", "apps/[*"), "not a valid pattern"),
+            (
+                format!("{good}\n[[grant]]\nimages = \"x\"\ncapabilities = [\"NET_ADMIN\"]\n"),
+                "not a capability name",
+            ),
         ] {
             let e = Policy::parse(&text, &path).err().expect(&text).to_string();
             assert!(e.contains(want), "{want}: {e}");

@@ -261,11 +261,14 @@ impl Runtime {
         for stale in ["state.json", EXIT_FILE] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
+        let _ = std::fs::remove_dir_all(dir.join(EXIT_DIR));
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_err("create", &logs))?;
+        let exit_dir = dir.join(EXIT_DIR);
+        std::fs::create_dir_all(&exit_dir).map_err(io_err("create", &exit_dir))?;
         if let Some(map) = &spec.user_namespace {
             // Init writes logs and the exit record as the namespace's root, a plain host uid.
-            for d in [&dir, &logs] {
+            for d in [&dir, &logs, &exit_dir] {
                 std::os::unix::fs::chown(d, Some(map.host_uid), Some(map.host_gid))
                     .map_err(io_err("chown", d))?;
             }
@@ -455,8 +458,10 @@ impl Runtime {
     fn clone_init(&self, spec: &SandboxSpec, dir: &Path) -> Result<ClonedInit, SandboxError> {
         let (config_r, config_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
-        let log_dir = open_dir(&dir.join("logs"))?;
-        let state_dir = open_dir(dir)?;
+        // Init gets only the two directories it writes, never the instance's own
+        // (state.json is the runtime's record, which the appliance must not reach).
+        let log_dir = open_detached(&dir.join("logs"))?;
+        let state_dir = open_detached(&dir.join(EXIT_DIR))?;
         let (sync_r, sync_w) = if spec.user_namespace.is_some() {
             let (r, w) = pipe()?;
             (Some(r), Some(w))
@@ -689,9 +694,7 @@ impl Instance {
                 init_status = Some(status);
             }
         }
-        let record: Option<ExitRecord> = std::fs::read(self.dir.join(EXIT_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let record = read_exit_record(&self.dir);
         let (code, signal) = match (record, init_status) {
             (Some(r), _) => (r.code, r.signal),
             (None, Some(s)) if libc::WIFEXITED(s) => (Some(libc::WEXITSTATUS(s)), None),
@@ -802,6 +805,46 @@ fn check_name(name: &str) -> Result<(), SandboxError> {
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SandboxError::Syscall(format!("pipe: {e}")))
+}
+
+/// Where init writes its exit record: a directory of its own.
+const EXIT_DIR: &str = "exit";
+
+/// The exit record init wrote. The directory is writable from inside the
+/// sandbox (through init), so nothing in it is followed and the read is bounded.
+/// An instance started by an older runtime wrote it beside state.json.
+fn read_exit_record(dir: &Path) -> Option<ExitRecord> {
+    use std::io::Read;
+    let read = |d: &Path| -> Option<Vec<u8>> {
+        let root = juice_image::confine::open_root(d).ok()?;
+        let f = juice_image::confine::open_beneath(&root, Path::new(EXIT_FILE)).ok()?;
+        let mut bytes = Vec::new();
+        f.take(4096).read_to_end(&mut bytes).ok()?;
+        Some(bytes)
+    };
+    let bytes = read(&dir.join(EXIT_DIR)).or_else(|| read(dir))?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A directory for init, as a detached mount of itself (`open_tree(OPEN_TREE_CLONE)`):
+/// the same files, but `..` from its top stays there. The appliance can reach
+/// PID 1's descriptors through /proc/1/fd if the host grants it CAP_SYS_PTRACE,
+/// and a plain descriptor of a host directory would walk it out to the host
+/// (runc's CVE-2024-21626). Made here, in the host's mount namespace: the
+/// kernel clones only mounts of the caller's own namespace. Without the
+/// privilege to make one (a rootless `juice run`), the plain directory is
+/// passed: that user can reach nothing through it that it could not already.
+fn open_detached(path: &Path) -> Result<OwnedFd, SandboxError> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    match open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    ) {
+        Ok(fd) => Ok(fd),
+        Err(rustix::io::Errno::PERM) => open_dir(path),
+        Err(e) => Err(io_err("detach", path)(e.into())),
+    }
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd, SandboxError> {

@@ -210,6 +210,33 @@ fn main() {
         }
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(1).parse().unwrap_or(3600.0))),
         "true" => {}
+        // Escape attempts through what PID 1 holds or what CAP_MKNOD makes.
+        "ls" => match std::fs::read_dir(arg(1)) {
+            Ok(d) => {
+                let mut names: Vec<String> = d
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                println!("ok ls {}: {}", arg(1), names.join(" "));
+            }
+            Err(e) => println!("denied ls {}: {e}", arg(1)),
+        },
+        "mknod" => {
+            // A block device node for the host's first disk, then an open of it.
+            let path = std::ffi::CString::new(arg(1)).unwrap_or_default();
+            // SAFETY: mknod reads the NUL-terminated path; the mode and device are plain integers.
+            let made =
+                unsafe { libc::mknod(path.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(8, 0)) };
+            if made < 0 {
+                println!("denied mknod: {}", errno());
+            } else {
+                match std::fs::File::open(arg(1)) {
+                    Ok(_) => println!("ok open device {}", arg(1)),
+                    Err(e) => println!("denied open device {}: {e}", arg(1)),
+                }
+            }
+        }
         other => {
             eprintln!("unknown probe {other:?}");
             std::process::exit(2);

@@ -11,13 +11,28 @@ pub struct V1 {
     bases: Vec<(&'static str, PathBuf)>,
 }
 
+/// The controllers an instance needs; `devices` is used wherever it is mounted.
 const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+const OPTIONAL: [&str; 1] = ["devices"];
+
+/// The device policy: nothing, then the nodes juice-init binds into `/dev`
+/// (null, zero, full, random, urandom, tty) and the instance's own ptys.
+pub const DEVICE_ALLOW: [&str; 8] = [
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
 
 impl V1 {
     /// Reads the controllers' mount points and our place in each.
     pub fn from_proc(mountinfo: &str, own_cgroup: &str) -> V1 {
         let mut bases = Vec::new();
-        for controller in CONTROLLERS {
+        for controller in CONTROLLERS.into_iter().chain(OPTIONAL) {
             let mount = mountinfo.lines().find_map(|line| {
                 let (pre, post) = line.split_once(" - ")?;
                 let mut post = post.split_whitespace();
@@ -103,6 +118,12 @@ impl Hierarchy for V1 {
                 "pids" => {
                     if let Some(p) = limits.pids {
                         write(&dir, "pids.max", &p.to_string())?;
+                    }
+                }
+                "devices" => {
+                    write(&dir, "devices.deny", "a")?;
+                    for rule in DEVICE_ALLOW {
+                        write(&dir, "devices.allow", rule)?;
                     }
                 }
                 _ => {}

@@ -1,0 +1,161 @@
+//! An appliance must never reach the host: the attack review's sandbox
+//! escapes, mounted for real (root, namespaces, cgroups) against the release
+//! binaries. Each test fails if its hole reopens.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::{Juice, workspace_binary};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The probe appliance, run as root inside, with extra `[run]` lines and `[resources]`.
+fn probe_image(j: &Juice, tag: &str, run: &str, resources: &str) {
+    let dir = j.home.path().join(format!("src-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("juice.toml"),
+        format!(
+            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n{run}\n\n{resources}\n",
+            workspace_binary("juice-probe").display()
+        ),
+    )
+    .unwrap();
+    j.ok(&["build", dir.to_str().unwrap()]);
+}
+
+/// `juice run` of the probe without a network: (stdout, stderr, exit code).
+fn probe(j: &Juice, tag: &str, args: &[&str]) -> (String, String, i32) {
+    let image = format!("probe:{tag}");
+    let out = j
+        .cmd()
+        .args(["run", "-q", &image, "--network", "none", "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+fn line(j: &Juice, tag: &str, args: &[&str]) -> String {
+    let (out, err, code) = probe(j, tag, args);
+    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn an_image_cannot_grant_itself_dangerous_capabilities() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "ptrace", "capabilities = [\"CAP_SYS_PTRACE\"]", "");
+    let (_, err, code) = probe(&j, "ptrace", &["true"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("asks for CAP_SYS_PTRACE") && err.contains("[[grant]]"),
+        "refused, naming the capability and the rule: {err}"
+    );
+    // An ordinary capability needs no grant.
+    probe_image(&j, "bind", "capabilities = [\"CAP_NET_BIND_SERVICE\"]", "");
+    assert_eq!(line(&j, "bind", &["true"]), "");
+}
+
+/// runc's CVE-2024-21626 class: with CAP_SYS_PTRACE (granted by the host),
+/// the appliance reads PID 1's descriptors. None of them may lead to the host.
+#[test]
+fn granted_ptrace_finds_no_host_directory_behind_pid_1() {
+    let _s = serial();
+    let j = Juice::new();
+    std::fs::write(
+        j.home.path().join("policy.toml"),
+        "[[grant]]\nimages = \"probe:*\"\ncapabilities = [\"CAP_SYS_PTRACE\", \"CAP_MKNOD\"]\n",
+    )
+    .unwrap();
+    probe_image(
+        &j,
+        "granted",
+        "capabilities = [\"CAP_SYS_PTRACE\", \"CAP_MKNOD\"]",
+        "",
+    );
+    let fds = line(&j, "granted", &["ls", "/proc/1/fd"]);
+    assert!(fds.starts_with("ok ls"), "the grant works: {fds}");
+    // PID 1 holds the config and status pipes, its log, and two directories: its
+    // log directory and its exit directory, each a detached mount of itself.
+    // Whatever an fd leads to, climbing from it shows only those directories'
+    // own files, never the instance's state or the host's root.
+    let own_files = |listing: &str| {
+        listing
+            .split(": ")
+            .nth(1)
+            .unwrap_or("")
+            .split(' ')
+            .filter(|n| !n.is_empty())
+            .all(|n| n.starts_with("app.log") || n.starts_with("exit.json"))
+    };
+    let ids: Vec<String> = fds
+        .split(": ")
+        .nth(1)
+        .unwrap_or("")
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        ids.len() <= 8,
+        "PID 1 holds only its own descriptors: {fds}"
+    );
+    for fd in ids {
+        let at = format!("/proc/1/fd/{fd}");
+        for path in [
+            at.clone(),
+            format!("{at}/.."),
+            format!("{at}/../.."),
+            format!("{at}/../../../../../.."),
+        ] {
+            let seen = line(&j, "granted", &["ls", &path]);
+            if seen.starts_with("ok ls") {
+                assert!(
+                    own_files(&seen),
+                    "{path} reached beyond init's own files: {seen}"
+                );
+            }
+        }
+    }
+    // CAP_MKNOD makes a node, but /dev is nodev and the devices cgroup allows none of the host's disks.
+    let node = line(&j, "granted", &["mknod", "/dev/sda-probe"]);
+    assert!(node.starts_with("denied"), "{node}");
+    let tmp = line(&j, "granted", &["mknod", "/tmp/sda-probe"]);
+    assert!(tmp.starts_with("denied"), "{tmp}");
+}
+
+/// An image without [resources] is held by the host's defaults: the fork bomb of
+/// the attack (1,000 processes) stops at the default pids limit.
+#[test]
+fn an_image_without_resources_is_held_by_the_host_defaults() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "unbounded", "", "");
+    let fork = line(&j, "unbounded", &["forkbomb"]);
+    let n: u32 = fork
+        .strip_prefix("denied fork after ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(n < 256, "stopped by the default pids limit: {fork}");
+    // The host's ceiling holds an image that asks for more.
+    std::fs::write(j.home.path().join("limits.toml"), "[max]\npids = 20\n").unwrap();
+    probe_image(&j, "greedy", "", "[resources]\npids = 100000");
+    let fork = line(&j, "greedy", &["forkbomb"]);
+    let n: u32 = fork
+        .strip_prefix("denied fork after ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(n < 20, "held by the host ceiling: {fork}");
+}
