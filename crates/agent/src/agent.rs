@@ -648,13 +648,23 @@ impl Agent {
             .appliance
             .clone()
             .ok_or_else(|| group_err(name, "the image is not a Juice appliance"))?;
-        let nonce = now_ms() ^ (std::process::id() as u64) << 16;
+        // Two starts in one millisecond, or by two daemons, must not share a name:
+        // mix the pid and a counter into the bits that are kept.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nonce = now_ms()
+            ^ (std::process::id() as u64).wrapping_mul(0x9e37_79b9)
+            ^ STARTS
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .wrapping_mul(0x85eb_ca6b);
         let instance_name = format!("{name}-r{revision}-{:04x}", nonce & 0xffff);
+        // Read at each start, so an operator's change applies to the next instance.
+        let host = crate::limits::HostLimits::load(&self.home).map_err(|e| group_err(name, e))?;
         let mut spec = sandbox_spec(
             &appliance,
             &rootfs.path,
             &instance_name,
             &self.home.join("volumes").join(name),
+            &host,
         )
         .map_err(|e| group_err(name, e))?;
         let mut net = NetworkSpec::new(name);
@@ -1115,6 +1125,10 @@ impl Agent {
 
     /// The log file of an instance this agent holds (or held).
     pub fn log_path(&self, instance: &str) -> Option<PathBuf> {
+        // The name may come from a client: it must be a name, not a path.
+        if !juice_sandbox::process::valid_name(instance) {
+            return None;
+        }
         let p = self.sandbox.log_path(instance);
         if p.exists() {
             return Some(p);
@@ -1165,6 +1179,7 @@ pub fn sandbox_spec(
     rootfs: &Path,
     name: &str,
     volume_dir: &Path,
+    host: &crate::limits::HostLimits,
 ) -> Result<SandboxSpec, String> {
     let run = &a.manifest.run;
     let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
@@ -1182,11 +1197,11 @@ pub fn sandbox_spec(
         .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
     spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
     let r = &a.manifest.resources;
-    spec.limits = Limits {
+    spec.limits = host.apply(Limits {
         cpus: r.cpus.map(|c| c.get()),
         memory: r.memory.map(|m| m.0),
         pids: r.pids,
-    };
+    });
     spec.volumes = a
         .manifest
         .volumes

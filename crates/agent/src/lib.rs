@@ -25,6 +25,7 @@ pub mod agent;
 pub mod api;
 pub mod backend;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod site;
 pub mod state;

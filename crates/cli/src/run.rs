@@ -112,6 +112,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &rootfs.path,
         &name,
         &home.join("volumes").join(&name),
+        &juice_agent::limits::HostLimits::load(&home)?,
     )?;
     spec.die_with_parent = true;
     if !args.args.is_empty() {
