@@ -7,8 +7,15 @@
 //!   set (`g_<group>`), or in the sets of two linked groups; everything else
 //!   between instances is dropped, and all IPv6 between instances. Elements
 //!   grow with the number of instances, rules with groups and links.
-//! - `table inet juice`: instances cannot open connections to the host;
-//!   replies to connections the host opened (health probes, published ports) pass.
+//! - Every instance port (veth or tap, `jv*`) is pinned: a frame from it must
+//!   carry that port's MAC and IPv4 address (ARP included), and only IPv4 and
+//!   ARP leave it at all. So a group's set can trust `ip saddr`: an appliance
+//!   that changes its address or MAC, or speaks IPv6 or another ethertype, is
+//!   dropped at its own port (`ports` set, `pin` chain).
+//! - `table inet juice`: instances cannot open connections to the host, and
+//!   nothing from the bridge is routed elsewhere (a host with `ip_forward=1`
+//!   is no gateway for them); replies to connections the host opened (health
+//!   probes, published ports) pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -27,6 +34,16 @@ fn set_name(group: &str) -> String {
 pub fn base_ruleset(bridge: &str) -> String {
     format!(
         r#"table bridge juice {{
+    set ports {{
+        type ifname . ether_addr . ipv4_addr;
+    }}
+    chain pin {{
+        type filter hook prerouting priority -200; policy accept;
+        iifname != "jv*" accept
+        ether type arp iifname . ether saddr . arp saddr ip @ports accept
+        ether type ip iifname . ether saddr . ip saddr @ports accept
+        drop
+    }}
     chain allow {{
     }}
     chain forward {{
@@ -39,6 +56,11 @@ pub fn base_ruleset(bridge: &str) -> String {
 table inet juice {{
     chain input {{
         type filter hook input priority 0; policy accept;
+        iifname "{bridge}" ct state established,related accept
+        iifname "{bridge}" drop
+    }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
         iifname "{bridge}" ct state established,related accept
         iifname "{bridge}" drop
     }}
@@ -57,7 +79,28 @@ pub fn update(members: &[Member], previous: &BTreeSet<String>) -> (String, BTree
             .or_default()
             .push(m.address.to_string());
     }
-    let mut script = String::from("flush chain bridge juice allow\n");
+    let mut script = String::from("flush chain bridge juice allow\nflush set bridge juice ports\n");
+    if !members.is_empty() {
+        let pins: Vec<String> = members
+            .iter()
+            .map(|m| {
+                let mac: Vec<String> = super::links::mac_for(m.address)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!(
+                    "\"{}\" . {} . {}",
+                    super::links::veth_name(&m.instance),
+                    mac.join(":"),
+                    m.address
+                )
+            })
+            .collect();
+        script.push_str(&format!(
+            "add element bridge juice ports {{ {} }}\n",
+            pins.join(", ")
+        ));
+    }
     for old in previous {
         script.push_str(&format!("delete set bridge juice {old}\n"));
     }
@@ -185,7 +228,15 @@ mod tests {
         ];
         let (script, made) = update(&members, &["g_old".to_owned()].into());
         assert!(
-            script.starts_with("flush chain bridge juice allow\ndelete set bridge juice g_old\n"),
+            script.starts_with(
+                "flush chain bridge juice allow\nflush set bridge juice ports\nadd element bridge juice ports {"
+            ) && script.contains("delete set bridge juice g_old\n"),
+            "{script}"
+        );
+        // Each port is pinned to its own MAC and address.
+        let port = crate::network::links::veth_name("w1");
+        assert!(
+            script.contains(&format!("\"{port}\" . 02:4a:0a:58:00:02 . 10.88.0.2")),
             "{script}"
         );
         assert!(script.contains("add set bridge juice g_web { type ipv4_addr; elements = { 10.88.0.2, 10.88.0.3 }; }"), "{script}");
@@ -220,5 +271,37 @@ mod tests {
             "{empty}"
         );
         assert!(base_ruleset("juice0").contains(r#"iifname "juice0" drop"#));
+    }
+
+    /// The whole ruleset and an update load into a real nft, in a network
+    /// namespace of the test's own (nothing on the host changes).
+    #[test]
+    fn the_ruleset_loads_into_the_kernel() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!(
+                "this test needs root (CI runs as root): it loads the rules into a private network namespace"
+            );
+        }
+        let members = [m("w1", 2, "web", &[]), m("w2", 3, "web", &[])];
+        let (script, _) = update(&members, &BTreeSet::new());
+        let out = Command::new("unshare")
+            .args(["--net", "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(format!("{}{script}", base_ruleset("juice0")).as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("unshare and nft run (apt-get install nftables)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
