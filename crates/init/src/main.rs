@@ -26,10 +26,6 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, chdir, fork, pivot_root, sethostname};
 
-/// The device nodes an appliance gets: the host's, bound in. The runtime's
-/// device policy (the devices cgroup) allows exactly these and the ptys.
-const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
-
 fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the runtime opens these fds for us before exec (see the crate docs) and
     // init never closes them while a borrow is alive.
@@ -254,55 +250,13 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
     let proc_ = open_in_root(root_fd, Path::new("proc"))?;
     mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
     let dev = open_in_root(root_fd, Path::new("dev"))?;
-    // nodev: a node the appliance makes (with CAP_MKNOD) opens nothing. The usual
-    // nodes are bind mounts of the host's, which keep working on their own mounts.
-    mount_fs(
-        "tmpfs",
-        &fd_path(&dev),
-        nosuid | MsFlags::MS_NOEXEC,
-        "mode=755,size=1m",
-    )?;
-    // The new tmpfs is now what `root/dev` resolves to.
-    let dev_dir = open_in_root(root_fd, Path::new("dev"))?;
-    let dev_path = fd_path(&dev_dir);
-    for name in DEVICES {
-        let node = dev_path.join(name);
-        std::fs::File::create(&node).step(|| format!("create /dev/{name}"))?;
-        let host = format!("/dev/{name}");
-        mount(
-            Some(host.as_str()),
-            &node,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .step(|| format!("bind /dev/{name}"))?;
-    }
-    for dir in ["pts", "shm"] {
-        std::fs::create_dir(dev_path.join(dir)).step(|| format!("mkdir /dev/{dir}"))?;
-    }
-    mount_fs(
-        "devpts",
-        &dev_path.join("pts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
-    )?;
-    mount_fs(
-        "tmpfs",
-        &dev_path.join("shm"),
-        nosuid | MsFlags::MS_NOEXEC,
-        "mode=1777,size=64m",
-    )?;
-    for (link, target) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        std::os::unix::fs::symlink(target, dev_path.join(link))
-            .step(|| format!("symlink /dev/{link}"))?;
-    }
+    juice_init::view::populate_dev(&fd_path(&dev), Path::new("/dev"), || {
+        // The new tmpfs is now what `root/dev` resolves to.
+        open_in_root(root_fd, Path::new("dev")).map(|fd| {
+            let path = fd_path(&fd);
+            (fd, path)
+        })
+    })?;
 
     let tmp = open_in_root(root_fd, Path::new("tmp"))?;
     mount_fs("tmpfs", &fd_path(&tmp), nosuid, "mode=1777,size=64m")?;
@@ -340,7 +294,7 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
         )
         .step(|| format!("remount {}", b.target.display()))?;
     }
-    drop((proc_, dev, dev_dir, tmp, run));
+    drop((proc_, dev, tmp, run));
 
     // The image itself is read-only; the mounts above stay as they are.
     mount(
@@ -357,56 +311,7 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
     pivot_root(".", ".").step(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).step(|| "detach the host root".into())?;
     chdir("/").step(|| "chdir /".into())?;
-    mask_kernel_interfaces()
-}
-
-/// Hides /proc and /sys files that leak host information or allow host changes.
-fn mask_kernel_interfaces() -> Result<(), Failure> {
-    for p in [
-        "/proc/kcore",
-        "/proc/keys",
-        "/proc/timer_list",
-        "/proc/sched_debug",
-        "/proc/latency_stats",
-        "/proc/sysrq-trigger",
-    ] {
-        if Path::new(p).exists() {
-            mount(
-                Some("/dev/null"),
-                p,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .step(|| format!("mask {p}"))?;
-        }
-    }
-    for p in ["/proc/acpi", "/proc/scsi"] {
-        if Path::new(p).is_dir() {
-            mount_fs("tmpfs", Path::new(p), MsFlags::MS_RDONLY, "size=0")?;
-        }
-    }
-    for p in ["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"] {
-        if Path::new(p).exists() {
-            mount(
-                Some(p),
-                p,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .step(|| format!("bind {p}"))?;
-            let flags = MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC;
-            mount(None::<&str>, p, None::<&str>, flags, None::<&str>)
-                .step(|| format!("make {p} read-only"))?;
-        }
-    }
-    Ok(())
+    juice_init::view::mask_kernel_interfaces()
 }
 
 /// In the forked child: become the appliance. Returns only on failure.

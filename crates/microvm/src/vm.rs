@@ -36,6 +36,8 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const TCG_CODE_CACHE_MIB: u32 = 32;
 /// The size of a volume's disk (sparse: it takes host space only as it fills).
 pub const VOLUME_BYTES: u64 = 1 << 30;
+/// How much of the guest-written status file is read.
+const STATUS_READ_BYTES: u64 = 64 << 10;
 
 /// Hardware-assisted or emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,6 +444,17 @@ impl Runtime {
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
+                // Every file QEMU writes for the guest (its log, console, status, volume
+                // disks of VOLUME_BYTES) stays within that size, even while no daemon
+                // rotates them: past it a write fails (EFBIG) instead of filling the disk.
+                let limit = libc::rlimit {
+                    rlim_cur: VOLUME_BYTES,
+                    rlim_max: VOLUME_BYTES,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
                 // The tap keeps its number; only its close-on-exec flag goes.
                 if let Some(fd) = tap_raw
                     && libc::fcntl(fd, libc::F_SETFD, 0) < 0
@@ -646,6 +659,9 @@ fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
         "-no-user-config".into(),
         "-nographic".into(),
         "-no-reboot".into(),
+        // QEMU's own seccomp filter: no exec, no privilege changes, no obsolete calls.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
         "-serial".into(),
         format!("file:{}", file("console.log")),
         "-kernel".into(),
@@ -790,15 +806,29 @@ impl Vm {
     }
 
     /// The last lines of a file in the VM's directory, for error messages.
+    /// The last lines of a guest-written file, reading at most its last 16 KiB.
     fn tail(&self, file: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        use std::io::{Read, Seek, SeekFrom};
+        let mut bytes = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.join(file)) {
+            let len = f.metadata().map_or(0, |m| m.len());
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 << 10)));
+            let _ = f.take(16 << 10).read_to_end(&mut bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
 
+    /// The guest's status lines. The guest writes this file, so only its start is
+    /// read (juice-guest writes a handful of short lines; anything past is noise).
     fn status_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("status"))
-            .unwrap_or_default()
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        if let Ok(f) = std::fs::File::open(self.dir.join("status")) {
+            let _ = f.take(STATUS_READ_BYTES).read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes)
             .lines()
             .map(str::to_owned)
             .collect()

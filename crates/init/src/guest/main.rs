@@ -81,6 +81,8 @@ fn mark(phase: &str) {
 }
 
 fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
+    // The appliance must not ptrace or read PID 1's memory (or its ports), even as root.
+    nix::sys::prctl::set_dumpable(false).step(|| "prctl(PR_SET_DUMPABLE)".into())?;
     mount_basics()?;
     mark("basics mounted");
     if std::fs::read_to_string("/proc/cmdline")
@@ -121,6 +123,8 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     mark("network configured");
     sethostname(&config.app.hostname).step(|| "sethostname".into())?;
     enter_root()?;
+    // The appliance may be root of this kernel: /proc/sys and friends read-only, as in a sandbox.
+    juice_init::view::mask_kernel_interfaces()?;
 
     // The exec error (if any) comes back through this pipe; it closes on a successful exec.
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
@@ -275,13 +279,18 @@ fn mount_root(disk: &Path, config: &GuestConfig) -> Result<(), Failure> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for (fs, target, flags, data) in [
         ("proc", "/proc", nosuid | MsFlags::MS_NOEXEC, None),
-        ("devtmpfs", "/dev", MsFlags::MS_NOSUID, None),
         ("tmpfs", "/tmp", nosuid, Some("mode=1777")),
         ("tmpfs", "/run", nosuid, Some("mode=755")),
     ] {
         mount(Some(fs), &under(Path::new(target)), Some(fs), flags, data)
             .step(|| format!("mount {fs} on {target}"))?;
     }
+    // Not the guest kernel's whole devtmpfs: the sandbox's /dev, bound from it.
+    let dev = under(Path::new("/dev"));
+    juice_init::view::populate_dev(&dev, Path::new("/dev"), || {
+        let fd = std::fs::File::open(&dev).step(|| format!("open {}", dev.display()))?;
+        Ok((fd.into(), dev.clone()))
+    })?;
     if !config.volumes.is_empty() {
         let serials: Vec<&str> = config.volumes.iter().map(|v| v.serial.as_str()).collect();
         let disks = find_disks(&serials)?;
