@@ -149,7 +149,16 @@ pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> 
     Ok(Arc::new(config))
 }
 
+/// Connections the remote API holds at once; past this, new ones wait in the
+/// kernel's backlog (and are dropped there), so strangers cannot take every descriptor.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client that has not finished the TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `router` on `addr` to clients that complete a mutual-TLS handshake.
+/// Clients before authentication are strangers: each has a handshake deadline,
+/// they share a connection cap, and no error of one connection (or of
+/// `accept`, such as running out of descriptors) stops the listener.
 pub async fn serve_tls(
     addr: SocketAddr,
     config: Arc<rustls::ServerConfig>,
@@ -157,12 +166,25 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(_) => {
+                // EMFILE, ECONNABORTED and the like pass; back off a moment and go on.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             // A client without a certificate from our CA fails here, before any request is read.
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
                 return;
             };
             let service = hyper_util::service::TowerToHyperService::new(router);

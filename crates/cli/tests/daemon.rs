@@ -581,6 +581,29 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
     assert!(with_cert.contains("HTTP/1.1 200 OK"), "{with_cert}");
     // Plain HTTP to the TLS port gets nothing.
     assert!(get(port, "/v1/groups").is_err());
+
+    // Strangers that never finish a handshake (the attack held 400 and ran the
+    // daemon out of descriptors, and the first accept error ended the listener):
+    // they are capped and timed out, and a client with a certificate still gets in.
+    let idle: Vec<std::net::TcpStream> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(idle.len() > 300, "only {} connections opened", idle.len());
+    let start = Instant::now();
+    let ok = remote(&tls);
+    assert!(
+        ok.status.success(),
+        "a real client was locked out by {} idle strangers: {}",
+        idle.len(),
+        common::text(&ok)
+    );
+    eprintln!(
+        "a real client got in after {:?} with {} idle strangers",
+        start.elapsed(),
+        idle.len()
+    );
+    drop(idle);
+    assert!(remote(&tls).status.success(), "the listener survived");
 }
 
 /// Every name that reaches the API may become a path under `$JUICE_HOME`: the

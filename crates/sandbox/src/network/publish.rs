@@ -71,14 +71,32 @@ impl Drop for Publisher {
     }
 }
 
+/// Connections one published port forwards at once (each costs two threads);
+/// past this a new client is closed at once rather than exhausting the daemon.
+pub const MAX_FORWARDS: usize = 512;
+
 fn accept_loop(listener: TcpListener, targets: &Targets, port: u16, stop: &AtomicBool) {
     let next = AtomicUsize::new(0);
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((client, _)) => {
+                if open.load(Ordering::Relaxed) >= MAX_FORWARDS {
+                    drop(client);
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
+                let open = open.clone();
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let targets = targets.clone();
                 std::thread::spawn(move || {
+                    struct Done(std::sync::Arc<AtomicUsize>);
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                    let _done = Done(open);
                     // No ready instance yet: hold the client a moment rather than refuse at once.
                     let deadline = std::time::Instant::now() + HOLD;
                     let ip = loop {
