@@ -4,6 +4,7 @@
 //!   `oci-client` (basic and bearer-token auth, TLS by default, plain HTTP
 //!   only for hosts named as insecure). Every blob is checked against its
 //!   digest before it enters the store; a partial download is never visible.
+//! - [`name`]: image names normalised for trust decisions.
 //! - [`sign`]: ed25519 keys, signatures in cosign's layout (a simple-signing
 //!   payload naming the manifest digest, stored in the registry under the tag
 //!   `sha256-<hex>.sig` next to the image), and a local copy per image.
@@ -20,6 +21,7 @@
 
 pub mod export;
 pub mod import;
+pub mod name;
 pub mod policy;
 pub mod reference;
 pub mod remote;
@@ -56,6 +58,8 @@ pub enum RegistryError {
     Policy { path: PathBuf, reason: String },
     #[error("{what}: {reason}")]
     Import { what: String, reason: String },
+    #[error(transparent)]
+    Name(#[from] name::NameError),
 }
 
 pub(crate) fn io_err(
