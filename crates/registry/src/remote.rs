@@ -537,7 +537,7 @@ impl Remote {
                 .fetch_signatures(&mut session, &pinned, &digest)
                 .await?;
             if let Some(policy) = &policy {
-                let mut names = store.references_to(&digest).unwrap_or_default();
+                let mut names = store.references_to(&digest)?;
                 names.push(local.to_owned());
                 let mut known = sign::local(store.home(), &digest)?;
                 known.extend(sigs.iter().cloned());

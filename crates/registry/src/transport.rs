@@ -336,18 +336,32 @@ impl Session<'_> {
         accept: &[&str],
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        let auth = self.authorization(repository, false).await?;
         let url = format!("{}/v2/{repository}/{path}", self.base);
-        let mut req = self.t.http.get(&url);
-        if !accept.is_empty() {
-            req = req.header(ACCEPT, accept.join(", "));
+        let mut retried = false;
+        loop {
+            let auth = self.authorization(repository, false).await?;
+            let had_token = auth.is_some();
+            let mut req = self.t.http.get(&url);
+            if !accept.is_empty() {
+                req = req.header(ACCEPT, accept.join(", "));
+            }
+            if let Some(h) = auth {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| err(&self.registry, format!("{what}: {}", chain(&e))))?;
+            // Tokens expire (Docker Hub's after five minutes) in the middle of a long pull:
+            // a 401 to a token gets one fresh token and one more try.
+            let bearer = matches!(self.challenge, Some(Challenge::Bearer { .. }));
+            if resp.status() == StatusCode::UNAUTHORIZED && bearer && had_token && !retried {
+                retried = true;
+                self.tokens.clear();
+                continue;
+            }
+            return Ok(resp);
         }
-        if let Some(h) = auth {
-            req = req.header(AUTHORIZATION, h);
-        }
-        req.send()
-            .await
-            .map_err(|e| err(&self.registry, format!("{what}: {}", chain(&e))))
     }
 
     /// An error for a response that is not 200, with what the registry said.
