@@ -220,20 +220,20 @@ impl Agent {
         } else {
             if juice_registry::reference::looks_remote(image) && self.store.resolve(image).is_err()
             {
-                let options = juice_registry::remote::RemoteOptions::from_env();
-                juice_registry::remote::Remote::new(&options)
+                // The pull checks the policy before any layer moves; what it got is pinned by digest.
+                juice_registry::remote::RemoteOptions::from_env(self.store.home())
+                    .and_then(|o| juice_registry::remote::Remote::new(&o))
                     .and_then(|r| r.pull(&self.store, image))
-                    .map_err(|e| group_err(group, format!("pulling {image}: {e}")))?;
+                    .map_err(|e| group_err(group, format!("pulling {image}: {e}")))?
+                    .digest
+            } else {
+                image.to_owned()
             }
-            image.to_owned()
         };
-        juice_registry::policy::enforce(&self.store, &reference)
+        // Resolved once: the digest the policy admitted is the one the group runs.
+        let admitted = juice_registry::policy::admit(&self.store, &reference)
             .map_err(|e| group_err(group, e))?;
-        let record = self
-            .store
-            .resolve(&reference)
-            .map_err(|e| group_err(group, e))?;
-        Ok(record.digest.to_string())
+        Ok(admitted.digest.to_string())
     }
 
     /// What applying `site` would change, and (if `apply`) does it.

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use juice_image::store::Store;
+use juice_registry::auth::{self, Credential};
 use juice_registry::import::{ImportOptions, import};
 use juice_registry::remote::{Remote, RemoteOptions};
 use juice_registry::sign;
@@ -17,28 +18,152 @@ pub struct RegistryArgs {
     /// Speak plain HTTP to this registry (HOST[:PORT]; repeatable). Everything else is HTTPS.
     #[arg(long = "insecure", value_name = "HOST")]
     pub insecure: Vec<String>,
-    /// Credentials USER:PASSWORD (or JUICE_REGISTRY_USER and JUICE_REGISTRY_PASSWORD).
-    #[arg(long = "user", value_name = "USER:PASSWORD")]
+    /// A user name for this registry, with the password on stdin (--password-stdin).
+    #[arg(long = "user", value_name = "USER")]
     pub user: Option<String>,
+    /// Read the password for --user from stdin (never from the command line).
+    #[arg(long = "password-stdin", requires = "user")]
+    pub password_stdin: bool,
+    /// The auth file (default: $REGISTRY_AUTH_FILE, else $JUICE_HOME/auth.json; see `juice login`).
+    #[arg(long = "authfile", value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
     /// Also trust this CA for the registry's certificate (PEM; repeatable; or JUICE_REGISTRY_CA).
     #[arg(long = "ca", value_name = "FILE")]
     pub ca: Vec<PathBuf>,
+    /// Refuse an image whose blobs exceed SIZE (together, or any one; e.g. 500M; default 8G).
+    #[arg(long = "max-image-size", value_name = "SIZE", value_parser = juice_registry::remote::parse_size)]
+    pub max_image_size: Option<u64>,
     /// No progress bars.
     #[arg(short = 'q', long)]
     pub quiet: bool,
 }
 
 impl RegistryArgs {
-    pub fn options(&self) -> Result<RemoteOptions> {
-        let mut o = RemoteOptions::from_env();
+    /// The options for talking to the registry of `reference` (a `--user` credential is for it only).
+    pub fn options(&self, reference: &str) -> Result<RemoteOptions> {
+        let home = crate::juice_home();
+        let mut o = RemoteOptions::from_env(&home)?;
         o.insecure.extend(self.insecure.iter().cloned());
         o.ca_files.extend(self.ca.iter().cloned());
-        if let Some(u) = &self.user {
-            let (user, pass) = u.split_once(':').ok_or("--user takes USER:PASSWORD")?;
-            o.credentials = Some((user.to_owned(), pass.to_owned()));
+        if let Some(f) = &self.authfile {
+            o.auth_file = Some(f.clone());
+        }
+        if let Some(user) = &self.user {
+            if user.contains(':') {
+                return Err(
+                    "--user takes only the user name: a password on the command line is \
+                            visible to every user in the process list (use --password-stdin, \
+                            or `juice login REGISTRY`)"
+                        .into(),
+                );
+            }
+            if !self.password_stdin {
+                return Err(
+                    "--user needs --password-stdin: the password is read from stdin".into(),
+                );
+            }
+            let registry = juice_registry::reference::parse(reference)?;
+            let password = read_secret("Password: ")?;
+            o.extra_credentials.push((
+                juice_registry::reference::registry(&registry),
+                Credential {
+                    username: user.clone(),
+                    password,
+                },
+            ));
+        }
+        if self.max_image_size.is_some() {
+            o.max_image_bytes = self.max_image_size;
         }
         o.progress = !self.quiet;
         Ok(o)
+    }
+}
+
+/// A secret from stdin: prompted for, without echo, on a terminal; else its first line.
+fn read_secret(prompt: &str) -> Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    if stdin.is_terminal() {
+        use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+        eprint!("{prompt}");
+        let fd = stdin.as_fd();
+        let old = tcgetattr(fd)?;
+        let mut quiet = old.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(fd, SetArg::TCSANOW, &quiet)?;
+        let read = stdin.lock().read_line(&mut line);
+        let _ = tcsetattr(fd, SetArg::TCSANOW, &old);
+        eprintln!();
+        read?;
+    } else {
+        stdin.lock().read_line(&mut line)?;
+    }
+    let secret = line.trim_end_matches(['\n', '\r']).to_owned();
+    if secret.is_empty() {
+        return Err("no password on stdin".into());
+    }
+    Ok(secret)
+}
+
+#[derive(clap::Args)]
+pub struct LoginArgs {
+    /// The registry, HOST[:PORT].
+    pub registry: String,
+    /// The user name; the password is read from stdin (prompted for on a terminal).
+    #[arg(short = 'u', long = "username")]
+    pub username: String,
+    /// Accepted for docker's sake: the password always comes from stdin.
+    #[arg(long = "password-stdin")]
+    pub password_stdin: bool,
+    /// Speak plain HTTP to this registry (HOST[:PORT]; repeatable).
+    #[arg(long = "insecure", value_name = "HOST")]
+    pub insecure: Vec<String>,
+    /// Also trust this CA for the registry's certificate (PEM; repeatable).
+    #[arg(long = "ca", value_name = "FILE")]
+    pub ca: Vec<PathBuf>,
+    /// The auth file to write (default: $REGISTRY_AUTH_FILE, else $JUICE_HOME/auth.json).
+    #[arg(long = "authfile", value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
+}
+
+/// `juice login`: checks the credential against the registry, then files it for that registry only.
+pub fn login(args: &LoginArgs) -> Result {
+    let home = crate::juice_home();
+    let path = auth::auth_file_path(args.authfile.as_deref(), &home);
+    let credential = Credential {
+        username: args.username.clone(),
+        password: read_secret("Password: ")?,
+    };
+    let mut o = RemoteOptions::from_env(&home)?;
+    o.insecure.extend(args.insecure.iter().cloned());
+    o.ca_files.extend(args.ca.iter().cloned());
+    // Only this credential: the check must prove it, not one already in the file.
+    o.auth_file = None;
+    o.extra_credentials = vec![(args.registry.clone(), credential.clone())];
+    Remote::new(&o)?.check_login(&args.registry)?;
+    auth::login(&path, &args.registry, &credential)?;
+    println!(
+        "logged in to {}; the credential is in {} (mode 0600) and goes to that registry only",
+        args.registry,
+        path.display()
+    );
+    Ok(())
+}
+
+/// `juice logout REGISTRY`.
+pub fn logout(registry: &str, authfile: Option<&Path>) -> Result {
+    let path = auth::auth_file_path(authfile, &crate::juice_home());
+    if auth::logout(&path, registry)? {
+        println!(
+            "removed the credential for {registry} from {}",
+            path.display()
+        );
+        Ok(())
+    } else {
+        Err(format!("{} has no credential for {registry}", path.display()).into())
     }
 }
 
@@ -48,8 +173,15 @@ fn store() -> Result<Store> {
 
 pub fn push(image: &str, target: &str, args: &RegistryArgs, format: Format) -> Result {
     let store = store()?;
-    let remote = Remote::new(&args.options()?)?;
+    let remote = Remote::new(&args.options(target)?)?;
     let t = remote.push(&store, image, target)?;
+    if t.signatures_for_target == Some(0) {
+        eprintln!(
+            "juice: note: no signature of {image} is for {target}'s repository, so a host whose \
+             policy covers it will refuse it; sign it for that name with \
+             `juice sign {image} --key KEY --identity {target}`"
+        );
+    }
     if format == Format::Json {
         return output::json(&t);
     }
@@ -72,7 +204,7 @@ pub fn push(image: &str, target: &str, args: &RegistryArgs, format: Format) -> R
 
 pub fn pull(reference: &str, args: &RegistryArgs, format: Format) -> Result {
     let store = store()?;
-    let remote = Remote::new(&args.options()?)?;
+    let remote = Remote::new(&args.options(reference)?)?;
     let t = remote.pull(&store, reference)?;
     if format == Format::Json {
         return output::json(&t);
@@ -95,16 +227,26 @@ pub fn keygen(prefix: &Path) -> Result {
     Ok(())
 }
 
-pub fn sign(image: &str, key: &Path) -> Result {
+/// Signs `image` for each of `identities` (default: its own name); a signature counts only
+/// for the repository it names.
+pub fn sign(image: &str, key: &Path, identities: &[String]) -> Result {
     let store = store()?;
     let record = store.resolve(image)?;
-    sign::sign(store.home(), &record.digest, &record.reference, key)?;
-    println!(
-        "signed {} ({}) with {}; `juice push` carries the signature",
-        record.reference,
-        record.digest,
-        key.display()
-    );
+    let names = if identities.is_empty() {
+        vec![record.reference.clone()]
+    } else {
+        identities.to_vec()
+    };
+    for name in &names {
+        let s = sign::sign(store.home(), &record.digest, name, key)?;
+        println!(
+            "signed {} ({}) for {} with {}; `juice push` carries the signature",
+            record.reference,
+            record.digest,
+            s.identity()?,
+            key.display()
+        );
+    }
     Ok(())
 }
 
@@ -112,17 +254,20 @@ pub fn sign(image: &str, key: &Path) -> Result {
 pub fn verify_signatures(image: &str, keys: &[PathBuf]) -> Result {
     let store = store()?;
     let record = store.resolve(image)?;
+    let identity = juice_registry::name::normalise(&record.reference)?;
     let sigs = sign::local(store.home(), &record.digest)?;
     for k in keys {
         let key = sign::load_public(k)?;
         let mut why = Vec::new();
-        let ok = sigs.iter().any(|s| match s.check(&record.digest, &key) {
-            Ok(()) => true,
-            Err(e) => {
-                why.push(e);
-                false
-            }
-        });
+        let ok = sigs
+            .iter()
+            .any(|s| match s.check_for(&record.digest, &identity, &key) {
+                Ok(()) => true,
+                Err(e) => {
+                    why.push(e);
+                    false
+                }
+            });
         if !ok {
             return Err(format!(
                 "image {} is not signed by {}: {}",
@@ -175,7 +320,7 @@ pub fn import_cmd(args: &ImportArgs, format: Format) -> Result {
         prune: args.prune,
         keep: args.keep.clone(),
         command: (!args.command.is_empty()).then(|| args.command.clone()),
-        remote: args.registry.options()?,
+        remote: args.registry.options(&args.source)?,
     };
     let (report, _) = import(&store, &args.source, &opts)?;
     if format == Format::Json {

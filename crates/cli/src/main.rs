@@ -84,6 +84,18 @@ enum Command {
         image: String,
         #[arg(long = "key", value_name = "FILE")]
         key: PathBuf,
+        /// The repository the signature is for, as hosts will pull it (REGISTRY/REPO;
+        /// repeatable; default: the image's own name). It counts for that name only.
+        #[arg(long = "identity", value_name = "NAME")]
+        identities: Vec<String>,
+    },
+    /// File a credential for one registry in the auth file (the password from stdin).
+    Login(dist::LoginArgs),
+    /// Remove a registry's credential from the auth file.
+    Logout {
+        registry: String,
+        #[arg(long = "authfile", value_name = "FILE")]
+        authfile: Option<PathBuf>,
     },
     /// Turn a container image into an appliance (optionally pruned to just enough).
     Import(dist::ImportArgs),
@@ -179,7 +191,15 @@ fn main() -> ExitCode {
             registry,
         } => dist::pull(&reference, &registry, format).map(|()| 0),
         Command::Keygen { name } => dist::keygen(&name).map(|()| 0),
-        Command::Sign { image, key } => dist::sign(&image, &key).map(|()| 0),
+        Command::Sign {
+            image,
+            key,
+            identities,
+        } => dist::sign(&image, &key, &identities).map(|()| 0),
+        Command::Login(args) => dist::login(&args).map(|()| 0),
+        Command::Logout { registry, authfile } => {
+            dist::logout(&registry, authfile.as_deref()).map(|()| 0)
+        }
         Command::Import(args) => dist::import_cmd(&args, format).map(|()| 0),
         Command::Export { image, file } => dist::export(&image, &file).map(|()| 0),
         Command::Daemon { listen, tls } => host::daemon(listen, tls).map(|()| 0),

@@ -65,14 +65,19 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let home = crate::juice_home();
     let rootless = !nix::unistd::geteuid().is_root();
     let store = Store::open(&home)?;
-    if store.resolve(&args.image).is_err() && juice_registry::reference::looks_remote(&args.image) {
-        let mut options = juice_registry::remote::RemoteOptions::from_env();
+    let mut image = args.image.clone();
+    if store.resolve(&image).is_err() && juice_registry::reference::looks_remote(&image) {
+        let mut options = juice_registry::remote::RemoteOptions::from_env(&home)?;
         options.progress = !args.quiet;
-        juice_registry::remote::Remote::new(&options)?.pull(&store, &args.image)?;
+        // The pull checks the policy before any layer moves and says which digest it got.
+        image = juice_registry::remote::Remote::new(&options)?
+            .pull(&store, &image)?
+            .digest;
     }
-    // The host's trust policy decides before anything is unpacked or started.
-    juice_registry::policy::enforce(&store, &args.image)?;
-    let rootfs = materialise(&store, &args.image)?;
+    // The host's trust policy decides before anything is unpacked or started, and what it
+    // admitted is what runs: by digest from here on, so a tag moved meanwhile changes nothing.
+    let admitted = juice_registry::policy::admit(&store, &image)?;
+    let rootfs = materialise(&store, &admitted.digest.to_string())?;
     let appliance = rootfs.appliance.clone().ok_or_else(|| {
         format!(
             "{} is not a Juice appliance (no {} label); import it first",

@@ -75,7 +75,7 @@ fn granted_ptrace_finds_no_host_directory_behind_pid_1() {
     let j = Juice::new();
     std::fs::write(
         j.home.path().join("policy.toml"),
-        "[[grant]]\nimages = \"probe:*\"\ncapabilities = [\"CAP_SYS_PTRACE\", \"CAP_MKNOD\"]\n",
+        "[[grant]]\nimages = \"probe\"\ncapabilities = [\"CAP_SYS_PTRACE\", \"CAP_MKNOD\"]\n",
     )
     .unwrap();
     probe_image(

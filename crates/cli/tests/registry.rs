@@ -119,7 +119,13 @@ fn digest_line(out: &str) -> String {
 
 /// `juice run` of an image whose program exits at once: hello-web refuses an unknown argument.
 fn run_quietly(j: &Juice, image: &str) -> std::process::Output {
+    run_quietly_with(j, image, &[])
+}
+
+/// [`run_quietly`] with extra environment (a CA for the pull).
+fn run_quietly_with(j: &Juice, image: &str, env: &[(&str, &str)]) -> std::process::Output {
     j.cmd()
+        .envs(env.iter().copied())
         .args([
             "run",
             "-q",
@@ -139,6 +145,48 @@ fn hello_web_ran(out: &std::process::Output) -> bool {
     common::text(out).contains("unknown argument \"--exit-now\"")
 }
 
+/// `juice ARGS` with `input` on its stdin (a password).
+fn with_stdin(j: &Juice, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = j
+        .cmd()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `juice login` to `reg` with the test registry's credential; the auth file is 0600.
+fn login(j: &Juice, reg: &Registry) {
+    let ca = reg.ca.as_ref().unwrap().to_str().unwrap();
+    let out = with_stdin(
+        j,
+        &["login", &reg.host(), "--username", "ci", "--ca", ca],
+        "s3cret\n",
+    );
+    assert!(out.status.success(), "{}", common::text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(j.home.path().join("auth.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+/// The blobs in a store (none after a pull the policy refused).
+fn blob_count(j: &Juice) -> usize {
+    std::fs::read_dir(j.layout().join("blobs/sha256")).map_or(0, |d| d.count())
+}
+
 #[test]
 fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,19 +194,26 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     let reg = Registry::start(&publisher, true);
     let ca = reg.ca.clone().unwrap();
     let ca = ca.to_str().unwrap();
-    let auth = ["--user", "ci:s3cret", "--ca", ca, "-q"];
+    let auth = ["--ca", ca, "-q"];
     let good = reg.reference("apps/hello:1");
 
     publisher.ok(&["build", &app(&publisher, "1.0.0"), "-t", "hello:1"]);
     let keys = publisher.home.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
     publisher.ok(&["keygen", keys.join("ci").to_str().unwrap()]);
-    publisher.ok(&[
+    // Signed for the repository hosts will pull it from: a signature counts for that name only.
+    let out = publisher.ok(&[
         "sign",
         "hello:1",
         "--key",
         keys.join("ci.key").to_str().unwrap(),
+        "--identity",
+        &good,
     ]);
+    assert!(
+        out.contains(&format!("for {}/apps/hello ", reg.host())),
+        "{out}"
+    );
 
     // TLS by default: without our CA the registry's certificate is refused; without credentials, the push.
     let err = publisher.fails(&["push", "hello:1", &good, "-q"]);
@@ -172,6 +227,18 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
             && (err.contains("401") || err.to_lowercase().contains("auth")),
         "{err}"
     );
+    // A password is never taken from the command line, where the process list shows it.
+    let err = publisher.fails(&["push", "hello:1", &good, "--user", "ci:s3cret", "--ca", ca]);
+    assert!(err.contains("process list"), "{err}");
+    // A wrong password is refused by the registry at login, and nothing is filed.
+    let out = with_stdin(
+        &publisher,
+        &["login", &reg.host(), "--username", "ci", "--ca", ca],
+        "wrong\n",
+    );
+    assert!(!out.status.success(), "{}", common::text(&out));
+    assert!(!publisher.home.path().join("auth.json").exists());
+    login(&publisher, &reg);
     let mut args = vec!["push", "hello:1", good.as_str()];
     args.extend(auth);
     let out = publisher.ok(&args);
@@ -190,48 +257,44 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     // An unsigned image, and one signed by a key the host does not trust.
     publisher.ok(&["build", &app(&publisher, "2.0.0"), "-t", "hello:2"]);
     let unsigned = reg.reference("apps/unsigned:2");
-    publisher.ok(&[
-        "push",
-        "hello:2",
-        &unsigned,
-        "--user",
-        "ci:s3cret",
-        "--ca",
-        ca,
-        "-q",
-    ]);
+    publisher.ok(&["push", "hello:2", &unsigned, "--ca", ca, "-q"]);
     publisher.ok(&["build", &app(&publisher, "3.0.0"), "-t", "hello:3"]);
     publisher.ok(&["keygen", keys.join("rogue").to_str().unwrap()]);
+    let rogue = reg.reference("apps/rogue:3");
     publisher.ok(&[
         "sign",
         "hello:3",
         "--key",
         keys.join("rogue.key").to_str().unwrap(),
-    ]);
-    let rogue = reg.reference("apps/rogue:3");
-    publisher.ok(&[
-        "push",
-        "hello:3",
+        "--identity",
         &rogue,
-        "--user",
-        "ci:s3cret",
-        "--ca",
-        ca,
-        "-q",
     ]);
+    publisher.ok(&["push", "hello:3", &rogue, "--ca", ca, "-q"]);
+    // The attack: the trusted image, its valid `ci` signature (made for apps/hello) along,
+    // published under another name the same rule covers. Push says the signature is not for it.
+    let copy = reg.reference("apps/copy:1");
+    let out = publisher
+        .cmd()
+        .args(["push", "hello:1", &copy, "--ca", ca, "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no signature of hello:1 is for"),
+        "{}",
+        common::text(&out)
+    );
 
     // Another host, empty, with a strict policy: only what `ci` signed runs.
+    let policy = format!(
+        "unsigned = \"deny\"\n\n[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"{}/apps/*\"\nkeys = [\"ci\"]\n",
+        keys.join("ci.pub").display(),
+        reg.host()
+    );
     let host = Juice::new();
     let _sweeper = InstanceSweeper(host.home.path().to_owned());
-    std::fs::write(
-        host.home.path().join("policy.toml"),
-        format!(
-            "unsigned = \"deny\"\n\n[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"{}/apps/*\"\nkeys = [\"ci\"]\n",
-            keys.join("ci.pub").display(),
-            reg.host()
-        ),
-    )
-    .unwrap();
+    std::fs::write(host.home.path().join("policy.toml"), &policy).unwrap();
+    login(&host, &reg);
     let mut pull = vec!["pull", good.as_str()];
     pull.extend(auth);
     let out = host.ok(&pull);
@@ -246,19 +309,71 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     let ran = run_quietly(&host, &good);
     assert!(hello_web_ran(&ran), "{}", common::text(&ran));
 
+    // What the policy refuses is refused at the pull, before any blob moves: a third host
+    // with the same policy ends with nothing in its store, not even the manifest.
+    let strict = Juice::new();
+    let _strict_sweeper = InstanceSweeper(strict.home.path().to_owned());
+    std::fs::write(strict.home.path().join("policy.toml"), &policy).unwrap();
+    login(&strict, &reg);
+    let rule = format!("\"{}/apps/*\"", reg.host());
+    let not_for_copy = format!("it is for {0}/apps/hello, not {0}/apps/copy", reg.host());
     for (image, why) in [
         (&unsigned, "it has no signature"),
         (&rogue, "none of its 1 signature(s) verifies"),
+        (&copy, not_for_copy.as_str()),
     ] {
         let mut p = vec!["pull", image.as_str()];
         p.extend(auth);
-        host.ok(&p);
-        let out = run_quietly(&host, image);
+        let err = strict.fails(&p);
+        assert!(
+            err.contains("is not trusted") && err.contains(&rule) && err.contains(why),
+            "{image}: {err}"
+        );
+        // `juice run` of the reference pulls, and is refused the same way; nothing starts.
+        let out = run_quietly_with(&strict, image, &[("JUICE_REGISTRY_CA", ca)]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(err.contains("is not trusted") && err.contains(why), "{err}");
         assert!(!hello_web_ran(&out), "nothing started: {err}");
     }
+    assert_eq!(
+        blob_count(&strict),
+        0,
+        "no blob of a refused image was downloaded"
+    );
+    assert_eq!(strict.ok(&["images"]).lines().count(), 1, "only the header");
+
+    // Another spelling of a covered name does not escape the rule: with unsigned images
+    // allowed, an unsigned image named with the default port and upper case is still
+    // covered by the rule for `registry.example.com/apps/*`.
+    let lax = Juice::new();
+    let _lax_sweeper = InstanceSweeper(lax.home.path().to_owned());
+    std::fs::write(
+        lax.home.path().join("policy.toml"),
+        format!(
+            "unsigned = \"allow\"\n\n[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"registry.example.com/apps/*\"\nkeys = [\"ci\"]\n",
+            keys.join("ci.pub").display(),
+        ),
+    )
+    .unwrap();
+    let escape = "REGISTRY.example.com:443/apps/evil:1";
+    lax.ok(&["build", &app(&lax, "4.0.0"), "-t", escape]);
+    let out = run_quietly(&lax, escape);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("is not trusted")
+            && err.contains("\"registry.example.com/apps/*\"")
+            && err.contains("covers registry.example.com/apps/evil"),
+        "{}",
+        common::text(&out)
+    );
+    assert!(!hello_web_ran(&out));
+    // The control: an image whose only name no rule covers runs unsigned under the same policy
+    // (another version: the same digest would have the covered name too, and be refused).
+    lax.ok(&["build", &app(&lax, "5.0.0"), "-t", "fine:1"]);
+    let out = run_quietly(&lax, "fine:1");
+    assert!(hello_web_ran(&out), "{}", common::text(&out));
 
     // A signature tampered with on this host no longer counts.
     let sig_file = host
@@ -286,15 +401,9 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     std::fs::write(&sig_file, &original).unwrap();
 
     // The daemon enforces the same policy, and a refused apply leaves the running group alone.
-    // It pulls what a site names and it lacks, with the credentials and CA of its environment.
-    let d = common::daemon_with_env(
-        &host,
-        &[
-            ("JUICE_REGISTRY_USER", "ci"),
-            ("JUICE_REGISTRY_PASSWORD", "s3cret"),
-            ("JUICE_REGISTRY_CA", ca),
-        ],
-    );
+    // It pulls what a site names and it lacks, with the CA of its environment and the
+    // credential filed in its home's auth.json.
+    let d = common::daemon_with_env(&host, &[("JUICE_REGISTRY_CA", ca)]);
     let site = |image: &str| {
         let f = host.home.path().join("site.toml");
         std::fs::write(&f, format!("[group.web]\nimage = \"{image}\"\nsize = 1\n")).unwrap();
@@ -349,9 +458,23 @@ fn a_signed_image_travels_through_a_registry_and_runs_only_where_trusted() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x55;
     std::fs::write(&file, &bytes).unwrap();
-    let mut p = vec!["pull", good.as_str()];
-    p.extend(auth);
-    let err = third.fails(&p);
+    // A credential for this command only: the user name as an argument, the password on stdin.
+    let out = with_stdin(
+        &third,
+        &[
+            "pull",
+            &good,
+            "--user",
+            "ci",
+            "--password-stdin",
+            "--ca",
+            ca,
+            "-q",
+        ],
+        "s3cret\n",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         err.contains(&layer) || err.to_lowercase().contains("digest"),
         "{err}"
@@ -676,7 +799,12 @@ enum Fault {
     ServerError,
     /// The connection closes before any answer.
     GoesAway,
+    /// None: the layer as it is.
+    None,
 }
+
+/// The paths a fake registry was asked for.
+type Hits = std::sync::Arc<Mutex<Vec<String>>>;
 
 /// A registry that serves one real image over plain HTTP, with one fault on its layer.
 /// Its thread ends with the test process; it listens on loopback only.
@@ -685,10 +813,12 @@ fn fake_registry(
     manifest: Vec<u8>,
     layer: String,
     fault: Fault,
-) -> u16 {
+) -> (u16, Hits) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let hits = Hits::default();
+    let log = hits.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -701,6 +831,7 @@ fn fake_registry(
                 h.clear();
             }
             let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            log.lock().unwrap().push(path.clone());
             let mut out = stream;
             let respond = |out: &mut std::net::TcpStream,
                            status: &str,
@@ -766,18 +897,24 @@ fn fake_registry(
                         10,
                     ),
                     Fault::GoesAway => drop(out),
+                    Fault::None => respond(
+                        &mut out,
+                        "200 OK",
+                        "application/octet-stream",
+                        body,
+                        body.len(),
+                    ),
                 }
             } else {
                 respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
             }
         }
     });
-    port
+    (port, hits)
 }
 
-#[test]
-fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A hello-web image for a fake registry: its manifest, its layer's digest, and its blobs.
+fn served_image() -> (Vec<u8>, String, std::collections::BTreeMap<String, Vec<u8>>) {
     let source = Juice::new();
     let digest = digest_line(
         &source
@@ -788,17 +925,76 @@ fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
     let doc: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let layer = doc["layers"][0]["digest"].as_str().unwrap().to_owned();
     let config = doc["config"]["digest"].as_str().unwrap().to_owned();
-    let blobs: std::collections::BTreeMap<String, Vec<u8>> = [&layer, &config]
+    let blobs = [&layer, &config]
         .iter()
         .map(|d| ((*d).clone(), std::fs::read(source.blob(d)).unwrap()))
         .collect();
+    (manifest, layer, blobs)
+}
+
+#[test]
+fn an_image_over_the_size_limit_is_refused_before_its_layers_are_fetched() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (manifest, layer, blobs) = served_image();
+    // The registry declares a 9 GiB layer (over the 8 GiB default); the bytes would be small.
+    let mut doc: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    doc["layers"][0]["size"] = serde_json::json!(9u64 << 30);
+    let huge = serde_json::to_vec(&doc).unwrap();
+    let (port, hits) = fake_registry(blobs.clone(), huge, layer.clone(), Fault::None);
+    let host = format!("127.0.0.1:{port}");
+    let j = Juice::new();
+    let err = j.fails(&[
+        "pull",
+        &format!("{host}/apps/hello:1"),
+        "--insecure",
+        &host,
+        "-q",
+    ]);
+    assert!(
+        err.contains(&layer) && err.contains("over the limit") && err.contains("before download"),
+        "{err}"
+    );
+    let asked = hits.lock().unwrap().clone();
+    assert!(
+        !asked.iter().any(|p| p.contains("/blobs/")),
+        "no blob was fetched: {asked:?}"
+    );
+    assert_eq!(blob_count(&j), 0);
+
+    // The limit is the user's: the real image, under a limit smaller than its layer.
+    let (port, hits) = fake_registry(blobs, manifest, layer.clone(), Fault::None);
+    let host = format!("127.0.0.1:{port}");
+    let reference = format!("{host}/apps/hello:1");
+    let err = j.fails(&[
+        "pull",
+        &reference,
+        "--insecure",
+        &host,
+        "--max-image-size",
+        "4K",
+        "-q",
+    ]);
+    assert!(
+        err.contains(&layer) && err.contains("over the limit of 4096"),
+        "{err}"
+    );
+    assert!(!hits.lock().unwrap().iter().any(|p| p.contains("/blobs/")));
+    // And the same image within the default limit comes through.
+    j.ok(&["pull", &reference, "--insecure", &host, "-q"]);
+    j.ok(&["verify", &reference]);
+}
+
+#[test]
+fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (manifest, layer, blobs) = served_image();
     for (fault, want) in [
         (Fault::WrongContent, "nothing was stored"),
         (Fault::Truncated, "nothing was stored"),
         (Fault::ServerError, "503"),
         (Fault::GoesAway, "fetching blob"),
     ] {
-        let port = fake_registry(blobs.clone(), manifest.clone(), layer.clone(), fault);
+        let (port, _) = fake_registry(blobs.clone(), manifest.clone(), layer.clone(), fault);
         let host = format!("127.0.0.1:{port}");
         let j = Juice::new();
         let err = j.fails(&[
@@ -867,4 +1063,176 @@ fn a_layer_too_big_to_hold_is_streamed_up_and_arrives_whole() {
     let pulled = other.ok(&["pull", &target, "--insecure", &reg.host(), "-q"]);
     assert_eq!(digest_line(&pushed), digest_line(&pulled));
     other.ok(&["verify", &target]);
+}
+
+/// What a [`recorder`] was asked: each request's path and `Authorization` header.
+type Recorded = std::sync::Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A plain-HTTP listener on loopback that records every request's `Authorization` header:
+/// `/v2/` answers 401 with `challenge`, `/token` hands out a token, anything else is 401.
+/// Its thread ends with the test process.
+fn recorder(challenge: impl Fn(u16) -> String + Send + 'static) -> (u16, Recorded) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Recorded::default();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut authorization = None;
+            let mut h = String::new();
+            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                {
+                    authorization = Some(v.trim().to_owned());
+                }
+                h.clear();
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            log.lock().unwrap().push((path.clone(), authorization));
+            let mut out = stream;
+            let (status, extra, body) = if path.starts_with("/token") {
+                ("200 OK", String::new(), r#"{"token":"t0ken"}"#.to_owned())
+            } else {
+                (
+                    "401 Unauthorized",
+                    format!("WWW-Authenticate: {}\r\n", challenge(port)),
+                    "{}".to_owned(),
+                )
+            };
+            let _ = write!(
+                out,
+                "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+/// The `Authorization` value of basic credentials.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+#[test]
+fn a_credential_is_sent_only_to_the_registry_it_is_for() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let j = Juice::new();
+    // Registry A, real, with TLS and basic auth: the credential is filed for it.
+    let a = Registry::start(&j, true);
+    login(&j, &a);
+    let auth_file = j.home.path().join("auth.json");
+    let a_secret = basic("ci", "s3cret");
+
+    // Registry B asks every client for basic credentials. It gets none: they are A's.
+    let (b, seen_b) = recorder(|_| "Basic realm=\"b\"".to_owned());
+    let b_host = format!("127.0.0.1:{b}");
+    let err = j.fails(&[
+        "pull",
+        &format!("{b_host}/apps/x:1"),
+        "--insecure",
+        &b_host,
+        "-q",
+    ]);
+    assert!(err.contains("401") && err.contains("juice login"), "{err}");
+    let seen = seen_b.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|(_, a)| a.is_none()),
+        "B saw a credential: {seen:?}"
+    );
+
+    // Registry C has a credential of its own (loopback, so plain HTTP may carry it) and sends
+    // clients to a token realm on B. B gets no credential at all: neither A's nor C's.
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&auth_file).unwrap()).unwrap();
+    let realm = format!("http://127.0.0.1:{b}/token");
+    let (c, seen_c) = recorder(move |_| format!("Bearer realm=\"{realm}\",service=\"c\""));
+    let c_host = format!("127.0.0.1:{c}");
+    file["auths"][&c_host] = serde_json::json!({ "username": "cu", "password": "cp" });
+    std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
+    seen_b.lock().unwrap().clear();
+    j.fails(&[
+        "pull",
+        &format!("{c_host}/apps/x:1"),
+        "--insecure",
+        &c_host,
+        "-q",
+    ]);
+    let seen = seen_b.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|(p, _)| p.starts_with("/token")),
+        "the token was asked for: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, a)| a.is_none()),
+        "the realm on B saw a credential: {seen:?}"
+    );
+    // C itself got the token, never a password.
+    let seen = seen_c.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|(_, a)| a.as_deref().is_none_or(|a| a == "Bearer t0ken")),
+        "{seen:?}"
+    );
+
+    // The control: a realm on the registry's own origin gets that registry's credential (and
+    // only it), so the silence above is the rule at work, not a credential never read.
+    let (d, seen_d) = recorder(|port| format!("Bearer realm=\"http://127.0.0.1:{port}/token\""));
+    let d_host = format!("127.0.0.1:{d}");
+    file["auths"][&d_host] = serde_json::json!({ "username": "du", "password": "dp" });
+    std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
+    j.fails(&[
+        "pull",
+        &format!("{d_host}/apps/x:1"),
+        "--insecure",
+        &d_host,
+        "-q",
+    ]);
+    let seen = seen_d.lock().unwrap().clone();
+    let d_secret = basic("du", "dp");
+    assert!(
+        seen.iter()
+            .any(|(p, a)| p.starts_with("/token") && a.as_deref() == Some(d_secret.as_str())),
+        "{seen:?}"
+    );
+    for (_, a) in seen_b.lock().unwrap().iter().chain(seen.iter()) {
+        assert_ne!(
+            a.as_deref(),
+            Some(a_secret.as_str()),
+            "A's credential went elsewhere"
+        );
+    }
+
+    // The old global credential from the environment is refused, not sent everywhere.
+    let out = j
+        .cmd()
+        .args([
+            "pull",
+            &format!("{b_host}/apps/x:1"),
+            "--insecure",
+            &b_host,
+            "-q",
+        ])
+        .env("JUICE_REGISTRY_USER", "ci")
+        .env("JUICE_REGISTRY_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("no longer reads it"),
+        "{}",
+        common::text(&out)
+    );
 }

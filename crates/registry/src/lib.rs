@@ -1,9 +1,14 @@
 //! Distribution and trust for Juice images.
 //!
-//! - [`remote`]: push and pull through any OCI distribution registry with
-//!   `oci-client` (basic and bearer-token auth, TLS by default, plain HTTP
-//!   only for hosts named as insecure). Every blob is checked against its
-//!   digest before it enters the store; a partial download is never visible.
+//! - [`remote`]: push and pull through any OCI distribution registry (basic
+//!   and bearer-token auth, TLS by default, plain HTTP only for hosts named as
+//!   insecure). A pull resolves the tag once, checks the trust policy before
+//!   any layer moves, then fetches by digest, every read bounded. Every blob is
+//!   checked against its digest before it enters the store; a partial
+//!   download is never visible.
+//! - [`auth`]: credentials, each filed for one registry, in docker's
+//!   `config.json` shape; where each may be sent.
+//! - [`name`]: image names normalised for trust decisions.
 //! - [`sign`]: ed25519 keys, signatures in cosign's layout (a simple-signing
 //!   payload naming the manifest digest, stored in the registry under the tag
 //!   `sha256-<hex>.sig` next to the image), and a local copy per image.
@@ -18,12 +23,15 @@
 //! what is written here is Juice's own: which blobs move when, the store
 //! invariants, the trust decisions and the flattening and pruning rules.
 
+pub mod auth;
 pub mod export;
 pub mod import;
+pub mod name;
 pub mod policy;
 pub mod reference;
 pub mod remote;
 pub mod sign;
+mod transport;
 
 use std::path::PathBuf;
 
@@ -56,6 +64,10 @@ pub enum RegistryError {
     Policy { path: PathBuf, reason: String },
     #[error("{what}: {reason}")]
     Import { what: String, reason: String },
+    #[error("{path}: {reason}")]
+    Auth { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Name(#[from] name::NameError),
 }
 
 pub(crate) fn io_err(

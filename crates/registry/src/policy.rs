@@ -11,6 +11,33 @@
 //! keys = ["ci"]
 //! ```
 //!
+//! Which names an image has: every local tag of its digest, and, while it is
+//! being pulled, the name it will be tagged as. Each name is normalised
+//! first ([`crate::name`]: `host:443/x` is `host/x`, `index.docker.io` is
+//! `docker.io`, tags and digests dropped) and so is every rule's pattern when
+//! the file is loaded; a pattern that could never match a normalised name (a
+//! tag in it, upper case, `..`) is refused, naming its line.
+//!
+//! An image may run when each of its names passes: every rule whose `images`
+//! matches the name is satisfied by a valid signature from one of that rule's
+//! keys *made for that name*. A signature is valid when it verifies under the
+//! key and its payload names the image's manifest digest; it is made for a
+//! name when its `docker-reference`, normalised, is the same repository
+//! (registry host and path; a tag or digest in it does not matter). So a
+//! signature for `registry.example.com/apps/a` never admits the same bytes
+//! as `registry.example.com/apps/b`. A name no rule covers passes if
+//! `unsigned = "allow"` (the default), or, if `unsigned = "deny"`, when a
+//! listed key signed the image for that name. Without the file, every image
+//! may run.
+//!
+//! Local images (built or imported here, named without a registry, such as
+//! `hello-web:1`) follow the same rule with their local name: a signature
+//! made here by `juice sign hello-web:1` is for `hello-web` and counts for
+//! that name only, never for a registry name, and a signature for a registry
+//! name never counts for a local one. To publish, sign for the name hosts
+//! will pull (`juice sign hello-web:1 --key ci.key --identity
+//! registry.example.com/apps/hello-web`).
+//!
 //! Capabilities are the host's decision, never the image's alone. An image
 //! may keep the ordinary ones it declares ([`ORDINARY_CAPABILITIES`], those
 //! that act only inside its own namespaces and files); any other one
@@ -23,22 +50,19 @@
 //! capabilities = ["CAP_NET_ADMIN"]
 //! ```
 //!
-//! An image may run when every rule whose `images` matches one of its names
-//! is satisfied by a valid signature from one of that rule's keys. An image no
-//! rule covers runs if `unsigned = "allow"` (the default), or if
-//! `unsigned = "deny"` and a listed key signed it. Without the file, every
-//! image may run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
+use juice_image::digest::Digest;
 use juice_image::manifest::{error_at_key, parse_toml};
-use juice_image::store::Store;
+use juice_image::store::{ImageRecord, Store};
 use serde::Deserialize;
 
 use crate::RegistryError;
-use crate::sign;
+use crate::name::{self, ImageName};
+use crate::sign::{self, StoredSignature};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,7 +118,7 @@ pub struct TrustRule {
     pub keys: Vec<String>,
 }
 
-/// A loaded policy with its keys read.
+/// A loaded policy with its keys read and its patterns normalised.
 pub struct Policy {
     pub path: PathBuf,
     pub unsigned: Unsigned,
@@ -112,6 +136,16 @@ pub enum Verdict {
     Unsigned,
     /// Signed by these keys.
     SignedBy(Vec<String>),
+}
+
+/// An image the policy admitted, pinned by digest: what is unpacked and run is this digest,
+/// never the name again (a tag can move between the check and the start).
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub digest: Digest,
+    /// The name it was resolved by (for messages).
+    pub reference: String,
+    pub verdict: Verdict,
 }
 
 pub fn policy_path(home: &Path) -> PathBuf {
@@ -157,7 +191,17 @@ impl Policy {
         }
         let mut rules = Vec::new();
         for (i, rule) in file.trust.iter().enumerate() {
-            let pattern = glob::Pattern::new(&rule.images).map_err(|e| {
+            let invalid = |why: String| {
+                located(error_at_key(
+                    text,
+                    path,
+                    "images",
+                    i,
+                    &format!("{:?} can never match an image name: {why}", rule.images),
+                ))
+            };
+            let normalised = name::normalise_pattern(&rule.images).map_err(invalid)?;
+            let pattern = glob::Pattern::new(&normalised).map_err(|e| {
                 located(error_at_key(
                     text,
                     path,
@@ -192,8 +236,23 @@ impl Policy {
         }
         let mut grants = Vec::new();
         for (i, grant) in file.grant.iter().enumerate() {
-            let at = |what: &str, msg: String| located(error_at_key(text, path, what, i, &msg));
-            let pattern = glob::Pattern::new(&grant.images).map_err(|e| {
+            // `images` keys of the trust rules come first in the file's order of tables.
+            let nth = |what: &str| {
+                if what == "images" {
+                    i + file.trust.len()
+                } else {
+                    i
+                }
+            };
+            let at =
+                |what: &str, msg: String| located(error_at_key(text, path, what, nth(what), &msg));
+            let normalised = name::normalise_pattern(&grant.images).map_err(|why| {
+                at(
+                    "images",
+                    format!("{:?} can never match an image name: {why}", grant.images),
+                )
+            })?;
+            let pattern = glob::Pattern::new(&normalised).map_err(|e| {
                 at(
                     "images",
                     format!("{:?} is not a valid pattern: {e}", grant.images),
@@ -221,18 +280,41 @@ impl Policy {
     /// Whether the image `reference` may run on this host; why not, in one sentence.
     pub fn check(&self, store: &Store, reference: &str) -> Result<Verdict, RegistryError> {
         let record = store.resolve(reference)?;
+        self.check_record(store, &record)
+    }
+
+    fn check_record(&self, store: &Store, record: &ImageRecord) -> Result<Verdict, RegistryError> {
         let digest = record.digest;
         let mut names = store.references_to(&digest)?;
-        names.push(reference.to_owned());
         names.push(record.reference.clone());
         let sigs = sign::local(store.home(), &digest)?;
-        let valid_by = |key_names: &[String]| -> (Vec<String>, Vec<String>) {
+        let image = format!("{} ({})", record.reference, digest.short());
+        self.evaluate(&image, &digest, &names, &sigs)
+    }
+
+    /// Whether the image `digest`, known by `names`, with signatures `sigs`, may run;
+    /// `image` names it in the error.
+    pub fn evaluate(
+        &self,
+        image: &str,
+        digest: &Digest,
+        names: &[String],
+        sigs: &[StoredSignature],
+    ) -> Result<Verdict, RegistryError> {
+        let untrusted =
+            |why: String| RegistryError::Untrusted(format!("image {image} is not trusted: {why}"));
+        let mut normalised = BTreeSet::new();
+        for n in names {
+            normalised.insert(name::normalise(n).map_err(|e| untrusted(e.to_string()))?);
+        }
+        // Which of `key_names` signed `digest` for `identity`, and why the others do not count.
+        let valid_by = |key_names: &[String], identity: &ImageName| -> (Vec<String>, Vec<String>) {
             let mut ok = Vec::new();
             let mut why = Vec::new();
-            for s in &sigs {
+            for s in sigs {
                 for k in key_names {
                     if let Some(key) = self.keys.get(k) {
-                        match s.check(&digest, key) {
+                        match s.check_for(digest, identity, key) {
                             Ok(()) => ok.push(k.clone()),
                             Err(e) => why.push(format!("{k}: {e}")),
                         }
@@ -241,6 +323,7 @@ impl Policy {
             }
             ok.sort();
             ok.dedup();
+            why.dedup();
             (ok, why)
         };
         let describe = |why: &[String]| -> String {
@@ -248,49 +331,54 @@ impl Policy {
                 "it has no signature".to_owned()
             } else {
                 format!(
-                    "none of its {} signature(s) verifies ({})",
+                    "none of its {} signature(s) verifies for it ({})",
                     sigs.len(),
                     why.join("; ")
                 )
             }
         };
-        let matching: Vec<&(TrustRule, glob::Pattern)> = self
-            .rules
-            .iter()
-            .filter(|(_, p)| names.iter().any(|n| p.matches(n)))
-            .collect();
-        let image = format!("{} ({})", record.reference, digest.short());
-        if matching.is_empty() {
-            return match self.unsigned {
-                Unsigned::Allow => Ok(Verdict::Unsigned),
-                Unsigned::Deny => {
-                    let all: Vec<String> = self.keys.keys().cloned().collect();
-                    let (ok, why) = valid_by(&all);
-                    if ok.is_empty() {
-                        Err(RegistryError::Untrusted(format!(
-                            "image {image} is not trusted: no rule in {} covers it, unsigned images are denied, and {}",
-                            self.path.display(),
-                            describe(&why)
-                        )))
-                    } else {
-                        Ok(Verdict::SignedBy(ok))
+        let mut signed_by = Vec::new();
+        for identity in &normalised {
+            let shown = identity.to_string();
+            let matching: Vec<&(TrustRule, glob::Pattern)> = self
+                .rules
+                .iter()
+                .filter(|(_, p)| p.matches(&shown))
+                .collect();
+            if matching.is_empty() {
+                match self.unsigned {
+                    Unsigned::Allow => {}
+                    Unsigned::Deny => {
+                        let all: Vec<String> = self.keys.keys().cloned().collect();
+                        let (ok, why) = valid_by(&all, identity);
+                        if ok.is_empty() {
+                            return Err(untrusted(format!(
+                                "no rule in {} covers {shown}, unsigned images are denied, and {}",
+                                self.path.display(),
+                                describe(&why)
+                            )));
+                        }
+                        signed_by.extend(ok);
                     }
                 }
-            };
-        }
-        let mut signed_by = Vec::new();
-        for (rule, _) in matching {
-            let (ok, why) = valid_by(&rule.keys);
-            if ok.is_empty() {
-                return Err(RegistryError::Untrusted(format!(
-                    "image {image} is not trusted: {} requires a signature by {} for {:?}, and {}",
-                    self.path.display(),
-                    rule.keys.join(" or "),
-                    rule.images,
-                    describe(&why)
-                )));
+                continue;
             }
-            signed_by.extend(ok);
+            for (rule, _) in matching {
+                let (ok, why) = valid_by(&rule.keys, identity);
+                if ok.is_empty() {
+                    return Err(untrusted(format!(
+                        "{} requires a signature by {} for {:?}, which covers {shown}, and {}",
+                        self.path.display(),
+                        rule.keys.join(" or "),
+                        rule.images,
+                        describe(&why)
+                    )));
+                }
+                signed_by.extend(ok);
+            }
+        }
+        if signed_by.is_empty() {
+            return Ok(Verdict::Unsigned);
         }
         signed_by.sort();
         signed_by.dedup();
@@ -311,7 +399,10 @@ pub fn refused_capabilities(
         .filter(|c| {
             !policy.is_some_and(|p| {
                 p.grants.iter().any(|(g, pattern)| {
-                    g.capabilities.contains(c) && names.iter().any(|n| pattern.matches(n))
+                    g.capabilities.contains(c)
+                        && names.iter().any(|n| {
+                            name::normalise(n).is_ok_and(|n| pattern.matches(&n.to_string()))
+                        })
                 })
             })
         })
@@ -319,15 +410,14 @@ pub fn refused_capabilities(
         .collect()
 }
 
-/// Checks `reference` against the policy of `home`: its signatures (every
-/// image may run without a policy file) and the capabilities it asks for.
-pub fn enforce(store: &Store, reference: &str) -> Result<Verdict, RegistryError> {
-    let policy = Policy::load(store.home())?;
-    let verdict = match &policy {
-        Some(p) => p.check(store, reference)?,
-        None => Verdict::NoPolicy,
-    };
-    let image = store.image(reference)?;
+/// Refuses an image that asks for capabilities no grant gives it.
+fn check_capabilities(
+    store: &Store,
+    policy: Option<&Policy>,
+    reference: &str,
+    record: &ImageRecord,
+) -> Result<(), RegistryError> {
+    let image = store.image(&record.digest.to_string())?;
     let asked: Vec<String> = image
         .appliance
         .as_ref()
@@ -340,20 +430,45 @@ pub fn enforce(store: &Store, reference: &str) -> Result<Verdict, RegistryError>
                 .collect()
         })
         .unwrap_or_default();
-    let mut names = store.references_to(&image.record.digest)?;
-    names.push(reference.to_owned());
-    names.push(image.record.reference.clone());
-    let refused = refused_capabilities(policy.as_ref(), &names, &asked);
-    if !refused.is_empty() {
-        let file = policy_path(store.home());
-        return Err(RegistryError::Untrusted(format!(
-            "image {} asks for {}, which this host grants only through a [[grant]] rule in {} (none covers it)",
-            image.record.reference,
-            refused.join(", "),
-            file.display()
-        )));
+    if asked.is_empty() {
+        return Ok(());
     }
-    Ok(verdict)
+    let mut names = store.references_to(&record.digest)?;
+    names.push(reference.to_owned());
+    names.push(record.reference.clone());
+    let refused = refused_capabilities(policy, &names, &asked);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(RegistryError::Untrusted(format!(
+        "image {} asks for {}, which this host grants only through a [[grant]] rule in {} (none covers it)",
+        record.reference,
+        refused.join(", "),
+        policy_path(store.home()).display()
+    )))
+}
+
+/// Checks `reference` against the policy of `home`: its signatures (every
+/// image may run without a policy file) and the capabilities it asks for.
+pub fn enforce(store: &Store, reference: &str) -> Result<Verdict, RegistryError> {
+    admit(store, reference).map(|a| a.verdict)
+}
+
+/// Resolves `reference` once and checks that digest against the policy of the store's home;
+/// the caller goes on with [`Admitted::digest`], never with `reference` again.
+pub fn admit(store: &Store, reference: &str) -> Result<Admitted, RegistryError> {
+    let record = store.resolve(reference)?;
+    let policy = Policy::load(store.home())?;
+    let verdict = match &policy {
+        Some(p) => p.check_record(store, &record)?,
+        None => Verdict::NoPolicy,
+    };
+    check_capabilities(store, policy.as_ref(), reference, &record)?;
+    Ok(Admitted {
+        digest: record.digest,
+        reference: record.reference,
+        verdict,
+    })
 }
 
 #[cfg(test)]
@@ -442,9 +557,155 @@ mod tests {
                 format!("{good}\n[[grant]]\nimages = \"x\"\ncapabilities = [\"NET_ADMIN\"]\n"),
                 "not a capability name",
             ),
+            (
+                good.replace("apps/*", "apps/*:1"),
+                "can never match an image name: rules match repositories, not tags",
+            ),
+            (good.replace("apps/*", "Apps/*"), "policy.toml:6"),
+            (good.replace("apps/*", "apps/../*"), "policy.toml:6"),
         ] {
             let e = Policy::parse(&text, &path).err().expect(&text).to_string();
             assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    /// A policy with key `ci` and one rule, `images` → `ci`, under `unsigned`.
+    fn policy(dir: &Path, images: &str, unsigned: &str) -> Policy {
+        let public = dir.join("ci.pub");
+        if !public.exists() {
+            sign::keygen(&dir.join("ci")).unwrap();
+        }
+        let text = format!(
+            "unsigned = \"{unsigned}\"\n[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"{images}\"\nkeys = [\"ci\"]\n",
+            public.display()
+        );
+        Policy::parse(&text, &dir.join("policy.toml")).unwrap()
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_signature_counts_only_for_the_repository_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path(), "reg.example/apps/*", "allow");
+        let d = Digest::of(b"manifest");
+        let key = dir.path().join("ci.key");
+        let for_a = sign::sign(dir.path(), &d, "reg.example/apps/a:1", &key).unwrap();
+        let sigs = [for_a];
+        assert_eq!(
+            p.evaluate("a", &d, &names(&["reg.example/apps/a:1"]), &sigs)
+                .unwrap(),
+            Verdict::SignedBy(vec!["ci".into()])
+        );
+        // The same digest, the same valid signature, another repository: refused, the rule named.
+        let e = p
+            .evaluate("b", &d, &names(&["reg.example/apps/b:1"]), &sigs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"reg.example/apps/*\"")
+                && e.contains("it is for reg.example/apps/a, not reg.example/apps/b"),
+            "{e}"
+        );
+        // One good name does not carry a bad one: each name the image has must pass.
+        assert!(
+            p.evaluate(
+                "ab",
+                &d,
+                &names(&["reg.example/apps/a:1", "reg.example/apps/b:1"]),
+                &sigs
+            )
+            .is_err()
+        );
+        // Spelled with the default port, upper case or a digest, it is still repository a.
+        let a443 = "REG.example:443/apps/a@sha256:0000000000000000000000000000000000000000000000000000000000000000";
+        assert!(p.evaluate("a", &d, &names(&[a443]), &sigs).is_ok());
+    }
+
+    #[test]
+    fn another_spelling_of_a_name_does_not_escape_its_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path(), "reg.example:443/apps/*", "allow");
+        let d = Digest::of(b"manifest");
+        for escape in [
+            "reg.example:443/apps/x:1",
+            "reg.example/apps/x:1",
+            "Reg.Example:80/apps/x:1",
+        ] {
+            let e = p
+                .evaluate("x", &d, &names(&[escape]), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("reg.example:443/apps/*") && e.contains("no signature"),
+                "{escape}: {e}"
+            );
+        }
+        // Another port is another registry; a name that is not one is refused, not guessed at.
+        assert_eq!(
+            p.evaluate("x", &d, &names(&["reg.example:5000/apps/x:1"]), &[])
+                .unwrap(),
+            Verdict::Unsigned
+        );
+        let e = p
+            .evaluate("x", &d, &names(&["reg.example/apps/../x:1"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not trusted") && e.contains(".."), "{e}");
+    }
+
+    #[test]
+    fn local_images_are_signed_for_their_local_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(dir.path(), "reg.example/apps/*", "deny");
+        let d = Digest::of(b"manifest");
+        let key = dir.path().join("ci.key");
+        let local = [sign::sign(dir.path(), &d, "hello:1", &key).unwrap()];
+        assert!(
+            p.evaluate("hello", &d, &names(&["hello:1"]), &local)
+                .is_ok()
+        );
+        // A local signature is not one for a registry name, nor for another local name.
+        for other in ["reg.example/apps/hello:1", "localhost/hello:1", "hello2:1"] {
+            let e = p
+                .evaluate("x", &d, &names(&[other]), &local)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("it is for hello, not"), "{other}: {e}");
+        }
+        // And a registry signature is not one for the local name.
+        let remote = [sign::sign(dir.path(), &d, "reg.example/apps/hello:1", &key).unwrap()];
+        assert!(
+            p.evaluate("hello", &d, &names(&["hello:1"]), &remote)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_pattern_that_can_never_match_is_refused_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        sign::keygen(&dir.path().join("ci")).unwrap();
+        for (pattern, why) in [
+            ("reg.example/apps/*:1", "not tags"),
+            ("reg.example/apps/x@sha256:00", "digest"),
+            ("reg.example/Apps/*", "lowercase"),
+            ("reg.example/apps/../*", ".."),
+            ("reg.example//apps", "empty path component"),
+        ] {
+            let text = format!(
+                "[keys]\nci = \"{}\"\n\n[[trust]]\nimages = \"reg.example/ok/*\"\nkeys = [\"ci\"]\n\n[[trust]]\nimages = \"{pattern}\"\nkeys = [\"ci\"]\n",
+                dir.path().join("ci.pub").display()
+            );
+            let e = Policy::parse(&text, &dir.path().join("policy.toml"))
+                .err()
+                .expect(pattern)
+                .to_string();
+            assert!(
+                e.contains("policy.toml:9") && e.contains("can never match") && e.contains(why),
+                "{pattern}: {e}"
+            );
         }
     }
 }

@@ -10,19 +10,20 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use juice_image::digest::Digest;
 use juice_image::store::{Store, from_oci};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_spec::image::{ImageIndex, ImageManifest};
 use serde::Serialize;
 
+use crate::auth::{Credential, Credentials};
+use crate::policy::Policy;
 use crate::reference::{self, local_name, signature_tag, with_digest, with_tag};
 use crate::sign::{self, StoredSignature};
+use crate::transport::{Session, Transport, chain, read_bounded};
 use crate::{RegistryError, io_err};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -38,23 +39,39 @@ const CHUNK: usize = 4 << 20;
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 
+/// Manifests (an image's, an index, a signature manifest) and image configs are
+/// read whole into memory: past this they are refused, not read.
+pub const MANIFEST_MAX: u64 = 4 << 20;
+/// A signature payload is a few hundred bytes of JSON.
+const SIGNATURE_MAX: u64 = 1 << 20;
+/// More signatures than this on one image is not a signature set but a flood.
+const SIGNATURES_MAX: usize = 64;
+/// The default bound on one image's blobs together (each layer, and the whole).
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 8 << 30;
+
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
     /// Registries (`host[:port]`) spoken to over plain HTTP. Everything else is HTTPS.
     pub insecure: Vec<String>,
-    /// Basic credentials; the client trades them for a bearer token when the registry asks.
-    pub credentials: Option<(String, String)>,
+    /// The auth file (docker's `config.json` shape, see [`crate::auth`]); none: no credentials.
+    pub auth_file: Option<PathBuf>,
+    /// Credentials for this command only, each for one registry (`--user U --password-stdin`).
+    pub extra_credentials: Vec<(String, Credential)>,
     /// PEM files of extra CAs to trust (a private registry's).
     pub ca_files: Vec<PathBuf>,
     /// Progress bars on stderr (only drawn when it is a terminal).
     pub progress: bool,
+    /// The bound on one image's layers and config together, and so on each
+    /// (default [`DEFAULT_MAX_IMAGE_BYTES`]).
+    pub max_image_bytes: Option<u64>,
 }
 
 impl RemoteOptions {
-    /// `JUICE_INSECURE_REGISTRIES` (comma-separated), `JUICE_REGISTRY_USER` and
-    /// `JUICE_REGISTRY_PASSWORD`, `JUICE_REGISTRY_CA` (PEM files, colon-separated).
-    pub fn from_env() -> RemoteOptions {
+    /// `JUICE_INSECURE_REGISTRIES` (comma-separated), `JUICE_REGISTRY_CA` (PEM files,
+    /// colon-separated), `JUICE_MAX_IMAGE_SIZE` (bytes, or with K, M, G), and the auth file
+    /// of `home` (or `$REGISTRY_AUTH_FILE`).
+    pub fn from_env(home: &Path) -> Result<RemoteOptions, RegistryError> {
         let list = |var: &str, sep: char| -> Vec<String> {
             std::env::var(var)
                 .map(|v| {
@@ -66,31 +83,57 @@ impl RemoteOptions {
                 })
                 .unwrap_or_default()
         };
-        let credentials = match (
-            std::env::var("JUICE_REGISTRY_USER"),
-            std::env::var("JUICE_REGISTRY_PASSWORD"),
-        ) {
-            (Ok(u), Ok(p)) => Some((u, p)),
-            _ => None,
-        };
-        RemoteOptions {
+        let max_image_bytes =
+            match std::env::var("JUICE_MAX_IMAGE_SIZE") {
+                Ok(v) => Some(parse_size(&v).map_err(|e| {
+                    RegistryError::Invalid(format!("JUICE_MAX_IMAGE_SIZE={v:?}: {e}"))
+                })?),
+                Err(_) => None,
+            };
+        Ok(RemoteOptions {
             insecure: list("JUICE_INSECURE_REGISTRIES", ','),
-            credentials,
+            auth_file: Some(crate::auth::auth_file_path(None, home)),
+            extra_credentials: Vec::new(),
             ca_files: list("JUICE_REGISTRY_CA", ':')
                 .into_iter()
                 .map(PathBuf::from)
                 .collect(),
             progress: false,
-        }
+            max_image_bytes,
+        })
     }
+}
+
+/// `1234`, `512K`, `100M`, `8G` (powers of 1024; a trailing `B` or `iB` is allowed).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        Some((i, 'T' | 't')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| "not a size like 8G, 500M or 1048576".to_owned())?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| "not a size above 0 that fits in 64 bits".to_owned())
 }
 
 /// A registry client for one command.
 pub struct Remote {
     client: Client,
-    auth: RegistryAuth,
+    transport: Transport,
     rt: tokio::runtime::Runtime,
     progress: bool,
+    max_image_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,11 +146,15 @@ pub struct Transfer {
     /// Blobs the other side already had.
     pub skipped: usize,
     pub signatures: usize,
+    /// Of the local signatures pushed, how many name the target repository
+    /// (a host's policy counts only those for the name it pulls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signatures_for_target: Option<usize>,
 }
 
 fn remote_err(r: &Reference, e: impl std::fmt::Display) -> RegistryError {
     let mut reason = e.to_string();
-    if reason.contains("InvalidContentType") {
+    if reason.contains("InvalidContentType") && !reason.contains("--insecure") {
         reason
             .push_str(" (it answered in plain HTTP: name it with --insecure if that is intended)");
     }
@@ -117,30 +164,33 @@ fn remote_err(r: &Reference, e: impl std::fmt::Display) -> RegistryError {
     }
 }
 
-/// An error with its causes, which is where HTTP clients put the reason (a certificate, a refusal).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
-
 impl Remote {
     pub fn new(options: &RemoteOptions) -> Result<Remote, RegistryError> {
+        // One credential for every registry leaked it to all of them; it is not read any more.
+        for var in ["JUICE_REGISTRY_USER", "JUICE_REGISTRY_PASSWORD"] {
+            if std::env::var_os(var).is_some() {
+                return Err(RegistryError::Invalid(format!(
+                    "{var} is set, and Juice no longer reads it (one credential was sent to every \
+                     registry); unset it and file the credential for its registry with \
+                     `juice login REGISTRY`, which writes $JUICE_HOME/auth.json"
+                )));
+            }
+        }
         // reqwest's rustls uses the process's provider: ring, as everywhere in Juice.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut extra = Vec::new();
+        let mut certs = Vec::new();
         for f in &options.ca_files {
+            let data = std::fs::read(f).map_err(io_err("read", f))?;
+            certs.push(
+                reqwest::Certificate::from_pem(&data).map_err(|e| RegistryError::Key {
+                    path: f.clone(),
+                    reason: format!("not a PEM certificate: {e}"),
+                })?,
+            );
             extra.push(Certificate {
                 encoding: CertificateEncoding::Pem,
-                data: std::fs::read(f).map_err(io_err("read", f))?,
+                data,
             });
         }
         let config = ClientConfig {
@@ -157,19 +207,36 @@ impl Remote {
             registry: "(client)".into(),
             reason: e.to_string(),
         })?;
+        let mut credentials = match &options.auth_file {
+            Some(p) => Credentials::load(p)?,
+            None => Credentials::default(),
+        };
+        for (registry, c) in &options.extra_credentials {
+            credentials.add(registry, c.clone())?;
+        }
+        let transport = Transport::new(certs, options.insecure.clone(), credentials)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| RegistryError::Invalid(format!("async runtime: {e}")))?;
         Ok(Remote {
             client,
-            auth: match &options.credentials {
-                Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
-                None => RegistryAuth::Anonymous,
-            },
+            transport,
             rt,
             progress: options.progress && std::io::stderr().is_terminal(),
+            max_image_bytes: options.max_image_bytes.unwrap_or(DEFAULT_MAX_IMAGE_BYTES),
         })
+    }
+
+    fn session(&self, r: &Reference) -> Result<Session<'_>, RegistryError> {
+        self.transport.session(r.registry(), r.resolve_registry())
+    }
+
+    /// Checks that the credential filed for `registry` is accepted there (`juice login`).
+    pub fn check_login(&self, registry: &str) -> Result<(), RegistryError> {
+        let r = reference::parse(&format!("{registry}/juice-login-check"))?;
+        self.rt
+            .block_on(async { self.session(&r)?.check_login().await })
     }
 
     fn bar(&self, len: u64, what: &str) -> ProgressBar {
@@ -205,12 +272,16 @@ impl Remote {
             moved_bytes: 0,
             skipped: 0,
             signatures: 0,
+            signatures_for_target: None,
         };
         let blobs = std::iter::once(img.manifest.config().clone())
             .chain(img.manifest.layers().iter().cloned());
         self.rt.block_on(async {
+            let mut session = self.session(&target)?;
+            // The credential decision is ours (see `crate::auth`); oci-client gets only its result.
+            let auth = session.oci_auth(target.repository()).await?;
             self.client
-                .auth(&target, &self.auth, oci_client::RegistryOperation::Push)
+                .auth(&target, &auth, oci_client::RegistryOperation::Push)
                 .await
                 .map_err(|e| remote_err(&target, chain(&e)))?;
             for d in blobs {
@@ -277,7 +348,15 @@ impl Remote {
                 .map_err(|e| remote_err(&target, format!("pushing the manifest: {}", chain(&e))))?;
             let sigs = sign::local(store.home(), &digest)?;
             if !sigs.is_empty() {
-                out.signatures = self.push_signatures(&target, &digest, &sigs).await?;
+                let target_name = crate::name::normalise(&target.whole())?;
+                out.signatures_for_target = Some(
+                    sigs.iter()
+                        .filter(|s| s.identity().is_ok_and(|n| n == target_name))
+                        .count(),
+                );
+                out.signatures = self
+                    .push_signatures(&mut session, &target, &digest, &sigs)
+                    .await?;
             }
             Ok::<(), RegistryError>(())
         })?;
@@ -287,12 +366,13 @@ impl Remote {
     /// Writes `sigs` (with any the registry already holds) as the image's cosign signature manifest.
     async fn push_signatures(
         &self,
+        session: &mut Session<'_>,
         target: &Reference,
         digest: &Digest,
         sigs: &[StoredSignature],
     ) -> Result<usize, RegistryError> {
         let mut all: Vec<StoredSignature> = self
-            .fetch_signatures(target, digest)
+            .fetch_signatures(session, target, digest)
             .await
             .unwrap_or_default();
         for s in sigs {
@@ -362,22 +442,34 @@ impl Remote {
     /// The signatures stored next to an image in the registry (none if there is no `.sig` tag).
     async fn fetch_signatures(
         &self,
+        session: &mut Session<'_>,
         source: &Reference,
         digest: &Digest,
     ) -> Result<Vec<StoredSignature>, RegistryError> {
-        let sig_ref = with_tag(source, &signature_tag(&digest.to_string()));
-        let Ok((bytes, _)) = self
-            .client
-            .pull_manifest_raw(&sig_ref, &self.auth, &[OCI_MANIFEST])
-            .await
-        else {
+        let repo = source.repository();
+        let tag = signature_tag(&digest.to_string());
+        let resp = session
+            .get(
+                repo,
+                &format!("manifests/{tag}"),
+                &[OCI_MANIFEST],
+                "the signatures",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            // No `.sig` tag (404), or one this registry will not show: unsigned, as far as we know.
             return Ok(Vec::new());
-        };
+        }
+        let bytes = read_bounded(resp, MANIFEST_MAX, "the signature manifest")
+            .await
+            .map_err(|e| remote_err(source, e))?;
         let manifest: OciManifestDoc = serde_json::from_slice(&bytes)
             .map_err(|e| remote_err(source, format!("the signature manifest is not valid: {e}")))?;
         let mut out = Vec::new();
-        for layer in manifest.layers {
-            if layer.media_type != SIMPLE_SIGNING || layer.size > 1 << 20 {
+        for layer in manifest.layers.iter().take(SIGNATURES_MAX) {
+            if layer.media_type != SIMPLE_SIGNING
+                || !(0..=SIGNATURE_MAX as i64).contains(&layer.size)
+            {
                 continue;
             }
             let Some(signature) = layer
@@ -387,11 +479,24 @@ impl Remote {
             else {
                 continue;
             };
-            let mut payload = Vec::new();
-            self.client
-                .pull_blob(&sig_ref, &layer, &mut payload)
+            let Ok(want) = layer.digest.parse::<Digest>() else {
+                continue;
+            };
+            let resp = session
+                .get(repo, &format!("blobs/{want}"), &[], "fetching a signature")
+                .await?;
+            if !resp.status().is_success() {
+                return Err(session.refusal("fetching a signature", resp).await);
+            }
+            let payload = read_bounded(resp, layer.size as u64, "a signature payload")
                 .await
-                .map_err(|e| remote_err(source, format!("fetching a signature: {e}")))?;
+                .map_err(|e| remote_err(source, e))?;
+            if Digest::of(&payload) != want {
+                return Err(remote_err(
+                    source,
+                    format!("signature payload {want} arrived with other content; refused"),
+                ));
+            }
             out.push(StoredSignature::new(&payload, signature));
         }
         Ok(out)
@@ -403,23 +508,57 @@ impl Remote {
         self.pull_as(store, &source, &local_name(&source))
     }
 
-    /// Pulls `source` and tags it `local` in the store.
+    /// Pulls `source` and tags it `local` in the store, if this host's trust policy admits it.
+    ///
+    /// The tag is resolved once, to a manifest digest; the signatures for that digest are
+    /// fetched and the policy is checked before any blob moves, so an image the policy
+    /// refuses costs a manifest and never has a layer downloaded. Everything after goes by
+    /// that digest, and [`Transfer::digest`] is what callers run.
     pub fn pull_as(
         &self,
         store: &Store,
         source: &Reference,
         local: &str,
     ) -> Result<Transfer, RegistryError> {
+        let policy = Policy::load(store.home())?;
         // gc must not take blobs that are in but not yet tagged.
         let _writing = store.lock_for_writing()?;
         self.rt.block_on(async {
-            let (manifest_bytes, digest) = self.fetch_manifest(source).await?;
+            let mut session = self.session(source)?;
+            let (manifest_bytes, digest) = self.fetch_manifest(&mut session, source).await?;
+            let pinned = with_digest(source, &digest.to_string());
             let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| {
                 remote_err(
                     source,
                     format!("the manifest of {} is not valid: {e}", source.whole()),
                 )
             })?;
+            let mut sigs = self
+                .fetch_signatures(&mut session, &pinned, &digest)
+                .await?;
+            if let Some(policy) = &policy {
+                let mut names = store.references_to(&digest)?;
+                names.push(local.to_owned());
+                let mut known = sign::local(store.home(), &digest)?;
+                known.extend(sigs.iter().cloned());
+                policy.evaluate(
+                    &format!("{local} ({})", digest.short()),
+                    &digest,
+                    &names,
+                    &known,
+                )?;
+            }
+            let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config().clone())
+                .chain(manifest.layers().iter().cloned())
+                .map(|d| OciDescriptor {
+                    media_type: d.media_type().to_string(),
+                    digest: d.digest().to_string(),
+                    size: i64::try_from(d.size()).unwrap_or(i64::MAX),
+                    urls: None,
+                    annotations: None,
+                })
+                .collect();
+            self.check_sizes(source, &blobs)?;
             let mut out = Transfer {
                 reference: local.to_owned(),
                 digest: digest.to_string(),
@@ -427,17 +566,19 @@ impl Remote {
                 moved_bytes: 0,
                 skipped: 0,
                 signatures: 0,
+                signatures_for_target: None,
             };
-            let blobs =
-                std::iter::once(manifest.config().clone()).chain(manifest.layers().iter().cloned());
-            for d in blobs {
-                let blob = from_oci(d.digest()).map_err(RegistryError::Invalid)?;
+            for d in &blobs {
+                let blob = d
+                    .digest
+                    .parse::<Digest>()
+                    .map_err(|e| remote_err(source, format!("blob {}: {e}", d.digest)))?;
                 if store.has_blob(&blob) {
                     out.skipped += 1;
                     continue;
                 }
-                let size = d.size();
-                self.fetch_blob(store, source, &blob, size, d.media_type().to_string())
+                let size = d.size as u64;
+                self.fetch_blob(&mut session, store, &pinned, &blob, size)
                     .await?;
                 out.moved += 1;
                 out.moved_bytes += size;
@@ -448,7 +589,7 @@ impl Remote {
                     "the manifest stored as {stored}, not {digest}"
                 )));
             }
-            let sigs = self.fetch_signatures(source, &digest).await?;
+            sigs.dedup();
             for s in &sigs {
                 sign::add_local(store.home(), &digest, s)?;
             }
@@ -458,16 +599,79 @@ impl Remote {
         })
     }
 
-    /// The image manifest of `source` (for an index: its linux/amd64 entry), checked against its digest.
-    async fn fetch_manifest(&self, source: &Reference) -> Result<(Vec<u8>, Digest), RegistryError> {
+    /// Refuses, before anything is fetched, a config over [`MANIFEST_MAX`], a blob over the
+    /// image bound, or blobs over it together.
+    fn check_sizes(
+        &self,
+        source: &Reference,
+        blobs: &[OciDescriptor],
+    ) -> Result<(), RegistryError> {
+        let max = self.max_image_bytes;
+        let mut total: u64 = 0;
+        for (i, d) in blobs.iter().enumerate() {
+            let what = if i == 0 { "config" } else { "layer" };
+            let limit = if i == 0 { MANIFEST_MAX.min(max) } else { max };
+            let size = u64::try_from(d.size).map_err(|_| {
+                remote_err(
+                    source,
+                    format!("{what} {} has a negative size; refused", d.digest),
+                )
+            })?;
+            if size > limit {
+                return Err(remote_err(
+                    source,
+                    format!(
+                        "{what} {} of {} is {size} bytes, over the limit of {limit} \
+                         (--max-image-size or JUICE_MAX_IMAGE_SIZE); refused before download",
+                        d.digest,
+                        source.whole()
+                    ),
+                ));
+            }
+            total = total.saturating_add(size);
+        }
+        if total > max {
+            return Err(remote_err(
+                source,
+                format!(
+                    "{} is {total} bytes in all, over the limit of {max} \
+                     (--max-image-size or JUICE_MAX_IMAGE_SIZE); refused before download",
+                    source.whole()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The image manifest of `source` (for an index: its linux/amd64 entry), checked against its
+    /// digest when asked for by one, read whole only up to [`MANIFEST_MAX`].
+    async fn fetch_manifest(
+        &self,
+        session: &mut Session<'_>,
+        source: &Reference,
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
         let mut current = source.clone();
         for _ in 0..2 {
-            let (bytes, _) = self
-                .client
-                .pull_manifest_raw(&current, &self.auth, ACCEPTED)
+            let at = current
+                .digest()
+                .or(current.tag())
+                .unwrap_or("latest")
+                .to_owned();
+            let what = format!("the manifest of {}", current.whole());
+            let resp = session
+                .get(
+                    current.repository(),
+                    &format!("manifests/{at}"),
+                    ACCEPTED,
+                    &what,
+                )
+                .await?;
+            if !resp.status().is_success() {
+                return Err(session.refusal(&source.whole(), resp).await);
+            }
+            let bytes = read_bounded(resp, MANIFEST_MAX, &what)
                 .await
-                .map_err(|e| remote_err(source, format!("{}: {}", source.whole(), chain(&e))))?;
-            let bytes = bytes.to_vec();
+                .map_err(|e| remote_err(source, e))?;
             let digest = Digest::of(&bytes);
             if let Some(want) = current.digest()
                 && want != digest.to_string()
@@ -513,39 +717,48 @@ impl Remote {
         ))
     }
 
-    /// Streams one blob into a temp file of the store; commits it only if it is the blob asked for.
+    /// Streams one blob into a temp file of the store; commits it only if it is the blob
+    /// asked for, and stops as soon as it runs past the size the manifest declares.
     async fn fetch_blob(
         &self,
+        session: &mut Session<'_>,
         store: &Store,
         source: &Reference,
         blob: &Digest,
         size: u64,
-        media_type: String,
     ) -> Result<(), RegistryError> {
-        let desc = OciDescriptor {
-            media_type,
-            digest: blob.to_string(),
-            size: size as i64,
-            urls: None,
-            annotations: None,
-        };
+        let what = format!("fetching blob {blob}");
         let pb = self.bar(size, &format!("pull {}", blob.short()));
-        let mut stream = self
-            .client
-            .pull_blob_stream(source, &desc)
-            .await
-            .map_err(|e| remote_err(source, format!("fetching blob {blob}: {}", chain(&e))))?;
+        let mut resp = session
+            .get(source.repository(), &format!("blobs/{blob}"), &[], &what)
+            .await?;
+        if !resp.status().is_success() {
+            return Err(session.refusal(&what, resp).await);
+        }
+        if let Some(len) = resp.content_length()
+            && len > size
+        {
+            return Err(remote_err(
+                source,
+                format!("blob {blob} is {len} bytes, not the {size} its manifest says; refused"),
+            ));
+        }
         let mut w = store.blob_writer()?;
         let mut got: u64 = 0;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                remote_err(
-                    source,
-                    format!(
-                        "fetching blob {blob}: {e} after {got} of {size} bytes; nothing was stored"
-                    ),
-                )
-            })?;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(remote_err(
+                        source,
+                        format!(
+                            "{what}: {} after {got} of {size} bytes; nothing was stored",
+                            chain(&e)
+                        ),
+                    ));
+                }
+            };
             got += chunk.len() as u64;
             if got > size {
                 return Err(remote_err(

@@ -20,6 +20,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use juice_image::digest::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::name::{self, ImageName};
 use crate::{RegistryError, io_err};
 
 /// The `type` cosign gives its payloads.
@@ -46,8 +47,42 @@ impl StoredSignature {
             .map_err(|e| RegistryError::Invalid(format!("a stored signature's payload: {e}")))
     }
 
-    /// Checks that this signs `digest` and verifies under `key`.
+    /// The repository this signature is for: its payload's `docker-reference`, normalised
+    /// (not verified: only [`StoredSignature::check_for`] says whether it counts).
+    pub fn identity(&self) -> Result<ImageName, String> {
+        let payload = B64
+            .decode(&self.payload)
+            .map_err(|e| format!("the payload is not base64: {e}"))?;
+        let p: Payload = serde_json::from_slice(&payload)
+            .map_err(|e| format!("the payload is not valid: {e}"))?;
+        name::normalise(&p.critical.identity.docker_reference).map_err(|e| e.to_string())
+    }
+
+    /// Checks that this verifies under `key`, signs `digest`, and was made for `identity`: its
+    /// `docker-reference`, normalised, is that repository (a tag or digest in it is ignored;
+    /// the digest that counts is the payload's). A signature for one repository says nothing
+    /// about the same bytes under another name.
+    pub fn check_for(
+        &self,
+        digest: &Digest,
+        identity: &ImageName,
+        key: &VerifyingKey,
+    ) -> Result<(), String> {
+        let p = self.verified_payload(digest, key)?;
+        let theirs = name::normalise(&p.critical.identity.docker_reference)
+            .map_err(|e| format!("its docker-reference is not a name: {e}"))?;
+        if &theirs != identity {
+            return Err(format!("it is for {theirs}, not {identity}"));
+        }
+        Ok(())
+    }
+
+    /// Checks that this verifies under `key` and signs `digest`, whatever name it is for.
     pub fn check(&self, digest: &Digest, key: &VerifyingKey) -> Result<(), String> {
+        self.verified_payload(digest, key).map(|_| ())
+    }
+
+    fn verified_payload(&self, digest: &Digest, key: &VerifyingKey) -> Result<Payload, String> {
         let payload = B64
             .decode(&self.payload)
             .map_err(|e| format!("the payload is not base64: {e}"))?;
@@ -69,7 +104,7 @@ impl StoredSignature {
                 p.critical.image.docker_manifest_digest
             ));
         }
-        Ok(())
+        Ok(p)
     }
 }
 
@@ -171,21 +206,19 @@ pub fn load_public(path: &Path) -> Result<VerifyingKey, RegistryError> {
     })
 }
 
-/// Signs the image `digest`, known as `name`, and keeps the signature locally.
+/// Signs the image `digest` for the repository `name` (a tag or digest in it is dropped) and
+/// keeps the signature locally. The signature counts only where the image is known by that
+/// repository: sign for the name hosts will pull it as (`registry/repo`).
 pub fn sign(
     home: &Path,
     digest: &Digest,
     name: &str,
     key: &Path,
 ) -> Result<StoredSignature, RegistryError> {
+    // The identity is the repository, normalised, without tag or digest, as cosign writes it.
+    let identity = name::normalise(name)?;
     let key = load_private(key)?;
-    // The identity is the repository, without tag or digest, as cosign writes it.
-    let repository = name.rsplit_once('@').map(|(r, _)| r).unwrap_or(name);
-    let repository = match repository.rsplit_once(':') {
-        Some((r, tag)) if !tag.contains('/') => r,
-        _ => repository,
-    };
-    let payload = payload(repository, digest);
+    let payload = payload(&identity.to_string(), digest);
     let sig = key.sign(&payload);
     let stored = StoredSignature::new(&payload, &B64.encode(sig.to_bytes()));
     add_local(home, digest, &stored)?;
@@ -264,6 +297,20 @@ mod tests {
         let s = sign(dir.path(), &d, "127.0.0.1:5000/apps/hello:1", &private).unwrap();
         let key = load_public(&public).unwrap();
         s.check(&d, &key).unwrap();
+        // It counts for its own repository, however spelled, and for no other.
+        let for_name = |n: &str| s.check_for(&d, &name::normalise(n).unwrap(), &key);
+        for_name("127.0.0.1:5000/apps/hello@sha256:0000000000000000000000000000000000000000000000000000000000000000").unwrap();
+        for (other, theirs) in [
+            ("127.0.0.1:5000/apps/other:1", "127.0.0.1:5000/apps/other"),
+            ("127.0.0.1:5001/apps/hello:1", "127.0.0.1:5001/apps/hello"),
+            ("hello:1", "hello"),
+        ] {
+            let e = for_name(other).unwrap_err();
+            assert!(
+                e.contains("it is for 127.0.0.1:5000/apps/hello") && e.contains(theirs),
+                "{e}"
+            );
+        }
         let payload: serde_json::Value =
             serde_json::from_slice(&s.payload_bytes().unwrap()).unwrap();
         assert_eq!(
