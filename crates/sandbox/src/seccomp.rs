@@ -461,7 +461,10 @@ mod tests {
                 bytes.extend_from_slice(&a.to_ne_bytes());
             }
             let o = offset as usize;
-            assert!(o.is_multiple_of(4) && o + 4 <= bytes.len(), "load at {offset}");
+            assert!(
+                o.is_multiple_of(4) && o + 4 <= bytes.len(),
+                "load at {offset}"
+            );
             u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]])
         }
     }
