@@ -2,7 +2,7 @@
 //! make is listed in [`ALLOWED`]; a known syscall it must not make is listed
 //! in [`REFUSED`]; anything else (obsolete calls, calls newer than this list)
 //! gets `ENOSYS`, as if the kernel did not have it, so libc falls back to an
-//! older call where it has one (clone3 to clone, fchmodat2 to fchmodat...).
+//! older call where it has one (glibc's clone3 to clone).
 //!
 //! | group | syscalls | result |
 //! |---|---|---|
