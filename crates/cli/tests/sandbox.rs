@@ -114,6 +114,133 @@ fn escape_attempts_from_inside_fail() {
     );
 }
 
+/// The seccomp filters, for real. Each probe runs twice: under `juice run`
+/// with the default filters, and as a control through the runtime library
+/// with `seccomp = false` (same namespaces, no capabilities, no_new_privs),
+/// where the kernel alone answers. A refusal that the control does not get
+/// is the filter's doing, not the kernel's configuration.
+///
+/// On this host (6.18, `# CONFIG_X86_X32_ABI is not set`) the kernel itself
+/// answers any x32 number with ENOSYS, so an x32 probe only proves the filter
+/// because the filter kills (SIGSYS) where the kernel would say ENOSYS; on a
+/// kernel with x32 the control's x32 `unshare` would succeed. `AF_ALG` is
+/// compiled out here (no CONFIG_CRYPTO_USER_API), so its refusal matches the
+/// kernel's; `AF_VSOCK` and io_uring are built in and enabled.
+#[test]
+fn seccomp_refuses_what_the_kernel_allows() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "sc", "pids = 16");
+    let eperm = "Operation not permitted (os error 1)";
+    let eafnosupport = "Address family not supported by protocol (os error 97)";
+    let sigsys = "killed by signal 31 (SIGSYS)";
+    // (probe arguments, the answer under the filters, whether the kernel alone allows it everywhere)
+    let cases: &[(&[&str], String, bool)] = &[
+        (
+            &["io_uring"],
+            format!("denied io_uring_setup: {eperm}"),
+            false,
+        ),
+        (
+            &["pidfd_getfd"],
+            format!("denied pidfd_getfd: {eperm}"),
+            true,
+        ),
+        // READ_IMPLIES_EXEC, PER_BSD
+        (
+            &["personality", "0x0400000"],
+            format!("denied personality 0x0400000: {eperm}"),
+            true,
+        ),
+        (
+            &["personality", "6"],
+            format!("denied personality 6: {eperm}"),
+            true,
+        ),
+        // AF_ALG (SOCK_SEQPACKET), AF_VSOCK (SOCK_STREAM), AF_KEY (SOCK_RAW, PF_KEY_V2),
+        // AF_NETLINK with NETLINK_GENERIC and NETLINK_AUDIT
+        (
+            &["socket", "38", "5", "0"],
+            format!("denied socket 38: {eafnosupport}"),
+            false,
+        ),
+        (
+            &["socket", "40", "1", "0"],
+            format!("denied socket 40: {eafnosupport}"),
+            false,
+        ),
+        (
+            &["socket", "15", "3", "2"],
+            format!("denied socket 15: {eafnosupport}"),
+            false,
+        ),
+        (
+            &["socket", "16", "3", "16"],
+            format!("denied socket 16: {eafnosupport}"),
+            true,
+        ),
+        (
+            &["socket", "16", "3", "9"],
+            format!("denied socket 16: {eafnosupport}"),
+            false,
+        ),
+        // x32 getpid (39) and x32 unshare(CLONE_NEWUSER) (272): killed, not ENOSYS.
+        (&["x32", "39"], format!("denied x32 39: {sigsys}"), false),
+        (
+            &["x32", "272", "0x10000000"],
+            format!("denied x32 272: {sigsys}"),
+            false,
+        ),
+        // getpid through int 0x80: another architecture.
+        (&["i386"], format!("denied i386 getpid: {sigsys}"), false),
+        // What appliances need still works.
+        (
+            &["personality", "0xffffffff"],
+            "ok personality 0xffffffff".into(),
+            true,
+        ),
+        (&["personality", "0"], "ok personality 0".into(), true),
+        (&["socket", "1", "1", "0"], "ok socket 1".into(), true),
+        (&["socket", "2", "1", "0"], "ok socket 2".into(), true),
+        (&["socket", "10", "2", "0"], "ok socket 10".into(), true),
+        (&["socket", "16", "3", "0"], "ok socket 16".into(), true),
+    ];
+    let store = Store::open(j.home.path()).unwrap();
+    let root = materialise(&store, "probe:sc").unwrap().path;
+    let rt = runtime(&j);
+    for (i, (args, expected)) in cases.iter().map(|(a, e, _)| (a, e)).enumerate() {
+        assert_eq!(
+            &line(&j, "sc", args),
+            expected,
+            "{args:?} under the filters"
+        );
+        let name = format!("control-{i}");
+        let mut argv = vec!["/usr/bin/probe".to_owned()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let mut s = SandboxSpec::new(&name, &root, argv);
+        s.seccomp = false;
+        let report = rt.spawn(&s).unwrap().wait();
+        assert_eq!(report.code, Some(0), "{args:?}: {report}");
+        let control = std::fs::read_to_string(rt.log_path(&name))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let kernel_allows = cases[i].2;
+        if kernel_allows {
+            assert!(
+                control.starts_with("ok "),
+                "{args:?} without the filters: {control}"
+            );
+        } else {
+            eprintln!("{args:?} without the filters: {control}");
+        }
+        assert!(
+            !control.contains("SIGSYS"),
+            "only the filters kill: {control}"
+        );
+    }
+}
+
 #[test]
 fn limits_hold_and_are_reported() {
     let _s = serial();

@@ -4,8 +4,8 @@
 //! `juice-init` (PID 1 inside). The caller keeps a pidfd and state on disk,
 //! never a per-instance shim. Isolation: new mount, pid, uts, ipc, net and
 //! cgroup namespaces (optionally user), a read-only root, no_new_privs, a
-//! capability allow-list and a seccomp filter; limits through cgroup v1 or
-//! v2; networking through a bridge, veths and nftables.
+//! capability allow-list and seccomp filters (a syscall allow-list); limits
+//! through cgroup v1 or v2; networking through a bridge, veths and nftables.
 //!
 //! This part is written for Juice rather than taken from runc/crun because
 //! the point is start latency and one supervisor per host; the commodity

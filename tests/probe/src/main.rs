@@ -19,6 +19,54 @@ fn outcome(what: &str, ret: i64) {
     }
 }
 
+/// Runs `call` in a child process, since a seccomp kill takes the whole
+/// process: `ok`, `denied` with the errno, or `denied` with the killing signal.
+fn in_child(what: &str, call: impl FnOnce() -> i64) {
+    // SAFETY: the probe is single-threaded; the child only makes the call and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        println!("failed fork: {}", errno());
+        return;
+    }
+    if pid == 0 {
+        let r = call();
+        let code = if r < 0 {
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(255)
+        } else {
+            0
+        };
+        // SAFETY: leave the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: reap our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let name = if sig == libc::SIGSYS { " (SIGSYS)" } else { "" };
+        println!("denied {what}: killed by signal {sig}{name}");
+    } else if libc::WEXITSTATUS(status) == 0 {
+        println!("ok {what}");
+    } else {
+        let e = std::io::Error::from_raw_os_error(libc::WEXITSTATUS(status));
+        println!("denied {what}: {e}");
+    }
+}
+
+/// A number argument, decimal or 0x-hex; a bad one ends the probe with status 2.
+fn number(s: &str) -> i64 {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.unwrap_or_else(|_| {
+        eprintln!("not a number: {s:?}");
+        std::process::exit(2)
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -207,6 +255,71 @@ fn main() {
                 let _ = writeln!(out, "line {i:08} {}", "x".repeat(80));
             }
             let _ = writeln!(out, "ok spam {n}");
+        }
+        "io_uring" => {
+            // struct io_uring_params is 120 bytes; zeroed asks for the defaults.
+            let mut params = [0u8; 120];
+            // SAFETY: io_uring_setup writes at most 120 bytes into params.
+            let r = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
+            outcome("io_uring_setup", r);
+        }
+        "pidfd_getfd" => {
+            // Our own stdout through a pidfd of ourselves: the kernel allows it, only a filter refuses.
+            // SAFETY: pidfd_open and pidfd_getfd take integers only.
+            let r = unsafe {
+                let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
+                if pidfd < 0 {
+                    pidfd
+                } else {
+                    libc::syscall(libc::SYS_pidfd_getfd, pidfd, 1, 0)
+                }
+            };
+            outcome("pidfd_getfd", r);
+        }
+        "personality" => {
+            let persona = number(&arg(1)) as libc::c_ulong;
+            // SAFETY: personality takes an integer; the probe exits right after.
+            let r = unsafe { libc::personality(persona) };
+            outcome(&format!("personality {}", arg(1)), r as i64);
+        }
+        "socket" => {
+            let (family, ty, protocol) = (number(&arg(1)), number(&arg(2)), number(&arg(3)));
+            // SAFETY: socket takes integers; the fd is left to the exit.
+            let r = unsafe { libc::socket(family as i32, ty as i32, protocol as i32) };
+            outcome(&format!("socket {family}"), r as i64);
+        }
+        "x32" => {
+            // The x32 ABI: the x86_64 number with bit 30 (__X32_SYSCALL_BIT) set.
+            let nr = number(&arg(1));
+            let a = number(if arg(2).is_empty() { "0" } else { &args[2] });
+            // SAFETY: the numbers tried (getpid, unshare) take integers only.
+            in_child(&format!("x32 {nr}"), || unsafe {
+                libc::syscall(0x4000_0000 | nr, a)
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        "i386" => {
+            // getpid (20 in the i386 table) through int 0x80, the 32-bit entry.
+            in_child("i386 getpid", || {
+                let r: i32;
+                // SAFETY: int 0x80 with eax = 20 is i386 getpid, which reads nothing from
+                // memory; the kernel returns in eax, and r8-r11 are declared clobbered.
+                unsafe {
+                    std::arch::asm!(
+                        "int 0x80",
+                        inlateout("eax") 20i32 => r,
+                        out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+                        options(nostack)
+                    );
+                }
+                if r < 0 {
+                    // SAFETY: errno is thread-local; set it so in_child reports the raw error.
+                    unsafe { *libc::__errno_location() = -r };
+                    -1
+                } else {
+                    i64::from(r)
+                }
+            });
         }
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(1).parse().unwrap_or(3600.0))),
         "true" => {}
