@@ -192,9 +192,12 @@ impl Agent {
 
     /// A callback that wakes the reconciler, for health probers.
     fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
-        // SAFETY: dup of our eventfd; the copy is owned by the closure.
-        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(libc::dup(self.wake.as_raw_fd())) });
-        Arc::new(move || wake(fd.as_raw_fd()))
+        // A copy of the eventfd owned by the closure; if none can be made (no
+        // descriptors left), the prober's wake is lost and the next tick catches up.
+        match self.wake.try_clone() {
+            Ok(fd) => Arc::new(move || wake(fd.as_raw_fd())),
+            Err(_) => Arc::new(|| {}),
+        }
     }
 
     fn event(&self, group: Option<&str>, instance: Option<&str>, message: &str) {

@@ -159,3 +159,54 @@ fn an_image_without_resources_is_held_by_the_host_defaults() {
         .unwrap_or(u32::MAX);
     assert!(n < 20, "held by the host ceiling: {fork}");
 }
+
+/// A uid-0 appliance in a microVM is root of its guest kernel: it had the whole
+/// devtmpfs and a writable /proc/sys (it set kernel.core_pattern). It gets the
+/// sandbox's view now. Boots under QEMU for real (TCG here).
+#[test]
+fn a_microvm_appliance_gets_the_sandbox_view_of_its_kernel() {
+    let _s = serial();
+    for tool in ["qemu-system-x86_64", "mkfs.erofs"] {
+        common::require(tool);
+    }
+    let j = Juice::new();
+    probe_image(&j, "guest", "", "");
+    let guest = |args: &[&str]| -> String {
+        let out = j
+            .cmd()
+            .args([
+                "run",
+                "-q",
+                "probe:guest",
+                "--isolation",
+                "microvm",
+                "--network",
+                "none",
+                "--",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "probe {args:?} in a microVM: {}",
+            common::text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let core = guest(&["write", "/proc/sys/kernel/core_pattern"]);
+    assert!(core.starts_with("denied"), "{core}");
+    let dev = guest(&["ls", "/dev"]);
+    let names: Vec<&str> = dev.split(": ").nth(1).unwrap_or("").split(' ').collect();
+    for name in &names {
+        assert!(
+            [
+                "full", "null", "random", "tty", "urandom", "zero", "pts", "shm", "ptmx", "fd",
+                "stdin", "stdout", "stderr"
+            ]
+            .contains(name),
+            "the guest's /dev has {name}: {dev}"
+        );
+    }
+    assert!(names.contains(&"null"), "{dev}");
+}

@@ -508,6 +508,65 @@ fn traffic_between_instances_is_denied_unless_declared() {
         "the host is not reachable from inside: {to_host}"
     );
 
+    // An appliance that takes a web member's address and MAC (as one with
+    // CAP_NET_ADMIN could; the host does it here with nsenter) still cannot
+    // reach the group: its port is pinned to its own address and MAC.
+    let sleeper = |name: &str, group: &str| {
+        rt.spawn(&spec(
+            &probe_root,
+            name,
+            group,
+            &[],
+            &["/usr/bin/probe", "sleep", "60"],
+        ))
+        .unwrap()
+    };
+    let mut victim = sleeper("victim", "web");
+    let mut attacker = sleeper("attacker", "other");
+    let victim_ip = victim.state().network.as_ref().unwrap().address;
+    let o = victim_ip.octets();
+    let victim_mac = format!("02:4a:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    let pid = attacker.state().pid.to_string();
+    let inside = |args: &[&str]| {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-n", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for step in [
+        vec!["ip", "link", "set", "eth0", "down"],
+        vec!["ip", "link", "set", "eth0", "address", &victim_mac],
+        vec!["ip", "link", "set", "eth0", "up"],
+        vec![
+            "ip",
+            "addr",
+            "add",
+            &format!("{victim_ip}/32"),
+            "dev",
+            "eth0",
+        ],
+    ] {
+        let out = inside(&step);
+        assert!(out.status.success(), "{step:?}: {}", common::text(&out));
+    }
+    let spoofed = inside(&[
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "--interface",
+        &victim_ip.to_string(),
+        &format!("http://{ip}:8080/healthz"),
+    ]);
+    assert!(
+        !spoofed.status.success(),
+        "a spoofed address and MAC reached another group: {}",
+        common::text(&spoofed)
+    );
+    victim.stop(Duration::from_secs(5));
+    attacker.stop(Duration::from_secs(5));
+
     server.stop(Duration::from_secs(5));
 }
 

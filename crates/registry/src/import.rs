@@ -159,6 +159,21 @@ pub fn import(
     Ok((report, outcome))
 }
 
+/// Reads and flattens an image archive as `juice import` does, building
+/// nothing: what a fuzzer or a check needs. Everything it writes is under
+/// `scratch` (`archive/` and `files/`, numbered files only). Returns the
+/// number of layers.
+pub fn read_outer_archive(file: &Path, scratch: &Path) -> Result<usize, RegistryError> {
+    let source = file.to_string_lossy();
+    if !file.is_file() {
+        return Err(import_err(&source, "not a file"));
+    }
+    let loaded = load(&source, scratch, &RemoteOptions::default())?;
+    let layers = loaded.layers.len();
+    flatten(&source, loaded.layers, &scratch.join("files"))?;
+    Ok(layers)
+}
+
 /// Reads the image at `source`; an archive's files go into `scratch`.
 fn load(source: &str, scratch: &Path, remote: &RemoteOptions) -> Result<Loaded, RegistryError> {
     let path = Path::new(source);

@@ -76,6 +76,10 @@ pub struct Member {
     pub address: Ipv4Addr,
     pub group: String,
     pub links: Vec<String>,
+    /// The host side of its link (veth or tap), which nftables pins to its
+    /// address; empty for members recorded before ports were pinned.
+    #[serde(default)]
+    pub port: String,
 }
 
 fn dir(home: &Path) -> PathBuf {
@@ -137,11 +141,18 @@ fn save(home: &Path, all: &BTreeMap<String, Member>) -> Result<(), NetworkError>
 }
 
 /// The lowest free address (or the one `instance` already holds).
-pub fn allocate(home: &Path, instance: &str, spec: &NetworkSpec) -> Result<Ipv4Addr, NetworkError> {
+/// Reserves an address for `instance`, whose link will be `port`; an instance
+/// that has one already keeps its address and port.
+pub fn allocate(
+    home: &Path,
+    instance: &str,
+    spec: &NetworkSpec,
+    port: &str,
+) -> Result<Member, NetworkError> {
     let _lock = lock(home)?;
     let mut all = load(home);
     if let Some(m) = all.get(instance) {
-        return Ok(m.address);
+        return Ok(m.clone());
     }
     let used: std::collections::BTreeSet<Ipv4Addr> = all.values().map(|m| m.address).collect();
     let address = spec
@@ -149,17 +160,16 @@ pub fn allocate(home: &Path, instance: &str, spec: &NetworkSpec) -> Result<Ipv4A
         .hosts()
         .find(|a| !used.contains(a))
         .ok_or_else(|| NetworkError::Exhausted(spec.subnet.to_string()))?;
-    all.insert(
-        instance.to_owned(),
-        Member {
-            instance: instance.to_owned(),
-            address,
-            group: spec.group.clone(),
-            links: spec.links.clone(),
-        },
-    );
+    let member = Member {
+        instance: instance.to_owned(),
+        address,
+        group: spec.group.clone(),
+        links: spec.links.clone(),
+        port: port.to_owned(),
+    };
+    all.insert(instance.to_owned(), member.clone());
     save(home, &all)?;
-    Ok(address)
+    Ok(member)
 }
 
 /// Frees `instance`'s address; returns who is left.
@@ -185,22 +195,27 @@ mod tests {
     fn allocations_persist_and_never_collide() {
         let t = tempfile::tempdir().unwrap();
         let spec = NetworkSpec::new("web");
-        let a = allocate(t.path(), "a", &spec).unwrap();
-        let b = allocate(t.path(), "b", &spec).unwrap();
+        let a = allocate(t.path(), "a", &spec, "jv-a").unwrap().address;
+        let b = allocate(t.path(), "b", &spec, "jv-b").unwrap().address;
         assert_eq!(a, Ipv4Addr::new(10, 88, 0, 2));
         assert_eq!(b, Ipv4Addr::new(10, 88, 0, 3));
         assert_eq!(
-            allocate(t.path(), "a", &spec).unwrap(),
+            allocate(t.path(), "a", &spec, "jv-a").unwrap().address,
             a,
             "an instance keeps its address"
         );
         release(t.path(), "a").unwrap();
         assert_eq!(
-            allocate(t.path(), "c", &spec).unwrap(),
+            allocate(t.path(), "c", &spec, "jv-c").unwrap().address,
             a,
             "freed addresses are reused"
         );
         assert_eq!(members(t.path()).unwrap().len(), 2);
+        // A second allocation keeps the first port: its link is already named.
+        assert_eq!(
+            allocate(t.path(), "b", &spec, "jv-new").unwrap().port,
+            "jv-b"
+        );
     }
 
     #[test]
@@ -209,11 +224,11 @@ mod tests {
         let mut spec = NetworkSpec::new("g");
         spec.subnet = "192.168.7.0/30".parse().unwrap();
         assert_eq!(
-            allocate(t.path(), "a", &spec).unwrap(),
+            allocate(t.path(), "a", &spec, "jv-a").unwrap().address,
             Ipv4Addr::new(192, 168, 7, 2)
         );
         assert!(matches!(
-            allocate(t.path(), "b", &spec),
+            allocate(t.path(), "b", &spec, "jv-b"),
             Err(NetworkError::Exhausted(_))
         ));
     }

@@ -128,21 +128,26 @@ pub fn allocate(
     instance: &str,
     spec: &NetworkSpec,
 ) -> Result<Attachment, NetworkError> {
-    let address = ipam::allocate(home, instance, spec)?;
+    // Unique per start: the veth of an earlier instance of this name may still be
+    // going away with its namespace.
+    let veth = links::veth_name(&format!(
+        "{instance}/{}/{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let member = ipam::allocate(home, instance, spec, &veth)?;
     Ok(Attachment {
         instance: instance.to_owned(),
         bridge: spec.bridge.clone(),
         subnet: spec.subnet,
-        address,
-        // Unique per start: the veth of an earlier instance of this name may still be
-        // going away with its namespace.
-        veth: links::veth_name(&format!(
-            "{instance}/{}/{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        )),
+        address: member.address,
+        veth: if member.port.is_empty() {
+            veth
+        } else {
+            member.port
+        },
         group: spec.group.clone(),
         links: spec.links.clone(),
         ports: spec.ports.clone(),

@@ -15,7 +15,8 @@
 //! - `table inet juice`: instances cannot open connections to the host, and
 //!   nothing from the bridge is routed elsewhere (a host with `ip_forward=1`
 //!   is no gateway for them); replies to connections the host opened (health
-//!   probes, published ports) pass.
+//!   probes, published ports) pass. Frames bridged between two ports (seen by
+//!   this hook where br_netfilter is loaded) are the bridge table's to judge.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -37,11 +38,16 @@ pub fn base_ruleset(bridge: &str) -> String {
     set ports {{
         type ifname . ether_addr . ipv4_addr;
     }}
+    set unpinned {{
+        type ether_addr . ipv4_addr;
+    }}
     chain pin {{
         type filter hook prerouting priority -200; policy accept;
         iifname != "jv*" accept
         ether type arp iifname . ether saddr . arp saddr ip @ports accept
         ether type ip iifname . ether saddr . ip saddr @ports accept
+        ether type arp ether saddr . arp saddr ip @unpinned accept
+        ether type ip ether saddr . ip saddr @unpinned accept
         drop
     }}
     chain allow {{
@@ -61,6 +67,7 @@ table inet juice {{
     }}
     chain forward {{
         type filter hook forward priority 0; policy accept;
+        iifname "{bridge}" oifname "{bridge}" accept
         iifname "{bridge}" ct state established,related accept
         iifname "{bridge}" drop
     }}
@@ -79,25 +86,38 @@ pub fn update(members: &[Member], previous: &BTreeSet<String>) -> (String, BTree
             .or_default()
             .push(m.address.to_string());
     }
-    let mut script = String::from("flush chain bridge juice allow\nflush set bridge juice ports\n");
-    if !members.is_empty() {
-        let pins: Vec<String> = members
+    let mut script = String::from(
+        "flush chain bridge juice allow\nflush set bridge juice ports\nflush set bridge juice unpinned\n",
+    );
+    let mac = |m: &Member| {
+        super::links::mac_for(m.address)
             .iter()
-            .map(|m| {
-                let mac: Vec<String> = super::links::mac_for(m.address)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                format!(
-                    "\"{}\" . {} . {}",
-                    super::links::veth_name(&m.instance),
-                    mac.join(":"),
-                    m.address
-                )
-            })
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    // Each port carries only its own MAC and address. An instance recorded before
+    // ports were pinned (still running across an upgrade) is held to its MAC and
+    // address on any instance port until it is replaced.
+    let (pinned, legacy): (Vec<&Member>, Vec<&Member>) =
+        members.iter().partition(|m| !m.port.is_empty());
+    if !pinned.is_empty() {
+        let pins: Vec<String> = pinned
+            .iter()
+            .map(|m| format!("\"{}\" . {} . {}", m.port, mac(m), m.address))
             .collect();
         script.push_str(&format!(
             "add element bridge juice ports {{ {} }}\n",
+            pins.join(", ")
+        ));
+    }
+    if !legacy.is_empty() {
+        let pins: Vec<String> = legacy
+            .iter()
+            .map(|m| format!("{} . {}", mac(m), m.address))
+            .collect();
+        script.push_str(&format!(
+            "add element bridge juice unpinned {{ {} }}\n",
             pins.join(", ")
         ));
     }
@@ -215,6 +235,7 @@ mod tests {
             address: Ipv4Addr::new(10, 88, 0, last),
             group: group.into(),
             links: links.iter().map(|s| s.to_string()).collect(),
+            port: format!("jv-{name}"),
         }
     }
 
@@ -229,15 +250,22 @@ mod tests {
         let (script, made) = update(&members, &["g_old".to_owned()].into());
         assert!(
             script.starts_with(
-                "flush chain bridge juice allow\nflush set bridge juice ports\nadd element bridge juice ports {"
+                "flush chain bridge juice allow\nflush set bridge juice ports\nflush set bridge juice unpinned\nadd element bridge juice ports {"
             ) && script.contains("delete set bridge juice g_old\n"),
             "{script}"
         );
         // Each port is pinned to its own MAC and address.
-        let port = crate::network::links::veth_name("w1");
         assert!(
-            script.contains(&format!("\"{port}\" . 02:4a:0a:58:00:02 . 10.88.0.2")),
+            script.contains("\"jv-w1\" . 02:4a:0a:58:00:02 . 10.88.0.2"),
             "{script}"
+        );
+        // An instance recorded before ports were pinned is held to its MAC and address.
+        let mut old = m("old", 9, "web", &[]);
+        old.port.clear();
+        let (legacy, _) = update(&[old], &BTreeSet::new());
+        assert!(
+            legacy.contains("add element bridge juice unpinned { 02:4a:0a:58:00:09 . 10.88.0.9 }"),
+            "{legacy}"
         );
         assert!(script.contains("add set bridge juice g_web { type ipv4_addr; elements = { 10.88.0.2, 10.88.0.3 }; }"), "{script}");
         assert!(
