@@ -466,14 +466,26 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         d = daemon(&j);
     }
     // Left alone, the host converges: exactly two healthy instances of the last revision, no more.
-    wait_for("convergence", Duration::from_secs(60), || {
+    let last = std::cell::RefCell::new(String::new());
+    let converged = (0..600).any(|_| {
         let g = group(&j, "web");
         let i = instances(&j);
-        g["status"] == "ok"
+        *last.borrow_mut() = format!("group {g}\ninstances {i:?}");
+        let done = g["status"] == "ok"
             && i.len() == 2
             && i.iter()
-                .all(|x| x["health"] == "healthy" && x["revision"] == g["revision"])
+                .all(|x| x["health"] == "healthy" && x["revision"] == g["revision"]);
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
     });
+    assert!(
+        converged,
+        "no convergence within 60 s; last seen:\n{}\nevents:\n{}",
+        last.borrow(),
+        String::from_utf8_lossy(&j.cmd().args(["events"]).output().unwrap().stdout)
+    );
     let on_disk = std::fs::read_dir(j.home.path().join("instances"))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
