@@ -86,6 +86,8 @@ pub struct Agent {
 struct World {
     live: BTreeMap<String, Live>,
     publishers: BTreeMap<String, (Vec<PortMapping>, Publisher)>,
+    /// Instances in the database whose backend cannot be made now (reported once each).
+    unadoptable: std::collections::BTreeSet<String>,
 }
 
 /// The view `juice get instances` shows.
@@ -130,6 +132,15 @@ impl Agent {
         let store = Store::open(home).map_err(|e| AgentError::Setup(e.to_string()))?;
         let sandbox: Box<dyn Backend> =
             Box::new(Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?);
+        Agent::with_sandbox(home, store, sandbox)
+    }
+
+    /// An agent whose sandbox backend is `sandbox` (tests use fakes).
+    fn with_sandbox(
+        home: &Path,
+        store: Store,
+        sandbox: Box<dyn Backend>,
+    ) -> Result<Arc<Agent>, AgentError> {
         let state = State::open(&home.join("agent.redb"))?;
         // SAFETY: eventfd returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -247,6 +258,17 @@ impl Agent {
         for (name, spec) in &site.group {
             let digest = self.resolve_image(name.as_str(), &spec.image)?;
             if spec.isolation == Isolation::Microvm {
+                // What the microVM backend needs, in one sentence naming the packages,
+                // before the runtime is made (which may boot a probe guest).
+                crate::doctor::require(crate::doctor::microvm(&crate::doctor::Host::current(
+                    &self.home,
+                )))
+                .map_err(|e| {
+                    group_err(
+                        name.as_str(),
+                        format!("isolation \"microvm\" cannot run on this host: {e}"),
+                    )
+                })?;
                 self.backend(Isolation::Microvm)
                     .map_err(|e| group_err(name.as_str(), e))?;
                 let volumes = self
@@ -336,6 +358,7 @@ impl Agent {
                 restarts: 0,
                 failures: 0,
                 backoff_until_ms: 0,
+                start_failures: 0,
             };
             let c = change(
                 "create",
@@ -548,7 +571,24 @@ impl Agent {
             if w.live.contains_key(&rec.name) {
                 continue;
             }
-            match self.backend(rec.isolation)?.adopt(&rec.name) {
+            let backend = match self.backend(rec.isolation) {
+                Ok(b) => b,
+                Err(e) => {
+                    // QEMU or the guest kernel went away while the daemon was down: the
+                    // record stays (its VM may still run) and adoption is tried again
+                    // each pass; the other groups go on.
+                    if w.unadoptable.insert(rec.name.clone()) {
+                        self.event(
+                            Some(rec.group.as_str()),
+                            Some(&rec.name),
+                            &format!("cannot adopt {} yet: {e}", rec.name),
+                        );
+                    }
+                    continue;
+                }
+            };
+            w.unadoptable.remove(&rec.name);
+            match backend.adopt(&rec.name) {
                 Ok(instance) if instance.is_running() => {
                     let live = self.live_for(instance, &rec, &groups);
                     self.event(
@@ -645,6 +685,10 @@ impl Agent {
         let rev = g
             .revision(revision)
             .ok_or_else(|| group_err(name, format!("revision {revision} is missing")))?;
+        // First, so that a backend that cannot be made leaves no instance record behind.
+        let backend = self
+            .backend(rev.template.isolation)
+            .map_err(|e| group_err(name, e))?;
         let rootfs =
             materialise(&self.store, &rev.template.digest).map_err(|e| group_err(name, e))?;
         let appliance = rootfs
@@ -684,7 +728,7 @@ impl Agent {
         // Recorded before it starts: a daemon killed in between finds the record and sweeps it.
         self.state.put_instance(&record)?;
         let started = Instant::now();
-        let spawned = self.backend(rev.template.isolation)?.spawn(&spec);
+        let spawned = backend.spawn(&spec);
         self.metrics
             .start_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -910,7 +954,38 @@ impl Agent {
             to_start = 0;
         }
         while to_start > 0 && running < budget.max(size) {
-            self.start_instance(w, g, g.current)?;
+            match self.start_instance(w, g, g.current) {
+                Ok(()) => g.start_failures = 0,
+                Err(e @ AgentError::State(_)) => return Err(e),
+                Err(e) => {
+                    // A start that fails (a backend that is missing, an image that cannot
+                    // be unpacked) backs off like a crash, and the other groups go on.
+                    let reason = match e {
+                        AgentError::Group { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    g.start_failures += 1;
+                    let backoff = backoff_ms(g.start_failures + 1);
+                    g.backoff_until_ms = g.backoff_until_ms.max(now + backoff);
+                    self.event(
+                        Some(&name),
+                        None,
+                        &format!(
+                            "{reason} (failed start {} in a row; next try in {})",
+                            g.start_failures,
+                            humantime::format_duration(Duration::from_millis(backoff))
+                        ),
+                    );
+                    if let Rollout::Progressing {
+                        to, from: Some(_), ..
+                    } = g.rollout
+                        && to == g.current
+                    {
+                        self.fail_rollout(w, g, &reason)?;
+                    }
+                    break;
+                }
+            }
             to_start -= 1;
             running += 1;
         }
@@ -965,6 +1040,7 @@ impl Agent {
                     reason: reason.to_owned(),
                 };
                 g.failures = 0;
+                g.start_failures = 0;
                 g.backoff_until_ms = 0;
                 // The failed revision's instances go now; the old ones never stopped serving.
                 let failed: Vec<String> = w
@@ -1070,6 +1146,9 @@ impl Agent {
                 .collect();
             let status = match &g.rollout {
                 Rollout::Paused { .. } => "paused".to_owned(),
+                _ if g.start_failures > 0 => {
+                    format!("cannot-start ({} tries; see events)", g.start_failures)
+                }
                 _ if g.failures >= 3 => format!("crash-loop ({} failures)", g.failures),
                 Rollout::Progressing { .. } => "rolling-out".to_owned(),
                 Rollout::RolledBack { failed, .. } => {
@@ -1242,6 +1321,89 @@ pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend that cannot start anything, as on a host without nft.
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Backend for Failing {
+        fn spawn(&self, _: &SandboxSpec) -> Result<Box<dyn Handle>, String> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err("nftables: cannot run nft: No such file or directory".into())
+        }
+        fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String> {
+            Err(format!("no instance {name:?}"))
+        }
+        fn log_path(&self, name: &str) -> PathBuf {
+            PathBuf::from("/nonexistent").join(name)
+        }
+    }
+
+    #[test]
+    fn a_start_that_fails_backs_off_and_the_other_groups_go_on() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let app = home.path().join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(app.join("hello"), "#!/bin/sh\n").unwrap();
+        std::fs::write(
+            app.join("juice.toml"),
+            "[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\nfiles = [{ from = \"hello\", to = \"/usr/bin/hello\" }]\n\n[run]\ncommand = [\"/usr/bin/hello\"]\n",
+        )
+        .unwrap();
+        build(&store, &app, &BuildOptions::default()).unwrap();
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let agent =
+            Agent::with_sandbox(home.path(), store, Box::new(Failing(tries.clone()))).unwrap();
+        let site = home.path().join("site.toml");
+        std::fs::write(
+            &site,
+            "[group.a]\nimage = \"t:1\"\n\n[group.b]\nimage = \"t:1\"\nsize = 2\n",
+        )
+        .unwrap();
+        agent.apply(&Site::load(&site).unwrap(), true).unwrap();
+        let tried = || tries.load(std::sync::atomic::Ordering::SeqCst);
+
+        // Passes as fast as wake-ups can come: each group tries once, then waits.
+        for _ in 0..20 {
+            agent
+                .reconcile()
+                .expect("a failed start does not fail the pass");
+        }
+        assert_eq!(tried(), 2, "one try per group, not one per pass");
+        let groups = agent.groups().unwrap();
+        assert!(
+            groups
+                .iter()
+                .all(|g| g.status.starts_with("cannot-start (1 ")),
+            "{groups:?}"
+        );
+        let said: Vec<String> = agent
+            .state()
+            .events(0, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .filter(|m| m.contains("cannot run nft"))
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("next try in 250ms"), "{said:?}");
+        // No instance record is left behind by a start that failed.
+        assert!(agent.state().instances().unwrap().is_empty());
+
+        // After the back-off, one more try each, and the next wait doubles.
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..20 {
+            agent.reconcile().unwrap();
+        }
+        assert_eq!(tried(), 4);
+        let last = agent.state().events(0, None, 100).unwrap();
+        assert!(
+            last.iter().any(|e| e
+                .message
+                .contains("failed start 2 in a row; next try in 500ms")),
+            "{last:?}"
+        );
+    }
 
     #[test]
     fn back_off_doubles_after_the_first_failure_and_caps() {

@@ -24,6 +24,7 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod doctor;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -89,6 +89,10 @@ pub struct GroupRecord {
     pub failures: u32,
     #[serde(default)]
     pub backoff_until_ms: u64,
+    /// Consecutive starts that failed before an instance ran (a missing backend,
+    /// an image that cannot be unpacked): they back off too, from 250 ms.
+    #[serde(default)]
+    pub start_failures: u32,
 }
 
 impl GroupRecord {
@@ -107,6 +111,7 @@ impl GroupRecord {
         };
         self.current = to;
         self.failures = 0;
+        self.start_failures = 0;
         self.backoff_until_ms = 0;
     }
 
@@ -303,6 +308,7 @@ mod tests {
             restarts: 0,
             failures: 0,
             backoff_until_ms: 0,
+            start_failures: 0,
         }
     }
 

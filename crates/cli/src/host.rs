@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use juice_agent::agent::{Agent, Change, GroupDescription, GroupView, InstanceView};
 use juice_agent::api::{Client, RollbackRequest};
+use juice_agent::doctor;
 use juice_agent::site::Site;
 use juice_agent::state::Event;
 
@@ -326,11 +327,49 @@ fn start_agent(
     Ok((agent, stop_tx, server))
 }
 
+/// `juice doctor`: every check and its result; exits 1 when the sandbox backend
+/// (and so the daemon) cannot run.
+pub fn doctor(format: Format) -> Result<i32> {
+    let report = doctor::Report::new(&doctor::Host::current(&crate::juice_home()));
+    let code = i32::from(report.sandbox == doctor::Outcome::Missing);
+    if format == Format::Json {
+        output::json(&report)?;
+        return Ok(code);
+    }
+    let mut t = output::table(["CHECK", "FOR", "RESULT", "DETAIL / FIX"]);
+    for c in &report.checks {
+        t.add_row([
+            c.name.to_owned(),
+            c.backend.to_string(),
+            c.result.to_string(),
+            match &c.fix {
+                Some(fix) => format!("{}; fix: {fix}", c.detail),
+                None => c.detail.clone(),
+            },
+        ]);
+    }
+    println!("{t}\n");
+    for (backend, verdict) in [("sandbox", report.sandbox), ("microvm", report.microvm)] {
+        println!(
+            "{backend}: {}",
+            match verdict {
+                doctor::Outcome::Ok => "ready",
+                doctor::Outcome::Warning => "ready, with warnings",
+                doctor::Outcome::Missing => "cannot run until what is missing is installed",
+            }
+        );
+    }
+    Ok(code)
+}
+
 /// `juice daemon`: runs until SIGINT/SIGTERM; instances keep running after it.
 /// With `listen`, the API is also served over TCP to mutual-TLS clients only.
 pub fn daemon(listen: Option<std::net::SocketAddr>, tls: Option<PathBuf>) -> Result {
-    let signals = block_signals()?;
     let home = crate::juice_home();
+    // Before anything is made: a host that lacks a prerequisite gets one sentence, not a
+    // daemon that says it serves and then fails every start.
+    doctor::preflight(&doctor::Host::current(&home), false)?;
+    let signals = block_signals()?;
     let remote = match listen {
         Some(addr) => {
             let dir = tls.unwrap_or_else(|| home.join("tls"));
@@ -382,9 +421,14 @@ pub fn daemon(listen: Option<std::net::SocketAddr>, tls: Option<PathBuf>) -> Res
 /// `juice up`: an embedded daemon in the foreground, the site applied, a live view of
 /// groups, events and logs; Ctrl-C stops everything it started.
 pub fn up(file: &Path) -> Result {
-    let signals = block_signals()?;
     let home = crate::juice_home();
     let site = load_site(file)?;
+    let microvm = site
+        .group
+        .values()
+        .any(|g| g.isolation == juice_agent::site::Isolation::Microvm);
+    doctor::preflight(&doctor::Host::current(&home), microvm)?;
+    let signals = block_signals()?;
     let (agent, stop, server) = start_agent(&home, None)?;
     let changes = agent.apply(&site, true)?;
     print_changes(&changes, Format::Table, true)?;

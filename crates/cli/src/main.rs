@@ -110,6 +110,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         tls: Option<PathBuf>,
     },
+    /// Check the host's prerequisites: what each backend needs, what is missing, which package brings it.
+    Doctor,
     /// Make a CA, and server and client certificates for remote access with mutual TLS.
     Certs {
         dir: PathBuf,
@@ -203,6 +205,7 @@ fn main() -> ExitCode {
         Command::Import(args) => dist::import_cmd(&args, format).map(|()| 0),
         Command::Export { image, file } => dist::export(&image, &file).map(|()| 0),
         Command::Daemon { listen, tls } => host::daemon(listen, tls).map(|()| 0),
+        Command::Doctor => host::doctor(format),
         Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
         Command::Up { file } => host::up(&file).map(|()| 0),
         Command::Plan { file } => host::plan(&file, format).map(|()| 0),

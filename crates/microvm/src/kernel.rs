@@ -29,9 +29,14 @@ impl Kernel {
     /// `JUICE_KERNEL` (and `JUICE_KERNEL_MODULES`) if set, else the newest
     /// `/boot/vmlinuz-*-cloud-amd64` (Debian's `linux-image-cloud-amd64`).
     pub fn find() -> Result<Kernel, VmError> {
+        Kernel::find_in(Path::new("/boot"))
+    }
+
+    /// As [`Kernel::find`], looking in `boot` instead of `/boot`.
+    pub fn find_in(boot: &Path) -> Result<Kernel, VmError> {
         let image = match std::env::var_os("JUICE_KERNEL") {
             Some(p) => PathBuf::from(p),
-            None => newest_cloud_kernel(Path::new("/boot")).ok_or(VmError::NoKernel)?,
+            None => newest_cloud_kernel(boot).ok_or(VmError::NoKernel)?,
         };
         if !image.is_file() {
             return Err(VmError::KernelMissing(image));

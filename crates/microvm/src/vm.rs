@@ -152,6 +152,30 @@ pub fn probe_boot(
     ok
 }
 
+/// Where `juice-guest` is expected: `JUICE_GUEST`, else next to this program.
+pub fn guest_init_path() -> Result<PathBuf, VmError> {
+    match std::env::var_os("JUICE_GUEST") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(std::env::current_exe()
+            .map_err(|source| VmError::Io {
+                action: "find",
+                path: "/proc/self/exe".into(),
+                source,
+            })?
+            .with_file_name("juice-guest")),
+    }
+}
+
+/// QEMU: `JUICE_QEMU`, else `qemu-system-x86_64` in `path` (a `PATH` value).
+pub fn find_qemu(path: Option<&std::ffi::OsStr>) -> Result<PathBuf, VmError> {
+    match std::env::var_os("JUICE_QEMU") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => {
+            juice_sandbox::process::find_program("qemu-system-x86_64", path).ok_or(VmError::NoQemu)
+        }
+    }
+}
+
 /// What is on disk about a running VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
@@ -184,17 +208,7 @@ impl Runtime {
     /// Finds the kernel, `juice-guest` (`JUICE_GUEST` or next to this program)
     /// and QEMU (`JUICE_QEMU` or `qemu-system-x86_64` on the PATH).
     pub fn new(home: &Path) -> Result<Runtime, VmError> {
-        let guest_init = match std::env::var_os("JUICE_GUEST") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe()
-                .map_err(|source| VmError::Io {
-                    action: "find",
-                    path: "/proc/self/exe".into(),
-                    source,
-                })?
-                .with_file_name("juice-guest"),
-        };
-        Runtime::with_guest_init(home, guest_init)
+        Runtime::with_guest_init(home, guest_init_path()?)
     }
 
     /// As [`Runtime::new`], with the guest init at `guest_init`.
@@ -202,10 +216,7 @@ impl Runtime {
         if !guest_init.is_file() {
             return Err(VmError::NoGuestInit(guest_init));
         }
-        let qemu = match std::env::var_os("JUICE_QEMU") {
-            Some(p) => PathBuf::from(p),
-            None => find_in_path("qemu-system-x86_64").ok_or(VmError::NoQemu)?,
-        };
+        let qemu = find_qemu(std::env::var_os("PATH").as_deref())?;
         let kernel = Kernel::find()?;
         let dir = home.join("vms");
         std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
@@ -1041,14 +1052,6 @@ fn check_name(name: &str) -> Result<(), VmError> {
     } else {
         Err(VmError::BadName(name.to_owned()))
     }
-}
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(program))
-            .find(|p| p.is_file())
-    })
 }
 
 fn now_ms() -> u64 {

@@ -202,6 +202,20 @@ impl std::fmt::Display for ExitReport {
     }
 }
 
+/// `juice-init`: `JUICE_INIT`, else next to this program.
+pub fn find_init() -> Result<PathBuf, SandboxError> {
+    let init = match std::env::var_os("JUICE_INIT") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .map_err(io_err("find", Path::new("/proc/self/exe")))?
+            .with_file_name("juice-init"),
+    };
+    if !init.is_file() {
+        return Err(SandboxError::NoInit(init));
+    }
+    Ok(init)
+}
+
 /// The runtime: where state lives, which init to run, which cgroup layout to use.
 pub struct Runtime {
     home: PathBuf,
@@ -212,15 +226,7 @@ pub struct Runtime {
 impl Runtime {
     /// A runtime keeping state under `home` (`$JUICE_HOME`).
     pub fn new(home: &Path) -> Result<Runtime, SandboxError> {
-        let init = match std::env::var_os("JUICE_INIT") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe()
-                .map_err(io_err("find", Path::new("/proc/self/exe")))?
-                .with_file_name("juice-init"),
-        };
-        if !init.is_file() {
-            return Err(SandboxError::NoInit(init));
-        }
+        let init = find_init()?;
         let dir = home.join("instances");
         std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         Ok(Runtime {

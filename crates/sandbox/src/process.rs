@@ -1,11 +1,23 @@
 //! Process handles shared by Juice's runtimes (the sandbox here, the microVM
-//! driver in `juice-microvm`): pidfds that never name a recycled pid, and the
-//! instance-name rule.
+//! driver in `juice-microvm`): pidfds that never name a recycled pid, the
+//! instance-name rule, and finding the host programs they run.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::instance::start_time;
+
+/// The first executable file named `program` in the directories of `path` (a
+/// `PATH` value; `None` finds nothing), as `execvp` would pick it.
+pub fn find_program(program: &str, path: Option<&std::ffi::OsStr>) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
 
 /// Instance names: lowercase letters, digits and '-', starting with a letter or digit, at most 48.
 pub fn valid_name(name: &str) -> bool {

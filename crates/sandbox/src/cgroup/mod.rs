@@ -75,11 +75,17 @@ pub fn detect() -> Result<Box<dyn Hierarchy>, CgroupError> {
         .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
-    let v1 = V1::from_proc(&mountinfo, &own);
+    detect_from(&mountinfo, &own)
+}
+
+/// The hierarchy `mountinfo` and `own` (the texts of `/proc/self/mountinfo` and
+/// `/proc/self/cgroup`) describe: v1 when its controllers are mounted, else v2.
+pub fn detect_from(mountinfo: &str, own: &str) -> Result<Box<dyn Hierarchy>, CgroupError> {
+    let v1 = V1::from_proc(mountinfo, own);
     if v1.has_controllers() {
         return Ok(Box::new(v1));
     }
-    if let Some(v2) = V2::from_proc(&mountinfo, &own) {
+    if let Some(v2) = V2::from_proc(mountinfo, own) {
         return Ok(Box::new(v2));
     }
     Err(CgroupError::Unavailable(
