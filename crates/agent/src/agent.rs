@@ -75,6 +75,9 @@ pub struct Agent {
     /// Made on first use, so a host without QEMU or a guest kernel still runs sandboxes
     /// (and a failure is not remembered: installing QEMU later needs no restart).
     microvm: std::sync::OnceLock<Box<dyn Backend>>,
+    /// Held while the microVM runtime is made: apply makes it without the world
+    /// lock, and its clean-up of stale VMs must not race a second one.
+    microvm_init: Mutex<()>,
     state: State,
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
@@ -157,6 +160,7 @@ impl Agent {
             store,
             sandbox,
             microvm: std::sync::OnceLock::new(),
+            microvm_init: Mutex::new(()),
             state,
             world: Mutex::new(World::default()),
             wake,
@@ -181,6 +185,7 @@ impl Agent {
         match isolation {
             Isolation::Sandbox => Ok(&*self.sandbox),
             Isolation::Microvm => {
+                let _init = self.microvm_init.lock().unwrap_or_else(|e| e.into_inner());
                 if self.microvm.get().is_none() {
                     let vms = juice_microvm::Runtime::new(&self.home)
                         .map_err(|e| AgentError::Setup(format!("isolation \"microvm\": {e}")))?;
@@ -252,11 +257,13 @@ impl Agent {
 
     /// What applying `site` would change, and (if `apply`) does it.
     pub fn apply(&self, site: &Site, apply: bool) -> Result<Vec<Change>, AgentError> {
-        let _w = self.world();
-        let mut changes = Vec::new();
-        let mut updates = Vec::new();
+        // The slow work first, without the lock: builds, pulls, unpacking and the
+        // microVM probe boot. The reconciler and every query go on meanwhile.
+        let mut digests = Vec::new();
         for (name, spec) in &site.group {
             let digest = self.resolve_image(name.as_str(), &spec.image)?;
+            // Unpacked now, the reconciler's start finds it cached.
+            materialise(&self.store, &digest).map_err(|e| group_err(name.as_str(), e))?;
             if spec.isolation == Isolation::Microvm {
                 // What the microVM backend needs, in one sentence naming the packages,
                 // before the runtime is made (which may boot a probe guest).
@@ -282,6 +289,12 @@ impl Agent {
                     ));
                 }
             }
+            digests.push(digest);
+        }
+        let _w = self.world();
+        let mut changes = Vec::new();
+        let mut updates = Vec::new();
+        for ((name, spec), digest) in site.group.iter().zip(digests) {
             let template = Template {
                 image: spec.image.clone(),
                 digest,

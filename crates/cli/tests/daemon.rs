@@ -453,18 +453,30 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         site(&j, "b", port, "/healthz"),
     ];
     let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let mut rng = common::Rng::from_time();
+    let mut rng = common::Rng::from_env_or_time();
     let mut d = daemon(&j);
+    let mut mid_rollout = 0;
     for i in 0..8 {
         // Alternate between two revisions, so every apply starts a rollout, and kill the
         // daemon somewhere in the middle of it.
         let file = &sites[i % 2];
         let _ = j.cmd().args(["apply", "-f", file]).output();
         std::thread::sleep(Duration::from_millis(rng.below(2500)));
+        // Where the kill lands: the test is only worth its name if some land mid-rollout.
+        if let Ok(out) = j.cmd().args(["get", "groups", "-o", "json"]).output()
+            && String::from_utf8_lossy(&out.stdout).contains("rolling-out")
+        {
+            mid_rollout += 1;
+        }
         d.0.kill().unwrap();
         d.0.wait().unwrap();
         d = daemon(&j);
     }
+    assert!(
+        mid_rollout > 0,
+        "no kill landed mid-rollout (replay with the seed printed above)"
+    );
+    eprintln!("{mid_rollout} of 8 kills landed mid-rollout");
     // Left alone, the host converges: exactly two healthy instances of the last revision, no more.
     let last = std::cell::RefCell::new(String::new());
     let converged = (0..600).any(|_| {
@@ -688,4 +700,56 @@ fn hostile_names_on_every_route_never_reach_a_host_file() {
         j.ok(&["get", "groups"]).starts_with("GROUP"),
         "still answering"
     );
+}
+
+/// A daemon killed while `juice delete` stops a group's instances: the next
+/// daemon finishes the delete, and nothing of the group is left on the host.
+#[test]
+fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::hello_web_binary();
+    let j = Juice::new();
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = site(&j, "a", port, "/healthz");
+    let mut d = daemon(&j);
+    j.ok(&["apply", "-f", &file]);
+    wait_for("2 ready instances", Duration::from_secs(60), || {
+        group(&j, "web")["ready"] == 2
+    });
+    let pids: Vec<i64> = instances(&j)
+        .iter()
+        .filter_map(|i| i["pid"].as_i64())
+        .collect();
+    assert_eq!(pids.len(), 2, "{:?}", instances(&j));
+    j.ok(&["delete", "web"]);
+    // Killed at once: the reconciler had at most begun stopping them.
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    let _d = daemon(&j);
+    wait_for("the delete to finish", Duration::from_secs(30), || {
+        instances(&j).is_empty()
+    });
+    // Counted on the host, not only in the daemon's view.
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "instance process {pid} still runs"
+        );
+    }
+    let left = std::fs::read_dir(j.home.path().join("instances"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("state.json").exists())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(left, 0, "instance records left on disk");
+    assert_eq!(json(&j, &["get", "groups"]), serde_json::json!([]));
 }

@@ -138,19 +138,14 @@ fn doctor_names_the_package_of_a_missing_program() {
 #[test]
 fn the_daemon_refuses_to_start_without_nft_and_makes_nothing() {
     let j = Juice::new();
-    let started = Instant::now();
+    // It must end by itself: the old daemon said "serving" and retried forever
+    // (the guard's limit only keeps a regression from hanging the suite).
     let out = output_within(
         j.cmd().arg("daemon").env("PATH", "/nonexistent"),
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     );
-    let elapsed = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        elapsed < Duration::from_secs(5),
-        "took {elapsed:?}:\n{}",
-        text(&out)
-    );
     // One line: "juice: cannot start: nft is missing from the PATH (apt-get install nftables)".
     assert_eq!(stderr.lines().count(), 1, "{}", text(&out));
     assert!(stderr.starts_with("juice: cannot start: "), "{stderr}");

@@ -160,7 +160,6 @@ fn juice_run_boots_hello_web_as_a_microvm_and_refuses_a_corrupt_root() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&disks[0], &bytes).unwrap();
-    let started = Instant::now();
     let out = run("vmbad").wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -173,7 +172,6 @@ fn juice_run_boots_hello_web_as_a_microvm_and_refuses_a_corrupt_root() {
         !j.home.path().join("vms/vmbad/qemu.log").exists(),
         "QEMU never ran"
     );
-    assert!(started.elapsed() < Duration::from_secs(20));
     // Removing the damaged disk has it made again from the verified layer.
     std::fs::remove_file(&disks[0]).unwrap();
     let _again = ChildGuard(run("vmagain"));

@@ -264,19 +264,8 @@ fn limits_hold_and_are_reported() {
         "and reported as OOM: {err}"
     );
     assert!(!out.contains("ok hog"), "{out}");
-
-    let spin = line(&j, "lim", &["spin", "2", "2"]);
-    let cores: f64 = spin
-        .rsplit("= ")
-        .next()
-        .and_then(|r| r.split(' ').next())
-        .and_then(|c| c.parse().ok())
-        .unwrap();
-    assert!(
-        cores < 0.65,
-        "two spinning threads get half a core, not more: {spin}"
-    );
-    assert!(cores > 0.2, "but they do get it: {spin}");
+    // The cpu quota is checked as the kernel holds it (below); how much cpu two
+    // spinning threads actually get is a measurement: bench/cpu-share.sh.
 }
 
 #[test]

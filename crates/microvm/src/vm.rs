@@ -500,10 +500,18 @@ impl Runtime {
                 return Err(VmError::Syscall(format!("pidfd_open {pid}: {e}")));
             }
         };
+        // How adoption tells QEMU from a recycled pid: without it, a live VM would look dead.
+        let Some(started) = juice_sandbox::instance::start_time(pid) else {
+            kill_it();
+            return Err(VmError::Start {
+                name: spec.name.clone(),
+                reason: format!("cannot read the start time of QEMU (pid {pid})"),
+            });
+        };
         let state = VmState {
             name: spec.name.clone(),
             pid,
-            start_time: juice_sandbox::instance::start_time(pid).unwrap_or(0),
+            start_time: started,
             network: attachment.cloned(),
             started_unix_ms: now_ms(),
             accel: self.accel,

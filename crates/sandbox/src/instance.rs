@@ -429,10 +429,16 @@ impl Runtime {
                 });
             }
         };
+        // The start time is how adoption tells this process from a recycled pid: a
+        // record without it would make a live instance look dead to the next daemon.
+        let started = start_time(pid).ok_or_else(|| SandboxError::Start {
+            name: spec.name.clone(),
+            reason: format!("cannot read the start time of juice-init (pid {pid})"),
+        })?;
         let state = InstanceState {
             name: spec.name.clone(),
             pid,
-            start_time: start_time(pid).unwrap_or(0),
+            start_time: started,
             app_pid,
             rootfs: spec.rootfs.clone(),
             cgroup_version,

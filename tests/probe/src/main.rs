@@ -213,39 +213,76 @@ fn main() {
             );
         }
         "zombies" => {
-            // Orphans whose parent exits at once: PID 1 must reap them.
+            // Orphans whose parent exits at once: PID 1 must reap them. Every fork
+            // must work and /proc must be readable, or the count proves nothing.
+            let mut orphans = 0;
             for _ in 0..20 {
                 // SAFETY: the child forks a grandchild and exits; the grandchild exits after a moment.
                 let pid = unsafe { libc::fork() };
+                if pid < 0 {
+                    println!("failed fork: {}", errno());
+                    return;
+                }
                 if pid == 0 {
-                    // SAFETY: as above.
+                    // SAFETY: as above; the child reports a failed fork by its exit code.
                     unsafe {
-                        if libc::fork() == 0 {
+                        let grandchild = libc::fork();
+                        if grandchild == 0 {
                             libc::usleep(50_000);
                         }
-                        libc::_exit(0);
+                        libc::_exit(if grandchild < 0 { 1 } else { 0 });
                     }
                 }
                 let mut st = 0;
                 // SAFETY: reap our direct child.
                 unsafe { libc::waitpid(pid, &mut st, 0) };
+                if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+                    orphans += 1;
+                }
+            }
+            if orphans != 20 {
+                println!("failed only {orphans} of 20 orphans were made");
+                return;
             }
             std::thread::sleep(Duration::from_millis(400));
-            let zombies = std::fs::read_dir("/proc")
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| {
-                            e.file_name()
-                                .to_str()
-                                .is_some_and(|n| n.parse::<u32>().is_ok())
-                        })
-                        .filter(|e| {
-                            std::fs::read_to_string(e.path().join("stat"))
-                                .is_ok_and(|s| s.contains(") Z "))
-                        })
-                        .count()
-                })
-                .unwrap_or(0);
+            let mut zombies = 0;
+            let mut seen = 0;
+            match std::fs::read_dir("/proc") {
+                Ok(d) => {
+                    for e in d.flatten() {
+                        if !e
+                            .file_name()
+                            .to_str()
+                            .is_some_and(|n| n.parse::<u32>().is_ok())
+                        {
+                            continue;
+                        }
+                        match std::fs::read_to_string(e.path().join("stat")) {
+                            Ok(s) => {
+                                seen += 1;
+                                if s.contains(") Z ") {
+                                    zombies += 1;
+                                }
+                            }
+                            // A process that ended meanwhile is gone, not unreadable.
+                            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(err) => {
+                                println!("failed read {}: {err}", e.path().display());
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    println!("failed read /proc: {e}");
+                    return;
+                }
+            }
+            // At least PID 1 and this probe must have been seen.
+            if seen < 2 {
+                println!("failed saw only {seen} processes");
+                return;
+            }
             println!("zombies {zombies}");
         }
         "spam" => {

@@ -134,16 +134,24 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A small deterministic random source for fault-injection loops; the seed is printed.
+/// A small deterministic random source for fault-injection loops. The seed
+/// comes from `JUICE_TEST_SEED` if set (to replay a run), else from the clock,
+/// and is printed either way.
 pub struct Rng(u64);
 
 impl Rng {
-    pub fn from_time() -> Rng {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        eprintln!("random seed {seed}");
+    pub fn from_env_or_time() -> Rng {
+        let seed = match std::env::var("JUICE_TEST_SEED") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("JUICE_TEST_SEED={s:?} is not a number")),
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        };
+        eprintln!("random seed {seed} (replay with JUICE_TEST_SEED={seed})");
         Rng(seed | 1)
     }
     pub fn below(&mut self, n: u64) -> u64 {
