@@ -134,6 +134,14 @@ fn granted_ptrace_finds_no_host_directory_behind_pid_1() {
     assert!(tmp.starts_with("denied"), "{tmp}");
 }
 
+/// How many processes the fork bomb made before the kernel said no (`u32::MAX` if it never did).
+fn forks(line: &str) -> u32 {
+    line.strip_prefix("denied fork after ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
 /// An image without [resources] is held by the host's defaults: the fork bomb of
 /// the attack (1,000 processes) stops at the default pids limit.
 #[test]
@@ -142,22 +150,15 @@ fn an_image_without_resources_is_held_by_the_host_defaults() {
     let j = Juice::new();
     probe_image(&j, "unbounded", "", "");
     let fork = line(&j, "unbounded", &["forkbomb"]);
-    let n: u32 = fork
-        .strip_prefix("denied fork after ")
-        .and_then(|r| r.split(':').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(u32::MAX);
-    assert!(n < 256, "stopped by the default pids limit: {fork}");
+    assert!(
+        forks(&fork) < 256,
+        "stopped by the default pids limit: {fork}"
+    );
     // The host's ceiling holds an image that asks for more.
     std::fs::write(j.home.path().join("limits.toml"), "[max]\npids = 20\n").unwrap();
     probe_image(&j, "greedy", "", "[resources]\npids = 100000");
     let fork = line(&j, "greedy", &["forkbomb"]);
-    let n: u32 = fork
-        .strip_prefix("denied fork after ")
-        .and_then(|r| r.split(':').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(u32::MAX);
-    assert!(n < 20, "held by the host ceiling: {fork}");
+    assert!(forks(&fork) < 20, "held by the host ceiling: {fork}");
 }
 
 /// A uid-0 appliance in a microVM is root of its guest kernel: it had the whole

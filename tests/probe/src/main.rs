@@ -250,10 +250,9 @@ fn main() {
             match std::fs::read_dir("/proc") {
                 Ok(d) => {
                     for e in d.flatten() {
-                        if !e
-                            .file_name()
+                        if e.file_name()
                             .to_str()
-                            .is_some_and(|n| n.parse::<u32>().is_ok())
+                            .is_none_or(|n| n.parse::<u32>().is_err())
                         {
                             continue;
                         }
