@@ -419,14 +419,21 @@ fn socket_filter() -> Result<Vec<SockFilter>, SeccompError> {
     compile(rules, SeccompAction::Allow, errno(libc::EAFNOSUPPORT))
 }
 
-/// The default filters, in the order init installs them.
+/// The default filters, in the order init installs them. Compiled once per
+/// process: the allow-list costs about a millisecond to compile, and the daemon
+/// starts many instances.
 pub fn default_filters() -> Result<Vec<Vec<SockFilter>>, SeccompError> {
-    Ok(vec![
+    static COMPILED: std::sync::OnceLock<Vec<Vec<SockFilter>>> = std::sync::OnceLock::new();
+    if let Some(f) = COMPILED.get() {
+        return Ok(f.clone());
+    }
+    let filters = vec![
         abi_filter(),
         known_filter()?,
         refused_filter()?,
         socket_filter()?,
-    ])
+    ];
+    Ok(COMPILED.get_or_init(|| filters).clone())
 }
 
 #[cfg(test)]
