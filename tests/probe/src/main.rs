@@ -371,6 +371,22 @@ fn main() {
             }
             Err(e) => println!("denied ls {}: {e}", arg(1)),
         },
+        "links" => match std::fs::read_dir(arg(1)) {
+            Ok(d) => {
+                let mut links: Vec<String> = d
+                    .flatten()
+                    .map(|e| {
+                        let to = std::fs::read_link(e.path())
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_else(|e| format!("({e})"));
+                        format!("{}={to}", e.file_name().to_string_lossy())
+                    })
+                    .collect();
+                links.sort();
+                println!("ok links {}: {}", arg(1), links.join(" "));
+            }
+            Err(e) => println!("denied links {}: {e}", arg(1)),
+        },
         "mknod" => {
             // A block device node for the host's first disk, then an open of it.
             let path = std::ffi::CString::new(arg(1)).unwrap_or_default();
