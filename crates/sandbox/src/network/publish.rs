@@ -223,6 +223,7 @@ pub fn set(
 
 #[cfg(test)]
 mod tests {
+    use super::super::ipam::Member;
     use super::*;
     use std::io::Write;
     use std::process::{Command, Stdio};
@@ -335,6 +336,181 @@ mod tests {
             listed.contains("numgen inc mod 2 map { 0 : 10.88.0.2, 1 : 10.88.0.3 }")
                 && !listed.contains(&chain_id(home, &group_owner("gone"))),
             "{listed}"
+        );
+    }
+
+    /// A network namespace held by `unshare --net sleep`, gone with it.
+    struct Ns(std::process::Child);
+
+    impl Ns {
+        fn new() -> Ns {
+            Ns(Command::new("unshare")
+                .args(["--net", "sleep", "120"])
+                .spawn()
+                .expect("unshare runs"))
+        }
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+        /// Runs a shell script inside.
+        fn sh(&self, script: &str) {
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/proc/{}/ns/net", self.pid()))
+                .args(["sh", "-ec", script])
+                .output()
+                .expect("nsenter runs");
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        /// Runs `f` on a thread inside (sockets it makes stay in the namespace).
+        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+            let ns = std::fs::File::open(format!("/proc/{}/ns/net", self.pid())).unwrap();
+            std::thread::spawn(move || {
+                use std::os::fd::AsFd;
+                // setns affects only this thread, which ends with `f`.
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        }
+    }
+
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The rules at work, in three namespaces of the test's own: a "host" with
+    /// the bridge and Juice's tables, an "instance" behind it (10.88.0.2,
+    /// pinned MAC) answering on 8080, and a "client" host on another link.
+    /// A published port answers from the host's loopback and from the other
+    /// host, is refused with no target, and is not reachable by the instance
+    /// through the host.
+    #[test]
+    fn dnat_reaches_the_instance_from_loopback_and_from_another_host() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test needs root (CI runs as root): it makes private network namespaces");
+        }
+        let (host, instance, client) = (Ns::new(), Ns::new(), Ns::new());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mac = super::super::mac_for(Ipv4Addr::new(10, 88, 0, 2))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        host.sh(&format!(
+            "ip link set lo up
+             ip link add juice0 type bridge && ip addr add 10.88.0.1/16 dev juice0 && ip link set juice0 up
+             ip link add jv-test type veth peer name eth0 address {mac} netns {i}
+             ip link set jv-test master juice0 up
+             ip link add wan type veth peer name wan netns {c}
+             ip addr add 192.168.77.1/24 dev wan && ip link set wan up
+             echo 1 > /proc/sys/net/ipv4/ip_forward",
+            i = instance.pid(),
+            c = client.pid()
+        ));
+        instance.sh(
+            "ip link set lo up && ip addr add 10.88.0.2/16 dev eth0 && ip link set eth0 up
+             ip route add default via 10.88.0.1",
+        );
+        client.sh("ip link set lo up && ip addr add 192.168.77.2/24 dev wan && ip link set wan up");
+        let member = Member {
+            instance: "i".into(),
+            address: Ipv4Addr::new(10, 88, 0, 2),
+            group: "web".into(),
+            links: vec![],
+            port: "jv-test".into(),
+        };
+        let (filter, _) = super::super::nft::update(&[member], &Default::default());
+        let home = Path::new("/var/lib/juice");
+        let publish = |targets: Vec<Ipv4Addr>| {
+            let changes = [(
+                group_owner("web"),
+                Some(Published {
+                    bridge: "juice0".into(),
+                    ports: vec![
+                        "127.0.0.1:18080:8080".parse().unwrap(),
+                        "9000:8080".parse().unwrap(),
+                    ],
+                    targets,
+                }),
+            )]
+            .into();
+            script(home, &changes)
+        };
+        let load = |s: String| {
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/proc/{}/ns/net", host.pid()))
+                .args(["nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        load(format!(
+            "{}{filter}{}",
+            super::super::nft::base_ruleset("juice0"),
+            publish(vec![Ipv4Addr::new(10, 88, 0, 2)])
+        ));
+        host.sh("echo 1 > /proc/sys/net/ipv4/conf/juice0/route_localnet");
+
+        let listener = instance.run(|| std::net::TcpListener::bind("10.88.0.2:8080").unwrap());
+        let server = std::thread::spawn(move || {
+            for c in listener.incoming().take(2) {
+                let _ = c.unwrap().write_all(b"hello");
+            }
+        });
+        let read = |to: &'static str| {
+            move || -> std::io::Result<String> {
+                use std::io::Read;
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &to.parse().unwrap(),
+                    std::time::Duration::from_secs(2),
+                )?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                let mut b = String::new();
+                s.read_to_string(&mut b)?;
+                Ok(b)
+            }
+        };
+        assert_eq!(
+            host.run(read("127.0.0.1:18080")).unwrap(),
+            "hello",
+            "from the host's loopback"
+        );
+        assert_eq!(
+            client.run(read("192.168.77.1:9000")).unwrap(),
+            "hello",
+            "from another host"
+        );
+        server.join().unwrap();
+        // The bind address restricts the destination: port 18080 on another address is not published.
+        assert!(client.run(read("192.168.77.1:18080")).is_err());
+        // The instance cannot use the host's published port (prerouting skips the bridge,
+        // and the input chain drops new connections from it).
+        assert!(instance.run(read("10.88.0.1:9000")).is_err());
+        // No target: refused by the host.
+        load(publish(vec![]));
+        let refused = host.run(read("127.0.0.1:18080")).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{refused}"
         );
     }
 }
