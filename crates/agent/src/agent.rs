@@ -1095,6 +1095,9 @@ impl Agent {
     /// daemon) at its ready instances; changes only what differs, in one
     /// transaction.
     fn update_publishers(&self, w: &mut World, groups: &BTreeMap<String, GroupRecord>) {
+        // The first pass rewrites every rule: an earlier daemon killed between
+        // `nft` and its record may have left them unlike the record.
+        let first = w.published.is_none();
         let before = w.published.get_or_insert_with(|| {
             publish::current(&self.home)
                 .into_iter()
@@ -1138,7 +1141,7 @@ impl Agent {
             .map(|o| (o.clone(), None))
             .collect();
         for (owner, p) in &wanted {
-            if before.get(owner) != Some(p) {
+            if first || before.get(owner) != Some(p) {
                 changes.insert(owner.clone(), Some(p.clone()));
             }
         }
