@@ -15,7 +15,7 @@
 //!   host itself, where Juice holds nothing: refused (a TCP reset), unless a
 //!   host process listens on that port.
 //! - Clients from the host's loopback need `route_localnet` on the bridge and
-//!   a masquerade of 127.0.0.0/8 sources leaving it (the `postrouting` chain),
+//!   a masquerade of 127.0.0.0/8 sources leaving it (chain `post_<bridge>`),
 //!   as Docker does without its userland proxy. Instances cannot forge such a
 //!   source: the bridge table pins each port to its own address.
 //! - Connections that instances open toward the host never match: the
@@ -85,8 +85,6 @@ fn chain_id(home: &Path, owner: &str) -> String {
 /// (`None`: the owner publishes nothing any more, its chains are deleted).
 pub fn script(home: &Path, changes: &BTreeMap<String, Option<Published>>) -> String {
     let mut s = String::from("add table ip juice_nat\n");
-    s.push_str("add chain ip juice_nat postrouting { type nat hook postrouting priority srcnat; policy accept; }\n");
-    s.push_str("flush chain ip juice_nat postrouting\n");
     let mut bridges: Vec<&str> = changes
         .values()
         .flatten()
@@ -94,12 +92,16 @@ pub fn script(home: &Path, changes: &BTreeMap<String, Option<Published>>) -> Str
         .collect();
     bridges.sort_unstable();
     bridges.dedup();
-    if bridges.is_empty() {
-        bridges.push("juice0");
-    }
+    // One masquerade chain per bridge, shared by the homes that use it.
     for b in &bridges {
+        let chain = format!(
+            "post_{}",
+            b.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
         s.push_str(&format!(
-            "add rule ip juice_nat postrouting oifname \"{b}\" ip saddr 127.0.0.0/8 masquerade\n"
+            "add chain ip juice_nat {chain} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             flush chain ip juice_nat {chain}\n\
+             add rule ip juice_nat {chain} oifname \"{b}\" ip saddr 127.0.0.0/8 masquerade\n"
         ));
     }
     for (owner, published) in changes {
@@ -268,7 +270,7 @@ mod tests {
         );
         assert!(s.starts_with("add table ip juice_nat\n"), "{s}");
         assert!(
-            s.contains("add rule ip juice_nat postrouting oifname \"juice0\" ip saddr 127.0.0.0/8 masquerade\n"),
+            s.contains("add rule ip juice_nat post_juice0 oifname \"juice0\" ip saddr 127.0.0.0/8 masquerade\n"),
             "{s}"
         );
         // A bind address restricts the destination; several targets are spread.
@@ -293,6 +295,9 @@ mod tests {
             )),
             "{s}"
         );
+        // Withdrawing touches no masquerade chain (other homes may need it).
+        let withdraw = script(home, &[(group_owner("gone"), None)].into());
+        assert!(!withdraw.contains("post_"), "{withdraw}");
         // Two homes never share a chain.
         assert_ne!(web, chain_id(Path::new("/other"), &group_owner("web")));
     }
