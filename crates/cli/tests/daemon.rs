@@ -206,6 +206,7 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
     } = client;
     thread.join().unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} answered, {failed} failed; requests per phase: {made:?}");
     for (phase, n) in &made {
         assert!(*n >= 5, "only {n} requests {phase}: {made:?}");
     }

@@ -7,7 +7,8 @@
 //!   other hosts) and `out_<id>` (hook output, priority -100: the host's own
 //!   clients, 127.0.0.1 included), where `<id>` is a hash of the Juice home
 //!   and the owner. Owners never touch each other's chains, so two homes (or a
-//!   daemon and `juice run`) share the table safely.
+//!   daemon and `juice run`) share the table without overwriting each other's
+//!   rules (but a host port published by both is not detected: one rule wins).
 //! - A mapping `[IP:]HOST:PORT` matches `ip daddr IP` (any local address when
 //!   IP is 0.0.0.0) and `tcp dport HOST`, and DNATs to `PORT` on the owner's
 //!   targets; with several, connections are spread by `numgen inc`.
