@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use juice_image::appliance::ApplianceConfig;
@@ -18,8 +18,8 @@ use juice_image::build::{BuildOptions, build};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
-use juice_sandbox::network::publish::{Publisher, Targets};
-use juice_sandbox::{NetworkSpec, PortMapping, Runtime, SandboxSpec, VolumeMount};
+use juice_sandbox::network::publish::{self, Published};
+use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec, VolumeMount};
 
 use crate::backend::{Backend, Handle};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,9 @@ struct Live {
     address: Option<Ipv4Addr>,
     prober: Prober,
     started: Instant,
+    /// Started by an earlier daemon: until its first probe, it keeps the place it
+    /// had in the published ports.
+    adopted: bool,
 }
 
 pub struct Agent {
@@ -88,7 +91,11 @@ pub struct Agent {
 #[derive(Default)]
 struct World {
     live: BTreeMap<String, Live>,
-    publishers: BTreeMap<String, (Vec<PortMapping>, Publisher)>,
+    /// What this daemon's groups publish as the kernel has it (`None` until
+    /// read back from the home at the first pass).
+    published: Option<BTreeMap<String, Published>>,
+    /// The last error updating them, reported once.
+    publish_error: Option<String>,
     /// Instances in the database whose backend cannot be made now (reported once each).
     unadoptable: std::collections::BTreeSet<String>,
 }
@@ -678,6 +685,7 @@ impl Agent {
                 self.metrics.probe_seconds.clone(),
             ),
             started: Instant::now(),
+            adopted: true,
         }
     }
 
@@ -778,6 +786,7 @@ impl Agent {
                     self.metrics.probe_seconds.clone(),
                 ),
                 started: Instant::now(),
+                adopted: false,
             },
         );
         Ok(())
@@ -1082,42 +1091,74 @@ impl Agent {
         Ok(())
     }
 
-    /// Points each group's published ports at its ready instances.
+    /// Points each group's published ports (nftables DNAT, which outlives the
+    /// daemon) at its ready instances; changes only what differs, in one
+    /// transaction.
     fn update_publishers(&self, w: &mut World, groups: &BTreeMap<String, GroupRecord>) {
-        let mut wanted: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();
+        // The first pass rewrites every rule: an earlier daemon killed between
+        // `nft` and its record may have left them unlike the record.
+        let first = w.published.is_none();
+        let before = w.published.get_or_insert_with(|| {
+            publish::current(&self.home)
+                .into_iter()
+                .filter(|(owner, _)| owner.starts_with(&publish::group_owner("")))
+                .collect()
+        });
+        let mut wanted: BTreeMap<String, Published> = BTreeMap::new();
         for g in groups.values() {
-            if let Some(r) = g.current_revision()
-                && !r.template.publish.is_empty()
-            {
-                wanted.insert(
-                    g.name.to_string(),
-                    r.template.publish.iter().map(|p| p.0).collect(),
-                );
+            let Some(r) = g.current_revision() else {
+                continue;
+            };
+            if r.template.publish.is_empty() {
+                continue;
             }
-        }
-        w.publishers
-            .retain(|name, (ports, _)| wanted.get(name) == Some(ports));
-        for (name, ports) in wanted {
-            let ready: Vec<Ipv4Addr> = w
+            let owner = publish::group_owner(g.name.as_str());
+            let was: &[Ipv4Addr] = before.get(&owner).map_or(&[], |p| &p.targets);
+            let mut targets: Vec<Ipv4Addr> = w
                 .live
                 .values()
-                .filter(|l| l.group == name && l.prober.snapshot().healthy)
-                .filter_map(|l| l.address)
+                .filter(|l| l.group == g.name.as_str())
+                .filter_map(|l| {
+                    let h = l.prober.snapshot();
+                    let unprobed = !h.ever_healthy && h.last_error.is_none() && !h.failed;
+                    let a = l.address?;
+                    (h.healthy || (l.adopted && unprobed && was.contains(&a))).then_some(a)
+                })
                 .collect();
-            if !w.publishers.contains_key(&name) {
-                let targets: Targets = Arc::new(RwLock::new(Vec::new()));
-                match Publisher::start_to(&ports, targets) {
-                    Ok(p) => {
-                        w.publishers.insert(name.clone(), (ports.clone(), p));
-                    }
-                    Err(e) => {
-                        self.event(Some(&name), None, &format!("cannot publish: {e}"));
-                        continue;
-                    }
-                }
+            targets.sort_unstable();
+            wanted.insert(
+                owner,
+                Published {
+                    bridge: NetworkSpec::new("").bridge,
+                    ports: r.template.publish.iter().map(|p| p.0).collect(),
+                    targets,
+                },
+            );
+        }
+        let mut changes: BTreeMap<String, Option<Published>> = before
+            .keys()
+            .filter(|o| !wanted.contains_key(*o))
+            .map(|o| (o.clone(), None))
+            .collect();
+        for (owner, p) in &wanted {
+            if first || before.get(owner) != Some(p) {
+                changes.insert(owner.clone(), Some(p.clone()));
             }
-            if let Some((_, p)) = w.publishers.get(&name) {
-                *p.targets().write().unwrap_or_else(|e| e.into_inner()) = ready;
+        }
+        if changes.is_empty() {
+            return;
+        }
+        match publish::apply(&self.home, &changes) {
+            Ok(()) => {
+                w.published = Some(wanted);
+                w.publish_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if w.publish_error.as_ref() != Some(&e) {
+                    self.event(None, None, &format!("cannot publish ports: {e}"));
+                    w.publish_error = Some(e);
+                }
             }
         }
     }

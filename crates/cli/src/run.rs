@@ -10,7 +10,6 @@ use juice_image::appliance::ApplianceConfig;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
-use juice_sandbox::network::publish::Publisher;
 use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -180,10 +179,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
     }
     instance.wait_started(Duration::from_secs(120))?;
-    let _publisher = match (instance.address(), ports.is_empty()) {
-        (Some(a), false) => Some(Publisher::start(&ports, a)?),
-        _ => None,
-    };
+    // Published ports are DNAT rules to the instance's address, made when its
+    // network was wired and removed when it is released.
     if !args.quiet {
         let addr = instance
             .address()

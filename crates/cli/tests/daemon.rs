@@ -74,6 +74,165 @@ fn site(j: &Juice, name: &str, port: u16, health: &str) -> String {
     file.to_str().unwrap().to_owned()
 }
 
+/// Sends `GET /healthz` to `port` every 50 ms (at most `max` requests, for at
+/// most `limit`) until `stop`; counts answers and failures (with the last error).
+struct Client {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    last_error: Arc<Mutex<String>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Client {
+    fn start(port: u16, max: usize, limit: Duration) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let last_error = Arc::new(Mutex::new(String::new()));
+        let (s, o, f, e) = (stop.clone(), ok.clone(), failed.clone(), last_error.clone());
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            for _ in 0..max {
+                if s.load(Ordering::Relaxed) || start.elapsed() > limit {
+                    break;
+                }
+                match get(port, "/healthz") {
+                    Ok(_) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        *e.lock().unwrap_or_else(|p| p.into_inner()) = err.to_string();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Client {
+            stop,
+            ok,
+            failed,
+            last_error,
+            thread,
+        }
+    }
+
+    /// Requests made so far (answered or not).
+    fn made(&self) -> usize {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgraded() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::hello_web_binary();
+    let j = Juice::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = site(&j, "web", port, "/healthz");
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    let mut d1 = daemon(&j);
+    j.ok(&["apply", "-f", &file]);
+    wait_for("2 ready instances", Duration::from_secs(30), || {
+        group(&j, "web")["ready"] == 2
+    });
+    wait_for("the published port", Duration::from_secs(10), || {
+        get(port, "/healthz").is_ok()
+    });
+
+    // At most 60 s of requests, 20 a second.
+    let client = Client::start(port, 1200, Duration::from_secs(60));
+    // Waits `d` and returns how many requests were made meanwhile.
+    let during = |d: Duration| {
+        let before = client.made();
+        std::thread::sleep(d);
+        client.made() - before
+    };
+    let mut made = vec![("with the first daemon", during(Duration::from_millis(500)))];
+
+    // SIGKILL: nothing is cleaned up, and the port keeps answering while no daemon runs.
+    d1.0.kill().unwrap();
+    d1.0.wait().unwrap();
+    made.push(("with no daemon", during(Duration::from_secs(1))));
+    let d2 = daemon(&j);
+    wait_for(
+        "the second daemon to adopt both instances",
+        Duration::from_secs(20),
+        || group(&j, "web")["ready"] == 2,
+    );
+    made.push(("with the second daemon", during(Duration::from_millis(500))));
+
+    // The upgrade: the running daemon stops, and a binary installed at another path
+    // (with its juice-init) takes over the same home.
+    let new = tempfile::tempdir().unwrap();
+    let built = Path::new(env!("CARGO_BIN_EXE_juice"));
+    for bin in ["juice", "juice-init"] {
+        std::fs::copy(built.with_file_name(bin), new.path().join(bin)).unwrap();
+    }
+    drop(d2);
+    made.push(("between the daemons", during(Duration::from_secs(1))));
+    let d3 = common::ChildGuard(
+        Command::new(new.path().join("juice"))
+            .arg("daemon")
+            .env("JUICE_HOME", j.home.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the upgraded juice daemon starts"),
+    );
+    wait_for(
+        "the upgraded daemon's socket",
+        Duration::from_secs(10),
+        || std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_ok(),
+    );
+    wait_for(
+        "the upgraded daemon to adopt both instances",
+        Duration::from_secs(20),
+        || group(&j, "web")["ready"] == 2,
+    );
+    made.push(("with the upgraded daemon", during(Duration::from_secs(1))));
+    client.stop.store(true, Ordering::Relaxed);
+    let Client {
+        ok,
+        failed,
+        last_error,
+        thread,
+        ..
+    } = client;
+    thread.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} answered, {failed} failed; requests per phase: {made:?}");
+    for (phase, n) in &made {
+        assert!(*n >= 5, "only {n} requests {phase}: {made:?}");
+    }
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed (last: {}); per phase {made:?}",
+        ok + failed,
+        last_error.lock().unwrap()
+    );
+    assert!(
+        !j.ok(&["events"]).contains("was gone"),
+        "no instance was replaced"
+    );
+
+    // Deleting the group withdraws the rules: the port is refused, not held.
+    j.ok(&["delete", "web"]);
+    wait_for("the port to be withdrawn", Duration::from_secs(20), || {
+        matches!(
+            std::net::TcpStream::connect(("127.0.0.1", port)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    });
+    drop(d3);
+}
+
 #[test]
 fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,8 +375,8 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     d.0.kill().unwrap();
     d.0.wait().unwrap();
     assert!(
-        get(port, "/healthz").is_err(),
-        "the published port belonged to the daemon"
+        get(port, "/healthz").is_ok(),
+        "the published port (DNAT rules) outlives the daemon"
     );
     let running = std::fs::read_dir(j.home.path().join("instances"))
         .unwrap()

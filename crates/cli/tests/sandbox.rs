@@ -399,7 +399,17 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
     assert!(log.contains("listening on port 8080"), "{log}");
     assert!(!j.home.path().join("instances/web-test/state.json").exists());
     assert!(dirs.iter().all(|d| !d.exists()), "cgroups removed");
-    assert!(get(port, "/healthz").is_err(), "the port is closed");
+    assert!(
+        matches!(
+            std::net::TcpStream::connect(("127.0.0.1", port)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        ),
+        "the port is refused"
+    );
+    assert!(
+        juice_sandbox::network::publish::current(j.home.path()).is_empty(),
+        "its DNAT rules are withdrawn"
+    );
 }
 
 /// The runtime library directly, for groups and links.

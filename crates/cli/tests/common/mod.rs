@@ -189,6 +189,14 @@ impl Drop for InstanceSweeper {
                 );
             }
         }
+        // Published ports outlive the daemon (DNAT rules): withdraw this home's.
+        use juice_sandbox::network::publish;
+        let published: std::collections::BTreeMap<String, Option<publish::Published>> =
+            publish::current(&self.0)
+                .into_keys()
+                .map(|owner| (owner, None))
+                .collect();
+        let _ = publish::apply(&self.0, &published);
     }
 }
 

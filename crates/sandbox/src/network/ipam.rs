@@ -82,7 +82,7 @@ pub struct Member {
     pub port: String,
 }
 
-fn dir(home: &Path) -> PathBuf {
+pub(super) fn dir(home: &Path) -> PathBuf {
     home.join("network")
 }
 
@@ -91,7 +91,7 @@ pub fn nft_state(home: &Path) -> PathBuf {
     dir(home).join("nft-sets.json")
 }
 
-fn lock(home: &Path) -> Result<File, NetworkError> {
+pub(super) fn lock(home: &Path) -> Result<File, NetworkError> {
     let d = dir(home);
     std::fs::create_dir_all(&d).map_err(|source| NetworkError::Io {
         action: "create",

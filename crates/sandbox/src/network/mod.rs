@@ -8,6 +8,8 @@
 //!   and `table inet juice`). The bridge and the tables are host
 //!   infrastructure, made on first use and kept (like `docker0`); per
 //!   instance only the `allowed` set changes, in one transaction.
+//! - Published ports are nftables DNAT (`table ip juice_nat`, see `publish`),
+//!   so they do not depend on the process that published them.
 //! - An instance's veth dies with its network namespace, so a crashed caller
 //!   leaves no interface; addresses and rules of dead instances are released
 //!   by `Runtime::cleanup_stale`.
@@ -43,12 +45,6 @@ pub enum NetworkError {
     BadPort(String),
     #[error("{0:?} is not a subnet like 10.88.0.0/16")]
     BadSubnet(String),
-    #[error("cannot publish {addr}: {source}")]
-    Publish {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// A host port forwarded to an instance port.
@@ -158,7 +154,23 @@ pub fn allocate(
 pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     links::attach(a, pid)?;
     crate::trace::mark("links ready");
-    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))
+    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))?;
+    publish_own(home, a)
+}
+
+/// An instance started with its own published ports (`juice run -p`) gets
+/// DNAT rules to its address, removed by `release`.
+fn publish_own(home: &Path, a: &Attachment) -> Result<(), NetworkError> {
+    if a.ports.is_empty() {
+        return Ok(());
+    }
+    publish::set(
+        home,
+        &publish::run_owner(&a.instance),
+        &a.bridge,
+        &a.ports,
+        &[a.address],
+    )
 }
 
 /// Puts a microVM's tap on the bridge and opens the allowed paths; the tap
@@ -166,6 +178,7 @@ pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError>
 pub fn attach_tap(home: &Path, a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> {
     let tap = links::attach_tap(a)?;
     nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))?;
+    publish_own(home, a)?;
     Ok(tap)
 }
 
@@ -180,6 +193,7 @@ pub fn mac_for(address: Ipv4Addr) -> [u8; 6] {
 /// needs nothing: it goes with the instance's network namespace (its peer was
 /// created inside it), which the kernel tears down once the last process exits.
 pub fn release(home: &Path, a: &Attachment) {
+    let _ = publish::set(home, &publish::run_owner(&a.instance), &a.bridge, &[], &[]);
     let remaining = ipam::release(home, &a.instance).unwrap_or_default();
     let _ = nft::apply(&remaining, &a.bridge, &ipam::nft_state(home));
     crate::trace::mark("rules updated");

@@ -170,7 +170,7 @@ pub fn update(members: &[Member], previous: &BTreeSet<String>) -> (String, BTree
     (script, made)
 }
 
-fn nft(script: &str) -> Result<(), NetworkError> {
+pub(super) fn run(script: &str) -> Result<(), NetworkError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -205,11 +205,13 @@ pub fn apply(members: &[Member], bridge: &str, state: &Path) -> Result<(), Netwo
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let (script, made) = update(members, &previous);
-    let result = nft(&script).or_else(|_| {
+    let result = run(&script).or_else(|_| {
         // First use, or the tables were removed by hand: install them, with nothing to delete.
         let (script, _) = update(members, &BTreeSet::new());
-        let _ = remove();
-        nft(&format!("{}{script}", base_ruleset(bridge)))
+        let _ = run(
+            "table bridge juice\ntable inet juice\ndelete table bridge juice\ndelete table inet juice\n",
+        );
+        run(&format!("{}{script}", base_ruleset(bridge)))
     });
     if result.is_ok() {
         let _ = std::fs::write(state, serde_json::to_vec(&made).unwrap_or_default());
@@ -217,10 +219,10 @@ pub fn apply(members: &[Member], bridge: &str, state: &Path) -> Result<(), Netwo
     result
 }
 
-/// Removes Juice's tables.
+/// Removes Juice's tables (published ports' `juice_nat` too).
 pub fn remove() -> Result<(), NetworkError> {
-    nft(
-        "table bridge juice\ntable inet juice\ndelete table bridge juice\ndelete table inet juice\n",
+    run(
+        "table bridge juice\ntable inet juice\ntable ip juice_nat\ndelete table bridge juice\ndelete table inet juice\ndelete table ip juice_nat\n",
     )
 }
 
