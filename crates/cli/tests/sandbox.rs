@@ -581,13 +581,26 @@ fn leftovers(home: &Path, veths: &[String]) -> Vec<String> {
             found.push(format!("veth {l}"));
         }
     }
+    // This home's rules only: the tables are the host's, shared with other homes
+    // (other tests' daemons) whose sets are theirs to remove.
     let table = Command::new("nft")
         .args(["list", "table", "bridge", "juice"])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    if table.contains("set g_") {
-        found.push(format!("nft group sets: {table}"));
+    for veth in veths {
+        if table.contains(&format!("\"{veth}\"")) {
+            found.push(format!("nft pin of {veth}: {table}"));
+        }
+    }
+    let sets: Vec<String> = std::fs::read(home.join("network/nft-sets.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for set in sets {
+        if table.contains(&format!("set {set} ")) {
+            found.push(format!("nft group set {set}: {table}"));
+        }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     if mounts.contains(home.to_str().unwrap()) {
