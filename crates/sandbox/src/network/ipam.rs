@@ -125,19 +125,7 @@ fn load(home: &Path) -> BTreeMap<String, Member> {
 }
 
 fn save(home: &Path, all: &BTreeMap<String, Member>) -> Result<(), NetworkError> {
-    let path = dir(home).join("allocations.json");
-    let tmp = dir(home).join("allocations.json.tmp");
-    let io = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| NetworkError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let bytes = serde_json::to_vec_pretty(all).map_err(|e| NetworkError::Netlink(e.to_string()))?;
-    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("write", &path))
+    super::write_json_atomically(&dir(home).join("allocations.json"), all)
 }
 
 /// The lowest free address (or the one `instance` already holds).

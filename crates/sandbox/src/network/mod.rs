@@ -47,6 +47,27 @@ pub enum NetworkError {
     BadSubnet(String),
 }
 
+/// Writes `value` as JSON to `path` through a temporary file and a rename, so
+/// a reader (or a crash) never sees half a record.
+pub(crate) fn write_json_atomically(
+    path: &std::path::Path,
+    value: &impl Serialize,
+) -> Result<(), NetworkError> {
+    let io = |action, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| NetworkError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| io("encode", path)(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
 /// A host port forwarded to an instance port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {

@@ -190,19 +190,7 @@ pub fn apply(
             None => all.remove(owner),
         };
     }
-    let path = state_path(home);
-    let tmp = path.with_extension("json.tmp");
-    let io = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| NetworkError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    std::fs::write(&tmp, serde_json::to_vec(&all).unwrap_or_default())
-        .map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))
+    super::write_json_atomically(&state_path(home), &all)
 }
 
 /// Publishes `ports` of one owner to `targets` (or, with no ports, removes what it published).
