@@ -84,13 +84,38 @@ pub struct Agent {
     state: State,
     /// Serialises apply, delete, rollback and reconcile passes.
     world: Mutex<World>,
+    /// What queries read (the world's `views`).
+    views: Views,
+    /// Frees ended instances' cgroups and addresses off the path to their replacement.
+    releaser: crate::releaser::Releaser,
     wake: OwnedFd,
     pub metrics: crate::metrics::Metrics,
 }
 
+/// What a query shows of a live instance: its fixed facts and a handle on its
+/// health. Kept beside the world, so that no query waits for a reconcile pass
+/// (a start, a stop's grace period, a microVM boot).
+#[derive(Clone)]
+struct Facts {
+    group: String,
+    revision: u64,
+    pid: i32,
+    address: Option<Ipv4Addr>,
+    started_unix_ms: u64,
+    health: Arc<Mutex<crate::health::Health>>,
+    /// Being stopped: shown until it is gone.
+    stopping: bool,
+}
+
+type Views = Arc<Mutex<BTreeMap<String, Facts>>>;
+
 #[derive(Default)]
 struct World {
     live: BTreeMap<String, Live>,
+    /// The queries' copy of `live`, changed with it.
+    views: Views,
+    /// Instances that ended, per group (revision, why), not yet counted by a pass.
+    ended: BTreeMap<String, Vec<(u64, String)>>,
     /// What this daemon's groups publish as the kernel has it (`None` until
     /// read back from the home at the first pass).
     published: Option<BTreeMap<String, Published>>,
@@ -108,7 +133,7 @@ pub struct InstanceView {
     pub revision: u64,
     pub pid: i32,
     pub address: Option<Ipv4Addr>,
-    /// starting, healthy, unhealthy
+    /// starting, healthy, unhealthy, stopping
     pub health: String,
     pub uptime_s: u64,
     pub last_error: Option<String>,
@@ -137,11 +162,51 @@ pub struct GroupDescription {
     pub events: Vec<crate::state::Event>,
 }
 
+impl World {
+    fn insert(&mut self, name: String, l: Live) {
+        let facts = Facts {
+            group: l.group.clone(),
+            revision: l.revision,
+            pid: l.instance.pid(),
+            address: l.address,
+            started_unix_ms: l.instance.started_unix_ms(),
+            health: l.prober.health.clone(),
+            stopping: false,
+        };
+        lock(&self.views).insert(name.clone(), facts);
+        self.live.insert(name, l);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Live> {
+        lock(&self.views).remove(name);
+        self.live.remove(name)
+    }
+
+    /// Takes an instance out to stop it; the queries still show it, as stopping,
+    /// until `stopped`.
+    fn take_to_stop(&mut self, name: &str) -> Option<Live> {
+        if let Some(f) = lock(&self.views).get_mut(name) {
+            f.stopping = true;
+        }
+        self.live.remove(name)
+    }
+
+    fn stopped(&mut self, name: &str) {
+        lock(&self.views).remove(name);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Agent {
     pub fn open(home: &Path) -> Result<Arc<Agent>, AgentError> {
         let store = Store::open(home).map_err(|e| AgentError::Setup(e.to_string()))?;
-        let sandbox: Box<dyn Backend> =
-            Box::new(Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?);
+        let runtime = Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?;
+        // What ended instances left (an earlier daemon killed before it freed them).
+        runtime.cleanup_stale();
+        let sandbox: Box<dyn Backend> = Box::new(runtime);
         Agent::with_sandbox(home, store, sandbox)
     }
 
@@ -162,6 +227,8 @@ impl Agent {
         }
         // SAFETY: a fresh fd nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let world = World::default();
+        let views = world.views.clone();
         Ok(Arc::new(Agent {
             home: home.to_owned(),
             store,
@@ -169,7 +236,9 @@ impl Agent {
             microvm: std::sync::OnceLock::new(),
             microvm_init: Mutex::new(()),
             state,
-            world: Mutex::new(World::default()),
+            world: Mutex::new(world),
+            views,
+            releaser: crate::releaser::Releaser::start(),
             wake,
             metrics: crate::metrics::Metrics::new(),
         }))
@@ -184,7 +253,7 @@ impl Agent {
     }
 
     fn world(&self) -> MutexGuard<'_, World> {
-        self.world.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.world)
     }
 
     /// The backend for an isolation kind.
@@ -553,40 +622,12 @@ impl Agent {
         };
     }
 
-    /// One pass: reap, adopt, then converge every group.
-    pub fn reconcile(&self) -> Result<(), AgentError> {
-        let mut w = self.world();
-        let groups: BTreeMap<String, GroupRecord> = self
-            .state
-            .groups()?
-            .into_iter()
-            .map(|g| (g.name.to_string(), g))
-            .collect();
-        let mut ended: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-
-        // Instances that ended.
-        let dead: Vec<String> = w
-            .live
-            .iter()
-            .filter(|(_, l)| !l.instance.is_running())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in dead {
-            if let Some(mut l) = w.live.remove(&name) {
-                let report = l.instance.wait();
-                self.state.delete_instance(&name)?;
-                self.event(
-                    Some(&l.group),
-                    Some(&name),
-                    &format!("instance {name} ended: {report}"),
-                );
-                ended
-                    .entry(l.group.clone())
-                    .or_default()
-                    .push((l.revision, report.to_string()));
-            }
-        }
-        // Instances in the database we do not hold: started by an earlier daemon.
+    /// Instances in the database this daemon does not hold: started by an earlier one.
+    fn adopt_into(
+        &self,
+        w: &mut World,
+        groups: &BTreeMap<String, GroupRecord>,
+    ) -> Result<(), AgentError> {
         for rec in self.state.instances()? {
             if w.live.contains_key(&rec.name) {
                 continue;
@@ -610,13 +651,13 @@ impl Agent {
             w.unadoptable.remove(&rec.name);
             match backend.adopt(&rec.name) {
                 Ok(instance) if instance.is_running() => {
-                    let live = self.live_for(instance, &rec, &groups);
+                    let live = self.live_for(instance, &rec, groups);
                     self.event(
                         Some(rec.group.as_str()),
                         Some(&rec.name),
                         &format!("adopted running instance {}", rec.name),
                     );
-                    w.live.insert(rec.name.clone(), live);
+                    w.insert(rec.name.clone(), live);
                 }
                 other => {
                     if let Ok(mut i) = other {
@@ -628,13 +669,63 @@ impl Agent {
                         Some(&rec.name),
                         &format!("instance {} was gone", rec.name),
                     );
-                    ended
+                    w.ended
                         .entry(rec.group.to_string())
                         .or_default()
                         .push((rec.revision, "gone while the daemon was away".into()));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes over the instances an earlier daemon started, before the API
+    /// answers: until then a query would show none of them.
+    pub fn adopt(&self) -> Result<(), AgentError> {
+        let mut w = self.world();
+        let groups = self.group_map()?;
+        self.adopt_into(&mut w, &groups)
+    }
+
+    fn group_map(&self) -> Result<BTreeMap<String, GroupRecord>, AgentError> {
+        Ok(self
+            .state
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.to_string(), g))
+            .collect())
+    }
+
+    /// One pass: reap, adopt, then converge every group.
+    pub fn reconcile(&self) -> Result<(), AgentError> {
+        let mut w = self.world();
+        let groups = self.group_map()?;
+
+        // Instances that ended.
+        let dead: Vec<String> = w
+            .live
+            .iter()
+            .filter(|(_, l)| !l.instance.is_running())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dead {
+            if let Some(mut l) = w.remove(&name) {
+                // Its cgroups and address are freed after the replacement has started.
+                let report = l.instance.reap();
+                self.releaser.release(l.instance);
+                self.state.instance_ended(
+                    &l.group,
+                    &name,
+                    &format!("instance {name} ended: {report}"),
+                )?;
+                w.ended
+                    .entry(l.group.clone())
+                    .or_default()
+                    .push((l.revision, report.to_string()));
+            }
+        }
+        self.adopt_into(&mut w, &groups)?;
+        let ended = std::mem::take(&mut w.ended);
         // Instances of deleted groups.
         let orphans: Vec<String> = w
             .live
@@ -750,9 +841,8 @@ impl Agent {
         self.state.put_instance(&record)?;
         let started = Instant::now();
         let spawned = backend.spawn(&spec);
-        self.metrics
-            .start_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let spawn_time = started.elapsed();
+        self.metrics.start_seconds.observe(spawn_time.as_secs_f64());
         let instance = match spawned {
             Ok(i) => i,
             Err(e) => {
@@ -768,11 +858,12 @@ impl Agent {
             Some(name),
             Some(&instance_name),
             &format!(
-                "started {instance_name} (revision {revision}{})",
-                address.map(|a| format!(", {a}")).unwrap_or_default()
+                "started {instance_name} (revision {revision}{}) in {} ms",
+                address.map(|a| format!(", {a}")).unwrap_or_default(),
+                spawn_time.as_millis()
             ),
         );
-        w.live.insert(
+        w.insert(
             instance_name,
             Live {
                 instance,
@@ -803,8 +894,9 @@ impl Agent {
     }
 
     fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
-        if let Some(mut l) = w.live.remove(name) {
+        if let Some(mut l) = w.take_to_stop(name) {
             let report = l.instance.stop(Duration::from_secs(10));
+            w.stopped(name);
             self.state.delete_instance(name)?;
             self.event(
                 Some(&l.group),
@@ -1163,27 +1255,31 @@ impl Agent {
         }
     }
 
+    /// The live instances, from the queries' copy: never waits for a reconcile pass.
     pub fn instances(&self) -> Vec<InstanceView> {
-        let w = self.world();
-        w.live
-            .iter()
+        let views = lock(&self.views).clone();
+        views
+            .into_iter()
             .map(|(name, l)| {
-                let h = l.prober.snapshot();
+                let h = lock(&l.health).clone();
+                let health = if l.stopping {
+                    "stopping"
+                } else if h.healthy {
+                    "healthy"
+                } else if h.ever_healthy || h.failed {
+                    "unhealthy"
+                } else {
+                    "starting"
+                };
                 InstanceView {
-                    name: name.clone(),
-                    group: l.group.clone(),
+                    name,
+                    group: l.group,
                     revision: l.revision,
-                    pid: l.instance.pid(),
+                    pid: l.pid,
                     address: l.address,
-                    health: if h.healthy {
-                        "healthy".into()
-                    } else if h.ever_healthy || h.failed {
-                        "unhealthy".into()
-                    } else {
-                        "starting".into()
-                    },
+                    health: health.into(),
                     // From the instance's own start, which survives a daemon restart.
-                    uptime_s: now_ms().saturating_sub(l.instance.started_unix_ms()) / 1000,
+                    uptime_s: now_ms().saturating_sub(l.started_unix_ms) / 1000,
                     last_error: h.last_error,
                 }
             })
@@ -1231,7 +1327,7 @@ impl Agent {
     /// The metrics text, with the instance gauges set from the current view.
     pub fn metrics_text(&self) -> String {
         let instances = self.instances();
-        for state in ["starting", "healthy", "unhealthy"] {
+        for state in ["starting", "healthy", "unhealthy", "stopping"] {
             let n = instances.iter().filter(|i| i.health == state).count();
             self.metrics
                 .instances
@@ -1281,7 +1377,14 @@ impl Agent {
                 self.state.delete_group(g.name.as_str())?;
             }
         }
-        self.reconcile()
+        let done = self.reconcile();
+        self.releaser.settle();
+        done
+    }
+
+    /// Waits until the ended instances' cgroups and addresses are freed.
+    pub fn settle(&self) {
+        self.releaser.settle();
     }
 }
 

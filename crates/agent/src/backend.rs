@@ -27,6 +27,13 @@ pub trait Handle: Send {
     fn wait_fd(&self) -> RawFd;
     fn is_running(&self) -> bool;
     fn wait(&mut self) -> ExitReport;
+    /// Waits for the end like `wait`, but keeps the instance's cgroups and address
+    /// until `release`, so that a replacement can start first.
+    fn reap(&mut self) -> ExitReport {
+        self.wait()
+    }
+    /// Frees what an ended instance held (after `reap`; once).
+    fn release(&mut self) {}
     fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport>;
     /// SIGTERM, then SIGKILL after `grace`.
     fn stop(&mut self, grace: Duration) -> ExitReport;
@@ -68,6 +75,12 @@ impl Handle for Instance {
     }
     fn wait(&mut self) -> ExitReport {
         Instance::wait(self)
+    }
+    fn reap(&mut self) -> ExitReport {
+        Instance::reap(self)
+    }
+    fn release(&mut self) {
+        Instance::release(self)
     }
     fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport> {
         Instance::wait_timeout(self, Some(timeout))
@@ -111,6 +124,12 @@ impl Handle for juice_microvm::Vm {
     }
     fn wait(&mut self) -> ExitReport {
         juice_microvm::Vm::wait(self)
+    }
+    fn reap(&mut self) -> ExitReport {
+        juice_microvm::Vm::reap(self)
+    }
+    fn release(&mut self) {
+        juice_microvm::Vm::release(self)
     }
     fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReport> {
         juice_microvm::Vm::wait_timeout(self, Some(timeout))

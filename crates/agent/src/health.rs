@@ -1,11 +1,12 @@
 //! Health checks from the host into an instance: a TCP connect, or an HTTP GET
 //! that must answer 2xx. There is no shell in an appliance to exec a check in.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use juice_image::manifest::{HealthCheck, Probe};
 
@@ -51,16 +52,40 @@ impl Health {
     }
 }
 
-/// Probes in a thread until dropped.
+/// Probes until dropped. Every prober of the process is a task on one thread
+/// (`juice-health`), not a thread each: a host with 500 instances has one
+/// prober thread, and a probe that waits for its timeout delays no other.
 pub struct Prober {
     pub health: Arc<Mutex<Health>>,
-    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
+}
+
+/// The probers' runtime, on a thread of its own, made on first use.
+fn probers() -> Result<&'static tokio::runtime::Handle, String> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Handle, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot make the health probes' runtime: {e}"))?;
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name("juice-health".into())
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .map_err(|e| format!("cannot start the health probes' thread: {e}"))?;
+            Ok(handle)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 impl Prober {
@@ -71,32 +96,43 @@ impl Prober {
         changed: Arc<dyn Fn() + Send + Sync>,
         durations: prometheus_client::metrics::histogram::Histogram,
     ) -> Prober {
-        let stop = Arc::new(AtomicBool::new(false));
         let (Some(check), Some(address)) = (check, address) else {
             return Prober {
                 health: Arc::new(Mutex::new(Health::assumed(Instant::now()))),
-                stop,
+                task: None,
             };
         };
         let health = Arc::new(Mutex::new(Health::new()));
-        let (h, s) = (health.clone(), stop.clone());
-        std::thread::spawn(move || run(check, address, &h, &s, &*changed, &durations));
-        Prober { health, stop }
+        let task = match probers() {
+            Ok(rt) => {
+                let h = health.clone();
+                Some(
+                    rt.spawn(async move { run(check, address, &h, &*changed, &durations).await })
+                        .abort_handle(),
+                )
+            }
+            Err(e) => {
+                // Never healthy, and the reason is shown where health is.
+                lock(&health).last_error = Some(e);
+                None
+            }
+        };
+        Prober { health, task }
     }
 
     pub fn snapshot(&self) -> Health {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.health).clone()
     }
 }
 
-fn run(
+fn lock(h: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn run(
     check: HealthCheck,
     address: Ipv4Addr,
     health: &Mutex<Health>,
-    stop: &AtomicBool,
     changed: &(dyn Fn() + Send + Sync),
     durations: &prometheus_client::metrics::histogram::Histogram,
 ) {
@@ -104,20 +140,12 @@ fn run(
     // The first probe soon after start, then every interval.
     let mut wait = Duration::from_millis(50);
     loop {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(
-                Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
-            );
-        }
+        tokio::time::sleep(wait).await;
         wait = check.interval;
         let t = Instant::now();
-        let result = probe(&check.probe, address, check.timeout);
+        let result = probe(&check.probe, address, check.timeout).await;
         durations.observe(t.elapsed().as_secs_f64());
-        let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = lock(health);
         let (was_healthy, was_failed) = (h.healthy, h.failed);
         match result {
             Ok(()) => {
@@ -151,35 +179,46 @@ fn run(
     }
 }
 
-/// One probe.
-pub fn probe(probe: &Probe, address: Ipv4Addr, timeout: Duration) -> Result<(), String> {
+/// One probe, within `timeout` in all.
+pub async fn probe(probe: &Probe, address: Ipv4Addr, timeout: Duration) -> Result<(), String> {
     let port = match probe {
         Probe::Http { port, .. } | Probe::Tcp { port } => port.get(),
     };
     let addr = SocketAddr::from((address, port));
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let what = match probe {
+        Probe::Http { path, .. } => format!("GET {path}"),
+        Probe::Tcp { .. } => format!("connect {addr}"),
+    };
+    tokio::time::timeout(timeout, probe_once(probe, addr))
+        .await
+        .map_err(|_| {
+            format!(
+                "{what}: no answer within {}",
+                humantime::format_duration(timeout)
+            )
+        })?
+}
+
+async fn probe_once(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let Probe::Http { path, .. } = probe else {
         return Ok(());
     };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
     // One write: a server that reads once and answers must see the whole request.
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nUser-Agent: juice-health\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: juice-health\r\n\r\n",
+        addr.ip()
     );
     stream
         .write_all(request.as_bytes())
+        .await
         .map_err(|e| format!("GET {path}: {e}"))?;
     let mut head = [0u8; 64];
     let mut n = 0;
-    let started = Instant::now();
-    while n < 12 && started.elapsed() < timeout {
-        match stream.read(&mut head[n..]) {
+    while n < 12 {
+        match stream.read(&mut head[n..]).await {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) => return Err(format!("GET {path}: {e}")),
@@ -200,7 +239,16 @@ pub fn probe(probe: &Probe, address: Ipv4Addr, timeout: Duration) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
+
+    fn probe(p: &Probe, a: Ipv4Addr, t: Duration) -> Result<(), String> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(super::probe(p, a, t))
+    }
 
     fn server(answer: &'static str) -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -261,5 +309,71 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn a_server_that_never_answers_times_out() {
+        // Accepts (the kernel does) but never reads or answers.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t0 = Instant::now();
+        let e = probe(&http(port), Ipv4Addr::LOCALHOST, Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("no answer within 200ms"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(l);
+    }
+
+    fn histogram() -> prometheus_client::metrics::histogram::Histogram {
+        prometheus_client::metrics::histogram::Histogram::new([0.1, 1.0])
+    }
+
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    #[test]
+    fn probers_share_one_thread() {
+        let ok = server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let check = HealthCheck {
+            probe: http(ok),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(1),
+            retries: 3,
+            start_period: Duration::ZERO,
+        };
+        // The probers' thread exists after the first one.
+        let first = Prober::start(
+            Some(check.clone()),
+            Some(Ipv4Addr::LOCALHOST),
+            Arc::new(|| {}),
+            histogram(),
+        );
+        let before = threads();
+        let many: Vec<Prober> = (0..50)
+            .map(|_| {
+                Prober::start(
+                    Some(check.clone()),
+                    Some(Ipv4Addr::LOCALHOST),
+                    Arc::new(|| {}),
+                    histogram(),
+                )
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !many.iter().all(|p| p.snapshot().healthy) {
+            assert!(
+                Instant::now() < deadline,
+                "not all 50 probers saw a healthy server"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Other tests of this binary run in threads of their own: allow for them.
+        assert!(
+            threads() < before + 10,
+            "{} threads, {before} before",
+            threads()
+        );
+        drop(many);
+        drop(first);
     }
 }

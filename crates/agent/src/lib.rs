@@ -28,6 +28,7 @@ pub mod doctor;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+mod releaser;
 pub mod site;
 pub mod state;
 pub mod tls;
@@ -43,6 +44,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let socket = agent.home().join("juice.sock");
+    // The instances an earlier daemon started are in every answer from the first.
+    if let Err(e) = agent.adopt() {
+        eprintln!("juice: adopting running instances: {e}");
+    }
     let listener = api::bind(&socket)?;
     let reconciler = agent.clone();
     std::thread::Builder::new()
@@ -56,10 +61,12 @@ pub async fn serve(
             }
         });
     }
-    let result = axum::serve(listener, api::router(agent))
+    let result = axum::serve(listener, api::router(agent.clone()))
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&socket);
+    // Ended instances' cgroups and addresses are freed before the daemon goes.
+    agent.settle();
     result
 }
 

@@ -246,7 +246,34 @@ impl State {
         instance: Option<&str>,
         message: &str,
     ) -> Result<Event, StateError> {
+        self.event_and_forget(group, instance, message, None)
+    }
+
+    /// Drops an instance's record and appends the event that says why, in one
+    /// commit (one disk flush on the path of a heal, not two).
+    pub fn instance_ended(
+        &self,
+        group: &str,
+        instance: &str,
+        message: &str,
+    ) -> Result<Event, StateError> {
+        self.event_and_forget(Some(group), Some(instance), message, Some(instance))
+    }
+
+    fn event_and_forget(
+        &self,
+        group: Option<&str>,
+        instance: Option<&str>,
+        message: &str,
+        forget: Option<&str>,
+    ) -> Result<Event, StateError> {
         let tx = self.db.begin_write().map_err(db_err)?;
+        if let Some(name) = forget {
+            tx.open_table(INSTANCES)
+                .map_err(db_err)?
+                .remove(name)
+                .map_err(db_err)?;
+        }
         let event = {
             let mut t = tx.open_table(EVENTS).map_err(db_err)?;
             let seq = t.last().map_err(db_err)?.map_or(1, |(k, _)| k.value() + 1);

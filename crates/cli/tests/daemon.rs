@@ -912,3 +912,81 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
     assert_eq!(left, 0, "instance records left on disk");
     assert_eq!(json(&j, &["get", "groups"]), serde_json::json!([]));
 }
+
+#[test]
+fn a_start_that_keeps_failing_backs_off_and_leaves_nothing_behind() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let j = Juice::new();
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    // An appliance whose command is not executable: each start gets as far as
+    // the cgroups, the address and the nftables pin before init's exec fails.
+    let app = j.home.path().join("app-nostart");
+    std::fs::create_dir_all(app.join("static")).unwrap();
+    std::fs::write(app.join("static/index.html"), "hi").unwrap();
+    std::fs::write(
+        app.join("juice.toml"),
+        "[appliance]\nname = \"nostart\"\nversion = \"1\"\n[build]\nfiles = [{ from = \"static/\", to = \"/srv/www\" }]\n[run]\ncommand = [\"/srv/www/index.html\"]\n",
+    )
+    .unwrap();
+    let file = j.home.path().join("nostart.toml");
+    std::fs::write(
+        &file,
+        "[group.nostart]\nimage = \"./app-nostart\"\nsize = 1\n",
+    )
+    .unwrap();
+    let _d = daemon(&j);
+    j.ok(&["apply", "-f", file.to_str().unwrap()]);
+    // The measure: 20 s of failing starts.
+    std::thread::sleep(Duration::from_secs(20));
+    let events = j.ok(&["events", "-o", "json"]);
+    let tries = events.matches("failed start").count();
+    assert!(
+        (2..=10).contains(&tries),
+        "{tries} failed starts in 20 s (want a handful, backing off):\n{events}"
+    );
+    assert!(
+        events.contains("Permission denied"),
+        "the reason is in the events:\n{events}"
+    );
+    let g = group(&j, "nostart");
+    assert!(
+        g["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cannot-start"),
+        "{g}"
+    );
+    let described = j.ok(&["describe", "group", "nostart"]);
+    assert!(described.contains("Permission denied"), "{described}");
+    // Nothing left: no instance directory, address or cgroup.
+    let dirs: Vec<_> = std::fs::read_dir(j.home.path().join("instances"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(dirs.is_empty(), "instance directories left: {dirs:?}");
+    let allocations = std::fs::read_to_string(j.home.path().join("network/allocations.json"))
+        .unwrap_or_else(|_| "{}".into());
+    assert!(
+        !allocations.contains("nostart"),
+        "addresses left: {allocations}"
+    );
+    let cgroups: Vec<String> = walk_cgroups(Path::new("/sys/fs/cgroup"), 0)
+        .into_iter()
+        .filter(|p| p.contains("/juice/nostart-"))
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
+
+/// Every directory under `dir`, a few levels deep (the cgroup hierarchies).
+fn walk_cgroups(dir: &Path, depth: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    if depth > 6 {
+        return out;
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(e.path().display().to_string());
+            out.extend(walk_cgroups(&e.path(), depth + 1));
+        }
+    }
+    out
+}

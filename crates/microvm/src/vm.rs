@@ -527,6 +527,7 @@ impl Runtime {
             dir: dir.to_owned(),
             home: self.home.clone(),
             reaped: None,
+            released: false,
         };
         if let Err(e) = vm.write_state().and_then(|()| vm.wait_for_qmp(&spec.name)) {
             kill_it();
@@ -567,6 +568,7 @@ impl Runtime {
             dir,
             home: self.home.clone(),
             reaped: None,
+            released: false,
         };
         if vm.is_running() {
             // A live pid that is not our VM's QEMU would not answer on its socket.
@@ -765,6 +767,7 @@ pub struct Vm {
     dir: PathBuf,
     home: PathBuf,
     reaped: Option<ExitReport>,
+    released: bool,
 }
 
 impl Vm {
@@ -893,6 +896,22 @@ impl Vm {
 
     /// Waits up to `timeout` (forever if `None`) for the VM to end; then cleans up.
     pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
+        let report = self.reap_timeout(timeout)?;
+        self.release();
+        Some(report)
+    }
+
+    /// Waits for the VM to end and collects its exit, but keeps its address
+    /// until `release` (see the sandbox's `Instance::reap`).
+    pub fn reap(&mut self) -> ExitReport {
+        loop {
+            if let Some(r) = self.reap_timeout(None) {
+                return r;
+            }
+        }
+    }
+
+    fn reap_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
         if let Some(r) = self.reaped {
             return Some(r);
         }
@@ -934,7 +953,6 @@ impl Vm {
             }
         }
         self.reaped = Some(report);
-        self.release();
         Some(report)
     }
 
@@ -1033,7 +1051,12 @@ impl Vm {
     }
 
     /// Frees the address; the tap went with QEMU. Keeps logs and status.
-    fn release(&self) {
+    /// Once, and only after the VM has ended.
+    pub fn release(&mut self) {
+        if self.reaped.is_none() || self.released {
+            return;
+        }
+        self.released = true;
         if let Some(a) = &self.state.network {
             network::release(&self.home, a);
         }

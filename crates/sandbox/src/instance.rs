@@ -463,6 +463,7 @@ impl Runtime {
             cgroups: self.cgroups.clone(),
             home: self.home.clone(),
             reaped: None,
+            released: false,
         })
     }
 
@@ -590,6 +591,7 @@ impl Runtime {
             cgroups: self.cgroups.clone(),
             home: self.home.clone(),
             reaped: None,
+            released: false,
         })
     }
 
@@ -666,6 +668,7 @@ pub struct Instance {
     cgroups: Option<Arc<dyn Hierarchy>>,
     home: PathBuf,
     reaped: Option<ExitReport>,
+    released: bool,
 }
 
 impl Instance {
@@ -691,6 +694,23 @@ impl Instance {
 
     /// Waits up to `timeout` (forever if `None`) for the instance to end; then cleans up.
     pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
+        let report = self.reap_timeout(timeout)?;
+        self.release();
+        Some(report)
+    }
+
+    /// Waits for the instance to end and collects its exit, but keeps its cgroups
+    /// and address until `release`: a caller that starts a replacement first takes
+    /// the release off that path.
+    pub fn reap(&mut self) -> ExitReport {
+        loop {
+            if let Some(r) = self.reap_timeout(None) {
+                return r;
+            }
+        }
+    }
+
+    fn reap_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
         if let Some(r) = self.reaped {
             return Some(r);
         }
@@ -721,8 +741,6 @@ impl Instance {
             oom_killed,
         };
         self.reaped = Some(report);
-        self.release();
-        crate::trace::mark("released");
         Some(report)
     }
 
@@ -781,7 +799,12 @@ impl Instance {
     }
 
     /// Removes the cgroups and the network attachment; keeps logs and exit status.
-    fn release(&self) {
+    /// Once, and only after the instance has ended.
+    pub fn release(&mut self) {
+        if self.reaped.is_none() || self.released {
+            return;
+        }
+        self.released = true;
         crate::trace::mark("releasing");
         if let Some(h) = self.hierarchy() {
             let _ = h.remove(&self.state.cgroups);
@@ -791,6 +814,7 @@ impl Instance {
             network::release(&self.home, a);
         }
         let _ = std::fs::remove_file(self.dir.join("state.json"));
+        crate::trace::mark("released");
     }
 
     /// For an instance found dead: remove what it left.
@@ -801,8 +825,8 @@ impl Instance {
                 signal: None,
                 oom_killed: false,
             });
-            self.release();
         }
+        self.release();
     }
 }
 

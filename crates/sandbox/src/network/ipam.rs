@@ -160,9 +160,10 @@ pub fn allocate(
     Ok(member)
 }
 
-/// Frees `instance`'s address; returns who is left.
-pub fn release(home: &Path, instance: &str) -> Result<Vec<Member>, NetworkError> {
-    let _lock = lock(home)?;
+/// Frees `instance`'s address; returns who is left. The caller holds the lock
+/// (and keeps it while it writes the rules for who is left, so that a
+/// concurrent start's rules are not lost).
+pub(super) fn release_locked(home: &Path, instance: &str) -> Result<Vec<Member>, NetworkError> {
     let mut all = load(home);
     if all.remove(instance).is_some() {
         save(home, &all)?;
@@ -170,9 +171,9 @@ pub fn release(home: &Path, instance: &str) -> Result<Vec<Member>, NetworkError>
     Ok(all.into_values().collect())
 }
 
-pub fn members(home: &Path) -> Result<Vec<Member>, NetworkError> {
-    let _lock = lock(home)?;
-    Ok(load(home).into_values().collect())
+/// Every member; the caller holds the lock.
+pub(super) fn members_locked(home: &Path) -> Vec<Member> {
+    load(home).into_values().collect()
 }
 
 #[cfg(test)]
@@ -192,13 +193,13 @@ mod tests {
             a,
             "an instance keeps its address"
         );
-        release(t.path(), "a").unwrap();
+        release_locked(t.path(), "a").unwrap();
         assert_eq!(
             allocate(t.path(), "c", &spec, "jv-c").unwrap().address,
             a,
             "freed addresses are reused"
         );
-        assert_eq!(members(t.path()).unwrap().len(), 2);
+        assert_eq!(members_locked(t.path()).len(), 2);
         // A second allocation keeps the first port: its link is already named.
         assert_eq!(
             allocate(t.path(), "b", &spec, "jv-new").unwrap().port,

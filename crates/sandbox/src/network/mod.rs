@@ -175,7 +175,7 @@ pub fn allocate(
 pub fn attach(home: &Path, a: &Attachment, pid: i32) -> Result<(), NetworkError> {
     links::attach(a, pid)?;
     crate::trace::mark("links ready");
-    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))?;
+    allow_members(home, &a.bridge)?;
     publish_own(home, a)
 }
 
@@ -198,7 +198,7 @@ fn publish_own(home: &Path, a: &Attachment) -> Result<(), NetworkError> {
 /// lives as long as the returned fd (hand it to the VMM).
 pub fn attach_tap(home: &Path, a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> {
     let tap = links::attach_tap(a)?;
-    nft::apply(&ipam::members(home)?, &a.bridge, &ipam::nft_state(home))?;
+    allow_members(home, &a.bridge)?;
     publish_own(home, a)?;
     Ok(tap)
 }
@@ -215,9 +215,20 @@ pub fn mac_for(address: Ipv4Addr) -> [u8; 6] {
 /// created inside it), which the kernel tears down once the last process exits.
 pub fn release(home: &Path, a: &Attachment) {
     let _ = publish::set(home, &publish::run_owner(&a.instance), &a.bridge, &[], &[]);
-    let remaining = ipam::release(home, &a.instance).unwrap_or_default();
-    let _ = nft::apply(&remaining, &a.bridge, &ipam::nft_state(home));
+    // The rules are written from the members under the same lock: a start and a
+    // release running at once must not each write a set that lacks the other.
+    if let Ok(_lock) = ipam::lock(home)
+        && let Ok(remaining) = ipam::release_locked(home, &a.instance)
+    {
+        let _ = nft::apply(&remaining, &a.bridge, &ipam::nft_state(home));
+    }
     crate::trace::mark("rules updated");
+}
+
+/// Writes the rules for every member, under the members' lock.
+fn allow_members(home: &Path, bridge: &str) -> Result<(), NetworkError> {
+    let _lock = ipam::lock(home)?;
+    nft::apply(&ipam::members_locked(home), bridge, &ipam::nft_state(home))
 }
 
 /// Removes the bridge and Juice's nftables tables (host infrastructure that

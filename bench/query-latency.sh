@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Query latency while the daemon pulls: `GET /v1/instances` (what `juice get
+# instances` asks) on the daemon's socket, p50 and p99, at rest and while an
+# apply pulls a large image (hello-web plus SIZE_MB of random bytes, so gzip
+# cannot shrink it) from a local docker-registry on loopback.
+# The baseline is the same query at rest, in the same run; goal: p99 during the
+# pull within 2x of p99 at rest.
+#
+# Usage: bench/query-latency.sh [SIZE_MB] [REST_SAMPLES]   (root; docker-registry, curl, jq)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+size_mb=${1:-300}
+rest_samples=${2:-500}
+command -v docker-registry >/dev/null || apt-get install -y -qq docker-registry >/dev/null
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+http:
+  addr: 127.0.0.1:$port
+YAML
+docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
+reg_pid=$!
+stop_all() { stop_daemon; kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; }
+reg=127.0.0.1:$port
+until curl -sf "http://$reg/v2/" >/dev/null; do sleep 0.05; done
+
+# The large image, built and pushed from a home of its own.
+big=$work/big
+mkdir -p "$big/blob"
+cp -r examples/hello-web/static "$big/static"
+head -c "${size_mb}M" /dev/urandom >"$big/blob/data"
+cat >"$big/juice.toml" <<TOML
+[appliance]
+name = "big"
+version = "1"
+[build]
+binaries = [{ from = "$PWD/target/x86_64-unknown-linux-musl/release/hello-web", to = "/usr/bin/hello-web" }]
+files = [{ from = "static/", to = "/srv/www" }, { from = "blob/", to = "/srv/blob" }]
+[run]
+command = ["/usr/bin/hello-web", "--port", "8080", "--root", "/srv/www"]
+ports = [8080]
+[health]
+http = "/healthz"
+port = 8080
+interval = "1s"
+TOML
+JUICE_HOME=$work/builder "$juice" build -q "$big" >/dev/null
+JUICE_HOME=$work/builder "$juice" push -q big:1 "$reg/bench/big:1" --insecure "$reg" >/dev/null
+
+export JUICE_INSECURE_REGISTRIES=$reg
+start_daemon
+trap stop_all EXIT
+cat >"$work/site.toml" <<TOML
+[group.web]
+image = "$PWD/examples/hello-web"
+size = 2
+TOML
+"$juice" apply -f "$work/site.toml" >/dev/null
+until [ "$("$juice" get groups -o json | jq '.[0].ready')" = 2 ]; do sleep 0.1; done
+
+query() { curl -s -o /dev/null -w '%{time_total}\n' --unix-socket "$JUICE_HOME/juice.sock" http://juice/v1/instances; }
+pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100); if (i<1) i=1; if (i>NR) i=NR; printf "%.1f", a[i]*1000}'; }
+
+for _ in $(seq "$rest_samples"); do query; sleep 0.01; done >"$work/rest.txt"
+
+cat >>"$work/site.toml" <<TOML
+[group.big]
+image = "$reg/bench/big:1"
+size = 1
+TOML
+t0=$(now_ms)
+"$juice" apply -f "$work/site.toml" >"$work/apply.log" 2>&1 &
+apply=$!
+while kill -0 "$apply" 2>/dev/null; do query; sleep 0.01; done >"$work/pull.txt"
+wait "$apply" || { cat "$work/apply.log"; exit 1; }
+pull_ms=$(( $(now_ms) - t0 ))
+
+rest99=$(pct 99 <"$work/rest.txt"); pull99=$(pct 99 <"$work/pull.txt")
+echo "image: hello-web + ${size_mb} MiB of random bytes, pulled by the daemon's apply in ${pull_ms} ms"
+printf '%-44s %6s samples  p50 %6s ms  p99 %6s ms  max %6s ms\n' \
+  "GET /v1/instances at rest" "$(wc -l <"$work/rest.txt")" "$(pct 50 <"$work/rest.txt")" "$rest99" "$(pct 100 <"$work/rest.txt")" \
+  "GET /v1/instances during the pull" "$(wc -l <"$work/pull.txt")" "$(pct 50 <"$work/pull.txt")" "$pull99" "$(pct 100 <"$work/pull.txt")"
+awk -v a="$pull99" -v b="$rest99" 'BEGIN { printf "p99 during / p99 at rest: %.2fx (goal <= 2x)\n", a/b }'
+"$juice" delete big >/dev/null 2>&1 || true
