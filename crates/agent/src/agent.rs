@@ -206,6 +206,7 @@ impl Agent {
         let runtime = Runtime::new(home).map_err(|e| AgentError::Setup(e.to_string()))?;
         // What ended instances left (an earlier daemon killed before it freed them).
         runtime.cleanup_stale();
+        crate::releaser::prune_ended(home, crate::releaser::KEEP_ENDED);
         let sandbox: Box<dyn Backend> = Box::new(runtime);
         Agent::with_sandbox(home, store, sandbox)
     }
@@ -238,7 +239,7 @@ impl Agent {
             state,
             world: Mutex::new(world),
             views,
-            releaser: crate::releaser::Releaser::start(),
+            releaser: crate::releaser::Releaser::start(home),
             wake,
             metrics: crate::metrics::Metrics::new(),
         }))
@@ -897,6 +898,8 @@ impl Agent {
         if let Some(mut l) = w.take_to_stop(name) {
             let report = l.instance.stop(Duration::from_secs(10));
             w.stopped(name);
+            // Released by the stop; the releaser prunes the ended instances' directories.
+            self.releaser.release(l.instance);
             self.state.delete_instance(name)?;
             self.event(
                 Some(&l.group),

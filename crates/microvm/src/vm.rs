@@ -316,6 +316,18 @@ impl Runtime {
             existing.cleanup();
         }
         let dir = self.vm_dir(&spec.name);
+        // A boot that fails leaves no directory behind (unless an earlier VM of the
+        // name left its logs there).
+        let fresh = !dir.exists();
+        let booted = self.spawn_in(spec, &dir);
+        if booted.is_err() && fresh {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        booted
+    }
+
+    fn spawn_in(&self, spec: &SandboxSpec, dir: &Path) -> Result<Vm, VmError> {
+        let dir = dir.to_owned();
         std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
             action: "create",
             path: dir.clone(),

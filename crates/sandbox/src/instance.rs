@@ -268,6 +268,9 @@ impl Runtime {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let _ = std::fs::remove_dir_all(dir.join(EXIT_DIR));
+        // A start that fails leaves no directory behind (unless an earlier instance
+        // of the name left its logs there).
+        let fresh = !dir.exists();
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_err("create", &logs))?;
         let exit_dir = dir.join(EXIT_DIR);
@@ -284,6 +287,9 @@ impl Runtime {
             Ok(instance) => Ok(instance),
             Err(e) => {
                 undo.run(self);
+                if fresh {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 Err(e)
             }
         }
