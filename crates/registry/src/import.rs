@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use juice_image::build::closure::{DEFAULT_DIRS, ElfObject, expand_origin};
+use juice_image::closure::{DEFAULT_DIRS, ElfObject, expand_origin};
 use juice_image::build::tree::{Node, Source, Tree, normal_file_mode};
 use juice_image::build::{Assembled, BuildOutcome, build_assembled};
 use juice_image::confine;
