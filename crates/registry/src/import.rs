@@ -747,7 +747,10 @@ fn open_layer(mut f: std::fs::File) -> std::io::Result<Box<dyn Read>> {
 impl Staged {
     /// Puts a node at `path`; its ancestors become directories (replacing whatever was there).
     fn put(&mut self, path: &Path, node: SNode, layer: usize) {
-        for a in path.ancestors().skip(1) {
+        // From the root down: replacing an ancestor removes what is under it,
+        // so a directory made for a deeper ancestor first would be lost.
+        let ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+        for a in ancestors.into_iter().rev() {
             match self.nodes.get(a) {
                 Some(SNode::Dir { .. }) => {}
                 _ => {
@@ -1399,6 +1402,27 @@ mod tests {
         ));
         assert!(has("/lib/z") && !has("/usr/lib/z"));
         assert_eq!(s.setid_dropped.len(), 5, "{:?}", s.setid_dropped);
+    }
+
+    #[test]
+    fn entries_without_their_directories_get_them() {
+        let (s, _dir) = flat(vec![
+            layer(&[("a", Symlink, b"", "b"), ("b/", Directory, b"", "")]),
+            layer(&[("a/c/d", Regular, b"d", ""), ("e/f/g", Regular, b"g", "")]),
+        ]);
+        let s = s.unwrap();
+        for dir in ["/a", "/a/c", "/e", "/e/f"] {
+            assert!(
+                matches!(s.nodes.get(Path::new(dir)), Some(SNode::Dir { .. })),
+                "{dir}: {:?}",
+                s.nodes
+            );
+        }
+        let mut links = BTreeSet::new();
+        assert_eq!(
+            s.resolve(Path::new("/e/f/g"), &mut links),
+            Some(PathBuf::from("/e/f/g"))
+        );
     }
 
     #[test]
