@@ -22,6 +22,7 @@
 
 pub mod appliance;
 pub mod build;
+pub mod closure;
 pub mod confine;
 pub mod digest;
 pub mod manifest;

@@ -15,17 +15,18 @@
 //!
 //! `--prune` keeps only the entrypoint (through its `#!` interpreter if it is
 //! a script), what `--keep` names, and the ELF closure of every kept program
-//! and library, resolved inside the image the way its `ld.so` would (DT_RPATH,
-//! DT_RUNPATH with `$ORIGIN`, the image's `/etc/ld.so.conf`, the default
-//! directories), with every symlink on the way.
+//! and library, resolved inside the image by the resolver `juice build` uses
+//! ([`juice_image::closure`]), reading the image instead of the host (DT_RPATH
+//! and what the loading objects pass on, DT_RUNPATH with `$ORIGIN`, the image's
+//! `/etc/ld.so.conf`, the default directories), with every symlink on the way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use juice_image::build::closure::{DEFAULT_DIRS, ElfObject, expand_origin};
 use juice_image::build::tree::{Node, Source, Tree, normal_file_mode};
 use juice_image::build::{Assembled, BuildOutcome, build_assembled};
+use juice_image::closure::{self, ClosureError, Files, Resolver};
 use juice_image::confine;
 use juice_image::digest::{Digest, HashingReader};
 use juice_image::manifest::Manifest;
@@ -747,7 +748,10 @@ fn open_layer(mut f: std::fs::File) -> std::io::Result<Box<dyn Read>> {
 impl Staged {
     /// Puts a node at `path`; its ancestors become directories (replacing whatever was there).
     fn put(&mut self, path: &Path, node: SNode, layer: usize) {
-        for a in path.ancestors().skip(1) {
+        // From the root down: replacing an ancestor removes what is under it,
+        // so a directory made for a deeper ancestor first would be lost.
+        let ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+        for a in ancestors.into_iter().rev() {
             match self.nodes.get(a) {
                 Some(SNode::Dir { .. }) => {}
                 _ => {
@@ -870,33 +874,13 @@ impl Staged {
         }
     }
 
-    /// Library directories the image's loader searches after DT_RUNPATH: its ld.so.conf, the defaults.
-    fn loader_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs = Vec::new();
-        let mut confs = vec![PathBuf::from("/etc/ld.so.conf")];
-        confs.extend(
-            self.nodes
-                .keys()
-                .filter(|p| {
-                    p.starts_with("/etc/ld.so.conf.d") && p.extension().is_some_and(|e| e == "conf")
-                })
-                .cloned(),
-        );
-        for conf in confs {
-            let mut links = BTreeSet::new();
-            let Some(real) = self.resolve(&conf, &mut links) else {
-                continue;
-            };
-            let text =
-                String::from_utf8_lossy(&self.file_bytes(&real).unwrap_or_default()).into_owned();
-            for line in text.lines().map(str::trim) {
-                if line.starts_with('/') {
-                    dirs.push(PathBuf::from(line));
-                }
-            }
+    /// The staged copy of the regular file `path` leads to.
+    fn staged_file(&self, path: &Path) -> Option<&Path> {
+        let real = self.resolve(path, &mut BTreeSet::new())?;
+        match self.nodes.get(&real)? {
+            SNode::File { data, .. } => Some(data),
+            _ => None,
         }
-        dirs.extend(DEFAULT_DIRS.iter().map(PathBuf::from));
-        dirs
     }
 
     /// The pruned image: roots, kept paths and their closure; the closure report; the programs.
@@ -921,23 +905,16 @@ impl Staged {
             })?;
         roots.push(program_path.clone());
         // A script: its interpreter too.
-        if let Some(bytes) = self.file_bytes(&program_path)
-            && bytes.starts_with(b"#!")
-        {
-            let line = String::from_utf8_lossy(&bytes[2..bytes.len().min(256)]).into_owned();
-            if let Some(interp) = line
-                .lines()
-                .next()
-                .and_then(|l| l.split_whitespace().next())
-            {
-                let real = self.resolve(Path::new(interp), &mut links).ok_or_else(|| {
+        if let Some(interp) = self.script_interpreter(&program_path) {
+            let real = self
+                .resolve(Path::new(&interp), &mut links)
+                .ok_or_else(|| {
                     import_err(
                         source,
                         format!("{program}'s interpreter {interp} is not in the image"),
                     )
                 })?;
-                roots.push(real);
-            }
+            roots.push(real);
         }
         for k in keep {
             let k = Path::new("/").join(k.strip_prefix("/").unwrap_or(k));
@@ -955,81 +932,40 @@ impl Staged {
                 }
             }
         }
-        kept.extend(links.iter().cloned());
-        let search = self.loader_dirs();
-        let mut closure: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut queue: Vec<PathBuf> = roots.clone();
-        let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
-        while let Some(obj_path) = queue.pop() {
-            if !seen.insert(obj_path.clone()) {
-                continue;
-            }
-            kept.insert(obj_path.clone());
-            let Some(bytes) = self.file_bytes(&obj_path) else {
-                continue;
-            };
-            if !bytes.starts_with(b"\x7fELF") {
-                continue;
-            }
-            let obj = ElfObject::parse(&bytes, &obj_path).map_err(|e| import_err(source, e))?;
-            let mut needs = Vec::new();
-            if let Some(interp) = &obj.interpreter {
-                let mut l = BTreeSet::new();
-                let real = self.resolve(interp, &mut l).ok_or_else(|| {
-                    import_err(
-                        source,
-                        format!(
-                            "{} needs the loader {}, which is not in the image",
-                            obj_path.display(),
-                            interp.display()
-                        ),
-                    )
-                })?;
-                kept.extend(l);
-                queue.push(real);
-            }
-            let origin = obj_path.parent().unwrap_or(Path::new("/")).to_owned();
-            let mut dirs: Vec<PathBuf> = Vec::new();
-            if obj.runpath.is_empty() {
-                dirs.extend(
-                    obj.rpath
-                        .iter()
-                        .map(|d| expand_origin(d, &origin, obj.is_64)),
-                );
-            }
-            dirs.extend(
-                obj.runpath
-                    .iter()
-                    .map(|d| expand_origin(d, &origin, obj.is_64)),
-            );
-            dirs.extend(search.iter().cloned());
-            for name in &obj.needed {
-                let mut found = None;
-                for d in &dirs {
-                    let mut l = BTreeSet::new();
-                    if let Some(real) = self.resolve(&d.join(name), &mut l)
-                        && let Some(lib_bytes) = self.file_bytes(&real)
-                        && ElfObject::parse(&lib_bytes, &real)
-                            .is_ok_and(|o| o.is_64 == obj.is_64 && o.machine == obj.machine)
-                    {
-                        kept.extend(l);
-                        found = Some(real);
-                        break;
-                    }
-                }
-                let real = found.ok_or_else(|| {
-                    import_err(
-                        source,
-                        format!(
-                            "{} needs {name}, which the image does not have",
-                            obj_path.display()
-                        ),
-                    )
-                })?;
-                needs.push(real.display().to_string());
-                queue.push(real);
-            }
-            closure.insert(obj_path.display().to_string(), needs);
+        kept.extend(links);
+        kept.extend(roots.iter().cloned());
+        // Kept scripts and data have no closure; every ELF object kept has one.
+        roots.retain(|r| closure::is_elf(self, r));
+        let resolved = Resolver::new(self).closure(&roots).map_err(|e| match e {
+            ClosureError::Missing {
+                library, needed_by, ..
+            } => import_err(
+                source,
+                format!(
+                    "{} needs {library}, which the image does not have",
+                    needed_by.display()
+                ),
+            ),
+            e => import_err(source, e),
+        })?;
+        // The loader opens each object by the name it was found under: keep
+        // the links on the way and the file, and report the files.
+        let mut keep_file = |found: &Path| -> String {
+            let mut on_the_way = BTreeSet::new();
+            let real = self
+                .resolve(found, &mut on_the_way)
+                .unwrap_or_else(|| found.to_owned());
+            kept.extend(on_the_way);
+            kept.insert(real.clone());
+            real.display().to_string()
+        };
+        for interpreter in &resolved.interpreters {
+            keep_file(interpreter);
+        }
+        let mut report: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (object, needs) in &resolved.needs {
+            let needs = needs.iter().map(|n| keep_file(n)).collect();
+            report.insert(keep_file(object), needs);
         }
         let mut out = Staged::default();
         for p in &kept {
@@ -1039,7 +975,23 @@ impl Staged {
                 }
             }
         }
-        Ok((out, closure, vec![program_path]))
+        Ok((out, report, vec![program_path]))
+    }
+
+    /// The interpreter a `#!` script names; only the first line is read.
+    fn script_interpreter(&self, path: &Path) -> Option<String> {
+        let mut head = Vec::new();
+        Files::open(self, path)
+            .ok()?
+            .take(256)
+            .read_to_end(&mut head)
+            .ok()?;
+        let line = head.strip_prefix(b"#!")?;
+        let line = String::from_utf8_lossy(line);
+        line.lines()
+            .next()
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_owned)
     }
 
     /// Bytes dropped by pruning, by directory three levels deep, largest first (at most 12).
@@ -1062,6 +1014,42 @@ impl Staged {
         v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v.truncate(12);
         v
+    }
+}
+
+/// The image being imported, as the closure resolver reads it: paths and
+/// links are followed inside the flattened image only, and contents come from
+/// the staged copies, never from a host path an entry names.
+impl Files for Staged {
+    fn is_file(&self, path: &Path) -> bool {
+        self.staged_file(path).is_some()
+    }
+
+    fn identity(&self, path: &Path) -> PathBuf {
+        self.resolve(path, &mut BTreeSet::new())
+            .unwrap_or_else(|| path.to_owned())
+    }
+
+    fn open(&self, path: &Path) -> std::io::Result<Box<dyn Read + '_>> {
+        let data = self
+            .staged_file(path)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        Ok(Box::new(std::fs::File::open(data)?))
+    }
+
+    fn glob(&self, pattern: &str) -> Vec<PathBuf> {
+        let Ok(pattern) = glob::Pattern::new(pattern) else {
+            return Vec::new();
+        };
+        let options = glob::MatchOptions {
+            require_literal_separator: true,
+            ..glob::MatchOptions::new()
+        };
+        self.nodes
+            .keys()
+            .filter(|p| pattern.matches_path_with(p, options))
+            .cloned()
+            .collect()
     }
 }
 
@@ -1327,6 +1315,7 @@ fn user_ids(source: &str, user: &str, staged: &Staged) -> Result<(u32, u32), Reg
 #[cfg(test)]
 mod tests {
     use super::*;
+    use juice_image::closure::testing::InheritedRpath;
 
     fn layer(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -1399,6 +1388,27 @@ mod tests {
         ));
         assert!(has("/lib/z") && !has("/usr/lib/z"));
         assert_eq!(s.setid_dropped.len(), 5, "{:?}", s.setid_dropped);
+    }
+
+    #[test]
+    fn entries_without_their_directories_get_them() {
+        let (s, _dir) = flat(vec![
+            layer(&[("a", Symlink, b"", "b"), ("b/", Directory, b"", "")]),
+            layer(&[("a/c/d", Regular, b"d", ""), ("e/f/g", Regular, b"g", "")]),
+        ]);
+        let s = s.unwrap();
+        for dir in ["/a", "/a/c", "/e", "/e/f"] {
+            assert!(
+                matches!(s.nodes.get(Path::new(dir)), Some(SNode::Dir { .. })),
+                "{dir}: {:?}",
+                s.nodes
+            );
+        }
+        let mut links = BTreeSet::new();
+        assert_eq!(
+            s.resolve(Path::new("/e/f/g"), &mut links),
+            Some(PathBuf::from("/e/f/g"))
+        );
     }
 
     #[test]
@@ -1540,6 +1550,84 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("index.json"), "{err}");
+    }
+
+    /// The same gcc-built chain (prog with DT_RPATH `$ORIGIN/../x` -> liba ->
+    /// libb, found only through the DT_RPATH liba inherits), resolved from the
+    /// host and pruned inside an image: both find the same libraries.
+    #[test]
+    fn an_inherited_dt_rpath_finds_the_same_libraries_in_an_image_as_on_the_host() {
+        let t = tempfile::tempdir().unwrap();
+        let app = t.path().join("app");
+        let chain = InheritedRpath::build(&app);
+        let on_host = Resolver::system()
+            .closure(std::slice::from_ref(&chain.program))
+            .unwrap();
+
+        // The image: the chain under /app, and the host's libc and loader where the host found them.
+        let mut files: Vec<(String, Vec<u8>)> = [&chain.program, &chain.liba, &chain.libb]
+            .iter()
+            .map(|p| {
+                let rel = p.strip_prefix(t.path()).unwrap().display().to_string();
+                (rel, std::fs::read(p).unwrap())
+            })
+            .collect();
+        let mut dirs = BTreeSet::new();
+        for lib in on_host.libraries() {
+            if !lib.starts_with(t.path()) {
+                let rel = lib.strip_prefix("/").unwrap().display().to_string();
+                files.push((rel, std::fs::read(&lib).unwrap()));
+                dirs.insert(lib.parent().unwrap().display().to_string());
+            }
+        }
+        let conf = dirs.into_iter().collect::<Vec<_>>().join("\n");
+        files.push((
+            "etc/ld.so.conf".into(),
+            b"include /etc/ld.so.conf.d/*.conf\n".to_vec(),
+        ));
+        files.push(("etc/ld.so.conf.d/host.conf".into(), conf.into_bytes()));
+        let entries: Vec<(&str, tar::EntryType, &[u8], &str)> = files
+            .iter()
+            .map(|(p, d)| (p.as_str(), Regular, d.as_slice(), ""))
+            .collect();
+        let (staged, _dir) = flat(vec![layer(&entries)]);
+        let staged = staged.unwrap();
+        let (kept, in_image, _) = staged.prune("test", "/app/bin/prog", &[]).unwrap();
+
+        let by_name = |closure: Vec<(String, Vec<String>)>| -> BTreeMap<String, Vec<String>> {
+            let name = |p: &str| {
+                Path::new(p)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            closure
+                .into_iter()
+                .map(|(o, needs)| (name(&o), needs.iter().map(|n| name(n)).collect()))
+                .collect()
+        };
+        let host_names = by_name(
+            on_host
+                .needs
+                .iter()
+                .map(|(o, n)| {
+                    let n = n.iter().map(|p| p.display().to_string()).collect();
+                    (o.display().to_string(), n)
+                })
+                .collect(),
+        );
+        let image_names = by_name(in_image.clone().into_iter().collect());
+        assert!(
+            host_names["liba.so"].contains(&"libb.so".to_owned()),
+            "{host_names:?}"
+        );
+        assert_eq!(host_names, image_names);
+        assert!(
+            in_image["/app/x/liba.so"].contains(&"/app/x/libb.so".to_owned()),
+            "{in_image:?}"
+        );
+        assert!(kept.nodes.contains_key(Path::new("/app/x/libb.so")));
     }
 
     #[test]

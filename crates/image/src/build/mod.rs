@@ -6,7 +6,6 @@
 //! with the same inputs; otherwise write the layer, the config and the
 //! manifest as blobs and tag the result.
 
-pub mod closure;
 pub mod layer;
 pub mod tree;
 
@@ -20,10 +19,10 @@ use oci_spec::image::{
 };
 
 use crate::appliance::{ApplianceConfig, LABEL, SizeBreakdown};
+use crate::closure::{ClosureError, Resolver};
 use crate::digest::Digest;
 use crate::manifest::{Binary, Manifest, ManifestError};
 use crate::store::{Store, StoreError, canonical_json, oci_digest};
-use closure::{ClosureError, Resolver};
 use tree::{Node, Source, Tree, TreeError};
 
 /// Bumped whenever the layout of a built image changes, so old build caches are not reused.

@@ -1,15 +1,43 @@
 //! The shared-library closure of ELF programs, read from their headers.
 //!
-//! This mirrors what glibc's `ld.so` does at load time (DT_RPATH, DT_RUNPATH,
-//! `$ORIGIN`, `ld.so.conf`, the default directories, skipping objects of the
+//! This mirrors what glibc's `ld.so` does at load time (DT_RPATH, inherited by
+//! the objects an object loads unless they have DT_RUNPATH; DT_RUNPATH;
+//! `$ORIGIN`; `ld.so.conf`; the default directories; skipping objects of the
 //! wrong class or machine) without running anything: `ldd` executes the
 //! program's interpreter, which is unsafe on untrusted binaries and wrong when
 //! cross-building. Parsing is `goblin`'s; the search order is Juice's own.
+//!
+//! One resolver serves `juice build`, which reads the host ([`Host`]), and
+//! `juice import`, which reads the image it imports (its own [`Files`]), so
+//! both find the same libraries for the same objects.
+//!
+//! ```no_run
+//! use juice_image::closure::Resolver;
+//! # fn main() -> Result<(), juice_image::closure::ClosureError> {
+//! let closure = Resolver::system().closure(&["/usr/bin/curl".into()])?;
+//! for library in closure.libraries() {
+//!     println!("{}", library.display());
+//! }
+//! # Ok(()) }
+//! ```
+
+mod files;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use goblin::elf::Elf;
+
+pub use files::{Files, Host};
+
+/// Objects bigger than this are refused, not read into memory.
+pub const MAX_OBJECT_BYTES: u64 = 2 << 30;
+
+/// A loader configuration file bigger than this is ignored.
+const MAX_CONF_BYTES: u64 = 1 << 20;
 
 /// Why a closure could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +48,8 @@ pub enum ClosureError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is larger than {limit} bytes, more than Juice reads as an ELF object")]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error(
         "{path} is not an ELF file (only ELF programs and libraries can be declared as binaries or libraries; put scripts and data in `files`)"
     )]
@@ -46,12 +76,9 @@ pub struct ElfObject {
 }
 
 impl ElfObject {
-    /// Reads and parses `path`.
-    pub fn read(path: &Path) -> Result<ElfObject, ClosureError> {
-        let bytes = std::fs::read(path).map_err(|source| ClosureError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Reads and parses `path` from `files`.
+    pub fn read(files: &impl Files, path: &Path) -> Result<ElfObject, ClosureError> {
+        let bytes = read_at_most(files, path, MAX_OBJECT_BYTES)?;
         ElfObject::parse(&bytes, path)
     }
 
@@ -87,6 +114,38 @@ impl ElfObject {
     }
 }
 
+/// Whether `path` in `files` starts as an ELF object does (scripts and data do not).
+pub fn is_elf(files: &impl Files, path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    files
+        .open(path)
+        .and_then(|mut r| r.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"\x7fELF"
+}
+
+/// The contents of `path`, refused when longer than `limit`: the files may be an untrusted image's.
+fn read_at_most(files: &impl Files, path: &Path, limit: u64) -> Result<Vec<u8>, ClosureError> {
+    let read_error = |source| ClosureError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    files
+        .open(path)
+        .map_err(read_error)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if u64::try_from(bytes.len()).map_or(true, |n| n > limit) {
+        return Err(ClosureError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
 /// The result: every object reached, and what each one needs, by path.
 #[derive(Debug, Default, Clone)]
 pub struct Closure {
@@ -105,9 +164,10 @@ impl Closure {
     }
 }
 
-/// Finds libraries the way the dynamic loader would.
+/// Finds libraries in `files` the way the dynamic loader would.
 #[derive(Debug, Clone)]
-pub struct Resolver {
+pub struct Resolver<F> {
+    files: F,
     /// `ld.so.conf` directories, then the built-in default directories.
     system_dirs: Vec<PathBuf>,
 }
@@ -123,16 +183,23 @@ pub const DEFAULT_DIRS: &[&str] = &[
     "/usr/lib",
 ];
 
-impl Resolver {
-    /// The host's loader configuration: `/etc/ld.so.conf` (with its includes) and the defaults.
-    pub fn system() -> Resolver {
+impl Resolver<Host> {
+    /// The host's loader, configured by the host's `/etc/ld.so.conf`.
+    pub fn system() -> Resolver<Host> {
+        Resolver::new(Host)
+    }
+}
+
+impl<F: Files> Resolver<F> {
+    /// The loader of `files`, configured by their `/etc/ld.so.conf` (with its includes) and the defaults.
+    pub fn new(files: F) -> Resolver<F> {
         let mut dirs = Vec::new();
-        read_ld_so_conf(Path::new("/etc/ld.so.conf"), &mut dirs, 0);
-        Resolver::with_dirs(dirs)
+        read_ld_so_conf(&files, Path::new("/etc/ld.so.conf"), &mut dirs, 0);
+        Resolver::with_dirs(files, dirs)
     }
 
-    /// A loader that searches `dirs`, then the defaults.
-    pub fn with_dirs(dirs: Vec<PathBuf>) -> Resolver {
+    /// A loader of `files` that searches `dirs`, then the defaults.
+    pub fn with_dirs(files: F, dirs: Vec<PathBuf>) -> Resolver<F> {
         let mut system_dirs = Vec::new();
         for d in dirs
             .into_iter()
@@ -142,19 +209,19 @@ impl Resolver {
                 system_dirs.push(d);
             }
         }
-        Resolver { system_dirs }
+        Resolver { files, system_dirs }
     }
 
     /// Resolves the closure of `roots` (programs or `dlopen`ed libraries).
     pub fn closure(&self, roots: &[PathBuf]) -> Result<Closure, ClosureError> {
         let mut closure = Closure::default();
         // Each queued object carries the DT_RPATH list it inherits from the objects that loaded it.
-        let mut queue: VecDeque<(PathBuf, ElfObject, Vec<String>)> = VecDeque::new();
+        let mut queue: VecDeque<(PathBuf, ElfObject, Vec<PathBuf>)> = VecDeque::new();
         let mut seen = BTreeSet::new();
         for root in roots {
-            let obj = ElfObject::read(root)?;
+            let obj = ElfObject::read(&self.files, root)?;
             if let Some(interp) = &obj.interpreter {
-                if !exists(interp) {
+                if !self.files.is_file(interp) {
                     return Err(ClosureError::Missing {
                         library: interp.display().to_string(),
                         needed_by: root.clone(),
@@ -163,7 +230,7 @@ impl Resolver {
                 }
                 closure.interpreters.insert(interp.clone());
             }
-            if seen.insert(canonical(root)) {
+            if seen.insert(self.files.identity(root)) {
                 queue.push_back((root.clone(), obj, Vec::new()));
             }
         }
@@ -178,7 +245,7 @@ impl Resolver {
             let mut rpath_chain = Vec::new();
             if obj.runpath.is_empty() {
                 rpath_chain.extend(expand(&obj.rpath));
-                rpath_chain.extend(inherited.iter().map(PathBuf::from));
+                rpath_chain.extend(inherited);
             }
             let mut search = rpath_chain.clone();
             search.extend(expand(&obj.runpath));
@@ -193,12 +260,9 @@ impl Resolver {
                             needed_by: path.clone(),
                             searched: search.clone(),
                         })??;
-                if seen.insert(canonical(&lib_path)) {
-                    let passed_on = rpath_chain
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect();
-                    queue.push_back((lib_path.clone(), lib, passed_on));
+                if seen.insert(self.files.identity(&lib_path)) {
+                    // Expanded already: `$ORIGIN` in a passed-on DT_RPATH is the loader's origin.
+                    queue.push_back((lib_path.clone(), lib, rpath_chain.clone()));
                 }
                 resolved.push(lib_path);
             }
@@ -221,10 +285,10 @@ impl Resolver {
             search.iter().map(|d| d.join(name)).collect()
         };
         for candidate in candidates {
-            if !exists(&candidate) {
+            if !self.files.is_file(&candidate) {
                 continue;
             }
-            match ElfObject::read(&candidate) {
+            match ElfObject::read(&self.files, &candidate) {
                 Ok(obj) if obj.compatible(wanted_by) => return Some(Ok((candidate, obj))),
                 // The loader skips objects of the wrong class or machine, and so do we.
                 Ok(_) | Err(ClosureError::NotElf { .. }) => continue,
@@ -233,14 +297,6 @@ impl Resolver {
         }
         None
     }
-}
-
-fn exists(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file())
-}
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
 }
 
 /// Expands `$ORIGIN`, `$LIB` and `$PLATFORM` (with or without braces).
@@ -257,14 +313,15 @@ pub fn expand_origin(dir: &str, origin: &Path, is_64: bool) -> PathBuf {
     PathBuf::from(out)
 }
 
-/// Reads an `ld.so.conf`, following `include` globs (depth-limited against include cycles).
-fn read_ld_so_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
+/// Reads an `ld.so.conf` in `files`, following `include` globs (depth-limited against include cycles).
+fn read_ld_so_conf(files: &impl Files, path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
     if depth > 8 {
         return;
     }
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Ok(bytes) = read_at_most(files, path, MAX_CONF_BYTES) else {
         return;
     };
+    let text = String::from_utf8_lossy(&bytes);
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -280,12 +337,8 @@ fn read_ld_so_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
                     .display()
                     .to_string()
             };
-            let mut included: Vec<PathBuf> = glob::glob(&pattern)
-                .map(|g| g.flatten().collect())
-                .unwrap_or_default();
-            included.sort();
-            for inc in included {
-                read_ld_so_conf(&inc, dirs, depth + 1);
+            for inc in files.glob(&pattern) {
+                read_ld_so_conf(files, &inc, dirs, depth + 1);
             }
         } else if line.starts_with('/') {
             dirs.push(PathBuf::from(line));
@@ -295,24 +348,8 @@ fn read_ld_so_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{InheritedRpath, cc};
     use super::*;
-    use std::process::Command;
-
-    /// Compiles C source with gcc into `out`.
-    fn cc(dir: &Path, src: &str, out: &str, args: &[&str]) -> PathBuf {
-        let c = dir.join(format!("{out}.c"));
-        std::fs::write(&c, src).unwrap();
-        let out = dir.join(out);
-        let status = Command::new("gcc")
-            .arg(&c)
-            .arg("-o")
-            .arg(&out)
-            .args(args)
-            .status()
-            .expect("gcc must be installed");
-        assert!(status.success(), "gcc failed for {}", out.display());
-        out
-    }
 
     #[test]
     fn resolves_rpath_runpath_origin_and_chains() {
@@ -360,7 +397,7 @@ mod tests {
         assert!(libs.iter().any(|l| l.ends_with("libc.so.6")), "{libs:?}");
         assert_eq!(closure.interpreters.len(), 1);
         assert!(closure.needs[&prog].contains(&mid_found));
-        assert_eq!(canonical(&mid_found), canonical(&mid));
+        assert_eq!(Host.identity(&mid_found), Host.identity(&mid));
     }
 
     #[test]
@@ -447,8 +484,77 @@ mod tests {
         .unwrap();
         std::fs::write(d.join("conf.d/a.conf"), "/opt/two\ninclude ../ld.so.conf\n").unwrap();
         let mut dirs = Vec::new();
-        read_ld_so_conf(&d.join("ld.so.conf"), &mut dirs, 0);
+        read_ld_so_conf(&Host, &d.join("ld.so.conf"), &mut dirs, 0);
         assert_eq!(dirs.first(), Some(&PathBuf::from("/opt/two")));
         assert!(dirs.contains(&PathBuf::from("/opt/one")));
+    }
+
+    #[test]
+    fn a_dt_rpath_is_inherited_by_the_libraries_it_loads() {
+        let t = tempfile::tempdir().unwrap();
+        let chain = InheritedRpath::build(t.path());
+        let prog = ElfObject::read(&Host, &chain.program).unwrap();
+        assert!(
+            !prog.rpath.is_empty() && prog.runpath.is_empty(),
+            "{prog:?}"
+        );
+        let closure = Resolver::system()
+            .closure(std::slice::from_ref(&chain.program))
+            .unwrap();
+        let (liba, needs) = closure
+            .needs
+            .iter()
+            .find(|(p, _)| p.ends_with("liba.so"))
+            .expect("liba is in the closure");
+        assert_eq!(Host.identity(liba), Host.identity(&chain.liba));
+        assert!(
+            needs
+                .iter()
+                .any(|l| Host.identity(l) == Host.identity(&chain.libb)),
+            "{closure:?}"
+        );
+    }
+
+    #[test]
+    fn a_dt_runpath_is_not_inherited() {
+        let t = tempfile::tempdir().unwrap();
+        let chain = InheritedRpath::build(t.path());
+        let x = t.path().join("x");
+        let link = format!("-Wl,-rpath-link,{}", x.display());
+        let prog = cc(
+            &t.path().join("bin"),
+            "int a(void); int main(void){return a();}",
+            "prog",
+            &[
+                "-L",
+                x.to_str().unwrap(),
+                "-la",
+                &link,
+                "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../x",
+            ],
+        );
+        let err = Resolver::system().closure(&[prog]).unwrap_err();
+        match err {
+            ClosureError::Missing {
+                library, needed_by, ..
+            } => {
+                assert_eq!(library, "libb.so");
+                assert_eq!(Host.identity(&needed_by), Host.identity(&chain.liba));
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn an_object_past_the_limit_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("big");
+        std::fs::write(&big, [0u8; 64]).unwrap();
+        assert!(read_at_most(&Host, &big, 64).is_ok());
+        let err = read_at_most(&Host, &big, 63).unwrap_err();
+        assert!(
+            matches!(err, ClosureError::TooLarge { limit: 63, .. }),
+            "{err}"
+        );
     }
 }
