@@ -6,6 +6,7 @@ mod dist;
 mod host;
 mod images;
 mod output;
+mod progress;
 mod run;
 
 use std::path::PathBuf;

@@ -67,7 +67,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let mut image = args.image.clone();
     if store.resolve(&image).is_err() && juice_registry::reference::looks_remote(&image) {
         let mut options = juice_registry::remote::RemoteOptions::from_env(&home)?;
-        options.progress = !args.quiet;
+        options.progress = crate::progress::reporter(args.quiet);
         // The pull checks the policy before any layer moves and says which digest it got.
         image = juice_registry::remote::Remote::new(&options)?
             .pull(&store, &image)?
