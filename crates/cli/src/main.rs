@@ -3,6 +3,7 @@
 //! library calls and results into tables, JSON and one-sentence errors.
 
 mod dist;
+mod docs;
 mod host;
 mod images;
 mod output;
@@ -12,7 +13,7 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use output::Format;
 
@@ -169,6 +170,17 @@ enum Command {
     Delete { group: String },
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
+    /// Print the completion script for a shell (e.g. `juice completions bash > /etc/bash_completion.d/juice`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the juice(1) man page, or write it and a page per subcommand into a directory.
+    Man {
+        /// Write juice.1 and juice-SUBCOMMAND.1 here instead of printing juice(1).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `$JUICE_HOME`, or `/var/lib/juice`.
@@ -227,6 +239,12 @@ fn main() -> ExitCode {
         Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
         Command::Delete { group } => host::delete(&group).map(|()| 0),
         Command::Run(args) => run::run(args),
+        Command::Completions { shell } => docs::completions(Cli::command(), shell)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Man { dir } => docs::man(Cli::command(), dir.as_deref())
+            .map(|()| 0)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -244,7 +262,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
     use clap::error::ErrorKind;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -325,8 +342,10 @@ mod tests {
     }
 
     #[test]
-    fn output_formats_are_a_closed_set_too() {
+    fn output_formats_and_shells_are_closed_sets_too() {
         let e = refused(&["images", "-o", "yaml"]);
         assert!(e.contains("[possible values: table, json]"), "{e}");
+        let e = refused(&["completions", "tcsh"]);
+        assert!(e.contains("bash") && e.contains("zsh"), "{e}");
     }
 }
