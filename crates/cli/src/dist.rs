@@ -75,7 +75,7 @@ impl RegistryArgs {
         if self.max_image_size.is_some() {
             o.max_image_bytes = self.max_image_size;
         }
-        o.progress = !self.quiet;
+        o.progress = crate::progress::reporter(self.quiet);
         Ok(o)
     }
 }

@@ -110,34 +110,47 @@ fn instances_table(instances: &[InstanceView]) -> String {
     t.to_string()
 }
 
-pub fn get(what: &str, format: Format) -> Result {
+/// What `juice get` lists (the singular is accepted too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GetKind {
+    #[value(alias = "group")]
+    Groups,
+    #[value(alias = "instance")]
+    Instances,
+    #[value(alias = "image")]
+    Images,
+}
+
+/// What `juice describe` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DescribeKind {
+    Group,
+}
+
+pub fn get(what: GetKind, format: Format) -> Result {
     match what {
-        "groups" | "group" => {
+        GetKind::Groups => {
             let groups: Vec<GroupView> = client().json("GET", "/v1/groups", None)?;
             if format == Format::Json {
                 return output::json(&groups);
             }
             println!("{}", groups_table(&groups));
         }
-        "instances" | "instance" => {
+        GetKind::Instances => {
             let instances: Vec<InstanceView> = client().json("GET", "/v1/instances", None)?;
             if format == Format::Json {
                 return output::json(&instances);
             }
             println!("{}", instances_table(&instances));
         }
-        "images" | "image" => return crate::images::list(format),
-        other => {
-            return Err(format!("cannot get {other:?}: use groups, instances or images").into());
-        }
+        GetKind::Images => return crate::images::list(format),
     }
     Ok(())
 }
 
-pub fn describe(kind: &str, name: &str, format: Format) -> Result {
-    if kind != "group" {
-        return Err(format!("cannot describe {kind:?}: use `juice describe group NAME`").into());
-    }
+pub fn describe(kind: DescribeKind, name: &str, format: Format) -> Result {
+    // Groups are all there is to describe so far; another kind will not compile here.
+    let DescribeKind::Group = kind;
     let d: GroupDescription = client().json("GET", &format!("/v1/groups/{name}"), None)?;
     if format == Format::Json {
         return output::json(&d);

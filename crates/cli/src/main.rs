@@ -3,15 +3,17 @@
 //! library calls and results into tables, JSON and one-sentence errors.
 
 mod dist;
+mod docs;
 mod host;
 mod images;
 mod output;
+mod progress;
 mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use output::Format;
 
@@ -135,9 +137,16 @@ enum Command {
         file: PathBuf,
     },
     /// List groups, instances or images.
-    Get { what: String },
+    Get {
+        #[arg(value_enum)]
+        what: host::GetKind,
+    },
     /// A group's revisions, rollout, instances and recent events.
-    Describe { kind: String, name: String },
+    Describe {
+        #[arg(value_enum)]
+        kind: host::DescribeKind,
+        name: String,
+    },
     /// The event log.
     Events {
         #[arg(long)]
@@ -161,6 +170,17 @@ enum Command {
     Delete { group: String },
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
+    /// Print the completion script for a shell (e.g. `juice completions bash > /etc/bash_completion.d/juice`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the juice(1) man page, or write it and a page per subcommand into a directory.
+    Man {
+        /// Write juice.1 and juice-SUBCOMMAND.1 here instead of printing juice(1).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `$JUICE_HOME`, or `/var/lib/juice`.
@@ -210,8 +230,8 @@ fn main() -> ExitCode {
         Command::Up { file } => host::up(&file).map(|()| 0),
         Command::Plan { file } => host::plan(&file, format).map(|()| 0),
         Command::Apply { file } => host::apply(&file, format).map(|()| 0),
-        Command::Get { what } => host::get(&what, format).map(|()| 0),
-        Command::Describe { kind, name } => host::describe(&kind, &name, format).map(|()| 0),
+        Command::Get { what } => host::get(what, format).map(|()| 0),
+        Command::Describe { kind, name } => host::describe(kind, &name, format).map(|()| 0),
         Command::Events { group, follow } => {
             host::events(group.as_deref(), follow, format).map(|()| 0)
         }
@@ -219,6 +239,12 @@ fn main() -> ExitCode {
         Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
         Command::Delete { group } => host::delete(&group).map(|()| 0),
         Command::Run(args) => run::run(args),
+        Command::Completions { shell } => docs::completions(Cli::command(), shell)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Man { dir } => docs::man(Cli::command(), dir.as_deref())
+            .map(|()| 0)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -230,5 +256,96 @@ fn main() -> ExitCode {
             // 125, as container runtimes do: Juice itself failed, not the appliance.
             ExitCode::from(125)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("juice").chain(args.iter().copied()))
+    }
+
+    /// The error for `args`, which must be clap's for a value outside a closed set.
+    fn refused(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(_) => panic!("juice {args:?} should have been refused"),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::InvalidValue, "juice {args:?}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn the_argument_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn get_takes_each_kind_in_plural_and_singular() {
+        for (words, want) in [
+            (["groups", "group"], host::GetKind::Groups),
+            (["instances", "instance"], host::GetKind::Instances),
+            (["images", "image"], host::GetKind::Images),
+        ] {
+            for word in words {
+                match parse(&["get", word]).map(|c| c.command) {
+                    Ok(Command::Get { what }) => assert_eq!(what, want, "get {word}"),
+                    _ => panic!("`juice get {word}` should parse"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_kind_outside_the_set_is_refused_with_the_possible_values() {
+        let e = refused(&["get", "widgets"]);
+        assert!(
+            e.contains("[possible values: groups, instances, images]"),
+            "{e}"
+        );
+        let e = refused(&["describe", "instance", "web-1"]);
+        assert!(e.contains("[possible values: group]"), "{e}");
+        assert!(matches!(
+            parse(&["describe", "group", "web"]).map(|c| c.command),
+            Ok(Command::Describe {
+                kind: host::DescribeKind::Group,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn run_keeps_its_defaults_and_refuses_unknown_isolation_or_network() {
+        match parse(&["run", "hello-web"]).map(|c| c.command) {
+            Ok(Command::Run(args)) => {
+                assert_eq!(args.isolation, run::Isolation::Sandbox);
+                assert_eq!(args.network, run::Network::Bridge);
+            }
+            _ => panic!("`juice run hello-web` should parse"),
+        }
+        match parse(&["run", "--isolation", "microvm", "--network", "none", "x"]).map(|c| c.command)
+        {
+            Ok(Command::Run(args)) => {
+                assert_eq!(args.isolation, run::Isolation::Microvm);
+                assert_eq!(args.network, run::Network::None);
+            }
+            _ => panic!("`juice run --isolation microvm --network none` should parse"),
+        }
+        let e = refused(&["run", "--isolation", "vm", "x"]);
+        assert!(e.contains("[possible values: sandbox, microvm]"), "{e}");
+        let e = refused(&["run", "--network", "host", "x"]);
+        assert!(e.contains("[possible values: bridge, none]"), "{e}");
+    }
+
+    #[test]
+    fn output_formats_and_shells_are_closed_sets_too() {
+        let e = refused(&["images", "-o", "yaml"]);
+        assert!(e.contains("[possible values: table, json]"), "{e}");
+        let e = refused(&["completions", "tcsh"]);
+        assert!(e.contains("bash") && e.contains("zsh"), "{e}");
     }
 }

@@ -24,12 +24,12 @@ pub struct RunArgs {
     /// Publish a port: HOST:CONTAINER or IP:HOST:CONTAINER (repeatable).
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
-    /// sandbox (shared kernel) or microvm (own kernel).
-    #[arg(long, default_value = "sandbox")]
-    pub isolation: String,
-    /// bridge (an address on juice0, default-deny between instances) or none (loopback only).
-    #[arg(long, default_value = "bridge")]
-    pub network: String,
+    /// How the instance is kept apart from the host.
+    #[arg(long, value_enum, default_value_t = Isolation::Sandbox)]
+    pub isolation: Isolation,
+    /// The instance's network.
+    #[arg(long, value_enum, default_value_t = Network::Bridge)]
+    pub network: Network,
     /// Do not create a cgroup (no limits).
     #[arg(long)]
     pub no_cgroup: bool,
@@ -47,13 +47,27 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Under the host's kernel: namespaces, cgroups, seccomp, a read-only root.
+    Sandbox,
+    /// Its own kernel, under QEMU.
+    Microvm,
+}
+
+/// `--network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// An address on juice0, default-deny between instances.
+    Bridge,
+    /// Loopback only.
+    None,
+}
+
 /// Runs the instance until it ends (or Ctrl-C); returns the exit code to use.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let microvm = match args.isolation.as_str() {
-        "sandbox" => false,
-        "microvm" => true,
-        other => return Err(format!("--isolation {other:?}: use sandbox or microvm").into()),
-    };
+    let microvm = args.isolation == Isolation::Microvm;
     // Block the signals we forward before any thread exists, so every thread inherits the mask.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGINT);
@@ -67,7 +81,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let mut image = args.image.clone();
     if store.resolve(&image).is_err() && juice_registry::reference::looks_remote(&image) {
         let mut options = juice_registry::remote::RemoteOptions::from_env(&home)?;
-        options.progress = !args.quiet;
+        options.progress = crate::progress::reporter(args.quiet);
         // The pull checks the policy before any layer moves and says which digest it got.
         image = juice_registry::remote::Remote::new(&options)?
             .pull(&store, &image)?
@@ -130,7 +144,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(host_id) = args.userns {
         spec.user_namespace = Some(IdMap::range(host_id));
     }
-    let mut network = args.network.clone();
+    let mut network = args.network;
     if rootless {
         // Without root: a user namespace mapping only ourselves, no cgroup, loopback only.
         spec.user_namespace = Some(IdMap::caller());
@@ -154,17 +168,16 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 "rootless: publishing ports needs root (there is no bridge without it)".into(),
             );
         }
-        network = "none".into();
+        network = Network::None;
     }
-    match network.as_str() {
-        "bridge" => {
+    match network {
+        Network::Bridge => {
             let mut net = NetworkSpec::new(&name);
             net.ports = ports.clone();
             spec.network = Some(net);
         }
-        "none" if ports.is_empty() => {}
-        "none" => return Err("publishing ports needs --network bridge".into()),
-        other => return Err(format!("--network {other:?}: use bridge or none").into()),
+        Network::None if ports.is_empty() => {}
+        Network::None => return Err("publishing ports needs --network bridge".into()),
     }
     juice_agent::agent::prepare_volumes(&spec, args.userns.unwrap_or(0))?;
 

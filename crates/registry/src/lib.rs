@@ -18,6 +18,8 @@
 //!   archives, registry references) flattened into appliances, optionally
 //!   pruned to the ELF closure of their entrypoint.
 //! - [`export`]: an image as an OCI archive for other tools.
+//! - [`progress`]: how far a push or pull has got, reported to a callback the
+//!   caller chooses; the library itself never draws.
 //!
 //! The registry protocol, HTTP, TLS, signatures and tar come from crates;
 //! what is written here is Juice's own: which blobs move when, the store
@@ -28,6 +30,7 @@ pub mod export;
 pub mod import;
 pub mod name;
 pub mod policy;
+pub mod progress;
 pub mod reference;
 pub mod remote;
 pub mod sign;

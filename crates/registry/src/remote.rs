@@ -7,10 +7,9 @@
 //! bytes, so the image keeps its digest. Signatures travel in cosign's
 //! layout (see [`crate::sign`]).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use juice_image::digest::Digest;
 use juice_image::store::{Store, from_oci};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
@@ -21,6 +20,7 @@ use serde::Serialize;
 
 use crate::auth::{Credential, Credentials};
 use crate::policy::Policy;
+use crate::progress::{Direction, Reporter};
 use crate::reference::{self, local_name, signature_tag, with_digest, with_tag};
 use crate::sign::{self, StoredSignature};
 use crate::transport::{Session, Transport, chain, read_bounded};
@@ -60,8 +60,8 @@ pub struct RemoteOptions {
     pub extra_credentials: Vec<(String, Credential)>,
     /// PEM files of extra CAs to trust (a private registry's).
     pub ca_files: Vec<PathBuf>,
-    /// Progress bars on stderr (only drawn when it is a terminal).
-    pub progress: bool,
+    /// Where each blob's progress is reported (default: nowhere). The library never draws.
+    pub progress: Reporter,
     /// The bound on one image's layers and config together, and so on each
     /// (default [`DEFAULT_MAX_IMAGE_BYTES`]).
     pub max_image_bytes: Option<u64>,
@@ -98,7 +98,7 @@ impl RemoteOptions {
                 .into_iter()
                 .map(PathBuf::from)
                 .collect(),
-            progress: false,
+            progress: Reporter::silent(),
             max_image_bytes,
         })
     }
@@ -132,7 +132,7 @@ pub struct Remote {
     client: Client,
     transport: Transport,
     rt: tokio::runtime::Runtime,
-    progress: bool,
+    progress: Reporter,
     max_image_bytes: u64,
 }
 
@@ -223,7 +223,7 @@ impl Remote {
             client,
             transport,
             rt,
-            progress: options.progress && std::io::stderr().is_terminal(),
+            progress: options.progress.clone(),
             max_image_bytes: options.max_image_bytes.unwrap_or(DEFAULT_MAX_IMAGE_BYTES),
         })
     }
@@ -237,20 +237,6 @@ impl Remote {
         let r = reference::parse(&format!("{registry}/juice-login-check"))?;
         self.rt
             .block_on(async { self.session(&r)?.check_login().await })
-    }
-
-    fn bar(&self, len: u64, what: &str) -> ProgressBar {
-        if !self.progress {
-            return ProgressBar::hidden();
-        }
-        let pb = ProgressBar::new(len);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg:24} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec}",
-        ) {
-            pb.set_style(style);
-        }
-        pb.set_message(what.to_owned());
-        pb
     }
 
     /// Pushes a local image to `target`, with its local signatures.
@@ -296,7 +282,7 @@ impl Remote {
                     continue;
                 }
                 let len = d.size();
-                let pb = self.bar(len, &format!("push {}", blob.short()));
+                let tracker = self.progress.blob(Direction::Push, blob, len);
                 if len <= MONOLITHIC_MAX {
                     // Small enough to hold: read (and re-verify) it whole, send it in one request.
                     let data = store.read_blob(&name, &blob)?;
@@ -306,21 +292,22 @@ impl Remote {
                         .map_err(|e| {
                             remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
                         })?;
+                    tracker.advance(len);
                 } else {
                     // Streamed in chunks, so memory stays bounded; the registry checks the
                     // digest the upload is closed with, so a damaged local copy is refused there.
                     let path = store.blob_path(&blob);
                     let file = std::fs::File::open(&path).map_err(io_err("open", &path))?;
-                    let progress = pb.clone();
+                    let advance = std::sync::Arc::new(tracker.advancer());
                     let chunks = futures::stream::unfold(file, move |mut f| {
-                        let progress = progress.clone();
+                        let advance = advance.clone();
                         async move {
                             let mut buf = vec![0u8; CHUNK];
                             match std::io::Read::read(&mut f, &mut buf) {
                                 Ok(0) => None,
                                 Ok(n) => {
                                     buf.truncate(n);
-                                    progress.inc(n as u64);
+                                    advance(n as u64);
                                     Some((Ok(bytes::Bytes::from(buf)), f))
                                 }
                                 Err(e) => Some((Err(e.into()), f)),
@@ -334,7 +321,7 @@ impl Remote {
                             remote_err(&target, format!("pushing blob {blob}: {}", chain(&e)))
                         })?;
                 }
-                pb.finish_and_clear();
+                tracker.complete();
                 out.moved += 1;
                 out.moved_bytes += len;
             }
@@ -728,7 +715,7 @@ impl Remote {
         size: u64,
     ) -> Result<(), RegistryError> {
         let what = format!("fetching blob {blob}");
-        let pb = self.bar(size, &format!("pull {}", blob.short()));
+        let tracker = self.progress.blob(Direction::Pull, *blob, size);
         let mut resp = session
             .get(source.repository(), &format!("blobs/{blob}"), &[], &what)
             .await?;
@@ -770,9 +757,8 @@ impl Remote {
             }
             w.write_all(&chunk)
                 .map_err(|e| RegistryError::Invalid(format!("writing blob {blob}: {e}")))?;
-            pb.inc(chunk.len() as u64);
+            tracker.advance(chunk.len() as u64);
         }
-        pb.finish_and_clear();
         if got < size {
             return Err(remote_err(
                 source,
@@ -781,6 +767,7 @@ impl Remote {
         }
         w.commit_expecting(blob, Some(size))
             .map_err(|e| remote_err(source, e))?;
+        tracker.complete();
         Ok(())
     }
 }
