@@ -10,6 +10,7 @@
 #
 # Usage: bench/chaos.sh [KILLS]   (root; JUICE_CHAOS_SEED=N replays a run)
 set -euo pipefail
+trap 'echo "chaos.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 cd "$(dirname "$0")/.."
 juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
 [ -x "$juice" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -21,7 +22,8 @@ echo "seed: $seed (JUICE_CHAOS_SEED=$seed bash bench/chaos.sh $kills replays the
 work=$(mktemp -d /tmp/juice-chaos.XXXXXX)
 export JUICE_HOME=$work/home
 mkdir -p "$JUICE_HOME"
-group=chaos$(printf %04x $((seed % 65536)))
+# Unique on the host (cgroups are host-wide), even when a seed is replayed.
+group=chaos$(printf %04x $(( ($$ ^ seed) % 65536 )))
 # A port nothing listens on (bash's /dev/tcp: no python on a bare machine).
 port=$((20000 + seed % 30000))
 while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done

@@ -116,6 +116,9 @@ struct World {
     views: Views,
     /// Instances that ended, per group (revision, why), not yet counted by a pass.
     ended: BTreeMap<String, Vec<(u64, String)>>,
+    /// The groups as this pass read them, for withdrawing an instance from the
+    /// published ports before it is stopped.
+    groups: BTreeMap<String, GroupRecord>,
     /// What this daemon's groups publish as the kernel has it (`None` until
     /// read back from the home at the first pass).
     published: Option<BTreeMap<String, Published>>,
@@ -664,6 +667,15 @@ impl Agent {
                     if let Ok(mut i) = other {
                         let _ = i.wait_timeout(Duration::ZERO);
                     }
+                    // Also what a start cut short by a killed daemon made before its
+                    // state record: cgroups, an address, a directory.
+                    if let Err(e) = backend.discard(&rec.name) {
+                        self.event(
+                            Some(rec.group.as_str()),
+                            Some(&rec.name),
+                            &format!("cannot remove what {} left: {e}", rec.name),
+                        );
+                    }
                     self.state.delete_instance(&rec.name)?;
                     self.event(
                         Some(rec.group.as_str()),
@@ -701,6 +713,7 @@ impl Agent {
     pub fn reconcile(&self) -> Result<(), AgentError> {
         let mut w = self.world();
         let groups = self.group_map()?;
+        w.groups = groups.clone();
 
         // Instances that ended.
         let dead: Vec<String> = w
@@ -746,7 +759,7 @@ impl Agent {
                 self.state.put_group(&g)?;
             }
         }
-        self.update_publishers(&mut w, &groups);
+        self.update_publishers(&mut w);
         for l in w.live.values_mut() {
             l.instance.maintain();
         }
@@ -896,6 +909,10 @@ impl Agent {
 
     fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
         if let Some(mut l) = w.take_to_stop(name) {
+            // Out of the published ports first: no new connection reaches it while it stops.
+            if l.address.is_some() {
+                self.update_publishers(w);
+            }
             let report = l.instance.stop(Duration::from_secs(10));
             w.stopped(name);
             // Released by the stop; the releaser prunes the ended instances' directories.
@@ -1189,7 +1206,13 @@ impl Agent {
     /// Points each group's published ports (nftables DNAT, which outlives the
     /// daemon) at its ready instances; changes only what differs, in one
     /// transaction.
-    fn update_publishers(&self, w: &mut World, groups: &BTreeMap<String, GroupRecord>) {
+    fn update_publishers(&self, w: &mut World) {
+        let groups = std::mem::take(&mut w.groups);
+        self.update_publishers_for(w, &groups);
+        w.groups = groups;
+    }
+
+    fn update_publishers_for(&self, w: &mut World, groups: &BTreeMap<String, GroupRecord>) {
         // The first pass rewrites every rule: an earlier daemon killed between
         // `nft` and its record may have left them unlike the record.
         let first = w.published.is_none();
@@ -1495,6 +1518,9 @@ mod tests {
         }
         fn log_path(&self, name: &str) -> PathBuf {
             PathBuf::from("/nonexistent").join(name)
+        }
+        fn discard(&self, _: &str) -> Result<(), String> {
+            Ok(())
         }
     }
 

@@ -18,6 +18,9 @@ pub trait Backend: Send + Sync {
     fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String>;
     /// Where the instance's output is.
     fn log_path(&self, name: &str) -> PathBuf;
+    /// Removes what an instance that is not running left (one whose start was
+    /// cut short by a killed daemon has no state record to adopt).
+    fn discard(&self, name: &str) -> Result<(), String>;
 }
 
 /// One running (or ended) instance.
@@ -60,6 +63,9 @@ impl Backend for Runtime {
     }
     fn log_path(&self, name: &str) -> PathBuf {
         Runtime::log_path(self, name)
+    }
+    fn discard(&self, name: &str) -> Result<(), String> {
+        Runtime::discard(self, name).map_err(|e| e.to_string())
     }
 }
 
@@ -109,6 +115,9 @@ impl Backend for juice_microvm::Runtime {
     }
     fn log_path(&self, name: &str) -> PathBuf {
         juice_microvm::Runtime::log_path(self, name)
+    }
+    fn discard(&self, name: &str) -> Result<(), String> {
+        juice_microvm::Runtime::discard(self, name).map_err(|e| e.to_string())
     }
 }
 

@@ -614,6 +614,21 @@ impl Runtime {
         names
     }
 
+    /// Removes everything a VM that is not running left, found by name (see
+    /// the sandbox's `Runtime::discard`). A running VM is left alone.
+    pub fn discard(&self, name: &str) -> Result<(), VmError> {
+        check_name(name)?;
+        if let Ok(vm) = self.adopt(name) {
+            if vm.is_running() {
+                return Err(VmError::Exists(name.to_owned()));
+            }
+            vm.cleanup();
+        }
+        network::release_name(&self.home, name);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        Ok(())
+    }
+
     /// Removes what dead VMs left behind.
     pub fn cleanup_stale(&self) -> usize {
         let mut n = 0;

@@ -615,6 +615,25 @@ impl Runtime {
         names
     }
 
+    /// Removes everything an instance that is not running left: for one whose
+    /// starter was killed halfway (no state record yet), its cgroups, address
+    /// and directory are found by name. A running instance is left alone.
+    pub fn discard(&self, name: &str) -> Result<(), SandboxError> {
+        check_name(name)?;
+        if let Ok(i) = self.adopt(name) {
+            if i.is_running() {
+                return Err(SandboxError::Exists(name.to_owned()));
+            }
+            i.cleanup();
+        }
+        if let Some(h) = &self.cgroups {
+            let _ = h.remove(&h.dirs(name));
+        }
+        network::release_name(&self.home, name);
+        let _ = std::fs::remove_dir_all(self.instance_dir(name));
+        Ok(())
+    }
+
     /// Removes what dead instances left behind (after a crash of whoever started them).
     pub fn cleanup_stale(&self) -> usize {
         let mut n = 0;

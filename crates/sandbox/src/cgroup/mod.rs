@@ -67,6 +67,8 @@ pub trait Hierarchy: Send + Sync {
     fn read_limits(&self, dirs: &[PathBuf]) -> Limits;
     /// Kills whatever is left and removes the directories.
     fn remove(&self, dirs: &[PathBuf]) -> Result<(), CgroupError>;
+    /// Where `create` makes an instance's cgroup(s), whether or not they exist.
+    fn dirs(&self, name: &str) -> Vec<PathBuf>;
 }
 
 /// The host's hierarchy, detected from `/proc/self/mountinfo` and `/proc/self/cgroup`.

@@ -173,6 +173,10 @@ impl Hierarchy for V1 {
         }
         Ok(())
     }
+
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        self.bases.iter().map(|(_, base)| base.join(name)).collect()
+    }
 }
 
 #[cfg(test)]

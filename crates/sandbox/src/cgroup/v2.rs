@@ -128,6 +128,10 @@ impl Hierarchy for V2 {
         }
         Ok(())
     }
+
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        vec![self.base().join(name)]
+    }
 }
 
 #[cfg(test)]

@@ -225,6 +225,18 @@ pub fn release(home: &Path, a: &Attachment) {
     crate::trace::mark("rules updated");
 }
 
+/// Frees whatever address `instance` holds, for an instance that never
+/// finished starting (its starter was killed): there is no attachment to read.
+pub fn release_name(home: &Path, instance: &str) {
+    let bridge = NetworkSpec::new("").bridge;
+    let _ = publish::set(home, &publish::run_owner(instance), &bridge, &[], &[]);
+    if let Ok(_lock) = ipam::lock(home)
+        && let Ok(remaining) = ipam::release_locked(home, instance)
+    {
+        let _ = nft::apply(&remaining, &bridge, &ipam::nft_state(home));
+    }
+}
+
 /// Writes the rules for every member, under the members' lock.
 fn allow_members(home: &Path, bridge: &str) -> Result<(), NetworkError> {
     let _lock = ipam::lock(home)?;
