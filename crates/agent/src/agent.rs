@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::{self, Published};
 use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec, VolumeMount};
+use rustix::event::{EventfdFlags, eventfd};
 
 use crate::backend::{Backend, Handle};
 use serde::{Deserialize, Serialize};
@@ -218,16 +219,8 @@ impl Agent {
         sandbox: Box<dyn Backend>,
     ) -> Result<Arc<Agent>, AgentError> {
         let state = State::open(&home.join("agent.redb"))?;
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(AgentError::Setup(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| AgentError::Setup(format!("eventfd: {e}")))?;
         let world = World::default();
         let views = world.views.clone();
         Ok(Arc::new(Agent {
@@ -280,7 +273,7 @@ impl Agent {
 
     /// Wakes the reconciler now.
     pub fn nudge(&self) {
-        wake(self.wake.as_raw_fd());
+        wake(&self.wake);
     }
 
     /// A callback that wakes the reconciler, for health probers.
@@ -288,7 +281,7 @@ impl Agent {
         // A copy of the eventfd owned by the closure; if none can be made (no
         // descriptors left), the prober's wake is lost and the next tick catches up.
         match self.wake.try_clone() {
-            Ok(fd) => Arc::new(move || wake(fd.as_raw_fd())),
+            Ok(fd) => Arc::new(move || wake(&fd)),
             Err(_) => Arc::new(|| {}),
         }
     }
@@ -612,15 +605,8 @@ impl Agent {
                 at_most.as_millis() as i32,
             )
         };
-        let mut buf = 0u64;
-        // SAFETY: draining our non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.wake.as_raw_fd(),
-                &mut buf as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
+        // Drain our non-blocking eventfd; EAGAIN means nobody woke us.
+        let _ = rustix::io::read(&self.wake, &mut [0u8; 8]);
     }
 
     /// Instances in the database this daemon does not hold: started by an earlier one.
@@ -1400,10 +1386,9 @@ fn backoff_ms(failures: u32) -> u64 {
     }
 }
 
-fn wake(fd: i32) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+/// Adds one to the wake-up eventfd (an eventfd takes 8-byte native-endian counts).
+fn wake(fd: &OwnedFd) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 fn short(digest: &str) -> String {
