@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::{self, Published};
 use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec, VolumeMount};
+use rustix::event::{EventfdFlags, eventfd};
 
 use crate::backend::{Backend, Handle};
 use serde::{Deserialize, Serialize};
@@ -53,9 +54,54 @@ fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub group: String,
-    /// create, replace, scale, update, delete, unchanged
-    pub action: String,
+    pub action: Action,
     pub reason: String,
+}
+
+/// What apply does to a group; in JSON and tables, the lowercase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// A group new to the host.
+    Create,
+    /// A new revision, or the retry of a paused rollout: instances are replaced.
+    Replace,
+    /// Another size.
+    Scale,
+    /// Another update policy.
+    Update,
+    /// A group no longer in the site file.
+    Delete,
+    /// Already as declared.
+    Unchanged,
+}
+
+impl Action {
+    pub const ALL: [Action; 6] = [
+        Action::Create,
+        Action::Replace,
+        Action::Scale,
+        Action::Update,
+        Action::Delete,
+        Action::Unchanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Replace => "replace",
+            Action::Scale => "scale",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Unchanged => "unchanged",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An instance the agent holds.
@@ -136,8 +182,7 @@ pub struct InstanceView {
     pub revision: u64,
     pub pid: i32,
     pub address: Option<Ipv4Addr>,
-    /// starting, healthy, unhealthy, stopping
-    pub health: String,
+    pub health: InstanceHealth,
     pub uptime_s: u64,
     pub last_error: Option<String>,
 }
@@ -153,8 +198,138 @@ pub struct GroupView {
     pub image: String,
     pub rollout: Rollout,
     pub restarts: u64,
-    /// ok, rolling-out, crash-loop, paused, rolled-back
-    pub status: String,
+    pub status: GroupStatus,
+}
+
+/// An instance's health as queries show it; in JSON and tables, the lowercase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceHealth {
+    /// Not yet probed healthy, and never failed.
+    Starting,
+    Healthy,
+    /// Failed its check, or was healthy once and is not now.
+    Unhealthy,
+    /// Being stopped: shown until it is gone.
+    Stopping,
+}
+
+impl InstanceHealth {
+    pub const ALL: [InstanceHealth; 4] = [
+        InstanceHealth::Starting,
+        InstanceHealth::Healthy,
+        InstanceHealth::Unhealthy,
+        InstanceHealth::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceHealth::Starting => "starting",
+            InstanceHealth::Healthy => "healthy",
+            InstanceHealth::Unhealthy => "unhealthy",
+            InstanceHealth::Stopping => "stopping",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A group's status in one word, with the count that explains it. In JSON and tables it is
+/// one string (`ok`, `crash-loop (3 failures)`, ...), the text scripts and tests match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum GroupStatus {
+    /// Every instance runs the current revision, which has proven healthy.
+    Ok,
+    RollingOut,
+    /// Instances keep ending on their own: `failures` in a row.
+    CrashLoop {
+        failures: u32,
+    },
+    /// Instances cannot be started at all: `tries` in a row (the events say why).
+    CannotStart {
+        tries: u32,
+    },
+    /// A rollout failed and the policy says pause.
+    Paused,
+    /// Revision `failed` failed its rollout and the group went back.
+    RolledBack {
+        failed: u64,
+    },
+}
+
+impl std::fmt::Display for GroupStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupStatus::Ok => f.write_str("ok"),
+            GroupStatus::RollingOut => f.write_str("rolling-out"),
+            GroupStatus::CrashLoop { failures } => write!(f, "crash-loop ({failures} failures)"),
+            GroupStatus::CannotStart { tries } => {
+                write!(f, "cannot-start ({tries} tries; see events)")
+            }
+            GroupStatus::Paused => f.write_str("paused"),
+            GroupStatus::RolledBack { failed } => {
+                write!(f, "rolled-back (revision {failed} failed)")
+            }
+        }
+    }
+}
+
+impl From<GroupStatus> for String {
+    fn from(s: GroupStatus) -> String {
+        s.to_string()
+    }
+}
+
+/// A status string that is none of [`GroupStatus`]'s forms.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown group status {0:?}")]
+pub struct UnknownStatus(String);
+
+impl std::str::FromStr for GroupStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || UnknownStatus(s.to_owned());
+        // The text between a prefix and a suffix: the number Display wrote there.
+        let between = |prefix: &str, suffix: &str| {
+            s.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix))
+        };
+        Ok(match s {
+            "ok" => GroupStatus::Ok,
+            "rolling-out" => GroupStatus::RollingOut,
+            "paused" => GroupStatus::Paused,
+            _ => {
+                if let Some(n) = between("crash-loop (", " failures)") {
+                    GroupStatus::CrashLoop {
+                        failures: n.parse().map_err(|_| unknown())?,
+                    }
+                } else if let Some(n) = between("cannot-start (", " tries; see events)") {
+                    GroupStatus::CannotStart {
+                        tries: n.parse().map_err(|_| unknown())?,
+                    }
+                } else if let Some(n) = between("rolled-back (revision ", " failed)") {
+                    GroupStatus::RolledBack {
+                        failed: n.parse().map_err(|_| unknown())?,
+                    }
+                } else {
+                    return Err(unknown());
+                }
+            }
+        })
+    }
+}
+
+impl TryFrom<String> for GroupStatus {
+    type Error = UnknownStatus;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
 }
 
 /// `juice describe group`.
@@ -221,16 +396,8 @@ impl Agent {
         sandbox: Box<dyn Backend>,
     ) -> Result<Arc<Agent>, AgentError> {
         let state = State::open(&home.join("agent.redb"))?;
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(AgentError::Setup(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| AgentError::Setup(format!("eventfd: {e}")))?;
         let world = World::default();
         let views = world.views.clone();
         Ok(Arc::new(Agent {
@@ -283,7 +450,7 @@ impl Agent {
 
     /// Wakes the reconciler now.
     pub fn nudge(&self) {
-        wake(self.wake.as_raw_fd());
+        wake(&self.wake);
     }
 
     /// A callback that wakes the reconciler, for health probers.
@@ -291,7 +458,7 @@ impl Agent {
         // A copy of the eventfd owned by the closure; if none can be made (no
         // descriptors left), the prober's wake is lost and the next tick catches up.
         match self.wake.try_clone() {
-            Ok(fd) => Arc::new(move || wake(fd.as_raw_fd())),
+            Ok(fd) => Arc::new(move || wake(&fd)),
             Err(_) => Arc::new(|| {}),
         }
     }
@@ -393,7 +560,7 @@ impl Agent {
             if !site.group.contains_key(&g.name) {
                 changes.push(Change {
                     group: g.name.to_string(),
-                    action: "delete".into(),
+                    action: Action::Delete,
                     reason: "not in the site file".into(),
                 });
                 deletes.push(g.name.to_string());
@@ -407,7 +574,7 @@ impl Agent {
                 self.state.delete_group(d)?;
             }
             for c in &changes {
-                if c.action != "unchanged" {
+                if c.action != Action::Unchanged {
                     self.event(
                         Some(&c.group),
                         None,
@@ -426,9 +593,9 @@ impl Agent {
         spec: &GroupSpec,
         template: Template,
     ) -> Result<(Vec<Change>, Option<GroupRecord>), AgentError> {
-        let change = |action: &str, reason: String| Change {
+        let change = |action: Action, reason: String| Change {
             group: name.to_string(),
-            action: action.into(),
+            action,
             reason,
         };
         let Some(mut g) = self.state.group(name.as_str())? else {
@@ -454,7 +621,7 @@ impl Agent {
                 start_failures: 0,
             };
             let c = change(
-                "create",
+                Action::Create,
                 format!(
                     "{} instance(s) of {} ({})",
                     spec.size,
@@ -488,7 +655,7 @@ impl Agent {
             g.start_rollout(n);
             g.prune();
             changes.push(change(
-                "replace",
+                Action::Replace,
                 format!(
                     "revision {n}: {reason}; instances replaced in batches of {} after {} healthy",
                     spec.update.max_unavailable,
@@ -503,24 +670,24 @@ impl Agent {
                 since_ms: now_ms(),
             };
             changes.push(change(
-                "replace",
+                Action::Replace,
                 format!("retry the paused rollout of revision {}", g.current),
             ));
         }
         if g.size != spec.size {
             changes.push(change(
-                "scale",
+                Action::Scale,
                 format!("{} -> {} instances", g.size, spec.size),
             ));
             g.size = spec.size;
         }
         if g.update != spec.update {
-            changes.push(change("update", "update policy changed".into()));
+            changes.push(change(Action::Update, "update policy changed".into()));
             g.update = spec.update.clone();
         }
         if changes.is_empty() {
             return Ok((
-                vec![change("unchanged", "already as declared".into())],
+                vec![change(Action::Unchanged, "already as declared".into())],
                 None,
             ));
         }
@@ -615,15 +782,8 @@ impl Agent {
                 at_most.as_millis() as i32,
             )
         };
-        let mut buf = 0u64;
-        // SAFETY: draining our non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.wake.as_raw_fd(),
-                &mut buf as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
+        // Drain our non-blocking eventfd; EAGAIN means nobody woke us.
+        let _ = rustix::io::read(&self.wake, &mut [0u8; 8]);
     }
 
     /// Instances in the database this daemon does not hold: started by an earlier one.
@@ -1289,13 +1449,13 @@ impl Agent {
             .map(|(name, l)| {
                 let h = lock(&l.health).clone();
                 let health = if l.stopping {
-                    "stopping"
+                    InstanceHealth::Stopping
                 } else if h.healthy {
-                    "healthy"
+                    InstanceHealth::Healthy
                 } else if h.ever_healthy || h.failed {
-                    "unhealthy"
+                    InstanceHealth::Unhealthy
                 } else {
-                    "starting"
+                    InstanceHealth::Starting
                 };
                 InstanceView {
                     name,
@@ -1303,7 +1463,7 @@ impl Agent {
                     revision: l.revision,
                     pid: l.pid,
                     address: l.address,
-                    health: health.into(),
+                    health,
                     // From the instance's own start, which survives a daemon restart.
                     uptime_s: now_ms().saturating_sub(l.started_unix_ms) / 1000,
                     last_error: h.last_error,
@@ -1321,22 +1481,25 @@ impl Agent {
                 .filter(|i| i.group == g.name.as_str())
                 .collect();
             let status = match &g.rollout {
-                Rollout::Paused { .. } => "paused".to_owned(),
-                _ if g.start_failures > 0 => {
-                    format!("cannot-start ({} tries; see events)", g.start_failures)
-                }
-                _ if g.failures >= 3 => format!("crash-loop ({} failures)", g.failures),
-                Rollout::Progressing { .. } => "rolling-out".to_owned(),
-                Rollout::RolledBack { failed, .. } => {
-                    format!("rolled-back (revision {failed} failed)")
-                }
-                Rollout::Stable => "ok".to_owned(),
+                Rollout::Paused { .. } => GroupStatus::Paused,
+                _ if g.start_failures > 0 => GroupStatus::CannotStart {
+                    tries: g.start_failures,
+                },
+                _ if g.failures >= 3 => GroupStatus::CrashLoop {
+                    failures: g.failures,
+                },
+                Rollout::Progressing { .. } => GroupStatus::RollingOut,
+                Rollout::RolledBack { failed, .. } => GroupStatus::RolledBack { failed: *failed },
+                Rollout::Stable => GroupStatus::Ok,
             };
             out.push(GroupView {
                 name: g.name.to_string(),
                 size: g.size,
                 running: mine.len(),
-                ready: mine.iter().filter(|i| i.health == "healthy").count(),
+                ready: mine
+                    .iter()
+                    .filter(|i| i.health == InstanceHealth::Healthy)
+                    .count(),
                 revision: g.current,
                 image: g
                     .current_revision()
@@ -1353,12 +1516,12 @@ impl Agent {
     /// The metrics text, with the instance gauges set from the current view.
     pub fn metrics_text(&self) -> String {
         let instances = self.instances();
-        for state in ["starting", "healthy", "unhealthy", "stopping"] {
+        for state in InstanceHealth::ALL {
             let n = instances.iter().filter(|i| i.health == state).count();
             self.metrics
                 .instances
                 .get_or_create(&crate::metrics::StateLabel {
-                    state: state.into(),
+                    state: state.as_str().into(),
                 })
                 .set(n as i64);
         }
@@ -1423,10 +1586,9 @@ fn backoff_ms(failures: u32) -> u64 {
     }
 }
 
-fn wake(fd: i32) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+/// Adds one to the wake-up eventfd (an eventfd takes 8-byte native-endian counts).
+fn wake(fd: &OwnedFd) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 fn short(digest: &str) -> String {
@@ -1505,6 +1667,117 @@ pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> 
 mod tests {
     use super::*;
 
+    /// The JSON and table text of actions, health and status is what scripts match on:
+    /// each value serialises to exactly its old string, and reads back.
+    #[test]
+    fn api_enums_keep_their_exact_text() {
+        let cases: [(serde_json::Value, &str); 16] = [
+            (serde_json::to_value(Action::Create).unwrap(), "create"),
+            (serde_json::to_value(Action::Replace).unwrap(), "replace"),
+            (serde_json::to_value(Action::Scale).unwrap(), "scale"),
+            (serde_json::to_value(Action::Update).unwrap(), "update"),
+            (serde_json::to_value(Action::Delete).unwrap(), "delete"),
+            (
+                serde_json::to_value(Action::Unchanged).unwrap(),
+                "unchanged",
+            ),
+            (
+                serde_json::to_value(InstanceHealth::Starting).unwrap(),
+                "starting",
+            ),
+            (
+                serde_json::to_value(InstanceHealth::Healthy).unwrap(),
+                "healthy",
+            ),
+            (
+                serde_json::to_value(InstanceHealth::Unhealthy).unwrap(),
+                "unhealthy",
+            ),
+            (
+                serde_json::to_value(InstanceHealth::Stopping).unwrap(),
+                "stopping",
+            ),
+            (serde_json::to_value(GroupStatus::Ok).unwrap(), "ok"),
+            (
+                serde_json::to_value(GroupStatus::RollingOut).unwrap(),
+                "rolling-out",
+            ),
+            (
+                serde_json::to_value(GroupStatus::CrashLoop { failures: 3 }).unwrap(),
+                "crash-loop (3 failures)",
+            ),
+            (
+                serde_json::to_value(GroupStatus::CannotStart { tries: 12 }).unwrap(),
+                "cannot-start (12 tries; see events)",
+            ),
+            (serde_json::to_value(GroupStatus::Paused).unwrap(), "paused"),
+            (
+                serde_json::to_value(GroupStatus::RolledBack { failed: 4 }).unwrap(),
+                "rolled-back (revision 4 failed)",
+            ),
+        ];
+        for (json, text) in cases {
+            assert_eq!(json, serde_json::Value::String(text.into()));
+        }
+        for a in Action::ALL {
+            assert_eq!(a.to_string(), serde_json::to_value(a).unwrap());
+            assert_eq!(
+                serde_json::from_value::<Action>(a.as_str().into()).unwrap(),
+                a
+            );
+        }
+        for h in InstanceHealth::ALL {
+            assert_eq!(h.to_string(), serde_json::to_value(h).unwrap());
+            assert_eq!(
+                serde_json::from_value::<InstanceHealth>(h.as_str().into()).unwrap(),
+                h
+            );
+        }
+        for st in [
+            GroupStatus::Ok,
+            GroupStatus::RollingOut,
+            GroupStatus::CrashLoop { failures: 3 },
+            GroupStatus::CannotStart { tries: 1 },
+            GroupStatus::Paused,
+            GroupStatus::RolledBack { failed: 17 },
+        ] {
+            assert_eq!(st.to_string(), serde_json::to_value(st).unwrap());
+            let back: GroupStatus = serde_json::from_value(st.to_string().into()).unwrap();
+            assert_eq!(back, st);
+        }
+        for bad in [
+            "",
+            "OK",
+            "crash-loop",
+            "crash-loop (x failures)",
+            "rolled-back (revision -1 failed)",
+        ] {
+            assert!(
+                serde_json::from_value::<GroupStatus>(bad.into()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    /// The OpenAPI document lists exactly the values the enums serialise to.
+    #[test]
+    fn the_openapi_enums_are_the_types_values() {
+        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let listed = |schema: &str, field: &str| -> Vec<String> {
+            let values = schemas[schema]["properties"][field]["enum"].as_array();
+            let values = values.unwrap_or_else(|| panic!("{schema}.{field} has no enum"));
+            values
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let actions: Vec<String> = Action::ALL.iter().map(|a| a.to_string()).collect();
+        assert_eq!(listed("Change", "action"), actions);
+        let health: Vec<String> = InstanceHealth::ALL.iter().map(|h| h.to_string()).collect();
+        assert_eq!(listed("InstanceView", "health"), health);
+    }
+
     /// A backend that cannot start anything, as on a host without nft.
     struct Failing(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -1560,7 +1833,7 @@ mod tests {
         assert!(
             groups
                 .iter()
-                .all(|g| g.status.starts_with("cannot-start (1 ")),
+                .all(|g| g.status == GroupStatus::CannotStart { tries: 1 }),
             "{groups:?}"
         );
         let said: Vec<String> = agent

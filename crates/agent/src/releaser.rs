@@ -113,7 +113,7 @@ pub fn prune_ended(home: &Path, keep: usize) {
                 .push((when, path));
         }
         for mut dirs in ended.into_values() {
-            dirs.sort_by(|a, b| b.0.cmp(&a.0));
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
             for (_, d) in dirs.into_iter().skip(keep) {
                 let _ = std::fs::remove_dir_all(d);
             }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use juice_agent::agent::{Agent, Change, GroupDescription, GroupView, InstanceView};
+use juice_agent::agent::{Action, Agent, Change, GroupDescription, GroupView, InstanceView};
 use juice_agent::api::{Client, RollbackRequest};
 use juice_agent::doctor;
 use juice_agent::site::Site;
@@ -47,10 +47,10 @@ fn print_changes(changes: &[Change], format: Format, applied: bool) -> Result {
     }
     let mut t = output::table(["GROUP", "ACTION", "REASON"]);
     for c in changes {
-        t.add_row([c.group.clone(), c.action.clone(), c.reason.clone()]);
+        t.add_row([c.group.clone(), c.action.to_string(), c.reason.clone()]);
     }
     println!("{t}");
-    if changes.iter().all(|c| c.action == "unchanged") {
+    if changes.iter().all(|c| c.action == Action::Unchanged) {
         println!("nothing to do: the host is as declared");
     } else if !applied {
         println!("(plan only: `juice apply -f FILE` makes these changes)");
@@ -84,7 +84,7 @@ pub fn groups_table(groups: &[GroupView]) -> String {
             g.revision.to_string(),
             g.image.clone(),
             g.restarts.to_string(),
-            g.status.clone(),
+            g.status.to_string(),
         ]);
     }
     t.to_string()
@@ -99,7 +99,7 @@ fn instances_table(instances: &[InstanceView]) -> String {
             i.name.clone(),
             i.group.clone(),
             i.revision.to_string(),
-            i.health.clone(),
+            i.health.to_string(),
             i.address
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -426,7 +426,9 @@ fn spec(rootfs: &Path, name: &str, group: &str, links: &[&str], argv: &[&str]) -
 }
 
 fn runtime(j: &Juice) -> Runtime {
-    // SAFETY of the environment: tests set JUICE_INIT once, to the same value.
+    // SAFETY: every test in this file holds `serial()` for its whole run, so no other test
+    // thread of this process is reading the environment while it is written (std's own reads,
+    // as in `Command::spawn`, also take std's environment lock); the value is always the same.
     unsafe { std::env::set_var("JUICE_INIT", workspace_binary("juice-init")) };
     Runtime::new(j.home.path()).unwrap()
 }

@@ -181,6 +181,8 @@ fn main() {
             for w in workers {
                 let _ = w.join();
             }
+            // SAFETY: rusage is a plain C struct of integers and timevals, for which all-zero
+            // bytes are a valid value.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
             // SAFETY: getrusage fills a valid rusage.
             unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
