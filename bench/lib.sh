@@ -22,5 +22,5 @@ stop_daemon() {
   for _ in $(seq 600); do [ "$("$juice" get instances -o json 2>/dev/null | jq length)" = 0 ] && break; sleep 0.2; done
   kill "$daemon" 2>/dev/null || true
   wait "$daemon" 2>/dev/null || true
-  rm -rf "$work"
+  [ -n "${KEEP_WORK:-}" ] && echo "kept $work" || rm -rf "$work"
 }

@@ -165,6 +165,10 @@ struct World {
     /// The groups as this pass read them, for withdrawing an instance from the
     /// published ports before it is stopped.
     groups: BTreeMap<String, GroupRecord>,
+    /// Ended instances whose cgroups and addresses are freed once this pass has
+    /// started their replacements (the release and a start take the same
+    /// address lock and nftables transactions: one would wait for the other).
+    to_release: Vec<Box<dyn Handle>>,
     /// What this daemon's groups publish as the kernel has it (`None` until
     /// read back from the home at the first pass).
     published: Option<BTreeMap<String, Published>>,
@@ -505,7 +509,9 @@ impl Agent {
     /// What applying `site` would change, and (if `apply`) does it.
     pub fn apply(&self, site: &Site, apply: bool) -> Result<Vec<Change>, AgentError> {
         // The slow work first, without the lock: builds, pulls, unpacking and the
-        // microVM probe boot. The reconciler and every query go on meanwhile.
+        // microVM probe boot. The reconciler and every query go on meanwhile, and
+        // get the CPU first: this thread runs at a lower priority until it is done.
+        let background = Background::lower();
         let mut digests = Vec::new();
         for (name, spec) in &site.group {
             let digest = self.resolve_image(name.as_str(), &spec.image)?;
@@ -538,6 +544,7 @@ impl Agent {
             }
             digests.push(digest);
         }
+        drop(background);
         let _w = self.world();
         let mut changes = Vec::new();
         let mut updates = Vec::new();
@@ -886,7 +893,7 @@ impl Agent {
             if let Some(mut l) = w.remove(&name) {
                 // Its cgroups and address are freed after the replacement has started.
                 let report = l.instance.reap();
-                self.releaser.release(l.instance);
+                w.to_release.push(l.instance);
                 self.state.instance_ended(
                     &l.group,
                     &name,
@@ -920,6 +927,9 @@ impl Agent {
             }
         }
         self.update_publishers(&mut w);
+        for h in std::mem::take(&mut w.to_release) {
+            self.releaser.release(h);
+        }
         for l in w.live.values_mut() {
             l.instance.maintain();
         }
@@ -1574,6 +1584,54 @@ impl Agent {
     /// Waits until the ended instances' cgroups and addresses are freed.
     pub fn settle(&self) {
         self.releaser.settle();
+    }
+}
+
+/// The calling thread at a lower CPU priority (nice + 10) until dropped: an
+/// apply's pulls and builds yield to queries and to the reconciler on a busy
+/// host. Threads the work starts inherit it.
+struct Background {
+    tid: libc::id_t,
+    was: Option<i32>,
+    /// Not Send: it is dropped on the thread it lowered.
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl Background {
+    fn lower() -> Background {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // getpriority can return -1 as a value: errno tells; a failure leaves it as it is.
+        // SAFETY: errno is thread-local; setting it to 0 before the call is how its
+        // result is told from a failure.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: getpriority on this thread's id; no memory is passed.
+        let was = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+        let failed = std::io::Error::last_os_error().raw_os_error().unwrap_or(0) != 0;
+        if failed {
+            return Background {
+                tid,
+                was: None,
+                _here: std::marker::PhantomData,
+            };
+        }
+        // SAFETY: setpriority on this thread's id; no memory is passed.
+        let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (was + 10).min(19)) };
+        Background {
+            tid,
+            was: (set == 0).then_some(was),
+            _here: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(was) = self.was {
+            // SAFETY: setpriority on the id of the thread that lowered itself (a
+            // Background is not Send, so this is that thread); no memory is passed.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, was) };
+        }
     }
 }
 
