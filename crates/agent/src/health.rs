@@ -316,10 +316,9 @@ mod tests {
         // Accepts (the kernel does) but never reads or answers.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let t0 = Instant::now();
+        // The error is the timeout's own: the probe gave up, it did not hang or fail otherwise.
         let e = probe(&http(port), Ipv4Addr::LOCALHOST, Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("no answer within 200ms"), "{e}");
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         drop(l);
     }
 

@@ -1187,59 +1187,51 @@ impl RunConfig {
         })
     }
 
+    /// The inferred `juice.toml`, made as a TOML table and written by the toml
+    /// crate: every string from the image (command, env, paths) is escaped by it.
     fn manifest_toml(&self, tag: &str) -> String {
+        use toml::{Table, Value};
         let (name, version) = tag.rsplit_once(':').unwrap_or((tag, "imported"));
         let name = name.rsplit('/').next().unwrap_or(name);
-        let q = |s: &str| toml_string(s);
-        let mut t = format!(
-            "# Inferred by `juice import`.\n[appliance]\nname = {}\nversion = {}\n\n[run]\ncommand = [{}]\nuser = \"{}:{}\"\n",
-            q(name),
-            q(version),
-            self.command
-                .iter()
-                .map(|a| q(a))
-                .collect::<Vec<_>>()
-                .join(", "),
-            self.uid,
-            self.gid
+        let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+        let mut appliance = Table::new();
+        appliance.insert("name".into(), Value::String(name.to_owned()));
+        appliance.insert("version".into(), Value::String(version.to_owned()));
+        let mut run = Table::new();
+        run.insert("command".into(), strings(&self.command));
+        run.insert(
+            "user".into(),
+            Value::String(format!("{}:{}", self.uid, self.gid)),
         );
         if !self.env.is_empty() {
-            t.push_str(&format!(
-                "env = {{ {} }}\n",
-                self.env
-                    .iter()
-                    .map(|(k, v)| format!("{} = {}", q(k), q(v)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            let env: Table = self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            run.insert("env".into(), Value::Table(env));
         }
         if let Some(w) = &self.workdir {
-            t.push_str(&format!("workdir = {}\n", q(w)));
+            run.insert("workdir".into(), Value::String(w.clone()));
         }
         if !self.ports.is_empty() {
-            t.push_str(&format!(
-                "ports = [{}]\n",
-                self.ports
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            let ports = self.ports.iter().map(|p| Value::Integer(i64::from(*p)));
+            run.insert("ports".into(), Value::Array(ports.collect()));
         }
-        for (name, path) in &self.volumes {
-            t.push_str(&format!(
-                "\n[[volumes]]\nname = {}\npath = {}\n",
-                q(name),
-                q(path)
-            ));
+        let mut doc = Table::new();
+        doc.insert("appliance".into(), Value::Table(appliance));
+        doc.insert("run".into(), Value::Table(run));
+        if !self.volumes.is_empty() {
+            let volumes = self.volumes.iter().map(|(name, path)| {
+                let mut v = Table::new();
+                v.insert("name".into(), Value::String(name.clone()));
+                v.insert("path".into(), Value::String(path.clone()));
+                Value::Table(v)
+            });
+            doc.insert("volumes".into(), Value::Array(volumes.collect()));
         }
-        t
+        format!("# Inferred by `juice import`.\n{doc}")
     }
-}
-
-fn toml_string(s: &str) -> String {
-    // serde_json's string escaping is valid TOML basic-string escaping for these characters.
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// `User` of a container config as numeric ids, names looked up in the image's passwd and group.
@@ -1314,6 +1306,29 @@ fn user_ids(source: &str, user: &str, staged: &Staged) -> Result<(u32, u32), Reg
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_inferred_manifest_carries_hostile_strings_unchanged() {
+        let hostile = "a \" ] [run] x = \"\\ \n\t\u{7f} é ${HOME}";
+        let run = RunConfig {
+            command: vec!["/bin/app".into(), hostile.into(), "\"".into()],
+            env: vec![("A_B".into(), hostile.into())],
+            uid: 1000,
+            gid: 1001,
+            workdir: Some("/srv/a \"b\"".into()),
+            ports: vec![80, 8443],
+            volumes: vec![("data".into(), "/var/lib/x \\".into())],
+        };
+        let text = run.manifest_toml("reg.example/app:1.0");
+        let m = Manifest::parse(&text, Path::new("juice.toml")).unwrap();
+        assert_eq!(m.appliance.name.as_str(), "app", "{text}");
+        assert_eq!(m.run.command.args()[1], hostile, "{text}");
+        assert_eq!(m.run.command.args()[2], "\"");
+        assert_eq!(m.run.env.values().next().map(String::as_str), Some(hostile));
+        assert_eq!(m.volumes.len(), 1, "{text}");
+        assert_eq!(m.run.ports.len(), 2);
+        assert!(text.starts_with("# Inferred by `juice import`."), "{text}");
+    }
+
     use super::*;
     use juice_image::closure::testing::InheritedRpath;
 
