@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
@@ -240,30 +241,17 @@ impl Client {
                 socket: self.target.to_string(),
                 reason: e.to_string(),
             };
-            let mut sender = match &self.target {
+            let sender = match &self.target {
                 Target::Remote { addr, tls } => {
-                    let stream = crate::tls::connect(addr, tls)
-                        .await
-                        .map_err(|e| unreachable(&e))?;
-                    let (sender, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                            .await
-                            .map_err(|e| unreachable(&e))?;
-                    tokio::spawn(conn);
-                    sender
+                    let stream = crate::tls::connect(addr, tls).await;
+                    handshake(stream.map_err(|e| unreachable(&e))?).await
                 }
                 Target::Socket(socket) => {
-                    let stream = tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map_err(|e| unreachable(&e))?;
-                    let (sender, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                            .await
-                            .map_err(|e| unreachable(&e))?;
-                    tokio::spawn(conn);
-                    sender
+                    let stream = tokio::net::UnixStream::connect(socket).await;
+                    handshake(stream.map_err(|e| unreachable(&e))?).await
                 }
             };
+            let mut sender = sender.map_err(|e| unreachable(&e))?;
             let req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -295,6 +283,17 @@ impl Client {
             })
         })
     }
+}
+
+/// An HTTP/1 connection over `stream`, driven by a task on the client's runtime.
+async fn handshake<T>(stream: T) -> Result<SendRequest<Full<Bytes>>, hyper::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 fn encode(value: &impl Serialize) -> Result<Vec<u8>, ClientError> {
