@@ -143,6 +143,15 @@ impl Client {
             },
             _ => Target::Socket(home.join("juice.sock")),
         };
+        Client::to(target)
+    }
+
+    /// A client of the daemon answering on `socket`, whatever the environment says.
+    pub fn unix(socket: &Path) -> Result<Client, ClientError> {
+        Client::to(Target::Socket(socket.to_owned()))
+    }
+
+    fn to(target: Target) -> Result<Client, ClientError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -317,5 +326,55 @@ mod tests {
         );
         assert_eq!(segment("../x/y"), "..%2Fx%2Fy");
         assert_eq!(segment("web-1"), "web-1");
+    }
+
+    /// The client's requests decode with the server's own query types, and an error
+    /// answer comes back as its status and sentence.
+    #[test]
+    fn the_server_reads_what_the_client_sends() {
+        use axum::extract::{Path as UrlPath, Query};
+        use axum::routing::get;
+
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("juice.sock");
+        let server = tokio::runtime::Runtime::new().unwrap();
+        let listener = {
+            let _in = server.enter();
+            tokio::net::UnixListener::bind(&socket).unwrap()
+        };
+        let app = axum::Router::new()
+            .route(
+                "/v1/events",
+                get(|Query(q): Query<EventsQuery>| async move {
+                    axum::Json(vec![Event {
+                        seq: q.since + 1,
+                        time_ms: 0,
+                        group: q.group,
+                        instance: None,
+                        message: format!("limit {:?}", q.limit),
+                    }])
+                }),
+            )
+            .route(
+                "/v1/groups/{name}",
+                get(|UrlPath(name): UrlPath<String>| async move {
+                    let error = format!("no group {name:?}");
+                    (StatusCode::NOT_FOUND, axum::Json(ApiError { error }))
+                }),
+            );
+        server.spawn(async move { axum::serve(listener, app).await });
+
+        let client = Client::unix(&socket).unwrap();
+        let events = client.events(41, Some("a&limit=1 b"), Some(5)).unwrap();
+        assert_eq!(events[0].seq, 42);
+        assert_eq!(events[0].group.as_deref(), Some("a&limit=1 b"));
+        assert_eq!(events[0].message, "limit Some(5)");
+        match client.group("a/b c") {
+            Err(ClientError::Api { status, message }) => {
+                assert_eq!(status, 404);
+                assert_eq!(message, "no group \"a/b c\"");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
