@@ -51,15 +51,16 @@ fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
 }
 
 /// One line of a plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Change {
     pub group: String,
+    #[schema(inline)]
     pub action: Action,
     pub reason: String,
 }
 
 /// What apply does to a group; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// A group new to the host.
@@ -179,20 +180,22 @@ struct World {
 }
 
 /// The view `juice get instances` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceView {
     pub name: String,
     pub group: String,
     pub revision: u64,
     pub pid: i32,
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub address: Option<Ipv4Addr>,
+    #[schema(inline)]
     pub health: InstanceHealth,
     pub uptime_s: u64,
     pub last_error: Option<String>,
 }
 
 /// The view `juice get groups` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupView {
     pub name: String,
     pub size: u32,
@@ -202,11 +205,17 @@ pub struct GroupView {
     pub image: String,
     pub rollout: Rollout,
     pub restarts: u64,
+    /// ok, rolling-out, paused, or with the count that explains it: crash-loop (N failures),
+    /// cannot-start (N tries; see events), rolled-back (revision N failed)
+    #[schema(
+        value_type = String,
+        pattern = r"^(ok|rolling-out|paused|crash-loop \([0-9]+ failures\)|cannot-start \([0-9]+ tries; see events\)|rolled-back \(revision [0-9]+ failed\))$"
+    )]
     pub status: GroupStatus,
 }
 
 /// An instance's health as queries show it; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceHealth {
     /// Not yet probed healthy, and never failed.
@@ -337,7 +346,7 @@ impl TryFrom<String> for GroupStatus {
 }
 
 /// `juice describe group`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupDescription {
     pub group: GroupRecord,
     pub instances: Vec<InstanceView>,

@@ -1,46 +1,95 @@
-//! The HTTP/JSON API on `$JUICE_HOME/juice.sock` (mode 0600), and its client.
+//! The HTTP/JSON API on `$JUICE_HOME/juice.sock` (mode 0600); its client is [`crate::client`].
+//!
+//! The router and the OpenAPI document it serves at `/openapi.json` are built from one list
+//! of handlers ([`routes`]): each handler carries its `#[utoipa::path]`, and
+//! [`utoipa_axum::routes!`] will not take a handler without one, so a route cannot be added
+//! without its place in the document. `openapi.json` beside this file is a checked-in copy of
+//! the document, so a change to the API shows in review; a test fails when it is stale.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::OpenApi as Document;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{Agent, AgentError, Change, GroupDescription, GroupView, InstanceView};
 use crate::site::Site;
+use crate::state::Event;
 
-/// The OpenAPI document the daemon serves at `/openapi.json`.
+/// The checked-in copy of the OpenAPI document (a test keeps it equal to [`document`]).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// An API error: a status and one sentence.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     pub error: String,
 }
 
-struct Failure(StatusCode, String);
+/// Why a request failed; [`Failure::status`] maps each variant to its status code.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The URL's path did not parse.
+    #[error("{0}")]
+    BadPath(String),
+    /// A group or instance name that could become a path outside `$JUICE_HOME`.
+    #[error(
+        "{0:?} is not a group or instance name (lowercase letters, digits and '-', at most 48)"
+    )]
+    BadName(String),
+    #[error("the request body is not a site: {0}")]
+    NotASite(serde_json::Error),
+    #[error("bad rollback request: {0}")]
+    BadRollback(serde_json::Error),
+    #[error("no logs for instance {0:?}")]
+    NoLogs(String),
+    #[error("read the log: {0}")]
+    ReadLog(std::io::Error),
+    /// The blocking task running agent work panicked or was cancelled.
+    #[error("{0}")]
+    Task(tokio::task::JoinError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
 
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, axum::Json(ApiError { error: self.1 })).into_response()
+impl Failure {
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::BadPath(_)
+            | Failure::BadName(_)
+            | Failure::NotASite(_)
+            | Failure::BadRollback(_) => StatusCode::BAD_REQUEST,
+            Failure::NoLogs(_) => StatusCode::NOT_FOUND,
+            Failure::ReadLog(_) | Failure::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Failure::Agent(e) => match e {
+                AgentError::NoGroup(_) => StatusCode::NOT_FOUND,
+                // The group's declaration cannot be carried out (an image that will not
+                // build or pull, no earlier revision, a failing start): the client's to fix.
+                AgentError::Group { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                AgentError::State(_) | AgentError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
     }
 }
 
-impl From<AgentError> for Failure {
-    fn from(e: AgentError) -> Self {
-        let status = match e {
-            AgentError::NoGroup(_) => StatusCode::NOT_FOUND,
-            AgentError::Group { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Failure(status, e.to_string())
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        (
+            status,
+            axum::Json(ApiError {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -60,7 +109,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
     ) -> Result<Self, Self::Rejection> {
         let UrlPath(name) = UrlPath::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+            .map_err(|e| Failure::BadPath(e.body_text()))?;
         check_name(&name)?;
         Ok(Name(name))
     }
@@ -70,13 +119,7 @@ fn check_name(name: &str) -> Result<(), Failure> {
     if juice_sandbox::process::valid_name(name) {
         Ok(())
     } else {
-        Err(Failure(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{:?} is not a group or instance name (lowercase letters, digits and '-', at most 48)",
-                name.chars().take(64).collect::<String>()
-            ),
-        ))
+        Err(Failure::BadName(name.chars().take(64).collect()))
     }
 }
 
@@ -87,104 +130,208 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Failure> {
     tokio::task::spawn_blocking(move || f(&agent))
         .await
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Failure::Task)?
         .map_err(Failure::from)
 }
 
-#[derive(Deserialize)]
-struct ApplyQuery {
+/// `POST /v1/apply`'s query.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ApplyQuery {
+    /// Only plan: say what would change, change nothing.
     #[serde(default)]
-    dry_run: bool,
+    pub dry_run: bool,
 }
 
+/// Apply a site (the host's whole desired state); `?dry_run=true` only plans.
+#[utoipa::path(
+    post,
+    path = "/v1/apply",
+    params(ApplyQuery),
+    request_body = Site,
+    responses(
+        (status = 200, description = "The changes", body = Vec<Change>),
+        (status = 400, description = "The body is not a site", body = ApiError),
+        (status = 422, description = "A group cannot be applied", body = ApiError),
+    )
+)]
 async fn apply(
     State(agent): Shared,
     Query(q): Query<ApplyQuery>,
     body: Bytes,
-) -> Result<Response, Failure> {
-    let site: Site = serde_json::from_slice(&body).map_err(|e| {
-        Failure(
-            StatusCode::BAD_REQUEST,
-            format!("the request body is not a site: {e}"),
-        )
-    })?;
+) -> Result<axum::Json<Vec<Change>>, Failure> {
+    let site: Site = serde_json::from_slice(&body).map_err(Failure::NotASite)?;
     let changes = blocking(agent, move |a| a.apply(&site, !q.dry_run)).await?;
-    Ok(axum::Json(changes).into_response())
+    Ok(axum::Json(changes))
 }
 
-async fn groups(State(agent): Shared) -> Result<Response, Failure> {
-    Ok(axum::Json(blocking(agent, |a| a.groups()).await?).into_response())
+/// Groups with their state.
+#[utoipa::path(
+    get,
+    path = "/v1/groups",
+    responses((status = 200, description = "Groups", body = Vec<GroupView>))
+)]
+async fn groups(State(agent): Shared) -> Result<axum::Json<Vec<GroupView>>, Failure> {
+    Ok(axum::Json(blocking(agent, |a| a.groups()).await?))
 }
 
-async fn group(State(agent): Shared, Name(name): Name) -> Result<Response, Failure> {
-    Ok(axum::Json(blocking(agent, move |a| a.describe(&name)).await?).into_response())
+/// A group: revisions, rollout, instances, recent events.
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "The group")),
+    responses(
+        (status = 200, description = "The group", body = GroupDescription),
+        (status = 400, description = "Not a group name", body = ApiError),
+        (status = 404, description = "No such group", body = ApiError),
+    )
+)]
+async fn group(
+    State(agent): Shared,
+    Name(name): Name,
+) -> Result<axum::Json<GroupDescription>, Failure> {
+    Ok(axum::Json(
+        blocking(agent, move |a| a.describe(&name)).await?,
+    ))
 }
 
-async fn delete_group(State(agent): Shared, Name(name): Name) -> Result<Response, Failure> {
+/// Delete a group and stop its instances.
+#[utoipa::path(
+    delete,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "The group")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Not a group name", body = ApiError),
+        (status = 404, description = "No such group", body = ApiError),
+    )
+)]
+async fn delete_group(State(agent): Shared, Name(name): Name) -> Result<StatusCode, Failure> {
     blocking(agent, move |a| a.delete(&name)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, Serialize)]
+/// `POST /v1/groups/{name}/rollback`'s body.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 pub struct RollbackRequest {
+    /// The revision to go back to; the previous one when absent.
     pub to: Option<u64>,
 }
 
+/// `POST /v1/groups/{name}/rollback`'s answer.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct RollbackAnswer {
+    /// The revision now current.
+    pub revision: u64,
+}
+
+/// Roll back to a kept revision (default: the previous one).
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{name}/rollback",
+    params(("name" = String, Path, description = "The group")),
+    request_body = RollbackRequest,
+    responses(
+        (status = 200, description = "The revision now current", body = RollbackAnswer),
+        (status = 400, description = "Not a group name, or not a rollback request", body = ApiError),
+        (status = 404, description = "No such group", body = ApiError),
+        (status = 422, description = "No such revision to go back to", body = ApiError),
+    )
+)]
 async fn rollback(
     State(agent): Shared,
     Name(name): Name,
     body: Bytes,
-) -> Result<Response, Failure> {
-    let req: RollbackRequest = serde_json::from_slice(&body).map_err(|e| {
-        Failure(
-            StatusCode::BAD_REQUEST,
-            format!("bad rollback request: {e}"),
-        )
-    })?;
-    let to = blocking(agent, move |a| a.rollback(&name, req.to)).await?;
-    Ok(axum::Json(serde_json::json!({ "revision": to })).into_response())
+) -> Result<axum::Json<RollbackAnswer>, Failure> {
+    let req: RollbackRequest = serde_json::from_slice(&body).map_err(Failure::BadRollback)?;
+    let revision = blocking(agent, move |a| a.rollback(&name, req.to)).await?;
+    Ok(axum::Json(RollbackAnswer { revision }))
 }
 
-async fn instances(State(agent): Shared) -> Result<Response, Failure> {
-    Ok(axum::Json(blocking(agent, |a| Ok(a.instances())).await?).into_response())
+/// Instances with their health.
+#[utoipa::path(
+    get,
+    path = "/v1/instances",
+    responses((status = 200, description = "Instances", body = Vec<InstanceView>))
+)]
+async fn instances(State(agent): Shared) -> Result<axum::Json<Vec<InstanceView>>, Failure> {
+    Ok(axum::Json(blocking(agent, |a| Ok(a.instances())).await?))
 }
 
-#[derive(Deserialize)]
-struct EventsQuery {
+/// The most events one request returns.
+pub const EVENTS_LIMIT: u32 = 1000;
+
+/// `GET /v1/events`' query.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events after this sequence number.
     #[serde(default)]
-    since: u64,
-    group: Option<String>,
+    pub since: u64,
+    /// Only this group's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// At most this many (and never more than 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
-async fn events(State(agent): Shared, Query(q): Query<EventsQuery>) -> Result<Response, Failure> {
+/// Events after a sequence number.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "Events, oldest first", body = Vec<Event>),
+        (status = 400, description = "Not a group name", body = ApiError),
+    )
+)]
+async fn events(
+    State(agent): Shared,
+    Query(q): Query<EventsQuery>,
+) -> Result<axum::Json<Vec<Event>>, Failure> {
     if let Some(g) = &q.group {
         check_name(g)?;
     }
+    let limit = q.limit.map_or(EVENTS_LIMIT, |l| l.min(EVENTS_LIMIT)) as usize;
     let events = blocking(agent, move |a| {
-        Ok(a.state().events(q.since, q.group.as_deref(), 1000)?)
+        Ok(a.state().events(q.since, q.group.as_deref(), limit)?)
     })
     .await?;
-    Ok(axum::Json(events).into_response())
+    Ok(axum::Json(events))
 }
 
-#[derive(Deserialize)]
-struct LogsQuery {
+/// The header that says where the next read of a log continues.
+pub const OFFSET_HEADER: &str = "x-juice-offset";
+
+/// `GET /v1/instances/{name}/logs`' query.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// The byte to read from (a log rotated since starts again from 0).
     #[serde(default)]
-    offset: u64,
+    pub offset: u64,
 }
 
-/// The instance's log from `offset`; the `x-juice-offset` header says where to continue.
+/// An instance's log from `offset`; the `x-juice-offset` header says where to continue.
+#[utoipa::path(
+    get,
+    path = "/v1/instances/{name}/logs",
+    params(("name" = String, Path, description = "The instance"), LogsQuery),
+    responses(
+        (status = 200, description = "Log bytes (at most 4 MiB)", body = Vec<u8>,
+         content_type = "application/octet-stream",
+         headers(("x-juice-offset" = u64, description = "Where the next read continues"))),
+        (status = 400, description = "Not an instance name", body = ApiError),
+        (status = 404, description = "No such instance", body = ApiError),
+    )
+)]
 async fn logs(
     State(agent): Shared,
     Name(name): Name,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, Failure> {
-    let path = agent.log_path(&name).ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            format!("no logs for instance {name:?}"),
-        )
-    })?;
+    let path = agent.log_path(&name).ok_or(Failure::NoLogs(name))?;
     let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
         use std::io::{Read, Seek, SeekFrom};
         // The log directory is the appliance's to write: follow nothing in it.
@@ -203,16 +350,18 @@ async fn logs(
         Ok((buf.clone(), from + buf.len() as u64))
     })
     .await
-    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| {
-        Failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("read the log: {e}"),
-        )
-    })?;
-    Ok(([("x-juice-offset", bytes.1.to_string())], bytes.0).into_response())
+    .map_err(Failure::Task)?
+    .map_err(Failure::ReadLog)?;
+    Ok(([(OFFSET_HEADER, bytes.1.to_string())], bytes.0).into_response())
 }
 
+/// Prometheus metrics: instances by health, restarts, start and probe durations, rollout outcomes.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "OpenMetrics text", body = String,
+               content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
+)]
 async fn metrics(State(agent): Shared) -> Result<Response, Failure> {
     let text = blocking(agent, |a| Ok(a.metrics_text())).await?;
     Ok((
@@ -225,25 +374,56 @@ async fn metrics(State(agent): Shared) -> Result<Response, Failure> {
         .into_response())
 }
 
-async fn openapi() -> Response {
-    ([("content-type", "application/json")], OPENAPI).into_response()
+/// The document's parts that are not paths.
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "Juice host agent",
+    version = "1",
+    description = "The host agent's API, on `$JUICE_HOME/juice.sock`."
+))]
+struct ApiDoc;
+
+/// The document, built once: it never changes while the daemon runs.
+static DOCUMENT: LazyLock<Document> = LazyLock::new(document);
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    responses((status = 200, description = "OpenAPI", body = Object))
+)]
+async fn openapi() -> axum::Json<&'static Document> {
+    axum::Json(&DOCUMENT)
+}
+
+/// Every route with its path spec: the one list the router and the document are built from.
+fn routes() -> OpenApiRouter<Arc<Agent>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(openapi))
+        .routes(routes!(metrics))
+        .routes(routes!(apply))
+        .routes(routes!(groups))
+        .routes(routes!(group, delete_group))
+        .routes(routes!(rollback))
+        .routes(routes!(instances))
+        .routes(routes!(logs))
+        .routes(routes!(events))
+}
+
+/// The OpenAPI document of [`router`]'s routes.
+pub fn document() -> Document {
+    routes().into_openapi()
+}
+
+/// The router, waiting for its agent: every route is added in [`routes`], never here.
+fn app() -> Router<Arc<Agent>> {
+    let (router, _) = routes().split_for_parts();
+    // A site file is small; anything bigger is refused before it is read.
+    router.layer(DefaultBodyLimit::max(1 << 20))
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
-        .route("/openapi.json", get(openapi))
-        .route("/metrics", get(metrics))
-        .route("/v1/apply", post(apply))
-        .route("/v1/groups", get(groups))
-        .route("/v1/groups/{name}", get(group))
-        .route("/v1/groups/{name}", delete(delete_group))
-        .route("/v1/groups/{name}/rollback", post(rollback))
-        .route("/v1/instances", get(instances))
-        .route("/v1/instances/{name}/logs", get(logs))
-        .route("/v1/events", get(events))
-        // A site file is small; anything bigger is refused before it is read.
-        .layer(DefaultBodyLimit::max(1 << 20))
-        .with_state(agent)
+    app().with_state(agent)
 }
 
 /// Binds the socket, owner-only.
@@ -267,132 +447,193 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// A client of the API: over the unix socket, or over mutual TLS to a remote daemon
-/// when `JUICE_REMOTE=HOST:PORT` is set (certificates from `JUICE_TLS`, default `$JUICE_HOME/tls`).
-pub struct Client {
-    socket: PathBuf,
-    remote: Option<(String, PathBuf)>,
-}
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "cannot reach the daemon at {socket}: {reason} (is `juice daemon` running, and is JUICE_HOME the same?)"
-    )]
-    Unreachable { socket: String, reason: String },
-    #[error("{0}")]
-    Api(String),
-    #[error("the daemon's answer is not valid: {0}")]
-    Protocol(String),
-}
+    use super::*;
 
-impl Client {
-    pub fn new(home: &Path) -> Client {
-        let remote = std::env::var("JUICE_REMOTE")
-            .ok()
-            .filter(|r| !r.is_empty())
-            .map(|r| {
-                let tls =
-                    std::env::var_os("JUICE_TLS").map_or_else(|| home.join("tls"), PathBuf::from);
-                (r, tls)
-            });
-        Client {
-            socket: home.join("juice.sock"),
-            remote,
+    /// (METHOD, path) of every route the router has, read from its `Debug` form: axum has
+    /// no other way to list them, and this sees routes added by any means, not only through
+    /// [`routes`].
+    fn routed() -> BTreeSet<(String, String)> {
+        let whole = format!("{:?}", app());
+        // The fallback router's catch-all routes are axum's own, not the API's.
+        let text = whole
+            .split_once("path_router: ")
+            .and_then(|(_, rest)| rest.split_once(", fallback_router: "))
+            .map_or(whole.as_str(), |(paths, _)| paths);
+        let mut methods = std::collections::BTreeMap::<u32, Vec<String>>::new();
+        let mut paths = std::collections::BTreeMap::<u32, String>::new();
+        for chunk in text.split("RouteId(").skip(1) {
+            let Some((id, rest)) = chunk.split_once("): ") else {
+                continue;
+            };
+            let Ok(id) = id.parse::<u32>() else {
+                continue;
+            };
+            if let Some(path) = rest.strip_prefix('"') {
+                let path = path.split('"').next().unwrap_or_default();
+                paths.insert(id, path.to_owned());
+            } else if rest.starts_with("MethodRouter(") {
+                let on = [
+                    "get", "head", "delete", "options", "patch", "post", "put", "trace",
+                ]
+                .into_iter()
+                .filter(|m| {
+                    rest.split_once(&format!(" {m}: "))
+                        .is_some_and(|(_, v)| !v.starts_with("None"))
+                })
+                .map(str::to_owned)
+                .collect();
+                methods.insert(id, on);
+            }
+        }
+        assert!(
+            !paths.is_empty() && paths.len() == methods.len(),
+            "cannot read the routes from the router's Debug form (has axum changed it?): {text}"
+        );
+        paths
+            .into_iter()
+            .flat_map(|(id, path)| {
+                methods
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |m| (m, path.clone()))
+            })
+            .collect()
+    }
+
+    /// (METHOD, path) of every operation in the document.
+    fn documented(doc: &serde_json::Value) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                out.insert((method.clone(), path.clone()));
+            }
+        }
+        out
+    }
+
+    fn generated() -> serde_json::Value {
+        serde_json::to_value(document()).unwrap()
+    }
+
+    #[test]
+    fn every_route_has_its_path_in_the_document_and_nothing_else_is_there() {
+        let routed = routed();
+        let documented = documented(&generated());
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes without a path spec: {undocumented:?}"
+        );
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            unrouted.is_empty(),
+            "documented but not routed: {unrouted:?}"
+        );
+        // Today's routes, so a lost one shows here too.
+        for (method, path) in [
+            ("get", "/openapi.json"),
+            ("get", "/metrics"),
+            ("post", "/v1/apply"),
+            ("get", "/v1/groups"),
+            ("get", "/v1/groups/{name}"),
+            ("delete", "/v1/groups/{name}"),
+            ("post", "/v1/groups/{name}/rollback"),
+            ("get", "/v1/instances"),
+            ("get", "/v1/instances/{name}/logs"),
+            ("get", "/v1/events"),
+        ] {
+            assert!(
+                routed.contains(&(method.into(), path.into())),
+                "{method} {path}"
+            );
         }
     }
 
-    /// One request; returns the status, headers we care about and the body.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(u16, Option<String>, Vec<u8>), ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let socket = self.socket.clone();
-        let remote = self.remote.clone();
-        rt.block_on(async move {
-            let target = remote
-                .as_ref()
-                .map_or_else(|| socket.display().to_string(), |(r, _)| r.clone());
-            let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
-                socket: target.clone(),
-                reason: e.to_string(),
-            };
-            let mut sender = match &remote {
-                Some((addr, tls)) => {
-                    let stream = crate::tls::connect(addr, tls)
-                        .await
-                        .map_err(|e| unreachable(&e))?;
-                    let (sender, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                            .await
-                            .map_err(|e| unreachable(&e))?;
-                    tokio::spawn(conn);
-                    sender
+    /// Every JSON body in the document has a schema, and every `$ref` names one that exists.
+    #[test]
+    fn every_json_body_has_a_schema_that_exists() {
+        let doc = generated();
+        let schemas = &doc["components"]["schemas"];
+        let mut refs = Vec::new();
+        fn walk(v: &serde_json::Value, at: &str, refs: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(json) = map.get("application/json") {
+                        assert!(
+                            json.get("schema").is_some(),
+                            "{at}: a JSON body without a schema"
+                        );
+                    }
+                    if let Some(r) = map.get("$ref").and_then(|r| r.as_str()) {
+                        refs.push(r.to_owned());
+                    }
+                    for (k, v) in map {
+                        walk(v, &format!("{at}/{k}"), refs);
+                    }
                 }
-                None => {
-                    let stream = tokio::net::UnixStream::connect(&socket)
-                        .await
-                        .map_err(|e| unreachable(&e))?;
-                    let (sender, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                            .await
-                            .map_err(|e| unreachable(&e))?;
-                    tokio::spawn(conn);
-                    sender
+                serde_json::Value::Array(items) => {
+                    items.iter().for_each(|v| walk(v, at, refs));
                 }
-            };
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "juice")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| unreachable(&e))?;
-            let status = resp.status().as_u16();
-            let offset = resp
-                .headers()
-                .get("x-juice-offset")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-                .to_bytes();
-            Ok((status, offset, bytes.to_vec()))
-        })
+                _ => {}
+            }
+        }
+        walk(&doc, "", &mut refs);
+        assert!(!refs.is_empty());
+        for r in refs {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(schemas.get(name).is_some(), "{r} is not in the document");
+        }
     }
 
-    /// A JSON request whose answer is JSON; an error status becomes its one-sentence message.
-    pub fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
-        let (status, _, bytes) = self.request(method, path, body)?;
-        if !(200..300).contains(&status) {
-            let msg = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api(msg));
+    /// `openapi.json` is the document the daemon serves. `JUICE_WRITE_OPENAPI=1` rewrites it.
+    #[test]
+    fn the_checked_in_document_is_the_generated_one() {
+        let generated = generated();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/openapi.json");
+        if std::env::var_os("JUICE_WRITE_OPENAPI").is_some() {
+            let text = serde_json::to_string_pretty(&generated).unwrap();
+            std::fs::write(&path, text + "\n").unwrap();
+            return;
         }
-        let bytes = if bytes.is_empty() {
-            b"null".to_vec()
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        let checked_in: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(
+            checked_in == generated,
+            "{} is stale: run `JUICE_WRITE_OPENAPI=1 cargo test -p juice-agent the_checked_in_document` and commit it",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn each_failure_has_its_status() {
+        let json_error = || serde_json::from_str::<Site>("{").unwrap_err();
+        for (failure, status) in [
+            (Failure::BadName("..".into()), 400),
+            (Failure::BadPath("bad".into()), 400),
+            (Failure::NotASite(json_error()), 400),
+            (Failure::BadRollback(json_error()), 400),
+            (Failure::NoLogs("web-1".into()), 404),
+            (Failure::ReadLog(std::io::ErrorKind::NotFound.into()), 500),
+            (Failure::Agent(AgentError::NoGroup("web".into())), 404),
+            (
+                Failure::Agent(AgentError::Group {
+                    group: "web".into(),
+                    reason: "no earlier revision".into(),
+                }),
+                422,
+            ),
+            (Failure::Agent(AgentError::Setup("eventfd".into())), 500),
+        ] {
+            assert_eq!(failure.status().as_u16(), status, "{failure}");
+        }
+        assert_eq!(
+            Failure::BadName("../x".into()).to_string(),
+            "\"../x\" is not a group or instance name (lowercase letters, digits and '-', at most 48)"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! back by itself when a new revision crashes, fails its health check or never
 //! becomes healthy. Instances are sandboxes started without a shim, so they
 //! keep running when the daemon stops or is killed, and a new daemon adopts
-//! them. The API ([`api`]) is HTTP/JSON on a unix socket readable by its owner only.
+//! them. The API ([`api`]) is HTTP/JSON on a unix socket readable by its owner only;
+//! [`client`] is its typed client.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,6 +25,7 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod client;
 pub mod doctor;
 pub mod health;
 pub mod limits;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use juice_image::manifest::{ManifestError, error_at_key, parse_toml};
 use juice_sandbox::PortMapping;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The whole file: groups by name.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     #[serde(default)]
@@ -17,7 +18,7 @@ pub struct Site {
 }
 
 /// One group: what to run, how many, how to update.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     /// `name:tag`, a `sha256:` digest, or a path to a directory with a juice.toml.
@@ -39,7 +40,7 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     #[default]
@@ -47,7 +48,7 @@ pub enum Isolation {
     Microvm,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     #[default]
@@ -56,7 +57,7 @@ pub enum OnFailure {
 }
 
 /// How a new revision replaces the old one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePolicy {
     /// Instances that may be missing (or extra, while a new one proves itself) at once.
@@ -64,6 +65,7 @@ pub struct UpdatePolicy {
     pub max_unavailable: u32,
     /// A new instance must stay healthy this long before the next one is replaced.
     #[serde(default = "ten_seconds", with = "duration")]
+    #[schema(value_type = String, example = "10s")]
     pub health_gate: Duration,
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -106,7 +108,7 @@ mod duration {
 }
 
 /// A group name: lowercase letters, digits and '-', at most 24 (instance names add a suffix).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "String", into = "String")]
 pub struct GroupName(String);
 
@@ -145,8 +147,9 @@ impl std::fmt::Display for GroupName {
 }
 
 /// A published port, `[IP:]HOST:PORT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "8080:80")]
 pub struct Publish(pub PortMapping);
 
 impl TryFrom<String> for Publish {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::site::{GroupName, Isolation, Publish, UpdatePolicy};
 
@@ -32,7 +33,7 @@ fn db_err(e: impl std::fmt::Display) -> StateError {
 
 /// What a revision runs. A change to any of these makes a new revision; size and
 /// update policy apply in place.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Template {
     /// The image as written in the site file.
     pub image: String,
@@ -43,14 +44,14 @@ pub struct Template {
     pub links: Vec<GroupName>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Revision {
     pub number: u64,
     pub template: Template,
     pub created_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Rollout {
     /// Every instance runs the current revision, which has proven healthy.
@@ -71,7 +72,7 @@ pub enum Rollout {
     Paused { at: u64, reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GroupRecord {
     pub name: GroupName,
     pub size: u32,
@@ -131,7 +132,7 @@ impl GroupRecord {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceRecord {
     pub name: String,
     pub group: GroupName,
@@ -142,7 +143,7 @@ pub struct InstanceRecord {
     pub isolation: Isolation,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     pub seq: u64,
     pub time_ms: u64,

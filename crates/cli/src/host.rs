@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use juice_agent::agent::{Action, Agent, Change, GroupDescription, GroupView, InstanceView};
-use juice_agent::api::{Client, RollbackRequest};
+use juice_agent::agent::{Action, Agent, Change, GroupView, InstanceView};
+use juice_agent::client::Client;
 use juice_agent::doctor;
 use juice_agent::site::Site;
 use juice_agent::state::Event;
@@ -17,8 +17,8 @@ use crate::output::{self, Format};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn client() -> Client {
-    Client::new(&crate::juice_home())
+fn client() -> Result<Client> {
+    Ok(Client::new(&crate::juice_home())?)
 }
 
 /// Reads a site file; image paths become absolute (relative to the file), so the daemon
@@ -60,18 +60,13 @@ fn print_changes(changes: &[Change], format: Format, applied: bool) -> Result {
 
 pub fn plan(file: &Path, format: Format) -> Result {
     let site = load_site(file)?;
-    let changes: Vec<Change> = client().json(
-        "POST",
-        "/v1/apply?dry_run=true",
-        Some(serde_json::to_vec(&site)?),
-    )?;
+    let changes = client()?.apply(&site, true)?;
     print_changes(&changes, format, false)
 }
 
 pub fn apply(file: &Path, format: Format) -> Result {
     let site = load_site(file)?;
-    let changes: Vec<Change> =
-        client().json("POST", "/v1/apply", Some(serde_json::to_vec(&site)?))?;
+    let changes = client()?.apply(&site, false)?;
     print_changes(&changes, format, true)
 }
 
@@ -130,14 +125,14 @@ pub enum DescribeKind {
 pub fn get(what: GetKind, format: Format) -> Result {
     match what {
         GetKind::Groups => {
-            let groups: Vec<GroupView> = client().json("GET", "/v1/groups", None)?;
+            let groups = client()?.groups()?;
             if format == Format::Json {
                 return output::json(&groups);
             }
             println!("{}", groups_table(&groups));
         }
         GetKind::Instances => {
-            let instances: Vec<InstanceView> = client().json("GET", "/v1/instances", None)?;
+            let instances = client()?.instances()?;
             if format == Format::Json {
                 return output::json(&instances);
             }
@@ -151,7 +146,7 @@ pub fn get(what: GetKind, format: Format) -> Result {
 pub fn describe(kind: DescribeKind, name: &str, format: Format) -> Result {
     // Groups are all there is to describe so far; another kind will not compile here.
     let DescribeKind::Group = kind;
-    let d: GroupDescription = client().json("GET", &format!("/v1/groups/{name}"), None)?;
+    let d = client()?.group(name)?;
     if format == Format::Json {
         return output::json(&d);
     }
@@ -218,13 +213,10 @@ fn event_line(e: &Event) -> String {
 }
 
 pub fn events(group: Option<&str>, follow: bool, format: Format) -> Result {
+    let client = client()?;
     let mut since = 0;
     loop {
-        let path = match group {
-            Some(g) => format!("/v1/events?since={since}&group={g}"),
-            None => format!("/v1/events?since={since}"),
-        };
-        let events: Vec<Event> = client().json("GET", &path, None)?;
+        let events = client.events(since, group, None)?;
         for e in &events {
             if format == Format::Json {
                 println!("{}", serde_json::to_string(e)?);
@@ -242,24 +234,13 @@ pub fn events(group: Option<&str>, follow: bool, format: Format) -> Result {
 }
 
 pub fn logs(instance: &str, follow: bool) -> Result {
+    let client = client()?;
     let mut offset = 0u64;
     loop {
-        let (status, next, body) = client().request(
-            "GET",
-            &format!("/v1/instances/{instance}/logs?offset={offset}"),
-            None,
-        )?;
-        if status != 200 {
-            let msg = serde_json::from_slice::<juice_agent::api::ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_default();
-            return Err(msg.into());
-        }
-        std::io::stdout().write_all(&body)?;
+        let chunk = client.logs(instance, offset)?;
+        std::io::stdout().write_all(&chunk.bytes)?;
         std::io::stdout().flush()?;
-        offset = next
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(offset + body.len() as u64);
+        offset = chunk.next;
         if !follow {
             return Ok(());
         }
@@ -268,15 +249,13 @@ pub fn logs(instance: &str, follow: bool) -> Result {
 }
 
 pub fn rollback(group: &str, to: Option<u64>) -> Result {
-    let body = serde_json::to_vec(&RollbackRequest { to })?;
-    let answer: serde_json::Value =
-        client().json("POST", &format!("/v1/groups/{group}/rollback"), Some(body))?;
-    println!("rolling {group} back to revision {}", answer["revision"]);
+    let revision = client()?.rollback(group, to)?;
+    println!("rolling {group} back to revision {revision}");
     Ok(())
 }
 
 pub fn delete(group: &str) -> Result {
-    let _: serde_json::Value = client().json("DELETE", &format!("/v1/groups/{group}"), None)?;
+    client()?.delete_group(group)?;
     println!("deleted {group}; its instances are being stopped");
     Ok(())
 }
