@@ -17,18 +17,25 @@ use juice_image::appliance::ApplianceConfig;
 use juice_image::build::{BuildOptions, build};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::{self, Published};
-use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec, VolumeMount};
+use juice_sandbox::{NetworkSpec, Runtime};
 use rustix::event::{EventfdFlags, eventfd};
 
 use crate::backend::{Backend, Handle};
-use serde::{Deserialize, Serialize};
 
 use crate::health::Prober;
 use crate::site::{GroupName, GroupSpec, Isolation, OnFailure, Site};
 use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
+};
+
+mod spec;
+mod views;
+
+pub use spec::{prepare_volumes, sandbox_spec};
+pub use views::{
+    Action, Change, GroupDescription, GroupStatus, GroupView, InstanceHealth, InstanceView,
+    UnknownStatus,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,60 +54,6 @@ fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
     AgentError::Group {
         group: group.to_owned(),
         reason: reason.to_string(),
-    }
-}
-
-/// One line of a plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Change {
-    pub group: String,
-    pub action: Action,
-    pub reason: String,
-}
-
-/// What apply does to a group; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// A group new to the host.
-    Create,
-    /// A new revision, or the retry of a paused rollout: instances are replaced.
-    Replace,
-    /// Another size.
-    Scale,
-    /// Another update policy.
-    Update,
-    /// A group no longer in the site file.
-    Delete,
-    /// Already as declared.
-    Unchanged,
-}
-
-impl Action {
-    pub const ALL: [Action; 6] = [
-        Action::Create,
-        Action::Replace,
-        Action::Scale,
-        Action::Update,
-        Action::Delete,
-        Action::Unchanged,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Create => "create",
-            Action::Replace => "replace",
-            Action::Scale => "scale",
-            Action::Update => "update",
-            Action::Delete => "delete",
-            Action::Unchanged => "unchanged",
-        }
-    }
-}
-
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -176,172 +129,6 @@ struct World {
     publish_error: Option<String>,
     /// Instances in the database whose backend cannot be made now (reported once each).
     unadoptable: std::collections::BTreeSet<String>,
-}
-
-/// The view `juice get instances` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceView {
-    pub name: String,
-    pub group: String,
-    pub revision: u64,
-    pub pid: i32,
-    pub address: Option<Ipv4Addr>,
-    pub health: InstanceHealth,
-    pub uptime_s: u64,
-    pub last_error: Option<String>,
-}
-
-/// The view `juice get groups` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GroupView {
-    pub name: String,
-    pub size: u32,
-    pub running: usize,
-    pub ready: usize,
-    pub revision: u64,
-    pub image: String,
-    pub rollout: Rollout,
-    pub restarts: u64,
-    pub status: GroupStatus,
-}
-
-/// An instance's health as queries show it; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InstanceHealth {
-    /// Not yet probed healthy, and never failed.
-    Starting,
-    Healthy,
-    /// Failed its check, or was healthy once and is not now.
-    Unhealthy,
-    /// Being stopped: shown until it is gone.
-    Stopping,
-}
-
-impl InstanceHealth {
-    pub const ALL: [InstanceHealth; 4] = [
-        InstanceHealth::Starting,
-        InstanceHealth::Healthy,
-        InstanceHealth::Unhealthy,
-        InstanceHealth::Stopping,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceHealth::Starting => "starting",
-            InstanceHealth::Healthy => "healthy",
-            InstanceHealth::Unhealthy => "unhealthy",
-            InstanceHealth::Stopping => "stopping",
-        }
-    }
-}
-
-impl std::fmt::Display for InstanceHealth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A group's status in one word, with the count that explains it. In JSON and tables it is
-/// one string (`ok`, `crash-loop (3 failures)`, ...), the text scripts and tests match on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum GroupStatus {
-    /// Every instance runs the current revision, which has proven healthy.
-    Ok,
-    RollingOut,
-    /// Instances keep ending on their own: `failures` in a row.
-    CrashLoop {
-        failures: u32,
-    },
-    /// Instances cannot be started at all: `tries` in a row (the events say why).
-    CannotStart {
-        tries: u32,
-    },
-    /// A rollout failed and the policy says pause.
-    Paused,
-    /// Revision `failed` failed its rollout and the group went back.
-    RolledBack {
-        failed: u64,
-    },
-}
-
-impl std::fmt::Display for GroupStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupStatus::Ok => f.write_str("ok"),
-            GroupStatus::RollingOut => f.write_str("rolling-out"),
-            GroupStatus::CrashLoop { failures } => write!(f, "crash-loop ({failures} failures)"),
-            GroupStatus::CannotStart { tries } => {
-                write!(f, "cannot-start ({tries} tries; see events)")
-            }
-            GroupStatus::Paused => f.write_str("paused"),
-            GroupStatus::RolledBack { failed } => {
-                write!(f, "rolled-back (revision {failed} failed)")
-            }
-        }
-    }
-}
-
-impl From<GroupStatus> for String {
-    fn from(s: GroupStatus) -> String {
-        s.to_string()
-    }
-}
-
-/// A status string that is none of [`GroupStatus`]'s forms.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown group status {0:?}")]
-pub struct UnknownStatus(String);
-
-impl std::str::FromStr for GroupStatus {
-    type Err = UnknownStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let unknown = || UnknownStatus(s.to_owned());
-        // The text between a prefix and a suffix: the number Display wrote there.
-        let between = |prefix: &str, suffix: &str| {
-            s.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix))
-        };
-        Ok(match s {
-            "ok" => GroupStatus::Ok,
-            "rolling-out" => GroupStatus::RollingOut,
-            "paused" => GroupStatus::Paused,
-            _ => {
-                if let Some(n) = between("crash-loop (", " failures)") {
-                    GroupStatus::CrashLoop {
-                        failures: n.parse().map_err(|_| unknown())?,
-                    }
-                } else if let Some(n) = between("cannot-start (", " tries; see events)") {
-                    GroupStatus::CannotStart {
-                        tries: n.parse().map_err(|_| unknown())?,
-                    }
-                } else if let Some(n) = between("rolled-back (revision ", " failed)") {
-                    GroupStatus::RolledBack {
-                        failed: n.parse().map_err(|_| unknown())?,
-                    }
-                } else {
-                    return Err(unknown());
-                }
-            }
-        })
-    }
-}
-
-impl TryFrom<String> for GroupStatus {
-    type Error = UnknownStatus;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-/// `juice describe group`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GroupDescription {
-    pub group: GroupRecord,
-    pub instances: Vec<InstanceView>,
-    pub events: Vec<crate::state::Event>,
 }
 
 impl World {
@@ -1657,184 +1444,10 @@ fn short(digest: &str) -> String {
         .collect()
 }
 
-/// The sandbox an appliance's manifest asks for. Volumes live under `volume_dir`
-/// (per group for the daemon, per instance for `juice run`).
-pub fn sandbox_spec(
-    a: &ApplianceConfig,
-    rootfs: &Path,
-    name: &str,
-    volume_dir: &Path,
-    host: &crate::limits::HostLimits,
-) -> Result<SandboxSpec, String> {
-    let run = &a.manifest.run;
-    let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
-    let mut env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !run.env.keys().any(|k| k.as_str() == "PATH") {
-        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
-    }
-    env.push(format!("HOSTNAME={name}"));
-    spec.env = env;
-    spec.uid = run.user.uid;
-    spec.gid = run.user.gid;
-    spec.workdir = run
-        .workdir
-        .as_ref()
-        .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
-    spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
-    let r = &a.manifest.resources;
-    spec.limits = host.apply(Limits {
-        cpus: r.cpus.map(|c| c.get()),
-        memory: r.memory.map(|m| m.0),
-        pids: r.pids,
-    });
-    spec.volumes = a
-        .manifest
-        .volumes
-        .iter()
-        .map(|v| VolumeMount {
-            source: volume_dir.join(v.name.as_str()),
-            target: v.path.as_path().to_owned(),
-        })
-        .collect();
-    Ok(spec)
-}
-
-/// Creates missing volume directories, owned by the appliance's user as the host sees
-/// it (`id_shift` under a user namespace; left alone when not running as root).
-pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> {
-    for v in &spec.volumes {
-        if v.source.exists() {
-            continue;
-        }
-        std::fs::create_dir_all(&v.source)
-            .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
-        if nix::unistd::geteuid().is_root() {
-            let (uid, gid) = (spec.uid + id_shift, spec.gid + id_shift);
-            std::os::unix::fs::chown(&v.source, Some(uid), Some(gid)).map_err(|e| {
-                format!(
-                    "cannot hand volume {} to {uid}:{gid}: {e}",
-                    v.source.display()
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The JSON and table text of actions, health and status is what scripts match on:
-    /// each value serialises to exactly its old string, and reads back.
-    #[test]
-    fn api_enums_keep_their_exact_text() {
-        let cases: [(serde_json::Value, &str); 16] = [
-            (serde_json::to_value(Action::Create).unwrap(), "create"),
-            (serde_json::to_value(Action::Replace).unwrap(), "replace"),
-            (serde_json::to_value(Action::Scale).unwrap(), "scale"),
-            (serde_json::to_value(Action::Update).unwrap(), "update"),
-            (serde_json::to_value(Action::Delete).unwrap(), "delete"),
-            (
-                serde_json::to_value(Action::Unchanged).unwrap(),
-                "unchanged",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Starting).unwrap(),
-                "starting",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Healthy).unwrap(),
-                "healthy",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Unhealthy).unwrap(),
-                "unhealthy",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Stopping).unwrap(),
-                "stopping",
-            ),
-            (serde_json::to_value(GroupStatus::Ok).unwrap(), "ok"),
-            (
-                serde_json::to_value(GroupStatus::RollingOut).unwrap(),
-                "rolling-out",
-            ),
-            (
-                serde_json::to_value(GroupStatus::CrashLoop { failures: 3 }).unwrap(),
-                "crash-loop (3 failures)",
-            ),
-            (
-                serde_json::to_value(GroupStatus::CannotStart { tries: 12 }).unwrap(),
-                "cannot-start (12 tries; see events)",
-            ),
-            (serde_json::to_value(GroupStatus::Paused).unwrap(), "paused"),
-            (
-                serde_json::to_value(GroupStatus::RolledBack { failed: 4 }).unwrap(),
-                "rolled-back (revision 4 failed)",
-            ),
-        ];
-        for (json, text) in cases {
-            assert_eq!(json, serde_json::Value::String(text.into()));
-        }
-        for a in Action::ALL {
-            assert_eq!(a.to_string(), serde_json::to_value(a).unwrap());
-            assert_eq!(
-                serde_json::from_value::<Action>(a.as_str().into()).unwrap(),
-                a
-            );
-        }
-        for h in InstanceHealth::ALL {
-            assert_eq!(h.to_string(), serde_json::to_value(h).unwrap());
-            assert_eq!(
-                serde_json::from_value::<InstanceHealth>(h.as_str().into()).unwrap(),
-                h
-            );
-        }
-        for st in [
-            GroupStatus::Ok,
-            GroupStatus::RollingOut,
-            GroupStatus::CrashLoop { failures: 3 },
-            GroupStatus::CannotStart { tries: 1 },
-            GroupStatus::Paused,
-            GroupStatus::RolledBack { failed: 17 },
-        ] {
-            assert_eq!(st.to_string(), serde_json::to_value(st).unwrap());
-            let back: GroupStatus = serde_json::from_value(st.to_string().into()).unwrap();
-            assert_eq!(back, st);
-        }
-        for bad in [
-            "",
-            "OK",
-            "crash-loop",
-            "crash-loop (x failures)",
-            "rolled-back (revision -1 failed)",
-        ] {
-            assert!(
-                serde_json::from_value::<GroupStatus>(bad.into()).is_err(),
-                "{bad}"
-            );
-        }
-    }
-
-    /// The OpenAPI document lists exactly the values the enums serialise to.
-    #[test]
-    fn the_openapi_enums_are_the_types_values() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
-        let schemas = &doc["components"]["schemas"];
-        let listed = |schema: &str, field: &str| -> Vec<String> {
-            let values = schemas[schema]["properties"][field]["enum"].as_array();
-            let values = values.unwrap_or_else(|| panic!("{schema}.{field} has no enum"));
-            values
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect()
-        };
-        let actions: Vec<String> = Action::ALL.iter().map(|a| a.to_string()).collect();
-        assert_eq!(listed("Change", "action"), actions);
-        let health: Vec<String> = InstanceHealth::ALL.iter().map(|h| h.to_string()).collect();
-        assert_eq!(listed("InstanceView", "health"), health);
-    }
+    use juice_sandbox::SandboxSpec;
 
     /// A backend that cannot start anything, as on a host without nft.
     struct Failing(Arc<std::sync::atomic::AtomicUsize>);
