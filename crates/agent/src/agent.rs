@@ -24,7 +24,8 @@ use rustix::event::{EventfdFlags, eventfd};
 use crate::backend::{Backend, Handle};
 
 use crate::health::Prober;
-use crate::site::{GroupName, GroupSpec, Isolation, OnFailure, Site};
+use crate::planner::{self, Ended, HealthSummary, InstanceSummary, Step, StopReason};
+use crate::site::{GroupName, GroupSpec, Isolation, Site};
 use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
 };
@@ -64,7 +65,8 @@ struct Live {
     revision: u64,
     address: Option<Ipv4Addr>,
     prober: Prober,
-    started: Instant,
+    /// When this daemon started or adopted it, on the agent's clock.
+    started_ms: u64,
     /// Started by an earlier daemon: until its first probe, it keeps the place it
     /// had in the published ports.
     adopted: bool,
@@ -88,7 +90,17 @@ pub struct Agent {
     /// Frees ended instances' cgroups and addresses off the path to their replacement.
     releaser: crate::releaser::Releaser,
     wake: OwnedFd,
+    /// The reconciler's time in milliseconds (the system clock; tests move a fake one).
+    clock: Clock,
     pub metrics: crate::metrics::Metrics,
+}
+
+/// Milliseconds since the Unix epoch, or on a test's fake clock.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(now_ms)
 }
 
 /// What a query shows of a live instance: its fixed facts and a handle on its
@@ -114,7 +126,7 @@ struct World {
     /// The queries' copy of `live`, changed with it.
     views: Views,
     /// Instances that ended, per group (revision, why), not yet counted by a pass.
-    ended: BTreeMap<String, Vec<(u64, String)>>,
+    ended: BTreeMap<String, Vec<Ended>>,
     /// The groups as this pass read them, for withdrawing an instance from the
     /// published ports before it is stopped.
     groups: BTreeMap<String, GroupRecord>,
@@ -177,14 +189,16 @@ impl Agent {
         runtime.cleanup_stale();
         crate::releaser::prune_ended(home, crate::releaser::KEEP_ENDED);
         let sandbox: Box<dyn Backend> = Box::new(runtime);
-        Agent::with_sandbox(home, store, sandbox)
+        Agent::with_sandbox(home, store, sandbox, system_clock())
     }
 
-    /// An agent whose sandbox backend is `sandbox` (tests use fakes).
-    fn with_sandbox(
+    /// An agent whose sandbox backend is `sandbox` and whose reconciler reads the
+    /// time from `clock` (tests use fakes for both).
+    pub fn with_sandbox(
         home: &Path,
         store: Store,
         sandbox: Box<dyn Backend>,
+        clock: Clock,
     ) -> Result<Arc<Agent>, AgentError> {
         let state = State::open(&home.join("agent.redb"))?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
@@ -202,8 +216,14 @@ impl Agent {
             views,
             releaser: crate::releaser::Releaser::start(home),
             wake,
+            clock,
             metrics: crate::metrics::Metrics::new(),
         }))
+    }
+
+    /// The reconciler's time.
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     pub fn home(&self) -> &Path {
@@ -639,7 +659,10 @@ impl Agent {
                     w.ended
                         .entry(rec.group.to_string())
                         .or_default()
-                        .push((rec.revision, "gone while the daemon was away".into()));
+                        .push(Ended {
+                            revision: rec.revision,
+                            why: "gone while the daemon was away".into(),
+                        });
                 }
             }
         }
@@ -686,10 +709,10 @@ impl Agent {
                     &name,
                     &format!("instance {name} ended: {report}"),
                 )?;
-                w.ended
-                    .entry(l.group.clone())
-                    .or_default()
-                    .push((l.revision, report.to_string()));
+                w.ended.entry(l.group.clone()).or_default().push(Ended {
+                    revision: l.revision,
+                    why: report.to_string(),
+                });
             }
         }
         self.adopt_into(&mut w, &groups)?;
@@ -702,7 +725,7 @@ impl Agent {
             .map(|(n, _)| n.clone())
             .collect();
         for name in orphans {
-            self.stop_instance(&mut w, &name, "its group was deleted")?;
+            self.stop_instance(&mut w, &name, StopReason::GroupDeleted.as_str())?;
         }
         for g in groups.values() {
             let mut g = g.clone();
@@ -746,7 +769,7 @@ impl Agent {
                 self.waker(),
                 self.metrics.probe_seconds.clone(),
             ),
-            started: Instant::now(),
+            started_ms: self.now(),
             adopted: true,
         }
     }
@@ -847,21 +870,11 @@ impl Agent {
                     self.waker(),
                     self.metrics.probe_seconds.clone(),
                 ),
-                started: Instant::now(),
+                started_ms: self.now(),
                 adopted: false,
             },
         );
         Ok(())
-    }
-
-    /// The group's current revision runs as microVMs with volume disks.
-    fn holds_volume_disks(&self, g: &GroupRecord) -> bool {
-        g.revision(g.current).is_some_and(|r| {
-            r.template.isolation == Isolation::Microvm
-                && self
-                    .appliance(&r.template.digest)
-                    .is_ok_and(|a| !a.manifest.volumes.is_empty())
-        })
     }
 
     fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
@@ -884,277 +897,117 @@ impl Agent {
         Ok(())
     }
 
-    /// One group's step toward its declared state.
+    /// What the planner sees of a group's live instances, in name order.
+    fn summaries(&self, w: &World, group: &str, now: u64) -> Vec<InstanceSummary> {
+        w.live
+            .iter()
+            .filter(|(_, l)| l.group == group)
+            .map(|(name, l)| {
+                let h = l.prober.snapshot();
+                // The prober keeps monotonic instants; the planner takes times on the agent's clock.
+                let on_clock = |t: Instant| {
+                    now.saturating_sub(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+                };
+                InstanceSummary {
+                    name: name.clone(),
+                    revision: l.revision,
+                    started_ms: l.started_ms,
+                    health: HealthSummary {
+                        healthy: h.healthy,
+                        healthy_since_ms: h.healthy_since.map(on_clock),
+                        ever_healthy: h.ever_healthy,
+                        failed: h.failed,
+                        last_error: h.last_error,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The group's revisions that run as microVMs with volume disks (looked up
+    /// only for microVM revisions: sandboxes share a volume directory).
+    fn disk_revisions(&self, g: &GroupRecord) -> Vec<u64> {
+        g.revisions
+            .iter()
+            .filter(|r| {
+                r.template.isolation == Isolation::Microvm
+                    && self
+                        .appliance(&r.template.digest)
+                        .is_ok_and(|a| !a.manifest.volumes.is_empty())
+            })
+            .map(|r| r.number)
+            .collect()
+    }
+
+    /// One group's step toward its declared state: the planner decides, this
+    /// carries its steps out.
     fn converge(
         &self,
         w: &mut World,
         g: &mut GroupRecord,
-        ended: &[(u64, String)],
+        ended: &[Ended],
     ) -> Result<(), AgentError> {
+        let now = self.now();
         let name = g.name.to_string();
-        let gate = g.update.health_gate;
-        let now = now_ms();
-
-        // Anything that ended on its own counts toward the crash-loop back-off.
-        for (rev, why) in ended {
-            g.restarts += 1;
-            self.metrics.restarts.inc();
-            if *rev == g.current {
-                g.failures += 1;
-                let backoff = backoff_ms(g.failures);
-                g.backoff_until_ms = now + backoff;
-                if g.failures >= 3 {
-                    self.event(
-                        Some(&name),
-                        None,
-                        &format!(
-                            "crash loop: {} failures in a row, next start in {} ms",
-                            g.failures, backoff
-                        ),
-                    );
-                }
-            }
-            // A new revision that dies during its rollout has failed it.
-            // (A first deployment has nothing to go back to: it heals with back-off instead.)
-            if let Rollout::Progressing {
-                to, from: Some(_), ..
-            } = g.rollout
-                && *rev == to
-            {
-                self.fail_rollout(w, g, &format!("an instance of revision {to} ended: {why}"))?;
-            }
-        }
-
-        let (new, old): (Vec<String>, Vec<String>) = {
-            let mine: Vec<(&String, &Live)> =
-                w.live.iter().filter(|(_, l)| l.group == name).collect();
-            let new = mine
-                .iter()
-                .filter(|(_, l)| l.revision == g.current)
-                .map(|(n, _)| (*n).clone())
-                .collect();
-            let old = mine
-                .iter()
-                .filter(|(_, l)| l.revision != g.current)
-                .map(|(n, _)| (*n).clone())
-                .collect();
-            (new, old)
-        };
-
-        // A new instance whose health check failed, or that never became ready, fails the rollout.
-        if let Rollout::Progressing {
-            to,
-            since_ms,
-            from: Some(_),
-        } = g.rollout.clone()
-        {
-            for n in &new {
-                let l = &w.live[n];
-                let h = l.prober.snapshot();
-                let deadline = gate + Duration::from_secs(30);
-                let reason = if h.failed {
-                    Some(format!(
-                        "instance {n} of revision {to} failed its health check: {}",
-                        h.last_error.unwrap_or_default()
-                    ))
-                } else if !h.ever_healthy && l.started.elapsed() > deadline {
-                    Some(format!(
-                        "instance {n} of revision {to} did not become healthy within {}",
-                        humantime::format_duration(deadline)
-                    ))
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    self.fail_rollout(w, g, &reason)?;
-                    return Ok(());
-                }
-            }
-            let _ = since_ms;
-        }
-        if matches!(g.rollout, Rollout::Paused { .. }) {
-            // Paused: stop the failed revision's instances, keep everything else as it is.
-            for n in new {
-                self.stop_instance(w, &n, "the rollout is paused")?;
-            }
-            return Ok(());
-        }
-
-        // Instances of the current revision that failed their check outside a rollout: replace them.
-        for n in &new {
-            if w.live[n].prober.snapshot().failed {
-                self.stop_instance(w, n, "it failed its health check")?;
-                g.failures += 1;
-                g.backoff_until_ms = now + backoff_ms(g.failures);
-            }
-        }
-        let new: Vec<String> = new.into_iter().filter(|n| w.live.contains_key(n)).collect();
-        let gated = new
+        let instances = self.summaries(w, &name, now);
+        let disk_revisions = if g
+            .revisions
             .iter()
-            .filter(|n| w.live[*n].prober.snapshot().passed_gate(gate))
-            .count();
-        if gated > 0 && g.failures > 0 && ended.is_empty() {
-            g.failures = 0;
-        }
-
-        let size = g.size as usize;
-        // Scale down: extra instances of the current revision go, newest first.
-        if new.len() > size {
-            let mut extra: Vec<&String> = new.iter().collect();
-            extra.sort_by_key(|n| std::cmp::Reverse(w.live[*n].started));
-            let extra: Vec<String> = extra.into_iter().take(new.len() - size).cloned().collect();
-            for n in extra {
-                self.stop_instance(w, &n, "scaled down")?;
-            }
-        }
-        let new_count = new.len().min(size);
-        // A microVM's volume is a disk one VM holds at a time: no surge, the old one goes first.
-        let exclusive = !old.is_empty() && self.holds_volume_disks(g);
-        let ungated = new_count - gated.min(new_count);
-        let mut make_room = if exclusive && ungated == 0 && now >= g.backoff_until_ms {
-            (g.update.max_unavailable as usize).min(size.saturating_sub(new_count))
-        } else {
-            0
-        };
-        // Old instances go once enough new ones have passed the gate (or if there are too many).
-        let mut old_left = old.len();
-        for n in &old {
-            let replaced = gated + old_left > size;
-            if replaced || make_room > 0 {
-                self.stop_instance(w, n, "replaced by the current revision")?;
-                old_left -= 1;
-                if !replaced {
-                    make_room -= 1;
-                }
-            }
-        }
-        // Start new ones: up to the size, with at most max_unavailable extra while old ones serve.
-        let surge = if exclusive {
-            0
-        } else {
-            g.update.max_unavailable as usize
-        };
-        let budget = size + surge;
-        let mut running = new_count + old_left;
-        let mut to_start = size.saturating_sub(new_count);
-        if old_left > 0 {
-            // During a rollout, one batch at a time: wait for the started ones to pass the gate.
-            to_start = to_start.min((g.update.max_unavailable as usize).saturating_sub(ungated));
-        }
-        if now < g.backoff_until_ms {
-            to_start = 0;
-        }
-        while to_start > 0 && running < budget.max(size) {
-            match self.start_instance(w, g, g.current) {
-                Ok(()) => g.start_failures = 0,
-                Err(e @ AgentError::State(_)) => return Err(e),
-                Err(e) => {
-                    // A start that fails (a backend that is missing, an image that cannot
-                    // be unpacked) backs off like a crash, and the other groups go on.
-                    let reason = match e {
-                        AgentError::Group { reason, .. } => reason,
-                        other => other.to_string(),
-                    };
-                    g.start_failures += 1;
-                    let backoff = backoff_ms(g.start_failures + 1);
-                    g.backoff_until_ms = g.backoff_until_ms.max(now + backoff);
-                    self.event(
-                        Some(&name),
-                        None,
-                        &format!(
-                            "{reason} (failed start {} in a row; next try in {})",
-                            g.start_failures,
-                            humantime::format_duration(Duration::from_millis(backoff))
-                        ),
-                    );
-                    if let Rollout::Progressing {
-                        to, from: Some(_), ..
-                    } = g.rollout
-                        && to == g.current
-                    {
-                        self.fail_rollout(w, g, &reason)?;
-                    }
-                    break;
-                }
-            }
-            to_start -= 1;
-            running += 1;
-        }
-
-        // Done?
-        if let Rollout::Progressing { to, from, .. } = g.rollout.clone()
-            && old_left == 0
-            && gated >= size
+            .any(|r| r.template.isolation == Isolation::Microvm)
         {
-            g.last_good = Some(to);
-            g.rollout = Rollout::Stable;
-            self.metrics.rollout("complete");
-            self.event(
-                Some(&name),
-                None,
-                &match from {
-                    Some(f) => format!("rollout from revision {f} to {to} complete"),
-                    None => format!("revision {to} is up"),
+            self.disk_revisions(g)
+        } else {
+            Vec::new()
+        };
+        let plan = planner::plan(&planner::Input {
+            group: g,
+            instances: &instances,
+            ended,
+            disk_revisions: &disk_revisions,
+            now_ms: now,
+        });
+        *g = plan.group;
+        let mut start_failed = false;
+        for step in plan.steps {
+            match step {
+                Step::Start { .. } if start_failed => {}
+                Step::Start { revision } => match self.start_instance(w, g, revision) {
+                    Ok(()) => planner::start_succeeded(g),
+                    Err(e @ AgentError::State(_)) => return Err(e),
+                    Err(e) => {
+                        // A start that fails (a backend that is missing, an image that cannot
+                        // be unpacked) backs off like a crash, and the other groups go on.
+                        let reason = match e {
+                            AgentError::Group { reason, .. } => reason,
+                            other => other.to_string(),
+                        };
+                        let instances = self.summaries(w, &name, now);
+                        for step in planner::start_failed(g, &reason, &instances, now) {
+                            self.carry_out(w, &name, step)?;
+                        }
+                        start_failed = true;
+                    }
                 },
-            );
+                step => self.carry_out(w, &name, step)?,
+            }
         }
         Ok(())
     }
 
-    fn fail_rollout(
-        &self,
-        w: &mut World,
-        g: &mut GroupRecord,
-        reason: &str,
-    ) -> Result<(), AgentError> {
-        let Rollout::Progressing { from, to, .. } = g.rollout.clone() else {
-            return Ok(());
-        };
-        let name = g.name.to_string();
-        let back_to = from
-            .or(g.last_good)
-            .filter(|f| *f != to && g.revision(*f).is_some());
-        match (g.update.on_failure, back_to) {
-            (OnFailure::Rollback, Some(back)) => {
-                self.event(
-                    Some(&name),
-                    None,
-                    &format!(
-                        "rollout of revision {to} failed: {reason}; rolling back to revision {back}"
-                    ),
-                );
-                g.current = back;
-                self.metrics.rollout("rolled_back");
-                g.rollout = Rollout::RolledBack {
-                    failed: to,
-                    to: back,
-                    reason: reason.to_owned(),
-                };
-                g.failures = 0;
-                g.start_failures = 0;
-                g.backoff_until_ms = 0;
-                // The failed revision's instances go now; the old ones never stopped serving.
-                let failed: Vec<String> = w
-                    .live
-                    .iter()
-                    .filter(|(_, l)| l.group == name && l.revision == to)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for n in failed {
-                    self.stop_instance(w, &n, "its revision failed")?;
-                }
+    /// A step that is not a start.
+    fn carry_out(&self, w: &mut World, group: &str, step: Step) -> Result<(), AgentError> {
+        match step {
+            Step::Stop { name, why } => self.stop_instance(w, &name, why.as_str())?,
+            Step::Event(message) => self.event(Some(group), None, &message),
+            Step::Restarted => {
+                self.metrics.restarts.inc();
             }
-            _ => {
-                self.event(
-                    Some(&name),
-                    None,
-                    &format!("rollout of revision {to} failed: {reason}; paused"),
-                );
-                g.rollout = Rollout::Paused {
-                    at: to,
-                    reason: reason.to_owned(),
-                };
-                self.metrics.rollout("paused");
+            Step::RolloutEnded(end) => self.metrics.rollout(end.as_str()),
+            Step::Start { revision } => {
+                return Err(group_err(
+                    group,
+                    format!("a start of revision {revision} out of its place in the plan"),
+                ));
             }
         }
         Ok(())
@@ -1422,15 +1275,6 @@ impl Drop for Background {
     }
 }
 
-/// The crash-loop back-off: the first failure is replaced at once, then 250 ms,
-/// doubling up to 30 s; it resets once a replacement passes the health gate.
-fn backoff_ms(failures: u32) -> u64 {
-    match failures {
-        0 | 1 => 0,
-        n => (250u64 << (n - 2).min(7)).min(30_000),
-    }
-}
-
 /// Adds one to the wake-up eventfd (an eventfd takes 8-byte native-endian counts).
 fn wake(fd: &OwnedFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
@@ -1482,8 +1326,13 @@ mod tests {
         .unwrap();
         build(&store, &app, &BuildOptions::default()).unwrap();
         let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let agent =
-            Agent::with_sandbox(home.path(), store, Box::new(Failing(tries.clone()))).unwrap();
+        let agent = Agent::with_sandbox(
+            home.path(),
+            store,
+            Box::new(Failing(tries.clone())),
+            system_clock(),
+        )
+        .unwrap();
         let site = home.path().join("site.toml");
         std::fs::write(
             &site,
@@ -1537,7 +1386,7 @@ mod tests {
 
     #[test]
     fn back_off_doubles_after_the_first_failure_and_caps() {
-        assert_eq!([1, 2, 3, 4].map(backoff_ms), [0, 250, 500, 1000]);
-        assert_eq!(backoff_ms(30), 30_000);
+        assert_eq!([1, 2, 3, 4].map(planner::backoff_ms), [0, 250, 500, 1000]);
+        assert_eq!(planner::backoff_ms(30), 30_000);
     }
 }

@@ -28,6 +28,7 @@ pub mod doctor;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod planner;
 mod releaser;
 pub mod site;
 pub mod state;
