@@ -950,15 +950,7 @@ impl Agent {
         let now = self.now();
         let name = g.name.to_string();
         let instances = self.summaries(w, &name, now);
-        let disk_revisions = if g
-            .revisions
-            .iter()
-            .any(|r| r.template.isolation == Isolation::Microvm)
-        {
-            self.disk_revisions(g)
-        } else {
-            Vec::new()
-        };
+        let disk_revisions = self.disk_revisions(g);
         let plan = planner::plan(&planner::Input {
             group: g,
             instances: &instances,

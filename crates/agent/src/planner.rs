@@ -472,3 +472,426 @@ impl Pass {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::site::{GroupName, Isolation, UpdatePolicy};
+    use crate::state::{Revision, Template};
+
+    const NOW: u64 = 1_000_000;
+    const GATE: u64 = 10_000;
+
+    /// A group at `current` of revisions 1 to 3, `size` instances, a 10 s gate and
+    /// batches of one.
+    fn group(size: u32, current: u64, rollout: Rollout) -> GroupRecord {
+        let revision = |number| Revision {
+            number,
+            template: Template {
+                image: format!("app:{number}"),
+                digest: format!("sha256:{number}"),
+                isolation: Isolation::Sandbox,
+                publish: Vec::new(),
+                links: Vec::new(),
+            },
+            created_ms: 0,
+        };
+        GroupRecord {
+            name: GroupName::try_from("web".to_owned()).unwrap(),
+            size,
+            update: UpdatePolicy {
+                health_gate: Duration::from_millis(GATE),
+                ..UpdatePolicy::default()
+            },
+            revisions: vec![revision(1), revision(2), revision(3)],
+            current,
+            last_good: Some(1),
+            rollout,
+            restarts: 0,
+            failures: 0,
+            backoff_until_ms: 0,
+            start_failures: 0,
+        }
+    }
+
+    fn rolling(from: Option<u64>, to: u64) -> Rollout {
+        Rollout::Progressing {
+            from,
+            to,
+            since_ms: 0,
+        }
+    }
+
+    fn instance(name: &str, revision: u64, health: HealthSummary) -> InstanceSummary {
+        InstanceSummary {
+            name: name.to_owned(),
+            revision,
+            started_ms: NOW - 1_000,
+            health,
+        }
+    }
+
+    /// Healthy for `ms`.
+    fn healthy_for(ms: u64) -> HealthSummary {
+        HealthSummary::assumed(NOW - ms)
+    }
+
+    fn gated() -> HealthSummary {
+        healthy_for(GATE)
+    }
+
+    fn starting() -> HealthSummary {
+        HealthSummary::default()
+    }
+
+    fn failed(error: &str) -> HealthSummary {
+        HealthSummary {
+            failed: true,
+            last_error: Some(error.to_owned()),
+            ..HealthSummary::default()
+        }
+    }
+
+    fn stop(name: &str, why: StopReason) -> Step {
+        Step::Stop {
+            name: name.to_owned(),
+            why,
+        }
+    }
+
+    fn event(text: &str) -> Step {
+        Step::Event(text.to_owned())
+    }
+
+    fn ended(revision: u64, why: &str) -> Ended {
+        Ended {
+            revision,
+            why: why.to_owned(),
+        }
+    }
+
+    /// One pass: the group, its instances, what ended, the revisions with volume
+    /// disks; the steps planned and how the record changes.
+    struct Row {
+        story: &'static str,
+        group: GroupRecord,
+        instances: Vec<InstanceSummary>,
+        ended: Vec<Ended>,
+        disks: Vec<u64>,
+        steps: Vec<Step>,
+        record: fn(&mut GroupRecord),
+    }
+
+    fn row(story: &'static str, group: GroupRecord) -> Row {
+        Row {
+            story,
+            group,
+            instances: Vec::new(),
+            ended: Vec::new(),
+            disks: Vec::new(),
+            steps: Vec::new(),
+            record: |_| {},
+        }
+    }
+
+    impl Row {
+        fn instances(mut self, i: Vec<InstanceSummary>) -> Row {
+            self.instances = i;
+            self
+        }
+        fn ended(mut self, e: Vec<Ended>) -> Row {
+            self.ended = e;
+            self
+        }
+        fn disks(mut self, d: Vec<u64>) -> Row {
+            self.disks = d;
+            self
+        }
+        fn steps(mut self, s: Vec<Step>) -> Row {
+            self.steps = s;
+            self
+        }
+        fn record(mut self, r: fn(&mut GroupRecord)) -> Row {
+            self.record = r;
+            self
+        }
+    }
+
+    fn with<F: FnOnce(&mut GroupRecord)>(mut g: GroupRecord, f: F) -> GroupRecord {
+        f(&mut g);
+        g
+    }
+
+    #[test]
+    fn the_rollout_rules() {
+        let pause = |g: &mut GroupRecord| g.update.on_failure = OnFailure::Pause;
+        let rows = vec![
+            row("a first deployment starts its size", group(2, 1, rolling(None, 1)))
+                .steps(vec![Step::Start { revision: 1 }, Step::Start { revision: 1 }]),
+            row("a first deployment whose instances passed the gate is up", group(2, 1, rolling(None, 1)))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated())])
+                .steps(vec![Step::RolloutEnded(RolloutEnd::Complete), event("revision 1 is up")])
+                .record(|g| {
+                    g.last_good = Some(1);
+                    g.rollout = Rollout::Stable;
+                }),
+            row("a gate not yet passed completes nothing", group(1, 1, rolling(None, 1)))
+                .instances(vec![instance("a", 1, healthy_for(GATE - 1))]),
+            row("scaling up starts the difference at once", group(3, 1, Rollout::Stable))
+                .instances(vec![instance("a", 1, gated())])
+                .steps(vec![Step::Start { revision: 1 }, Step::Start { revision: 1 }]),
+            row("scaling down stops the newest first", group(1, 1, Rollout::Stable))
+                .instances(vec![
+                    InstanceSummary { started_ms: 3, ..instance("a", 1, gated()) },
+                    InstanceSummary { started_ms: 1, ..instance("b", 1, gated()) },
+                    InstanceSummary { started_ms: 2, ..instance("c", 1, gated()) },
+                ])
+                .steps(vec![stop("a", StopReason::ScaledDown), stop("c", StopReason::ScaledDown)]),
+            row("a rollout surges by max_unavailable while the old serve", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated())])
+                .steps(vec![Step::Start { revision: 2 }]),
+            row("a wider max_unavailable surges a wider batch", with(group(3, 2, rolling(Some(1), 2)), |g| g.update.max_unavailable = 2))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 1, gated())])
+                .steps(vec![Step::Start { revision: 2 }, Step::Start { revision: 2 }]),
+            row("an old instance stays until the new one passed the gate", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![
+                    instance("a", 1, gated()),
+                    instance("b", 1, gated()),
+                    instance("c", 2, healthy_for(GATE - 1)),
+                ]),
+            row("a passed gate stops one old instance and starts the next batch", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, gated())])
+                .steps(vec![stop("a", StopReason::Replaced), Step::Start { revision: 2 }]),
+            row("the last old instance goes, and the rollout is done, when the size has passed", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("b", 1, gated()), instance("c", 2, gated()), instance("d", 2, gated())])
+                .steps(vec![
+                    stop("b", StopReason::Replaced),
+                    Step::RolloutEnded(RolloutEnd::Complete),
+                    event("rollout from revision 1 to 2 complete"),
+                ])
+                .record(|g| {
+                    g.last_good = Some(2);
+                    g.rollout = Rollout::Stable;
+                }),
+            row("a rollout is done when only passed instances of the new revision run", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("c", 2, gated()), instance("d", 2, gated())])
+                .steps(vec![
+                    Step::RolloutEnded(RolloutEnd::Complete),
+                    event("rollout from revision 1 to 2 complete"),
+                ])
+                .record(|g| {
+                    g.last_good = Some(2);
+                    g.rollout = Rollout::Stable;
+                }),
+            row("a failed health check during a rollout rolls back", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
+                .steps(vec![
+                    event("rollout of revision 2 failed: instance c of revision 2 failed its health check: connect refused; rolling back to revision 1"),
+                    Step::RolloutEnded(RolloutEnd::RolledBack),
+                    stop("c", StopReason::RevisionFailed),
+                ])
+                .record(|g| {
+                    g.current = 1;
+                    g.rollout = Rollout::RolledBack {
+                        failed: 2,
+                        to: 1,
+                        reason: "instance c of revision 2 failed its health check: connect refused".into(),
+                    };
+                }),
+            row("a failed health check during a rollout pauses it if the policy says so", with(group(2, 2, rolling(Some(1), 2)), pause))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
+                .steps(vec![
+                    event("rollout of revision 2 failed: instance c of revision 2 failed its health check: connect refused; paused"),
+                    Step::RolloutEnded(RolloutEnd::Paused),
+                ])
+                .record(|g| {
+                    g.rollout = Rollout::Paused {
+                        at: 2,
+                        reason: "instance c of revision 2 failed its health check: connect refused".into(),
+                    };
+                }),
+            row("a paused group stops the new revision and keeps the old", group(2, 2, Rollout::Paused { at: 2, reason: "r".into() }))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, starting())])
+                .steps(vec![stop("c", StopReason::Paused)]),
+            row("an instance never healthy within the gate and 30 s fails the rollout", group(1, 2, rolling(Some(1), 2)))
+                .instances(vec![
+                    instance("a", 1, gated()),
+                    InstanceSummary { started_ms: NOW - GATE - 30_001, ..instance("c", 2, starting()) },
+                ])
+                .steps(vec![
+                    event("rollout of revision 2 failed: instance c of revision 2 did not become healthy within 40s; rolling back to revision 1"),
+                    Step::RolloutEnded(RolloutEnd::RolledBack),
+                    stop("c", StopReason::RevisionFailed),
+                ])
+                .record(|g| {
+                    g.current = 1;
+                    g.rollout = Rollout::RolledBack {
+                        failed: 2,
+                        to: 1,
+                        reason: "instance c of revision 2 did not become healthy within 40s".into(),
+                    };
+                }),
+            row("...but not a millisecond sooner", group(1, 2, rolling(Some(1), 2)))
+                .instances(vec![
+                    instance("a", 1, gated()),
+                    InstanceSummary { started_ms: NOW - GATE - 30_000, ..instance("c", 2, starting()) },
+                ]),
+            row("an instance of the new revision that ends fails the rollout", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated())])
+                .ended(vec![ended(2, "exit status 1")])
+                .steps(vec![
+                    Step::Restarted,
+                    event("rollout of revision 2 failed: an instance of revision 2 ended: exit status 1; rolling back to revision 1"),
+                    Step::RolloutEnded(RolloutEnd::RolledBack),
+                ])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.current = 1;
+                    g.rollout = Rollout::RolledBack {
+                        failed: 2,
+                        to: 1,
+                        reason: "an instance of revision 2 ended: exit status 1".into(),
+                    };
+                }),
+            row("a first deployment that crashes heals instead of failing", group(1, 1, rolling(None, 1)))
+                .ended(vec![ended(1, "exit status 1")])
+                .steps(vec![Step::Restarted, Step::Start { revision: 1 }])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.failures = 1;
+                    g.backoff_until_ms = NOW;
+                }),
+            row("the first crash is replaced at once", group(1, 1, Rollout::Stable))
+                .ended(vec![ended(1, "killed")])
+                .steps(vec![Step::Restarted, Step::Start { revision: 1 }])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.failures = 1;
+                    g.backoff_until_ms = NOW;
+                }),
+            row("the second waits 250 ms", with(group(1, 1, Rollout::Stable), |g| g.failures = 1))
+                .ended(vec![ended(1, "killed")])
+                .steps(vec![Step::Restarted])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.failures = 2;
+                    g.backoff_until_ms = NOW + 250;
+                }),
+            row("the third is a crash loop and the wait doubles", with(group(1, 1, Rollout::Stable), |g| g.failures = 2))
+                .ended(vec![ended(1, "killed")])
+                .steps(vec![Step::Restarted, event("crash loop: 3 failures in a row, next start in 500 ms")])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.failures = 3;
+                    g.backoff_until_ms = NOW + 500;
+                }),
+            row("the wait caps at 30 s", with(group(1, 1, Rollout::Stable), |g| g.failures = 20))
+                .ended(vec![ended(1, "killed")])
+                .steps(vec![Step::Restarted, event("crash loop: 21 failures in a row, next start in 30000 ms")])
+                .record(|g| {
+                    g.restarts = 1;
+                    g.failures = 21;
+                    g.backoff_until_ms = NOW + 30_000;
+                }),
+            row("an old revision's end counts as a restart, not a failure", group(1, 1, Rollout::Stable))
+                .instances(vec![instance("a", 1, gated())])
+                .ended(vec![ended(3, "killed")])
+                .steps(vec![Step::Restarted])
+                .record(|g| g.restarts = 1),
+            row("nothing starts during a back-off", with(group(1, 1, Rollout::Stable), |g| g.backoff_until_ms = NOW + 1)),
+            row("a start failure's back-off holds starts too", with(group(1, 1, Rollout::Stable), |g| {
+                g.start_failures = 2;
+                g.backoff_until_ms = NOW + 1;
+            })),
+            row("a replacement that passed the gate ends the crash loop", with(group(1, 1, Rollout::Stable), |g| g.failures = 4))
+                .instances(vec![instance("a", 1, gated())])
+                .record(|g| g.failures = 0),
+            row("an instance that failed its check outside a rollout is replaced", group(1, 1, Rollout::Stable))
+                .instances(vec![instance("a", 1, failed("GET /: 500"))])
+                .steps(vec![stop("a", StopReason::FailedCheck), Step::Start { revision: 1 }])
+                .record(|g| {
+                    g.failures = 1;
+                    g.backoff_until_ms = NOW;
+                }),
+            row("a microVM with a volume disk stops the old one before the new starts", group(1, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated())])
+                .disks(vec![2])
+                .steps(vec![stop("a", StopReason::Replaced), Step::Start { revision: 2 }]),
+            row("...and waits for it to pass the gate before the next", group(2, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("b", 1, gated()), instance("c", 2, healthy_for(1))])
+                .disks(vec![2]),
+            row("without a disk the same group surges", group(1, 2, rolling(Some(1), 2)))
+                .instances(vec![instance("a", 1, gated())])
+                .disks(vec![1])
+                .steps(vec![Step::Start { revision: 2 }]),
+        ];
+        for r in rows {
+            let want = with(r.group.clone(), r.record);
+            let got = plan(&Input {
+                group: &r.group,
+                instances: &r.instances,
+                ended: &r.ended,
+                disk_revisions: &r.disks,
+                now_ms: NOW,
+            });
+            assert_eq!(got.steps, r.steps, "{}", r.story);
+            assert_eq!(got.group, want, "{}", r.story);
+        }
+    }
+
+    #[test]
+    fn a_failed_start_backs_off_from_250_ms_and_doubles() {
+        let mut g = group(1, 1, Rollout::Stable);
+        let steps = start_failed(&mut g, "no nft", &[], NOW);
+        assert_eq!(
+            steps,
+            vec![event("no nft (failed start 1 in a row; next try in 250ms)")]
+        );
+        assert_eq!((g.start_failures, g.backoff_until_ms), (1, NOW + 250));
+        let steps = start_failed(&mut g, "no nft", &[], NOW + 250);
+        assert_eq!(
+            steps,
+            vec![event("no nft (failed start 2 in a row; next try in 500ms)")]
+        );
+        assert_eq!((g.start_failures, g.backoff_until_ms), (2, NOW + 750));
+        start_succeeded(&mut g);
+        assert_eq!(g.start_failures, 0);
+    }
+
+    #[test]
+    fn a_failed_start_of_a_new_revision_fails_its_rollout() {
+        let mut g = group(2, 2, rolling(Some(1), 2));
+        let live = [instance("a", 1, gated()), instance("c", 2, starting())];
+        let steps = start_failed(&mut g, "no kernel", &live, NOW);
+        assert_eq!(
+            steps,
+            vec![
+                event("no kernel (failed start 1 in a row; next try in 250ms)"),
+                event("rollout of revision 2 failed: no kernel; rolling back to revision 1"),
+                Step::RolloutEnded(RolloutEnd::RolledBack),
+                stop("c", StopReason::RevisionFailed),
+            ]
+        );
+        assert_eq!((g.current, g.start_failures, g.backoff_until_ms), (1, 0, 0));
+    }
+
+    #[test]
+    fn a_rollout_with_nothing_to_go_back_to_pauses() {
+        // Revision 1 is no longer kept: even the rollback policy can only pause.
+        let mut g = group(1, 2, rolling(Some(1), 2));
+        g.revisions.retain(|r| r.number != 1);
+        g.last_good = None;
+        let out = plan(&Input {
+            group: &g,
+            instances: &[instance("c", 2, failed("refused"))],
+            ended: &[],
+            disk_revisions: &[],
+            now_ms: NOW,
+        });
+        assert!(
+            matches!(out.group.rollout, Rollout::Paused { at: 2, .. }),
+            "{out:?}"
+        );
+        assert_eq!(out.group.current, 2);
+    }
+}
