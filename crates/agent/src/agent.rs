@@ -26,6 +26,7 @@ use crate::backend::{Backend, Handle};
 use crate::health::Prober;
 use crate::planner::{self, Ended, HealthSummary, InstanceSummary, Step, StopReason};
 use crate::site::{GroupName, GroupSpec, Isolation, Site};
+pub use crate::state::{Clock, system_clock};
 use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
 };
@@ -93,14 +94,6 @@ pub struct Agent {
     /// The reconciler's time in milliseconds (the system clock; tests move a fake one).
     clock: Clock,
     pub metrics: crate::metrics::Metrics,
-}
-
-/// Milliseconds since the Unix epoch, or on a test's fake clock.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(now_ms)
 }
 
 /// What a query shows of a live instance: its fixed facts and a handle on its
@@ -768,6 +761,7 @@ impl Agent {
                 address,
                 self.waker(),
                 self.metrics.probe_seconds.clone(),
+                self.clock.clone(),
             ),
             started_ms: self.now(),
             adopted: true,
@@ -869,6 +863,7 @@ impl Agent {
                     address,
                     self.waker(),
                     self.metrics.probe_seconds.clone(),
+                    self.clock.clone(),
                 ),
                 started_ms: self.now(),
                 adopted: false,
@@ -898,23 +893,19 @@ impl Agent {
     }
 
     /// What the planner sees of a group's live instances, in name order.
-    fn summaries(&self, w: &World, group: &str, now: u64) -> Vec<InstanceSummary> {
+    fn summaries(&self, w: &World, group: &str) -> Vec<InstanceSummary> {
         w.live
             .iter()
             .filter(|(_, l)| l.group == group)
             .map(|(name, l)| {
                 let h = l.prober.snapshot();
-                // The prober keeps monotonic instants; the planner takes times on the agent's clock.
-                let on_clock = |t: Instant| {
-                    now.saturating_sub(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
-                };
                 InstanceSummary {
                     name: name.clone(),
                     revision: l.revision,
                     started_ms: l.started_ms,
                     health: HealthSummary {
                         healthy: h.healthy,
-                        healthy_since_ms: h.healthy_since.map(on_clock),
+                        healthy_since_ms: h.healthy_since_ms,
                         ever_healthy: h.ever_healthy,
                         failed: h.failed,
                         last_error: h.last_error,
@@ -949,7 +940,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let now = self.now();
         let name = g.name.to_string();
-        let instances = self.summaries(w, &name, now);
+        let instances = self.summaries(w, &name);
         let disk_revisions = self.disk_revisions(g);
         let plan = planner::plan(&planner::Input {
             group: g,
@@ -973,7 +964,7 @@ impl Agent {
                             AgentError::Group { reason, .. } => reason,
                             other => other.to_string(),
                         };
-                        let instances = self.summaries(w, &name, now);
+                        let instances = self.summaries(w, &name);
                         for step in planner::start_failed(g, &reason, &instances, now) {
                             self.carry_out(w, &name, step)?;
                         }
