@@ -31,6 +31,8 @@ use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
 };
 
+#[cfg(test)]
+mod reconciler_tests;
 mod spec;
 mod views;
 
@@ -1298,16 +1300,8 @@ mod tests {
     #[test]
     fn a_start_that_fails_backs_off_and_the_other_groups_go_on() {
         let home = tempfile::tempdir().unwrap();
+        reconciler_tests::build_appliance(home.path(), 1);
         let store = Store::open(home.path()).unwrap();
-        let app = home.path().join("app");
-        std::fs::create_dir_all(&app).unwrap();
-        std::fs::write(app.join("hello"), "#!/bin/sh\n").unwrap();
-        std::fs::write(
-            app.join("juice.toml"),
-            "[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\nfiles = [{ from = \"hello\", to = \"/usr/bin/hello\" }]\n\n[run]\ncommand = [\"/usr/bin/hello\"]\n",
-        )
-        .unwrap();
-        build(&store, &app, &BuildOptions::default()).unwrap();
         let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let agent = Agent::with_sandbox(
             home.path(),

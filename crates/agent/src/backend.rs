@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use juice_sandbox::{ExitReport, Instance, Runtime, SandboxSpec};
 
+/// An in-memory backend for tests and the fleet's hollow hosts.
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
 /// Starts and finds instances.
 pub trait Backend: Send + Sync {
     /// Starts an instance as `spec` describes.

@@ -1,0 +1,337 @@
+//! The reconciler end to end over the in-memory backend and a clock the test
+//! moves: heal, back-off, surge, gate, rollback and adoption, without root,
+//! processes or sleeps.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+use crate::backend::fake::Fake;
+
+/// Builds the appliance `t:{version}` in `home`'s store.
+pub(super) fn build_appliance(home: &Path, version: u32) {
+    let store = Store::open(home).unwrap();
+    let app = home.join(format!("app-{version}"));
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("hello"), "#!/bin/sh\n").unwrap();
+    std::fs::write(
+        app.join("juice.toml"),
+        format!("[appliance]\nname = \"t\"\nversion = \"{version}\"\n\n[build]\nfiles = [{{ from = \"hello\", to = \"/usr/bin/hello\" }}]\n\n[run]\ncommand = [\"/usr/bin/hello\"]\n"),
+    )
+    .unwrap();
+    build(&store, &app, &BuildOptions::default()).unwrap();
+}
+
+/// A host: a home with `t:1` and `t:2`, the fake backend, the clock and an agent.
+struct Host {
+    home: tempfile::TempDir,
+    fake: Fake,
+    time: Arc<AtomicU64>,
+    agent: Arc<Agent>,
+    /// The last event read.
+    seen: u64,
+}
+
+impl Host {
+    fn new() -> Host {
+        let home = tempfile::tempdir().unwrap();
+        build_appliance(home.path(), 1);
+        build_appliance(home.path(), 2);
+        let fake = Fake::new();
+        let time = Arc::new(AtomicU64::new(1_000_000));
+        let agent = Host::agent(home.path(), &fake, &time);
+        Host {
+            home,
+            fake,
+            time,
+            agent,
+            seen: 0,
+        }
+    }
+
+    fn agent(home: &Path, fake: &Fake, time: &Arc<AtomicU64>) -> Arc<Agent> {
+        let t = time.clone();
+        let clock: Clock = Arc::new(move || t.load(Ordering::SeqCst));
+        Agent::with_sandbox(
+            home,
+            Store::open(home).unwrap(),
+            Box::new(fake.clone()),
+            clock,
+        )
+        .unwrap()
+    }
+
+    /// The daemon stops and another starts over the same home.
+    fn restart_daemon(self) -> Host {
+        let Host {
+            home,
+            fake,
+            time,
+            agent,
+            seen,
+        } = self;
+        drop(agent);
+        let agent = Host::agent(home.path(), &fake, &time);
+        Host {
+            home,
+            fake,
+            time,
+            agent,
+            seen,
+        }
+    }
+
+    /// Applies one group `web` of `size` instances of `t:{version}`, with `extra` lines.
+    fn apply(&self, version: u32, size: u32, extra: &str) {
+        let site = self.home.path().join("site.toml");
+        std::fs::write(
+            &site,
+            format!("[group.web]\nimage = \"t:{version}\"\nsize = {size}\n{extra}"),
+        )
+        .unwrap();
+        self.agent.apply(&Site::load(&site).unwrap(), true).unwrap();
+    }
+
+    fn pass(&self) {
+        self.agent.reconcile().unwrap();
+    }
+
+    fn advance(&self, ms: u64) {
+        self.time.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// The events since the last call, oldest first.
+    fn said(&mut self) -> Vec<String> {
+        let events = self
+            .agent
+            .state()
+            .events(self.seen, None, usize::MAX)
+            .unwrap();
+        self.seen = events.last().map_or(self.seen, |e| e.seq);
+        events.into_iter().map(|e| e.message).collect()
+    }
+
+    /// The instances of `revision` the agent holds.
+    fn of(&self, revision: u64) -> Vec<String> {
+        self.agent
+            .instances()
+            .into_iter()
+            .filter(|i| i.revision == revision)
+            .map(|i| i.name)
+            .collect()
+    }
+
+    fn status(&self) -> GroupStatus {
+        self.agent.groups().unwrap()[0].status
+    }
+
+    /// Up and past the gate at revision 1 with `size` instances.
+    fn up(&mut self, size: u32) {
+        self.apply(1, size, "");
+        self.pass();
+        self.advance(10_000);
+        self.pass();
+        assert!(self.said().iter().any(|m| m == "revision 1 is up"));
+    }
+}
+
+fn count(said: &[String], prefix: &str) -> usize {
+    said.iter().filter(|m| m.starts_with(prefix)).count()
+}
+
+#[test]
+fn an_instance_that_ends_is_replaced_at_once() {
+    let mut h = Host::new();
+    h.apply(1, 2, "");
+    h.pass();
+    assert_eq!(h.fake.running().len(), 2);
+    let victim = h.fake.running()[0].clone();
+    h.said();
+
+    assert!(h.fake.exit(&victim, 1));
+    h.pass();
+    let said = h.said();
+    assert_eq!(
+        said[0],
+        format!("instance {victim} ended: exited with code 1")
+    );
+    assert_eq!(count(&said, "started "), 1, "{said:?}");
+    assert_eq!(h.fake.running().len(), 2);
+    assert!(!h.fake.running().contains(&victim));
+    assert_eq!(h.agent.groups().unwrap()[0].restarts, 1);
+}
+
+#[test]
+fn a_crash_loop_backs_off_doubling_and_a_healthy_replacement_ends_it() {
+    let mut h = Host::new();
+    h.apply(1, 1, "");
+    h.pass();
+    let crash = |h: &Host| {
+        let running = h.fake.running();
+        assert!(h.fake.exit(&running[0], 1));
+        h.pass();
+    };
+    crash(&h);
+    assert_eq!(h.fake.spawns(), 2, "the first crash is replaced at once");
+    crash(&h);
+    assert_eq!(h.fake.spawns(), 2, "the second waits 250 ms");
+    h.advance(249);
+    h.pass();
+    assert_eq!(h.fake.spawns(), 2);
+    h.advance(1);
+    h.pass();
+    assert_eq!(h.fake.spawns(), 3);
+    h.said();
+
+    crash(&h);
+    let said = h.said();
+    assert!(
+        said.contains(&"crash loop: 3 failures in a row, next start in 500 ms".to_owned()),
+        "{said:?}"
+    );
+    assert_eq!(h.status(), GroupStatus::CrashLoop { failures: 3 });
+    h.advance(500);
+    h.pass();
+    assert_eq!(h.fake.running().len(), 1);
+    // Past the gate, the replacement ends the loop and the first deployment is up.
+    h.advance(10_000);
+    h.pass();
+    assert_eq!(h.status(), GroupStatus::Ok);
+    assert!(h.said().contains(&"revision 1 is up".to_owned()));
+}
+
+#[test]
+fn a_rollout_surges_one_at_a_time_behind_the_health_gate() {
+    let mut h = Host::new();
+    h.up(2);
+    h.apply(2, 2, "");
+    h.pass();
+    assert_eq!(
+        (h.of(1).len(), h.of(2).len()),
+        (2, 1),
+        "one extra while the old serve"
+    );
+    assert_eq!(h.status(), GroupStatus::RollingOut);
+
+    // Nothing moves until the new instance has been healthy for the gate (10 s).
+    h.pass();
+    h.advance(9_999);
+    h.pass();
+    assert_eq!((h.of(1).len(), h.of(2).len()), (2, 1));
+    assert_eq!(h.fake.spawns(), 3);
+    h.said();
+
+    h.advance(1);
+    h.pass();
+    assert_eq!((h.of(1).len(), h.of(2).len()), (1, 2));
+    let said = h.said();
+    assert!(said[0].starts_with("stopped web-r1-"), "{said:?}");
+    assert!(
+        said[0].contains("(replaced by the current revision)"),
+        "{said:?}"
+    );
+    assert!(said[1].starts_with("started web-r2-"), "{said:?}");
+
+    h.advance(10_000);
+    h.pass();
+    assert_eq!((h.of(1).len(), h.of(2).len()), (0, 2));
+    let said = h.said();
+    assert_eq!(
+        said.last().unwrap(),
+        "rollout from revision 1 to 2 complete"
+    );
+    assert_eq!(h.status(), GroupStatus::Ok);
+}
+
+#[test]
+fn a_new_revision_that_crashes_is_rolled_back_and_the_old_never_stopped() {
+    let mut h = Host::new();
+    h.up(2);
+    let old = h.of(1);
+    h.apply(2, 2, "");
+    h.pass();
+    let new = h.of(2);
+    h.said();
+
+    assert!(h.fake.exit(&new[0], 3));
+    h.pass();
+    let said = h.said();
+    assert_eq!(
+        said,
+        [
+            format!("instance {} ended: exited with code 3", new[0]),
+            "rollout of revision 2 failed: an instance of revision 2 ended: exited with code 3; rolling back to revision 1".to_owned(),
+        ]
+    );
+    assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
+    assert_eq!(h.of(1), old);
+    assert!(h.of(2).is_empty());
+    assert_eq!(h.agent.groups().unwrap()[0].revision, 1);
+}
+
+#[test]
+fn a_new_revision_that_cannot_start_is_rolled_back() {
+    let mut h = Host::new();
+    h.up(1);
+    h.fake.fail_spawns(Some("no kernel"));
+    h.apply(2, 1, "");
+    h.pass();
+    let said = h.said();
+    assert!(
+        said.iter().any(|m| m.starts_with("apply: replace")),
+        "{said:?}"
+    );
+    let tail = &said[said.len() - 2..];
+    assert_eq!(
+        tail,
+        [
+            "cannot start an instance of revision 2: no kernel (failed start 1 in a row; next try in 250ms)",
+            "rollout of revision 2 failed: cannot start an instance of revision 2: no kernel; rolling back to revision 1",
+        ]
+    );
+    assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
+    assert_eq!(h.of(1).len(), 1);
+}
+
+#[test]
+fn a_paused_rollout_stops_the_new_revision_and_keeps_the_old() {
+    let mut h = Host::new();
+    h.up(2);
+    h.fake.fail_spawns(Some("no kernel"));
+    let pause = "[group.web.update]\non_failure = \"pause\"\n";
+    h.apply(2, 2, pause);
+    h.pass();
+    assert_eq!(h.status(), GroupStatus::Paused);
+    assert!(h.said().last().unwrap().ends_with("; paused"));
+    h.advance(60_000);
+    h.pass();
+    assert_eq!((h.of(1).len(), h.of(2).len()), (2, 0));
+    assert_eq!(h.fake.spawns(), 3, "a paused rollout starts nothing");
+}
+
+#[test]
+fn a_new_daemon_adopts_running_instances_and_replaces_the_gone() {
+    let mut h = Host::new();
+    h.up(2);
+    let before = h.fake.running();
+    // One ends while no daemon runs.
+    let mut h = h.restart_daemon();
+    assert!(h.fake.exit(&before[0], 1));
+    h.said();
+
+    h.agent.adopt().unwrap();
+    let said = h.said();
+    assert!(
+        said.contains(&format!("adopted running instance {}", before[1])),
+        "{said:?}"
+    );
+    assert!(
+        said.contains(&format!("instance {} was gone", before[0])),
+        "{said:?}"
+    );
+    assert_eq!(h.of(1), [before[1].clone()]);
+
+    h.pass();
+    assert_eq!(h.fake.spawns(), 3, "only the gone one is started again");
+    assert!(h.fake.running().contains(&before[1]));
+    assert_eq!(h.fake.running().len(), 2);
+}
