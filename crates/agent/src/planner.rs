@@ -617,6 +617,28 @@ mod tests {
         }
     }
 
+    /// What a failed rollout of revision 2 plans: back to 1, stopping `stopped`.
+    fn rolls_back(reason: &str, stopped: &[&str]) -> Vec<Step> {
+        let mut steps = vec![
+            event(&format!(
+                "rollout of revision 2 failed: {reason}; rolling back to revision 1"
+            )),
+            Step::RolloutEnded(RolloutEnd::RolledBack),
+        ];
+        steps.extend(stopped.iter().map(|n| stop(n, StopReason::RevisionFailed)));
+        steps
+    }
+
+    /// The record after a failed rollout of revision 2 went back to 1.
+    fn rolled_back(g: &mut GroupRecord, reason: &str) {
+        g.current = 1;
+        g.rollout = Rollout::RolledBack {
+            failed: 2,
+            to: 1,
+            reason: reason.to_owned(),
+        };
+    }
+
     fn with<F: FnOnce(&mut GroupRecord)>(mut g: GroupRecord, f: F) -> GroupRecord {
         f(&mut g);
         g
@@ -685,19 +707,8 @@ mod tests {
                 }),
             row("a failed health check during a rollout rolls back", group(2, 2, rolling(Some(1), 2)))
                 .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
-                .steps(vec![
-                    event("rollout of revision 2 failed: instance c of revision 2 failed its health check: connect refused; rolling back to revision 1"),
-                    Step::RolloutEnded(RolloutEnd::RolledBack),
-                    stop("c", StopReason::RevisionFailed),
-                ])
-                .record(|g| {
-                    g.current = 1;
-                    g.rollout = Rollout::RolledBack {
-                        failed: 2,
-                        to: 1,
-                        reason: "instance c of revision 2 failed its health check: connect refused".into(),
-                    };
-                }),
+                .steps(rolls_back("instance c of revision 2 failed its health check: connect refused", &["c"]))
+                .record(|g| rolled_back(g, "instance c of revision 2 failed its health check: connect refused")),
             row("a failed health check during a rollout pauses it if the policy says so", with(group(2, 2, rolling(Some(1), 2)), pause))
                 .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
                 .steps(vec![
@@ -718,19 +729,8 @@ mod tests {
                     instance("a", 1, gated()),
                     InstanceSummary { started_ms: NOW - GATE - 30_001, ..instance("c", 2, starting()) },
                 ])
-                .steps(vec![
-                    event("rollout of revision 2 failed: instance c of revision 2 did not become healthy within 40s; rolling back to revision 1"),
-                    Step::RolloutEnded(RolloutEnd::RolledBack),
-                    stop("c", StopReason::RevisionFailed),
-                ])
-                .record(|g| {
-                    g.current = 1;
-                    g.rollout = Rollout::RolledBack {
-                        failed: 2,
-                        to: 1,
-                        reason: "instance c of revision 2 did not become healthy within 40s".into(),
-                    };
-                }),
+                .steps(rolls_back("instance c of revision 2 did not become healthy within 40s", &["c"]))
+                .record(|g| rolled_back(g, "instance c of revision 2 did not become healthy within 40s")),
             row("...but not a millisecond sooner", group(1, 2, rolling(Some(1), 2)))
                 .instances(vec![
                     instance("a", 1, gated()),
@@ -760,38 +760,6 @@ mod tests {
                     g.restarts = 1;
                     g.failures = 1;
                     g.backoff_until_ms = NOW;
-                }),
-            row("the first crash is replaced at once", group(1, 1, Rollout::Stable))
-                .ended(vec![ended(1, "killed")])
-                .steps(vec![Step::Restarted, Step::Start { revision: 1 }])
-                .record(|g| {
-                    g.restarts = 1;
-                    g.failures = 1;
-                    g.backoff_until_ms = NOW;
-                }),
-            row("the second waits 250 ms", with(group(1, 1, Rollout::Stable), |g| g.failures = 1))
-                .ended(vec![ended(1, "killed")])
-                .steps(vec![Step::Restarted])
-                .record(|g| {
-                    g.restarts = 1;
-                    g.failures = 2;
-                    g.backoff_until_ms = NOW + 250;
-                }),
-            row("the third is a crash loop and the wait doubles", with(group(1, 1, Rollout::Stable), |g| g.failures = 2))
-                .ended(vec![ended(1, "killed")])
-                .steps(vec![Step::Restarted, event("crash loop: 3 failures in a row, next start in 500 ms")])
-                .record(|g| {
-                    g.restarts = 1;
-                    g.failures = 3;
-                    g.backoff_until_ms = NOW + 500;
-                }),
-            row("the wait caps at 30 s", with(group(1, 1, Rollout::Stable), |g| g.failures = 20))
-                .ended(vec![ended(1, "killed")])
-                .steps(vec![Step::Restarted, event("crash loop: 21 failures in a row, next start in 30000 ms")])
-                .record(|g| {
-                    g.restarts = 1;
-                    g.failures = 21;
-                    g.backoff_until_ms = NOW + 30_000;
                 }),
             row("an old revision's end counts as a restart, not a failure", group(1, 1, Rollout::Stable))
                 .instances(vec![instance("a", 1, gated())])
@@ -839,6 +807,49 @@ mod tests {
         }
     }
 
+    /// A pass at `NOW` over a sandbox group.
+    fn pass(g: &GroupRecord, instances: &[InstanceSummary], ended: &[Ended]) -> Plan {
+        plan(&Input {
+            group: g,
+            instances,
+            ended,
+            disk_revisions: &[],
+            now_ms: NOW,
+        })
+    }
+
+    #[test]
+    fn each_crash_in_a_row_waits_longer_up_to_30_s() {
+        // Failures before the crash, and the wait after it.
+        for (before, wait) in [
+            (0, 0),
+            (1, 250),
+            (2, 500),
+            (3, 1_000),
+            (9, 30_000),
+            (20, 30_000),
+        ] {
+            let g = with(group(1, 1, Rollout::Stable), |g| g.failures = before);
+            let out = pass(&g, &[], &[ended(1, "killed")]);
+            let failures = before + 1;
+            let mut steps = vec![Step::Restarted];
+            if failures >= 3 {
+                steps.push(event(&format!(
+                    "crash loop: {failures} failures in a row, next start in {wait} ms"
+                )));
+            }
+            if wait == 0 {
+                steps.push(Step::Start { revision: 1 });
+            }
+            assert_eq!(out.steps, steps, "after {before} failures");
+            let g = out.group;
+            assert_eq!(
+                (g.restarts, g.failures, g.backoff_until_ms),
+                (1, failures, NOW + wait)
+            );
+        }
+    }
+
     #[test]
     fn a_failed_start_backs_off_from_250_ms_and_doubles() {
         let mut g = group(1, 1, Rollout::Stable);
@@ -881,13 +892,7 @@ mod tests {
         let mut g = group(1, 2, rolling(Some(1), 2));
         g.revisions.retain(|r| r.number != 1);
         g.last_good = None;
-        let out = plan(&Input {
-            group: &g,
-            instances: &[instance("c", 2, failed("refused"))],
-            ended: &[],
-            disk_revisions: &[],
-            now_ms: NOW,
-        });
+        let out = pass(&g, &[instance("c", 2, failed("refused"))], &[]);
         assert!(
             matches!(out.group.rollout, Rollout::Paused { at: 2, .. }),
             "{out:?}"

@@ -67,9 +67,15 @@ impl Host {
     fn new() -> Host {
         let home = tempfile::tempdir().unwrap();
         copy_tree(template(), home.path());
-        let fake = Fake::new();
-        let time = Arc::new(AtomicU64::new(1_000_000));
-        let agent = Host::agent(home.path(), &fake, &time);
+        Host::over(home, Fake::new(), Arc::new(AtomicU64::new(1_000_000)))
+    }
+
+    /// A daemon over `home`, with the instances in `fake`, at `time`.
+    fn over(home: tempfile::TempDir, fake: Fake, time: Arc<AtomicU64>) -> Host {
+        let t = time.clone();
+        let clock: Clock = Arc::new(move || t.load(Ordering::SeqCst));
+        let store = Store::open(home.path()).unwrap();
+        let agent = Agent::with_sandbox(home.path(), store, Box::new(fake.clone()), clock).unwrap();
         Host {
             home,
             fake,
@@ -77,18 +83,6 @@ impl Host {
             agent,
             seen: 0,
         }
-    }
-
-    fn agent(home: &Path, fake: &Fake, time: &Arc<AtomicU64>) -> Arc<Agent> {
-        let t = time.clone();
-        let clock: Clock = Arc::new(move || t.load(Ordering::SeqCst));
-        Agent::with_sandbox(
-            home,
-            Store::open(home).unwrap(),
-            Box::new(fake.clone()),
-            clock,
-        )
-        .unwrap()
     }
 
     /// The daemon stops and another starts over the same home.
@@ -101,13 +95,9 @@ impl Host {
             seen,
         } = self;
         drop(agent);
-        let agent = Host::agent(home.path(), &fake, &time);
         Host {
-            home,
-            fake,
-            time,
-            agent,
             seen,
+            ..Host::over(home, fake, time)
         }
     }
 
