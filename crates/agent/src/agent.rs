@@ -5,6 +5,12 @@
 //! The reconciler is event-driven: it sleeps in `poll` on every instance's
 //! pidfd and on a wake-up eventfd (apply, delete, rollback), with a periodic
 //! pass as a safety net and for health transitions.
+//!
+//! Each pass reads the world (which instances run, their health, what ended)
+//! into the summaries the [`planner`] takes, and carries out the
+//! steps it returns: the rules live there, the I/O here. The time comes from the
+//! agent's [`Clock`], so tests move it instead of sleeping. The views queries
+//! show are in `views`, the mapping from a manifest to a sandbox in `spec`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -943,7 +949,15 @@ impl Agent {
         let now = self.now();
         let name = g.name.to_string();
         let instances = self.summaries(w, &name);
-        let disk_revisions = self.disk_revisions(g);
+        // Only a group with another revision running, or one that may roll back, can
+        // replace without a surge: the others skip reading their images.
+        let mixed = instances.iter().any(|i| i.revision != g.current)
+            || matches!(g.rollout, Rollout::Progressing { .. });
+        let disk_revisions = if mixed {
+            self.disk_revisions(g)
+        } else {
+            Vec::new()
+        };
         let plan = planner::plan(&planner::Input {
             group: g,
             instances: &instances,
