@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use juice_image::appliance::ApplianceConfig;
 use juice_image::build::{BuildOptions, build};
+use juice_image::manifest::HealthCheck;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::network::publish::{self, Published};
@@ -759,20 +760,29 @@ impl Agent {
             .and_then(|g| g.revision(rec.revision))
             .and_then(|r| self.appliance(&r.template.digest).ok())
             .and_then(|a| a.manifest.health);
+        let prober = self.prober(&*instance, check);
         Live {
             instance,
             group: rec.group.to_string(),
             revision: rec.revision,
             address,
-            prober: Prober::start(
+            prober,
+            started_ms: self.now(),
+            adopted: true,
+        }
+    }
+
+    /// The instance's health: as it reports it (the fake backend), else probed with `check`.
+    fn prober(&self, instance: &dyn Handle, check: Option<HealthCheck>) -> Prober {
+        match instance.health() {
+            Some(health) => Prober::reported(health),
+            None => Prober::start(
                 check,
-                address,
+                instance.address(),
                 self.waker(),
                 self.metrics.probe_seconds.clone(),
                 self.clock.clone(),
             ),
-            started_ms: self.now(),
-            adopted: true,
         }
     }
 
@@ -859,6 +869,7 @@ impl Agent {
                 spawn_time.as_millis()
             ),
         );
+        let prober = self.prober(&*instance, appliance.manifest.health.clone());
         w.insert(
             instance_name,
             Live {
@@ -866,13 +877,7 @@ impl Agent {
                 group: name.to_owned(),
                 revision,
                 address,
-                prober: Prober::start(
-                    appliance.manifest.health.clone(),
-                    address,
-                    self.waker(),
-                    self.metrics.probe_seconds.clone(),
-                    self.clock.clone(),
-                ),
+                prober,
                 started_ms: self.now(),
                 adopted: false,
             },

@@ -27,7 +27,8 @@ pub struct Health {
 }
 
 impl Health {
-    fn new() -> Health {
+    /// Not yet probed.
+    pub fn starting() -> Health {
         Health {
             healthy: false,
             healthy_since_ms: None,
@@ -44,7 +45,7 @@ impl Health {
             healthy: true,
             healthy_since_ms: Some(now_ms),
             ever_healthy: true,
-            ..Health::new()
+            ..Health::starting()
         }
     }
 }
@@ -101,7 +102,7 @@ impl Prober {
                 task: None,
             };
         };
-        let health = Arc::new(Mutex::new(Health::new()));
+        let health = Arc::new(Mutex::new(Health::starting()));
         let task = match probers() {
             Ok(rt) => {
                 let h = health.clone();
@@ -119,6 +120,11 @@ impl Prober {
             }
         };
         Prober { health, task }
+    }
+
+    /// Health the instance reports itself (an in-memory backend's), not probed.
+    pub fn reported(health: Arc<Mutex<Health>>) -> Prober {
+        Prober { health, task: None }
     }
 
     pub fn snapshot(&self) -> Health {

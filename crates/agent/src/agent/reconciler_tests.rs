@@ -65,9 +65,18 @@ struct Host {
 
 impl Host {
     fn new() -> Host {
+        Host::with(Fake::new())
+    }
+
+    /// A host whose instances have health checks the test passes or fails.
+    fn checked() -> Host {
+        Host::with(Fake::with_health_checks())
+    }
+
+    fn with(fake: Fake) -> Host {
         let home = tempfile::tempdir().unwrap();
         copy_tree(template(), home.path());
-        Host::over(home, Fake::new(), Arc::new(AtomicU64::new(1_000_000)))
+        Host::over(home, fake, Arc::new(AtomicU64::new(1_000_000)))
     }
 
     /// A daemon over `home`, with the instances in `fake`, at `time`.
@@ -116,6 +125,16 @@ impl Host {
         self.agent.reconcile().unwrap();
     }
 
+    /// A pass `ms` later.
+    fn after(&self, ms: u64) {
+        self.advance(ms);
+        self.pass();
+    }
+
+    fn now(&self) -> u64 {
+        self.time.load(Ordering::SeqCst)
+    }
+
     fn advance(&self, ms: u64) {
         self.time.fetch_add(ms, Ordering::SeqCst);
     }
@@ -141,6 +160,11 @@ impl Host {
             .collect()
     }
 
+    /// How many instances of revisions 1 and 2 the agent holds.
+    fn per_revision(&self) -> (usize, usize) {
+        (self.of(1).len(), self.of(2).len())
+    }
+
     fn status(&self) -> GroupStatus {
         self.agent.groups().unwrap()[0].status
     }
@@ -149,10 +173,28 @@ impl Host {
     fn up(&mut self, size: u32) {
         self.apply(1, size, "");
         self.pass();
-        self.advance(10_000);
-        self.pass();
+        for name in self.fake.running() {
+            self.fake.healthy(&name, self.now());
+        }
+        self.after(10_000);
         assert!(self.said().iter().any(|m| m == "revision 1 is up"));
     }
+}
+
+impl Host {
+    /// Up at revision 1 with `size` instances, then one pass into the rollout of
+    /// revision 2: its first instances.
+    fn rolling_out(&mut self, size: u32) -> Vec<String> {
+        self.up(size);
+        self.apply(2, size, "");
+        self.pass();
+        self.of(2)
+    }
+}
+
+/// The event of a rollout of revision 2 that failed because `reason`.
+fn rolled_back_because(reason: &str) -> String {
+    format!("rollout of revision 2 failed: {reason}; rolling back to revision 1")
 }
 
 fn count(said: &[String], prefix: &str) -> usize {
@@ -195,11 +237,9 @@ fn a_crash_loop_backs_off_doubling_and_a_healthy_replacement_ends_it() {
     assert_eq!(h.fake.spawns(), 2, "the first crash is replaced at once");
     crash(&h);
     assert_eq!(h.fake.spawns(), 2, "the second waits 250 ms");
-    h.advance(249);
-    h.pass();
+    h.after(249);
     assert_eq!(h.fake.spawns(), 2);
-    h.advance(1);
-    h.pass();
+    h.after(1);
     assert_eq!(h.fake.spawns(), 3);
     h.said();
 
@@ -210,12 +250,10 @@ fn a_crash_loop_backs_off_doubling_and_a_healthy_replacement_ends_it() {
         "{said:?}"
     );
     assert_eq!(h.status(), GroupStatus::CrashLoop { failures: 3 });
-    h.advance(500);
-    h.pass();
+    h.after(500);
     assert_eq!(h.fake.running().len(), 1);
     // Past the gate, the replacement ends the loop and the first deployment is up.
-    h.advance(10_000);
-    h.pass();
+    h.after(10_000);
     assert_eq!(h.status(), GroupStatus::Ok);
     assert!(h.said().contains(&"revision 1 is up".to_owned()));
 }
@@ -226,24 +264,18 @@ fn a_rollout_surges_one_at_a_time_behind_the_health_gate() {
     h.up(2);
     h.apply(2, 2, "");
     h.pass();
-    assert_eq!(
-        (h.of(1).len(), h.of(2).len()),
-        (2, 1),
-        "one extra while the old serve"
-    );
+    assert_eq!(h.per_revision(), (2, 1), "one extra while the old serve");
     assert_eq!(h.status(), GroupStatus::RollingOut);
 
     // Nothing moves until the new instance has been healthy for the gate (10 s).
     h.pass();
-    h.advance(9_999);
-    h.pass();
-    assert_eq!((h.of(1).len(), h.of(2).len()), (2, 1));
+    h.after(9_999);
+    assert_eq!(h.per_revision(), (2, 1));
     assert_eq!(h.fake.spawns(), 3);
     h.said();
 
-    h.advance(1);
-    h.pass();
-    assert_eq!((h.of(1).len(), h.of(2).len()), (1, 2));
+    h.after(1);
+    assert_eq!(h.per_revision(), (1, 2));
     let said = h.said();
     assert!(said[0].starts_with("stopped web-r1-"), "{said:?}");
     assert!(
@@ -252,9 +284,8 @@ fn a_rollout_surges_one_at_a_time_behind_the_health_gate() {
     );
     assert!(said[1].starts_with("started web-r2-"), "{said:?}");
 
-    h.advance(10_000);
-    h.pass();
-    assert_eq!((h.of(1).len(), h.of(2).len()), (0, 2));
+    h.after(10_000);
+    assert_eq!(h.per_revision(), (0, 2));
     let said = h.said();
     assert_eq!(
         said.last().unwrap(),
@@ -280,7 +311,7 @@ fn a_new_revision_that_crashes_is_rolled_back_and_the_old_never_stopped() {
         said,
         [
             format!("instance {} ended: exited with code 3", new[0]),
-            "rollout of revision 2 failed: an instance of revision 2 ended: exited with code 3; rolling back to revision 1".to_owned(),
+            rolled_back_because("an instance of revision 2 ended: exited with code 3"),
         ]
     );
     assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
@@ -306,7 +337,7 @@ fn a_new_revision_that_cannot_start_is_rolled_back() {
         tail,
         [
             "cannot start an instance of revision 2: no kernel (failed start 1 in a row; next try in 250ms)",
-            "rollout of revision 2 failed: cannot start an instance of revision 2: no kernel; rolling back to revision 1",
+            &rolled_back_because("cannot start an instance of revision 2: no kernel"),
         ]
     );
     assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
@@ -323,9 +354,8 @@ fn a_paused_rollout_stops_the_new_revision_and_keeps_the_old() {
     h.pass();
     assert_eq!(h.status(), GroupStatus::Paused);
     assert!(h.said().last().unwrap().ends_with("; paused"));
-    h.advance(60_000);
-    h.pass();
-    assert_eq!((h.of(1).len(), h.of(2).len()), (2, 0));
+    h.after(60_000);
+    assert_eq!(h.per_revision(), (2, 0));
     assert_eq!(h.fake.spawns(), 3, "a paused rollout starts nothing");
 }
 
@@ -355,4 +385,65 @@ fn a_new_daemon_adopts_running_instances_and_replaces_the_gone() {
     assert_eq!(h.fake.spawns(), 3, "only the gone one is started again");
     assert!(h.fake.running().contains(&before[1]));
     assert_eq!(h.fake.running().len(), 2);
+}
+
+#[test]
+fn a_new_revision_that_fails_its_health_check_is_rolled_back() {
+    let mut h = Host::checked();
+    let new = h.rolling_out(2);
+    h.said();
+
+    assert!(h.fake.fail_check(&new[0], "GET /health: 500"));
+    h.pass();
+    let said = h.said();
+    assert_eq!(
+        said[0],
+        rolled_back_because(&format!(
+            "instance {} of revision 2 failed its health check: GET /health: 500",
+            new[0]
+        ))
+    );
+    assert!(
+        said[1].starts_with(&format!("stopped {} (its revision failed)", new[0])),
+        "{said:?}"
+    );
+    assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
+    assert_eq!(h.per_revision(), (2, 0));
+}
+
+#[test]
+fn the_gate_counts_from_when_the_check_first_passed() {
+    let mut h = Host::checked();
+    let new = h.rolling_out(1);
+    h.after(20_000);
+    assert_eq!(h.per_revision(), (1, 1), "starting is not healthy");
+
+    h.fake.healthy(&new[0], h.now());
+    h.after(9_999);
+    assert_eq!(h.per_revision(), (1, 1));
+    h.after(1);
+    assert_eq!(h.per_revision(), (0, 1));
+    assert_eq!(
+        h.said().last().unwrap(),
+        "rollout from revision 1 to 2 complete"
+    );
+}
+
+#[test]
+fn a_new_revision_never_healthy_within_the_gate_and_30_s_is_rolled_back() {
+    let mut h = Host::checked();
+    let new = h.rolling_out(1);
+    h.after(40_000);
+    assert_eq!(h.status(), GroupStatus::RollingOut);
+    h.said();
+
+    h.after(1);
+    assert_eq!(
+        h.said()[0],
+        rolled_back_because(&format!(
+            "instance {} of revision 2 did not become healthy within 40s",
+            new[0]
+        ))
+    );
+    assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
 }

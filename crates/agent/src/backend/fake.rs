@@ -4,6 +4,10 @@
 //!
 //! The table outlives the agents that use it, as real instances outlive a
 //! daemon: a second agent over the same home adopts what the first started.
+//!
+//! Health: by default an instance is unchecked (healthy from its start, as one
+//! whose manifest has no check); [`Fake::with_health_checks`] makes instances
+//! start unprobed, and the test says when each is healthy or fails its check.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -16,6 +20,7 @@ use juice_sandbox::{ExitReport, SandboxSpec};
 use rustix::event::{EventfdFlags, eventfd};
 
 use super::{Backend, Handle};
+use crate::health::Health;
 
 /// The backend; clones share one table.
 #[derive(Clone, Default)]
@@ -29,6 +34,8 @@ struct Table {
     spawns: usize,
     /// Why every spawn fails, while set.
     failing: Option<String>,
+    /// Instances report their health (set by the test) instead of being unchecked.
+    checked: bool,
 }
 
 struct Entry {
@@ -37,6 +44,8 @@ struct Entry {
     ended: Option<ExitReport>,
     /// Readable once the instance has ended, as a pidfd is.
     ended_fd: Arc<OwnedFd>,
+    /// What the agent sees of its health, if it is checked.
+    health: Option<Arc<Mutex<Health>>>,
 }
 
 impl Entry {
@@ -52,6 +61,39 @@ impl Entry {
 impl Fake {
     pub fn new() -> Fake {
         Fake::default()
+    }
+
+    /// Instances start unprobed; [`Fake::healthy`] and [`Fake::fail_check`] change that.
+    pub fn with_health_checks() -> Fake {
+        let fake = Fake::default();
+        fake.table().checked = true;
+        fake
+    }
+
+    /// `name` passes its check from `since_ms` (on the agent's clock); false if unchecked.
+    pub fn healthy(&self, name: &str, since_ms: u64) -> bool {
+        self.set_health(name, Health::assumed(since_ms))
+    }
+
+    /// `name` fails its check with `error`; false if unchecked.
+    pub fn fail_check(&self, name: &str, error: &str) -> bool {
+        self.set_health(
+            name,
+            Health {
+                failed: true,
+                last_error: Some(error.to_owned()),
+                ..Health::starting()
+            },
+        )
+    }
+
+    fn set_health(&self, name: &str, to: Health) -> bool {
+        let t = self.table();
+        let Some(health) = t.instances.get(name).and_then(|e| e.health.as_ref()) else {
+            return false;
+        };
+        *health.lock().unwrap_or_else(|e| e.into_inner()) = to;
+        true
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -105,6 +147,7 @@ impl Fake {
             pid: e.pid,
             started_unix_ms: e.started_unix_ms,
             ended_fd: e.ended_fd.clone(),
+            health: e.health.clone(),
             fake: self.clone(),
         }))
     }
@@ -121,6 +164,7 @@ impl Backend for Fake {
             let ended_fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(|e| format!("eventfd: {e}"))?;
             let pid = i32::try_from(t.spawns).unwrap_or(i32::MAX);
+            let health = t.checked.then(|| Arc::new(Mutex::new(Health::starting())));
             t.instances.insert(
                 spec.name.clone(),
                 Entry {
@@ -128,6 +172,7 @@ impl Backend for Fake {
                     started_unix_ms: crate::state::now_ms(),
                     ended: None,
                     ended_fd: Arc::new(ended_fd),
+                    health,
                 },
             );
         }
@@ -155,6 +200,7 @@ struct FakeHandle {
     started_unix_ms: u64,
     /// Kept here too, so that the descriptor `wait_fd` gives stays open.
     ended_fd: Arc<OwnedFd>,
+    health: Option<Arc<Mutex<Health>>>,
     fake: Fake,
 }
 
@@ -208,5 +254,8 @@ impl Handle for FakeHandle {
     }
     fn started_unix_ms(&self) -> u64 {
         self.started_unix_ms
+    }
+    fn health(&self) -> Option<Arc<Mutex<Health>>> {
+        self.health.clone()
     }
 }
