@@ -629,6 +629,20 @@ mod tests {
         steps
     }
 
+    /// What the rollout from revision 1 to 2 plans when it is done.
+    fn completes_2() -> Vec<Step> {
+        vec![
+            Step::RolloutEnded(RolloutEnd::Complete),
+            event("rollout from revision 1 to 2 complete"),
+        ]
+    }
+
+    /// The record after it.
+    fn completed_2(g: &mut GroupRecord) {
+        g.last_good = Some(2);
+        g.rollout = Rollout::Stable;
+    }
+
     /// The record after a failed rollout of revision 2 went back to 1.
     fn rolled_back(g: &mut GroupRecord, reason: &str) {
         g.current = 1;
@@ -647,6 +661,14 @@ mod tests {
     #[test]
     fn the_rollout_rules() {
         let pause = |g: &mut GroupRecord| g.update.on_failure = OnFailure::Pause;
+        // Two old instances serve; the new one failed its check.
+        let failing_check = || {
+            vec![
+                instance("a", 1, gated()),
+                instance("b", 1, gated()),
+                instance("c", 2, failed("connect refused")),
+            ]
+        };
         let rows = vec![
             row("a first deployment starts its size", group(2, 1, rolling(None, 1)))
                 .steps(vec![Step::Start { revision: 1 }, Step::Start { revision: 1 }]),
@@ -686,31 +708,18 @@ mod tests {
                 .steps(vec![stop("a", StopReason::Replaced), Step::Start { revision: 2 }]),
             row("the last old instance goes, and the rollout is done, when the size has passed", group(2, 2, rolling(Some(1), 2)))
                 .instances(vec![instance("b", 1, gated()), instance("c", 2, gated()), instance("d", 2, gated())])
-                .steps(vec![
-                    stop("b", StopReason::Replaced),
-                    Step::RolloutEnded(RolloutEnd::Complete),
-                    event("rollout from revision 1 to 2 complete"),
-                ])
-                .record(|g| {
-                    g.last_good = Some(2);
-                    g.rollout = Rollout::Stable;
-                }),
+                .steps([vec![stop("b", StopReason::Replaced)], completes_2()].concat())
+                .record(completed_2),
             row("a rollout is done when only passed instances of the new revision run", group(2, 2, rolling(Some(1), 2)))
                 .instances(vec![instance("c", 2, gated()), instance("d", 2, gated())])
-                .steps(vec![
-                    Step::RolloutEnded(RolloutEnd::Complete),
-                    event("rollout from revision 1 to 2 complete"),
-                ])
-                .record(|g| {
-                    g.last_good = Some(2);
-                    g.rollout = Rollout::Stable;
-                }),
+                .steps(completes_2())
+                .record(completed_2),
             row("a failed health check during a rollout rolls back", group(2, 2, rolling(Some(1), 2)))
-                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
+                .instances(failing_check())
                 .steps(rolls_back("instance c of revision 2 failed its health check: connect refused", &["c"]))
                 .record(|g| rolled_back(g, "instance c of revision 2 failed its health check: connect refused")),
             row("a failed health check during a rollout pauses it if the policy says so", with(group(2, 2, rolling(Some(1), 2)), pause))
-                .instances(vec![instance("a", 1, gated()), instance("b", 1, gated()), instance("c", 2, failed("connect refused"))])
+                .instances(failing_check())
                 .steps(vec![
                     event("rollout of revision 2 failed: instance c of revision 2 failed its health check: connect refused; paused"),
                     Step::RolloutEnded(RolloutEnd::Paused),
