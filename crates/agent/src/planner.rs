@@ -36,6 +36,7 @@ pub struct InstanceSummary {
     pub name: String,
     pub revision: u64,
     /// When this daemon started or adopted it, in milliseconds on the planner's clock.
+    /// Scaling down stops the newest first; starts in one millisecond go in name order.
     pub started_ms: u64,
     pub health: HealthSummary,
 }
