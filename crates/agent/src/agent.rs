@@ -5,6 +5,12 @@
 //! The reconciler is event-driven: it sleeps in `poll` on every instance's
 //! pidfd and on a wake-up eventfd (apply, delete, rollback), with a periodic
 //! pass as a safety net and for health transitions.
+//!
+//! Each pass reads the world (which instances run, their health, what ended)
+//! into the summaries the [`planner`] takes, and carries out the
+//! steps it returns: the rules live there, the I/O here. The time comes from the
+//! agent's [`Clock`], so tests move it instead of sleeping. The views queries
+//! show are in `views`, the mapping from a manifest to a sandbox in `spec`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -15,20 +21,32 @@ use std::time::{Duration, Instant};
 
 use juice_image::appliance::ApplianceConfig;
 use juice_image::build::{BuildOptions, build};
+use juice_image::manifest::HealthCheck;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::cgroup::Limits;
 use juice_sandbox::network::publish::{self, Published};
-use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec, VolumeMount};
+use juice_sandbox::{NetworkSpec, Runtime};
 use rustix::event::{EventfdFlags, eventfd};
 
 use crate::backend::{Backend, Handle};
-use serde::{Deserialize, Serialize};
 
 use crate::health::Prober;
-use crate::site::{GroupName, GroupSpec, Isolation, OnFailure, Site};
+use crate::planner::{self, Ended, HealthSummary, InstanceSummary, Step, StopReason};
+use crate::site::{GroupName, GroupSpec, Isolation, Site};
+pub use crate::state::{Clock, system_clock};
 use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
+};
+
+#[cfg(test)]
+mod reconciler_tests;
+mod spec;
+mod views;
+
+pub use spec::{prepare_volumes, sandbox_spec};
+pub use views::{
+    Action, Change, GroupDescription, GroupStatus, GroupView, InstanceHealth, InstanceView,
+    UnknownStatus,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,61 +68,6 @@ fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
     }
 }
 
-/// One line of a plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Change {
-    pub group: String,
-    #[schema(inline)]
-    pub action: Action,
-    pub reason: String,
-}
-
-/// What apply does to a group; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// A group new to the host.
-    Create,
-    /// A new revision, or the retry of a paused rollout: instances are replaced.
-    Replace,
-    /// Another size.
-    Scale,
-    /// Another update policy.
-    Update,
-    /// A group no longer in the site file.
-    Delete,
-    /// Already as declared.
-    Unchanged,
-}
-
-impl Action {
-    pub const ALL: [Action; 6] = [
-        Action::Create,
-        Action::Replace,
-        Action::Scale,
-        Action::Update,
-        Action::Delete,
-        Action::Unchanged,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Create => "create",
-            Action::Replace => "replace",
-            Action::Scale => "scale",
-            Action::Update => "update",
-            Action::Delete => "delete",
-            Action::Unchanged => "unchanged",
-        }
-    }
-}
-
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// An instance the agent holds.
 struct Live {
     instance: Box<dyn Handle>,
@@ -112,7 +75,8 @@ struct Live {
     revision: u64,
     address: Option<Ipv4Addr>,
     prober: Prober,
-    started: Instant,
+    /// When this daemon started or adopted it, on the agent's clock.
+    started_ms: u64,
     /// Started by an earlier daemon: until its first probe, it keeps the place it
     /// had in the published ports.
     adopted: bool,
@@ -136,6 +100,8 @@ pub struct Agent {
     /// Frees ended instances' cgroups and addresses off the path to their replacement.
     releaser: crate::releaser::Releaser,
     wake: OwnedFd,
+    /// The reconciler's time in milliseconds (the system clock; tests move a fake one).
+    clock: Clock,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -162,7 +128,7 @@ struct World {
     /// The queries' copy of `live`, changed with it.
     views: Views,
     /// Instances that ended, per group (revision, why), not yet counted by a pass.
-    ended: BTreeMap<String, Vec<(u64, String)>>,
+    ended: BTreeMap<String, Vec<Ended>>,
     /// The groups as this pass read them, for withdrawing an instance from the
     /// published ports before it is stopped.
     groups: BTreeMap<String, GroupRecord>,
@@ -177,180 +143,6 @@ struct World {
     publish_error: Option<String>,
     /// Instances in the database whose backend cannot be made now (reported once each).
     unadoptable: std::collections::BTreeSet<String>,
-}
-
-/// The view `juice get instances` shows.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InstanceView {
-    pub name: String,
-    pub group: String,
-    pub revision: u64,
-    pub pid: i32,
-    #[schema(value_type = Option<String>, format = Ipv4)]
-    pub address: Option<Ipv4Addr>,
-    #[schema(inline)]
-    pub health: InstanceHealth,
-    pub uptime_s: u64,
-    pub last_error: Option<String>,
-}
-
-/// The view `juice get groups` shows.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct GroupView {
-    pub name: String,
-    pub size: u32,
-    pub running: usize,
-    pub ready: usize,
-    pub revision: u64,
-    pub image: String,
-    pub rollout: Rollout,
-    pub restarts: u64,
-    /// ok, rolling-out, paused, or with the count that explains it: crash-loop (N failures),
-    /// cannot-start (N tries; see events), rolled-back (revision N failed)
-    #[schema(
-        value_type = String,
-        pattern = r"^(ok|rolling-out|paused|crash-loop \([0-9]+ failures\)|cannot-start \([0-9]+ tries; see events\)|rolled-back \(revision [0-9]+ failed\))$"
-    )]
-    pub status: GroupStatus,
-}
-
-/// An instance's health as queries show it; in JSON and tables, the lowercase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum InstanceHealth {
-    /// Not yet probed healthy, and never failed.
-    Starting,
-    Healthy,
-    /// Failed its check, or was healthy once and is not now.
-    Unhealthy,
-    /// Being stopped: shown until it is gone.
-    Stopping,
-}
-
-impl InstanceHealth {
-    pub const ALL: [InstanceHealth; 4] = [
-        InstanceHealth::Starting,
-        InstanceHealth::Healthy,
-        InstanceHealth::Unhealthy,
-        InstanceHealth::Stopping,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceHealth::Starting => "starting",
-            InstanceHealth::Healthy => "healthy",
-            InstanceHealth::Unhealthy => "unhealthy",
-            InstanceHealth::Stopping => "stopping",
-        }
-    }
-}
-
-impl std::fmt::Display for InstanceHealth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A group's status in one word, with the count that explains it. In JSON and tables it is
-/// one string (`ok`, `crash-loop (3 failures)`, ...), the text scripts and tests match on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum GroupStatus {
-    /// Every instance runs the current revision, which has proven healthy.
-    Ok,
-    RollingOut,
-    /// Instances keep ending on their own: `failures` in a row.
-    CrashLoop {
-        failures: u32,
-    },
-    /// Instances cannot be started at all: `tries` in a row (the events say why).
-    CannotStart {
-        tries: u32,
-    },
-    /// A rollout failed and the policy says pause.
-    Paused,
-    /// Revision `failed` failed its rollout and the group went back.
-    RolledBack {
-        failed: u64,
-    },
-}
-
-impl std::fmt::Display for GroupStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupStatus::Ok => f.write_str("ok"),
-            GroupStatus::RollingOut => f.write_str("rolling-out"),
-            GroupStatus::CrashLoop { failures } => write!(f, "crash-loop ({failures} failures)"),
-            GroupStatus::CannotStart { tries } => {
-                write!(f, "cannot-start ({tries} tries; see events)")
-            }
-            GroupStatus::Paused => f.write_str("paused"),
-            GroupStatus::RolledBack { failed } => {
-                write!(f, "rolled-back (revision {failed} failed)")
-            }
-        }
-    }
-}
-
-impl From<GroupStatus> for String {
-    fn from(s: GroupStatus) -> String {
-        s.to_string()
-    }
-}
-
-/// A status string that is none of [`GroupStatus`]'s forms.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown group status {0:?}")]
-pub struct UnknownStatus(String);
-
-impl std::str::FromStr for GroupStatus {
-    type Err = UnknownStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let unknown = || UnknownStatus(s.to_owned());
-        // The text between a prefix and a suffix: the number Display wrote there.
-        let between = |prefix: &str, suffix: &str| {
-            s.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix))
-        };
-        Ok(match s {
-            "ok" => GroupStatus::Ok,
-            "rolling-out" => GroupStatus::RollingOut,
-            "paused" => GroupStatus::Paused,
-            _ => {
-                if let Some(n) = between("crash-loop (", " failures)") {
-                    GroupStatus::CrashLoop {
-                        failures: n.parse().map_err(|_| unknown())?,
-                    }
-                } else if let Some(n) = between("cannot-start (", " tries; see events)") {
-                    GroupStatus::CannotStart {
-                        tries: n.parse().map_err(|_| unknown())?,
-                    }
-                } else if let Some(n) = between("rolled-back (revision ", " failed)") {
-                    GroupStatus::RolledBack {
-                        failed: n.parse().map_err(|_| unknown())?,
-                    }
-                } else {
-                    return Err(unknown());
-                }
-            }
-        })
-    }
-}
-
-impl TryFrom<String> for GroupStatus {
-    type Error = UnknownStatus;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-/// `juice describe group`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct GroupDescription {
-    pub group: GroupRecord,
-    pub instances: Vec<InstanceView>,
-    pub events: Vec<crate::state::Event>,
 }
 
 impl World {
@@ -399,14 +191,16 @@ impl Agent {
         runtime.cleanup_stale();
         crate::releaser::prune_ended(home, crate::releaser::KEEP_ENDED);
         let sandbox: Box<dyn Backend> = Box::new(runtime);
-        Agent::with_sandbox(home, store, sandbox)
+        Agent::with_sandbox(home, store, sandbox, system_clock())
     }
 
-    /// An agent whose sandbox backend is `sandbox` (tests use fakes).
-    fn with_sandbox(
+    /// An agent whose sandbox backend is `sandbox` and whose reconciler reads the
+    /// time from `clock` (tests use fakes for both).
+    pub fn with_sandbox(
         home: &Path,
         store: Store,
         sandbox: Box<dyn Backend>,
+        clock: Clock,
     ) -> Result<Arc<Agent>, AgentError> {
         let state = State::open(&home.join("agent.redb"))?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
@@ -424,8 +218,14 @@ impl Agent {
             views,
             releaser: crate::releaser::Releaser::start(home),
             wake,
+            clock,
             metrics: crate::metrics::Metrics::new(),
         }))
+    }
+
+    /// The reconciler's time.
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     pub fn home(&self) -> &Path {
@@ -861,7 +661,10 @@ impl Agent {
                     w.ended
                         .entry(rec.group.to_string())
                         .or_default()
-                        .push((rec.revision, "gone while the daemon was away".into()));
+                        .push(Ended {
+                            revision: rec.revision,
+                            why: "gone while the daemon was away".into(),
+                        });
                 }
             }
         }
@@ -908,10 +711,10 @@ impl Agent {
                     &name,
                     &format!("instance {name} ended: {report}"),
                 )?;
-                w.ended
-                    .entry(l.group.clone())
-                    .or_default()
-                    .push((l.revision, report.to_string()));
+                w.ended.entry(l.group.clone()).or_default().push(Ended {
+                    revision: l.revision,
+                    why: report.to_string(),
+                });
             }
         }
         self.adopt_into(&mut w, &groups)?;
@@ -924,7 +727,7 @@ impl Agent {
             .map(|(n, _)| n.clone())
             .collect();
         for name in orphans {
-            self.stop_instance(&mut w, &name, "its group was deleted")?;
+            self.stop_instance(&mut w, &name, StopReason::GroupDeleted.as_str())?;
         }
         for g in groups.values() {
             let mut g = g.clone();
@@ -957,19 +760,29 @@ impl Agent {
             .and_then(|g| g.revision(rec.revision))
             .and_then(|r| self.appliance(&r.template.digest).ok())
             .and_then(|a| a.manifest.health);
+        let prober = self.prober(&*instance, check);
         Live {
             instance,
             group: rec.group.to_string(),
             revision: rec.revision,
             address,
-            prober: Prober::start(
+            prober,
+            started_ms: self.now(),
+            adopted: true,
+        }
+    }
+
+    /// The instance's health: as it reports it (the fake backend), else probed with `check`.
+    fn prober(&self, instance: &dyn Handle, check: Option<HealthCheck>) -> Prober {
+        match instance.health() {
+            Some(health) => Prober::reported(health),
+            None => Prober::start(
                 check,
-                address,
+                instance.address(),
                 self.waker(),
                 self.metrics.probe_seconds.clone(),
+                self.clock.clone(),
             ),
-            started: Instant::now(),
-            adopted: true,
         }
     }
 
@@ -1056,6 +869,7 @@ impl Agent {
                 spawn_time.as_millis()
             ),
         );
+        let prober = self.prober(&*instance, appliance.manifest.health.clone());
         w.insert(
             instance_name,
             Live {
@@ -1063,27 +877,12 @@ impl Agent {
                 group: name.to_owned(),
                 revision,
                 address,
-                prober: Prober::start(
-                    appliance.manifest.health.clone(),
-                    address,
-                    self.waker(),
-                    self.metrics.probe_seconds.clone(),
-                ),
-                started: Instant::now(),
+                prober,
+                started_ms: self.now(),
                 adopted: false,
             },
         );
         Ok(())
-    }
-
-    /// The group's current revision runs as microVMs with volume disks.
-    fn holds_volume_disks(&self, g: &GroupRecord) -> bool {
-        g.revision(g.current).is_some_and(|r| {
-            r.template.isolation == Isolation::Microvm
-                && self
-                    .appliance(&r.template.digest)
-                    .is_ok_and(|a| !a.manifest.volumes.is_empty())
-        })
     }
 
     fn stop_instance(&self, w: &mut World, name: &str, why: &str) -> Result<(), AgentError> {
@@ -1106,277 +905,113 @@ impl Agent {
         Ok(())
     }
 
-    /// One group's step toward its declared state.
+    /// What the planner sees of a group's live instances, in name order.
+    fn summaries(&self, w: &World, group: &str) -> Vec<InstanceSummary> {
+        w.live
+            .iter()
+            .filter(|(_, l)| l.group == group)
+            .map(|(name, l)| {
+                let h = l.prober.snapshot();
+                InstanceSummary {
+                    name: name.clone(),
+                    revision: l.revision,
+                    started_ms: l.started_ms,
+                    health: HealthSummary {
+                        healthy: h.healthy,
+                        healthy_since_ms: h.healthy_since_ms,
+                        ever_healthy: h.ever_healthy,
+                        failed: h.failed,
+                        last_error: h.last_error,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The group's revisions that run as microVMs with volume disks (looked up
+    /// only for microVM revisions: sandboxes share a volume directory).
+    fn disk_revisions(&self, g: &GroupRecord) -> Vec<u64> {
+        g.revisions
+            .iter()
+            .filter(|r| {
+                r.template.isolation == Isolation::Microvm
+                    && self
+                        .appliance(&r.template.digest)
+                        .is_ok_and(|a| !a.manifest.volumes.is_empty())
+            })
+            .map(|r| r.number)
+            .collect()
+    }
+
+    /// One group's step toward its declared state: the planner decides, this
+    /// carries its steps out.
     fn converge(
         &self,
         w: &mut World,
         g: &mut GroupRecord,
-        ended: &[(u64, String)],
+        ended: &[Ended],
     ) -> Result<(), AgentError> {
+        let now = self.now();
         let name = g.name.to_string();
-        let gate = g.update.health_gate;
-        let now = now_ms();
-
-        // Anything that ended on its own counts toward the crash-loop back-off.
-        for (rev, why) in ended {
-            g.restarts += 1;
-            self.metrics.restarts.inc();
-            if *rev == g.current {
-                g.failures += 1;
-                let backoff = backoff_ms(g.failures);
-                g.backoff_until_ms = now + backoff;
-                if g.failures >= 3 {
-                    self.event(
-                        Some(&name),
-                        None,
-                        &format!(
-                            "crash loop: {} failures in a row, next start in {} ms",
-                            g.failures, backoff
-                        ),
-                    );
-                }
-            }
-            // A new revision that dies during its rollout has failed it.
-            // (A first deployment has nothing to go back to: it heals with back-off instead.)
-            if let Rollout::Progressing {
-                to, from: Some(_), ..
-            } = g.rollout
-                && *rev == to
-            {
-                self.fail_rollout(w, g, &format!("an instance of revision {to} ended: {why}"))?;
-            }
-        }
-
-        let (new, old): (Vec<String>, Vec<String>) = {
-            let mine: Vec<(&String, &Live)> =
-                w.live.iter().filter(|(_, l)| l.group == name).collect();
-            let new = mine
-                .iter()
-                .filter(|(_, l)| l.revision == g.current)
-                .map(|(n, _)| (*n).clone())
-                .collect();
-            let old = mine
-                .iter()
-                .filter(|(_, l)| l.revision != g.current)
-                .map(|(n, _)| (*n).clone())
-                .collect();
-            (new, old)
-        };
-
-        // A new instance whose health check failed, or that never became ready, fails the rollout.
-        if let Rollout::Progressing {
-            to,
-            since_ms,
-            from: Some(_),
-        } = g.rollout.clone()
-        {
-            for n in &new {
-                let l = &w.live[n];
-                let h = l.prober.snapshot();
-                let deadline = gate + Duration::from_secs(30);
-                let reason = if h.failed {
-                    Some(format!(
-                        "instance {n} of revision {to} failed its health check: {}",
-                        h.last_error.unwrap_or_default()
-                    ))
-                } else if !h.ever_healthy && l.started.elapsed() > deadline {
-                    Some(format!(
-                        "instance {n} of revision {to} did not become healthy within {}",
-                        humantime::format_duration(deadline)
-                    ))
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    self.fail_rollout(w, g, &reason)?;
-                    return Ok(());
-                }
-            }
-            let _ = since_ms;
-        }
-        if matches!(g.rollout, Rollout::Paused { .. }) {
-            // Paused: stop the failed revision's instances, keep everything else as it is.
-            for n in new {
-                self.stop_instance(w, &n, "the rollout is paused")?;
-            }
-            return Ok(());
-        }
-
-        // Instances of the current revision that failed their check outside a rollout: replace them.
-        for n in &new {
-            if w.live[n].prober.snapshot().failed {
-                self.stop_instance(w, n, "it failed its health check")?;
-                g.failures += 1;
-                g.backoff_until_ms = now + backoff_ms(g.failures);
-            }
-        }
-        let new: Vec<String> = new.into_iter().filter(|n| w.live.contains_key(n)).collect();
-        let gated = new
-            .iter()
-            .filter(|n| w.live[*n].prober.snapshot().passed_gate(gate))
-            .count();
-        if gated > 0 && g.failures > 0 && ended.is_empty() {
-            g.failures = 0;
-        }
-
-        let size = g.size as usize;
-        // Scale down: extra instances of the current revision go, newest first.
-        if new.len() > size {
-            let mut extra: Vec<&String> = new.iter().collect();
-            extra.sort_by_key(|n| std::cmp::Reverse(w.live[*n].started));
-            let extra: Vec<String> = extra.into_iter().take(new.len() - size).cloned().collect();
-            for n in extra {
-                self.stop_instance(w, &n, "scaled down")?;
-            }
-        }
-        let new_count = new.len().min(size);
-        // A microVM's volume is a disk one VM holds at a time: no surge, the old one goes first.
-        let exclusive = !old.is_empty() && self.holds_volume_disks(g);
-        let ungated = new_count - gated.min(new_count);
-        let mut make_room = if exclusive && ungated == 0 && now >= g.backoff_until_ms {
-            (g.update.max_unavailable as usize).min(size.saturating_sub(new_count))
+        let instances = self.summaries(w, &name);
+        // Only a group with another revision running, or one that may roll back, can
+        // replace without a surge: the others skip reading their images.
+        let mixed = instances.iter().any(|i| i.revision != g.current)
+            || matches!(g.rollout, Rollout::Progressing { .. });
+        let disk_revisions = if mixed {
+            self.disk_revisions(g)
         } else {
-            0
+            Vec::new()
         };
-        // Old instances go once enough new ones have passed the gate (or if there are too many).
-        let mut old_left = old.len();
-        for n in &old {
-            let replaced = gated + old_left > size;
-            if replaced || make_room > 0 {
-                self.stop_instance(w, n, "replaced by the current revision")?;
-                old_left -= 1;
-                if !replaced {
-                    make_room -= 1;
-                }
-            }
-        }
-        // Start new ones: up to the size, with at most max_unavailable extra while old ones serve.
-        let surge = if exclusive {
-            0
-        } else {
-            g.update.max_unavailable as usize
-        };
-        let budget = size + surge;
-        let mut running = new_count + old_left;
-        let mut to_start = size.saturating_sub(new_count);
-        if old_left > 0 {
-            // During a rollout, one batch at a time: wait for the started ones to pass the gate.
-            to_start = to_start.min((g.update.max_unavailable as usize).saturating_sub(ungated));
-        }
-        if now < g.backoff_until_ms {
-            to_start = 0;
-        }
-        while to_start > 0 && running < budget.max(size) {
-            match self.start_instance(w, g, g.current) {
-                Ok(()) => g.start_failures = 0,
-                Err(e @ AgentError::State(_)) => return Err(e),
-                Err(e) => {
-                    // A start that fails (a backend that is missing, an image that cannot
-                    // be unpacked) backs off like a crash, and the other groups go on.
-                    let reason = match e {
-                        AgentError::Group { reason, .. } => reason,
-                        other => other.to_string(),
-                    };
-                    g.start_failures += 1;
-                    let backoff = backoff_ms(g.start_failures + 1);
-                    g.backoff_until_ms = g.backoff_until_ms.max(now + backoff);
-                    self.event(
-                        Some(&name),
-                        None,
-                        &format!(
-                            "{reason} (failed start {} in a row; next try in {})",
-                            g.start_failures,
-                            humantime::format_duration(Duration::from_millis(backoff))
-                        ),
-                    );
-                    if let Rollout::Progressing {
-                        to, from: Some(_), ..
-                    } = g.rollout
-                        && to == g.current
-                    {
-                        self.fail_rollout(w, g, &reason)?;
+        let plan = planner::plan(&planner::Input {
+            group: g,
+            instances: &instances,
+            ended,
+            disk_revisions: &disk_revisions,
+            now_ms: now,
+        });
+        *g = plan.group;
+        let mut start_failed = false;
+        for step in plan.steps {
+            match step {
+                Step::Start { .. } if start_failed => {}
+                Step::Start { revision } => match self.start_instance(w, g, revision) {
+                    Ok(()) => planner::start_succeeded(g),
+                    Err(e @ AgentError::State(_)) => return Err(e),
+                    Err(e) => {
+                        // A start that fails (a backend that is missing, an image that cannot
+                        // be unpacked) backs off like a crash, and the other groups go on.
+                        let reason = match e {
+                            AgentError::Group { reason, .. } => reason,
+                            other => other.to_string(),
+                        };
+                        let instances = self.summaries(w, &name);
+                        for step in planner::start_failed(g, &reason, &instances, now) {
+                            self.carry_out(w, &name, step)?;
+                        }
+                        start_failed = true;
                     }
-                    break;
-                }
-            }
-            to_start -= 1;
-            running += 1;
-        }
-
-        // Done?
-        if let Rollout::Progressing { to, from, .. } = g.rollout.clone()
-            && old_left == 0
-            && gated >= size
-        {
-            g.last_good = Some(to);
-            g.rollout = Rollout::Stable;
-            self.metrics.rollout("complete");
-            self.event(
-                Some(&name),
-                None,
-                &match from {
-                    Some(f) => format!("rollout from revision {f} to {to} complete"),
-                    None => format!("revision {to} is up"),
                 },
-            );
+                step => self.carry_out(w, &name, step)?,
+            }
         }
         Ok(())
     }
 
-    fn fail_rollout(
-        &self,
-        w: &mut World,
-        g: &mut GroupRecord,
-        reason: &str,
-    ) -> Result<(), AgentError> {
-        let Rollout::Progressing { from, to, .. } = g.rollout.clone() else {
-            return Ok(());
-        };
-        let name = g.name.to_string();
-        let back_to = from
-            .or(g.last_good)
-            .filter(|f| *f != to && g.revision(*f).is_some());
-        match (g.update.on_failure, back_to) {
-            (OnFailure::Rollback, Some(back)) => {
-                self.event(
-                    Some(&name),
-                    None,
-                    &format!(
-                        "rollout of revision {to} failed: {reason}; rolling back to revision {back}"
-                    ),
-                );
-                g.current = back;
-                self.metrics.rollout("rolled_back");
-                g.rollout = Rollout::RolledBack {
-                    failed: to,
-                    to: back,
-                    reason: reason.to_owned(),
-                };
-                g.failures = 0;
-                g.start_failures = 0;
-                g.backoff_until_ms = 0;
-                // The failed revision's instances go now; the old ones never stopped serving.
-                let failed: Vec<String> = w
-                    .live
-                    .iter()
-                    .filter(|(_, l)| l.group == name && l.revision == to)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for n in failed {
-                    self.stop_instance(w, &n, "its revision failed")?;
-                }
+    /// A step that is not a start.
+    fn carry_out(&self, w: &mut World, group: &str, step: Step) -> Result<(), AgentError> {
+        match step {
+            Step::Stop { name, why } => self.stop_instance(w, &name, why.as_str())?,
+            Step::Event(message) => self.event(Some(group), None, &message),
+            Step::Restarted => {
+                self.metrics.restarts.inc();
             }
-            _ => {
-                self.event(
-                    Some(&name),
-                    None,
-                    &format!("rollout of revision {to} failed: {reason}; paused"),
-                );
-                g.rollout = Rollout::Paused {
-                    at: to,
-                    reason: reason.to_owned(),
-                };
-                self.metrics.rollout("paused");
+            Step::RolloutEnded(end) => self.metrics.rollout(end.as_str()),
+            Step::Start { revision } => {
+                return Err(group_err(
+                    group,
+                    format!("a start of revision {revision} out of its place in the plan"),
+                ));
             }
         }
         Ok(())
@@ -1644,15 +1279,6 @@ impl Drop for Background {
     }
 }
 
-/// The crash-loop back-off: the first failure is replaced at once, then 250 ms,
-/// doubling up to 30 s; it resets once a replacement passes the health gate.
-fn backoff_ms(failures: u32) -> u64 {
-    match failures {
-        0 | 1 => 0,
-        n => (250u64 << (n - 2).min(7)).min(30_000),
-    }
-}
-
 /// Adds one to the wake-up eventfd (an eventfd takes 8-byte native-endian counts).
 fn wake(fd: &OwnedFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
@@ -1666,184 +1292,10 @@ fn short(digest: &str) -> String {
         .collect()
 }
 
-/// The sandbox an appliance's manifest asks for. Volumes live under `volume_dir`
-/// (per group for the daemon, per instance for `juice run`).
-pub fn sandbox_spec(
-    a: &ApplianceConfig,
-    rootfs: &Path,
-    name: &str,
-    volume_dir: &Path,
-    host: &crate::limits::HostLimits,
-) -> Result<SandboxSpec, String> {
-    let run = &a.manifest.run;
-    let mut spec = SandboxSpec::new(name, rootfs, run.command.args().to_vec());
-    let mut env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !run.env.keys().any(|k| k.as_str() == "PATH") {
-        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
-    }
-    env.push(format!("HOSTNAME={name}"));
-    spec.env = env;
-    spec.uid = run.user.uid;
-    spec.gid = run.user.gid;
-    spec.workdir = run
-        .workdir
-        .as_ref()
-        .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
-    spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
-    let r = &a.manifest.resources;
-    spec.limits = host.apply(Limits {
-        cpus: r.cpus.map(|c| c.get()),
-        memory: r.memory.map(|m| m.0),
-        pids: r.pids,
-    });
-    spec.volumes = a
-        .manifest
-        .volumes
-        .iter()
-        .map(|v| VolumeMount {
-            source: volume_dir.join(v.name.as_str()),
-            target: v.path.as_path().to_owned(),
-        })
-        .collect();
-    Ok(spec)
-}
-
-/// Creates missing volume directories, owned by the appliance's user as the host sees
-/// it (`id_shift` under a user namespace; left alone when not running as root).
-pub fn prepare_volumes(spec: &SandboxSpec, id_shift: u32) -> Result<(), String> {
-    for v in &spec.volumes {
-        if v.source.exists() {
-            continue;
-        }
-        std::fs::create_dir_all(&v.source)
-            .map_err(|e| format!("cannot create volume {}: {e}", v.source.display()))?;
-        if nix::unistd::geteuid().is_root() {
-            let (uid, gid) = (spec.uid + id_shift, spec.gid + id_shift);
-            std::os::unix::fs::chown(&v.source, Some(uid), Some(gid)).map_err(|e| {
-                format!(
-                    "cannot hand volume {} to {uid}:{gid}: {e}",
-                    v.source.display()
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The JSON and table text of actions, health and status is what scripts match on:
-    /// each value serialises to exactly its old string, and reads back.
-    #[test]
-    fn api_enums_keep_their_exact_text() {
-        let cases: [(serde_json::Value, &str); 16] = [
-            (serde_json::to_value(Action::Create).unwrap(), "create"),
-            (serde_json::to_value(Action::Replace).unwrap(), "replace"),
-            (serde_json::to_value(Action::Scale).unwrap(), "scale"),
-            (serde_json::to_value(Action::Update).unwrap(), "update"),
-            (serde_json::to_value(Action::Delete).unwrap(), "delete"),
-            (
-                serde_json::to_value(Action::Unchanged).unwrap(),
-                "unchanged",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Starting).unwrap(),
-                "starting",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Healthy).unwrap(),
-                "healthy",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Unhealthy).unwrap(),
-                "unhealthy",
-            ),
-            (
-                serde_json::to_value(InstanceHealth::Stopping).unwrap(),
-                "stopping",
-            ),
-            (serde_json::to_value(GroupStatus::Ok).unwrap(), "ok"),
-            (
-                serde_json::to_value(GroupStatus::RollingOut).unwrap(),
-                "rolling-out",
-            ),
-            (
-                serde_json::to_value(GroupStatus::CrashLoop { failures: 3 }).unwrap(),
-                "crash-loop (3 failures)",
-            ),
-            (
-                serde_json::to_value(GroupStatus::CannotStart { tries: 12 }).unwrap(),
-                "cannot-start (12 tries; see events)",
-            ),
-            (serde_json::to_value(GroupStatus::Paused).unwrap(), "paused"),
-            (
-                serde_json::to_value(GroupStatus::RolledBack { failed: 4 }).unwrap(),
-                "rolled-back (revision 4 failed)",
-            ),
-        ];
-        for (json, text) in cases {
-            assert_eq!(json, serde_json::Value::String(text.into()));
-        }
-        for a in Action::ALL {
-            assert_eq!(a.to_string(), serde_json::to_value(a).unwrap());
-            assert_eq!(
-                serde_json::from_value::<Action>(a.as_str().into()).unwrap(),
-                a
-            );
-        }
-        for h in InstanceHealth::ALL {
-            assert_eq!(h.to_string(), serde_json::to_value(h).unwrap());
-            assert_eq!(
-                serde_json::from_value::<InstanceHealth>(h.as_str().into()).unwrap(),
-                h
-            );
-        }
-        for st in [
-            GroupStatus::Ok,
-            GroupStatus::RollingOut,
-            GroupStatus::CrashLoop { failures: 3 },
-            GroupStatus::CannotStart { tries: 1 },
-            GroupStatus::Paused,
-            GroupStatus::RolledBack { failed: 17 },
-        ] {
-            assert_eq!(st.to_string(), serde_json::to_value(st).unwrap());
-            let back: GroupStatus = serde_json::from_value(st.to_string().into()).unwrap();
-            assert_eq!(back, st);
-        }
-        for bad in [
-            "",
-            "OK",
-            "crash-loop",
-            "crash-loop (x failures)",
-            "rolled-back (revision -1 failed)",
-        ] {
-            assert!(
-                serde_json::from_value::<GroupStatus>(bad.into()).is_err(),
-                "{bad}"
-            );
-        }
-    }
-
-    /// The OpenAPI document lists exactly the values the enums serialise to.
-    #[test]
-    fn the_openapi_enums_are_the_types_values() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
-        let schemas = &doc["components"]["schemas"];
-        let listed = |schema: &str, field: &str| -> Vec<String> {
-            let values = schemas[schema]["properties"][field]["enum"].as_array();
-            let values = values.unwrap_or_else(|| panic!("{schema}.{field} has no enum"));
-            values
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect()
-        };
-        let actions: Vec<String> = Action::ALL.iter().map(|a| a.to_string()).collect();
-        assert_eq!(listed("Change", "action"), actions);
-        let health: Vec<String> = InstanceHealth::ALL.iter().map(|h| h.to_string()).collect();
-        assert_eq!(listed("InstanceView", "health"), health);
-    }
+    use juice_sandbox::SandboxSpec;
 
     /// A backend that cannot start anything, as on a host without nft.
     struct Failing(Arc<std::sync::atomic::AtomicUsize>);
@@ -1867,19 +1319,16 @@ mod tests {
     #[test]
     fn a_start_that_fails_backs_off_and_the_other_groups_go_on() {
         let home = tempfile::tempdir().unwrap();
+        reconciler_tests::build_appliance(home.path(), 1);
         let store = Store::open(home.path()).unwrap();
-        let app = home.path().join("app");
-        std::fs::create_dir_all(&app).unwrap();
-        std::fs::write(app.join("hello"), "#!/bin/sh\n").unwrap();
-        std::fs::write(
-            app.join("juice.toml"),
-            "[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\nfiles = [{ from = \"hello\", to = \"/usr/bin/hello\" }]\n\n[run]\ncommand = [\"/usr/bin/hello\"]\n",
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let agent = Agent::with_sandbox(
+            home.path(),
+            store,
+            Box::new(Failing(tries.clone())),
+            system_clock(),
         )
         .unwrap();
-        build(&store, &app, &BuildOptions::default()).unwrap();
-        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let agent =
-            Agent::with_sandbox(home.path(), store, Box::new(Failing(tries.clone()))).unwrap();
         let site = home.path().join("site.toml");
         std::fs::write(
             &site,
@@ -1933,7 +1382,7 @@ mod tests {
 
     #[test]
     fn back_off_doubles_after_the_first_failure_and_caps() {
-        assert_eq!([1, 2, 3, 4].map(backoff_ms), [0, 250, 500, 1000]);
-        assert_eq!(backoff_ms(30), 30_000);
+        assert_eq!([1, 2, 3, 4].map(planner::backoff_ms), [0, 250, 500, 1000]);
+        assert_eq!(planner::backoff_ms(30), 30_000);
     }
 }

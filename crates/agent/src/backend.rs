@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use juice_sandbox::{ExitReport, Instance, Runtime, SandboxSpec};
 
+/// An in-memory backend for tests and the fleet's hollow hosts.
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
 /// Starts and finds instances.
 pub trait Backend: Send + Sync {
     /// Starts an instance as `spec` describes.
@@ -48,6 +52,11 @@ pub trait Handle: Send {
     }
     /// Periodic upkeep (a microVM's log rotation; a sandbox's init rotates its own).
     fn maintain(&mut self) {}
+    /// The instance's health as it reports it, instead of the agent probing it
+    /// (an in-memory instance has no address to probe).
+    fn health(&self) -> Option<std::sync::Arc<std::sync::Mutex<crate::health::Health>>> {
+        None
+    }
 }
 
 impl Backend for Runtime {

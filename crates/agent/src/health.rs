@@ -10,12 +10,14 @@ use tokio::net::TcpStream;
 
 use juice_image::manifest::{HealthCheck, Probe};
 
+use crate::state::Clock;
+
 /// What the prober has seen so far.
 #[derive(Debug, Clone)]
 pub struct Health {
     pub healthy: bool,
-    /// Since when the instance has been healthy without a break.
-    pub healthy_since: Option<Instant>,
+    /// Since when the instance has been healthy without a break, on the agent's clock.
+    pub healthy_since_ms: Option<u64>,
     pub ever_healthy: bool,
     /// Consecutive failed probes past the start period.
     pub failures: u32,
@@ -25,10 +27,11 @@ pub struct Health {
 }
 
 impl Health {
-    fn new() -> Health {
+    /// Not yet probed.
+    pub fn starting() -> Health {
         Health {
             healthy: false,
-            healthy_since: None,
+            healthy_since_ms: None,
             ever_healthy: false,
             failures: 0,
             failed: false,
@@ -36,19 +39,14 @@ impl Health {
         }
     }
 
-    /// An instance without a check is healthy from the start.
-    pub fn assumed(now: Instant) -> Health {
+    /// An instance without a check is healthy from the start (`now_ms`).
+    pub fn assumed(now_ms: u64) -> Health {
         Health {
             healthy: true,
-            healthy_since: Some(now),
+            healthy_since_ms: Some(now_ms),
             ever_healthy: true,
-            ..Health::new()
+            ..Health::starting()
         }
-    }
-
-    /// Healthy for at least `gate`, without a break.
-    pub fn passed_gate(&self, gate: Duration) -> bool {
-        self.healthy && self.healthy_since.is_some_and(|t| t.elapsed() >= gate)
     }
 }
 
@@ -89,26 +87,30 @@ fn probers() -> Result<&'static tokio::runtime::Handle, String> {
 }
 
 impl Prober {
-    /// Probes `address` with `check`; `changed` is called on every health transition.
+    /// Probes `address` with `check`; `changed` is called on every health transition,
+    /// and `clock` tells when it became healthy.
     pub fn start(
         check: Option<HealthCheck>,
         address: Option<Ipv4Addr>,
         changed: Arc<dyn Fn() + Send + Sync>,
         durations: prometheus_client::metrics::histogram::Histogram,
+        clock: Clock,
     ) -> Prober {
         let (Some(check), Some(address)) = (check, address) else {
             return Prober {
-                health: Arc::new(Mutex::new(Health::assumed(Instant::now()))),
+                health: Arc::new(Mutex::new(Health::assumed(clock()))),
                 task: None,
             };
         };
-        let health = Arc::new(Mutex::new(Health::new()));
+        let health = Arc::new(Mutex::new(Health::starting()));
         let task = match probers() {
             Ok(rt) => {
                 let h = health.clone();
                 Some(
-                    rt.spawn(async move { run(check, address, &h, &*changed, &durations).await })
-                        .abort_handle(),
+                    rt.spawn(async move {
+                        run(check, address, &h, &*changed, &durations, &clock).await
+                    })
+                    .abort_handle(),
                 )
             }
             Err(e) => {
@@ -118,6 +120,11 @@ impl Prober {
             }
         };
         Prober { health, task }
+    }
+
+    /// Health the instance reports itself (an in-memory backend's), not probed.
+    pub fn reported(health: Arc<Mutex<Health>>) -> Prober {
+        Prober { health, task: None }
     }
 
     pub fn snapshot(&self) -> Health {
@@ -135,6 +142,7 @@ async fn run(
     health: &Mutex<Health>,
     changed: &(dyn Fn() + Send + Sync),
     durations: &prometheus_client::metrics::histogram::Histogram,
+    clock: &Clock,
 ) {
     let started = Instant::now();
     // The first probe soon after start, then every interval.
@@ -150,7 +158,7 @@ async fn run(
         match result {
             Ok(()) => {
                 if !h.healthy {
-                    h.healthy_since = Some(Instant::now());
+                    h.healthy_since_ms = Some(clock());
                 }
                 h.healthy = true;
                 h.ever_healthy = true;
@@ -160,7 +168,7 @@ async fn run(
             Err(e) => {
                 h.last_error = Some(e);
                 h.healthy = false;
-                h.healthy_since = None;
+                h.healthy_since_ms = None;
                 // Failures in the start period do not count; before the first success they
                 // count only once the start period is over.
                 if started.elapsed() >= check.start_period {
@@ -239,6 +247,7 @@ async fn probe_once(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::system_clock;
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
@@ -346,6 +355,7 @@ mod tests {
             Some(Ipv4Addr::LOCALHOST),
             Arc::new(|| {}),
             histogram(),
+            system_clock(),
         );
         let before = threads();
         let many: Vec<Prober> = (0..50)
@@ -355,6 +365,7 @@ mod tests {
                     Some(Ipv4Addr::LOCALHOST),
                     Arc::new(|| {}),
                     histogram(),
+                    system_clock(),
                 )
             })
             .collect();

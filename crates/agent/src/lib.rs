@@ -2,7 +2,8 @@
 //!
 //! Groups are declared in a site file ([`site`]); each change to a group's
 //! template is a numbered revision kept in an embedded database ([`state`]).
-//! The reconciler ([`agent`]) keeps every group at its size and revision:
+//! The reconciler ([`agent`]) keeps every group at its size and revision, by
+//! rules kept apart as a pure function of the group and the time ([`planner`]):
 //! it replaces dead instances (with a crash-loop back-off), replaces old
 //! revisions in batches that must pass a health gate ([`health`]), and rolls
 //! back by itself when a new revision crashes, fails its health check or never
@@ -30,6 +31,7 @@ pub mod doctor;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod planner;
 mod releaser;
 pub mod site;
 pub mod state;

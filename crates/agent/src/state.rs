@@ -152,6 +152,15 @@ pub struct Event {
     pub message: String,
 }
 
+/// Milliseconds since the Unix epoch, or on a test's fake clock: the time the
+/// reconciler and the health checks go by.
+pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock ([`now_ms`]).
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(now_ms)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
