@@ -8,7 +8,8 @@
 # Exits non-zero if any of that fails, so the short version is a test
 # (crates/cli/tests/chaos.rs runs it in CI).
 #
-# Usage: bench/chaos.sh [KILLS]   (root; JUICE_CHAOS_SEED=N replays a run)
+# Usage: bench/chaos.sh [KILLS]   (root; JUICE_CHAOS_SEED=N, or the tests' JUICE_TEST_SEED=N,
+# replays a run's kill times)
 set -euo pipefail
 trap 'echo "chaos.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
 [ -x "$juice" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 for t in jq curl; do command -v $t >/dev/null || { echo "chaos.sh needs $t" >&2; exit 1; }; done
 kills=${1:-100}
-seed=${JUICE_CHAOS_SEED:-$(( $(date +%s%N) % 1000000007 ))}
+seed=${JUICE_CHAOS_SEED:-${JUICE_TEST_SEED:-$(( $(date +%s%N) % 1000000007 ))}}
 RANDOM=$((seed % 32768))
 echo "seed: $seed (JUICE_CHAOS_SEED=$seed bash bench/chaos.sh $kills replays the kill times)"
 work=$(mktemp -d /tmp/juice-chaos.XXXXXX)
