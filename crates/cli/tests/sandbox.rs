@@ -845,3 +845,35 @@ fn rootless_mode_runs_without_root() {
         "{err}"
     );
 }
+
+#[test]
+fn an_init_that_fails_before_the_start_is_reported_with_its_own_reason() {
+    let _s = serial();
+    let j = Juice::new();
+    probe_image(&j, "f", "pids = 16");
+    // An init that gives up at once and says why on its status descriptor (4),
+    // before the runtime has sent its config, made the cgroups or the network:
+    // the runtime's own writes then fail (a broken pipe, a vanished process),
+    // and it used to report those instead of the reason.
+    let init = j.home.path().join("failing-init");
+    std::fs::write(
+        &init,
+        "#!/bin/sh\necho 'failed the test init gives up' >&4\nexit 125\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for network in ["bridge", "none"] {
+        let out = j
+            .cmd()
+            .env("JUICE_INIT", &init)
+            .args(["run", "-q", "probe:f", "--network", network, "--", "true"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(
+            err.contains("the test init gives up"),
+            "--network {network}: {err}"
+        );
+    }
+}

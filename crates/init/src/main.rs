@@ -234,7 +234,10 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .step(|| "make / private".into())?;
+    .step(|| {
+        "make / private (/ must be a mount point: a chroot needs its directory bind-mounted on itself)"
+            .into()
+    })?;
     mount(
         Some(root),
         root,

@@ -394,33 +394,28 @@ impl Runtime {
             nix::unistd::write(&sync, b"g")
                 .map_err(|e| SandboxError::Syscall(format!("release init: {e}")))?;
         }
-        let mut config_w = std::fs::File::from(child.config_w);
-        // Init builds the root from this while we make the cgroup and the network.
-        config_w
-            .write_all(&config)
-            .map_err(io_err("send the config to", Path::new("juice-init")))?;
-
-        // Init runs at -1000 so the OOM killer picks the appliance; init resets it for the appliance.
-        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
-        let (cgroup_version, cgroups) = match &hierarchy {
-            Some(h) => {
-                let dirs = h.create(&spec.name, &spec.limits)?;
-                undo.cgroups = dirs.clone();
-                h.attach(&dirs, pid)?;
-                (Some(h.version().to_owned()), dirs)
+        let config_w = std::fs::File::from(child.config_w);
+        let status_r = child.status_r;
+        let prepared = self.prepare_init(spec, config_w, &config, pid, &hierarchy, &network, undo);
+        let (cgroup_version, cgroups) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Init may have ended first and said why (the runtime then sees only
+                // a broken pipe or a vanished process): its reason is the one to show.
+                if poll_readable(&child.pidfd, 0)
+                    && let Ok(line) = read_status(status_r, Duration::from_millis(200))
+                    && let Some(reason) = line.strip_prefix("failed ")
+                {
+                    return Err(SandboxError::Start {
+                        name: spec.name.clone(),
+                        reason: reason.trim().to_owned(),
+                    });
+                }
+                return Err(e);
             }
-            None => (None, Vec::new()),
         };
-        if let Some(a) = &network {
-            network::attach(&self.home, a, pid)?;
-        }
-        crate::trace::mark("cgroup, network ready");
-        config_w
-            .write_all(&[juice_init::GO])
-            .map_err(io_err("start", Path::new("juice-init")))?;
-        drop(config_w);
 
-        let line = read_status(child.status_r, Duration::from_secs(30))?;
+        let line = read_status(status_r, Duration::from_secs(30))?;
         crate::trace::mark("init reported");
         let app_pid = match line.strip_prefix("started ") {
             Some(p) => p.trim().parse().unwrap_or(0),
@@ -471,6 +466,45 @@ impl Runtime {
             reaped: None,
             released: false,
         })
+    }
+
+    /// Sends init its config, makes the cgroups and the network while init
+    /// builds the root, then lets it go.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_init(
+        &self,
+        spec: &SandboxSpec,
+        mut config_w: std::fs::File,
+        config: &[u8],
+        pid: i32,
+        hierarchy: &Option<Arc<dyn Hierarchy>>,
+        network: &Option<Attachment>,
+        undo: &mut Undo,
+    ) -> Result<(Option<String>, Vec<PathBuf>), SandboxError> {
+        // Init builds the root from this while we make the cgroup and the network.
+        config_w
+            .write_all(config)
+            .map_err(io_err("send the config to", Path::new("juice-init")))?;
+
+        // Init runs at -1000 so the OOM killer picks the appliance; init resets it for the appliance.
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
+        let (cgroup_version, cgroups) = match hierarchy {
+            Some(h) => {
+                let dirs = h.create(&spec.name, &spec.limits)?;
+                undo.cgroups = dirs.clone();
+                h.attach(&dirs, pid)?;
+                (Some(h.version().to_owned()), dirs)
+            }
+            None => (None, Vec::new()),
+        };
+        if let Some(a) = network {
+            network::attach(&self.home, a, pid)?;
+        }
+        crate::trace::mark("cgroup, network ready");
+        config_w
+            .write_all(&[juice_init::GO])
+            .map_err(io_err("start", Path::new("juice-init")))?;
+        Ok((cgroup_version, cgroups))
     }
 
     /// Clones into new namespaces and execs juice-init there.
