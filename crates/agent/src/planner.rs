@@ -16,13 +16,13 @@
 //!
 //! ```
 //! use juice_agent::planner::{Input, Step, plan};
-//! # fn group() -> juice_agent::state::GroupRecord { unimplemented!() }
-//! # if false {
-//! let out = plan(&Input { group: &group(), instances: &[], ended: &[], disk_revisions: &[], now_ms: 0 });
-//! for step in &out.steps {
-//!     if let Step::Start { revision } = step { println!("start an instance of revision {revision}") }
+//! use juice_agent::state::GroupRecord;
+//!
+//! /// How many instances a group with nothing running would start now.
+//! fn starts(group: &GroupRecord, now_ms: u64) -> usize {
+//!     let out = plan(&Input { group, instances: &[], ended: &[], disk_revisions: &[], now_ms });
+//!     out.steps.iter().filter(|s| matches!(s, Step::Start { .. })).count()
 //! }
-//! # }
 //! ```
 
 use std::time::Duration;
