@@ -402,7 +402,8 @@ impl Runtime {
             Err(e) => {
                 // Init may have ended first and said why (the runtime then sees only
                 // a broken pipe or a vanished process): its reason is the one to show.
-                if poll_readable(&child.pidfd, 0)
+                // Its descriptors close before its exit is visible, so allow it a moment.
+                if poll_readable(&child.pidfd, 100)
                     && let Ok(line) = read_status(status_r, Duration::from_millis(200))
                     && let Some(reason) = line.strip_prefix("failed ")
                 {
