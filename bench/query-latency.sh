@@ -14,24 +14,11 @@ size_mb=${1:-300}
 rest_samples=${2:-300}
 command -v docker-registry >/dev/null || apt-get install -y -qq docker-registry >/dev/null
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$work/registry.yml" <<YAML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-http:
-  addr: 127.0.0.1:$port
-YAML
 # The registry stands in for a remote one: at the lowest priority, so that its
 # own CPU (serving 300 MB) competes as little as a remote host would.
-nice -n 19 docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-reg_pid=$!
-stop_all() { stop_daemon; kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; }
-reg=127.0.0.1:$port
-until curl -sf "http://$reg/v2/" >/dev/null; do sleep 0.05; done
+. bench/local-registry.sh
+REGISTRY_NICE=19 start_registry
+stop_all() { stop_daemon; stop_registry; }
 
 # The large image, built and pushed from a home of its own.
 big=$work/big

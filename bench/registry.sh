@@ -10,8 +10,8 @@ runs=${1:-5}
 juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
 [ -x "$juice" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 work=$(mktemp -d /tmp/juice-bench-registry.XXXXXX)
-reg_pid=
-cleanup() { [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+. bench/local-registry.sh
+cleanup() { stop_registry; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 export JUICE_HOME=$work/home
 . bench/nginx-layout.sh
@@ -19,26 +19,6 @@ nginx_layout
 "$juice" import "$work/layout:nginx" -t nginx:bench -q >/dev/null 2>&1 || "$juice" import "$work/layout:nginx" -t nginx:bench >/dev/null
 bytes=$("$juice" inspect nginx:bench -o json | jq '.layer_size')
 
-# A fresh registry (storage and port) per run: skopeo remembers where it has seen
-# a blob and would mount it across repositories instead of uploading it.
-start_registry() {
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  cat >"$work/registry.yml" <<YAML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $work/registry-$port
-http:
-  addr: 127.0.0.1:$port
-YAML
-  docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-  reg_pid=$!
-  until curl -sf "http://127.0.0.1:$port/v2/" >/dev/null; do sleep 0.05; done
-  reg=127.0.0.1:$port
-}
-stop_registry() { kill "$reg_pid"; wait "$reg_pid" 2>/dev/null || true; reg_pid=; rm -rf "$work/registry-$port"; }
 
 now_ms() { date +%s%3N; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
