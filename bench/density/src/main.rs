@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::cgroup::Limits;
-use juice_sandbox::{Runtime, SandboxSpec};
+use juice_runtime::Limits;
+use juice_runtime::{Handle, InstanceSpec};
+use juice_sandbox::Runtime;
 
 fn mem_available_kib() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -85,7 +86,7 @@ fn main() {
     let before_sandboxes = settle();
     let mut instances = Vec::new();
     for i in 0..count {
-        let mut spec = SandboxSpec::new(
+        let mut spec = InstanceSpec::new(
             &format!("idle-{i}"),
             &root,
             vec!["/usr/bin/probe".into(), "sleep".into(), "3600".into()],

@@ -24,8 +24,9 @@ use juice_image::build::{BuildOptions, build};
 use juice_image::manifest::HealthCheck;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::network::publish::{self, Published};
-use juice_sandbox::{NetworkSpec, Runtime};
+use juice_net::publish::{self, Published};
+use juice_runtime::{InstanceSpec, NetworkSpec};
+use juice_sandbox::Runtime;
 use rustix::event::{EventfdFlags, eventfd};
 
 use crate::backend::{Backend, Handle};
@@ -40,10 +41,8 @@ use crate::state::{
 
 #[cfg(test)]
 mod reconciler_tests;
-mod spec;
 mod views;
 
-pub use spec::{prepare_volumes, sandbox_spec};
 pub use views::{
     Action, Change, GroupDescription, GroupStatus, GroupView, InstanceHealth, InstanceView,
     UnknownStatus,
@@ -57,6 +56,13 @@ pub enum AgentError {
     Group { group: String, reason: String },
     #[error("no group {0:?}")]
     NoGroup(String),
+    #[error("group {group}: cannot start an instance of revision {revision}: {source}")]
+    Start {
+        group: String,
+        revision: u64,
+        #[source]
+        source: juice_runtime::BackendError,
+    },
     #[error("{0}")]
     Setup(String),
 }
@@ -824,18 +830,17 @@ impl Agent {
         let instance_name = format!("{name}-r{revision}-{:04x}", nonce & 0xffff);
         // Read at each start, so an operator's change applies to the next instance.
         let host = crate::limits::HostLimits::load(&self.home).map_err(|e| group_err(name, e))?;
-        let mut spec = sandbox_spec(
+        let mut spec = InstanceSpec::for_appliance(
             &appliance,
             &rootfs.path,
             &instance_name,
             &self.home.join("volumes").join(name),
             &host,
-        )
-        .map_err(|e| group_err(name, e))?;
+        );
         let mut net = NetworkSpec::new(name);
         net.links = rev.template.links.iter().map(|l| l.to_string()).collect();
         spec.network = Some(net);
-        prepare_volumes(&spec, 0).map_err(|e| group_err(name, e))?;
+        spec.prepare_volumes(0).map_err(|e| group_err(name, e))?;
         let record = InstanceRecord {
             name: instance_name.clone(),
             group: g.name.clone(),
@@ -853,10 +858,11 @@ impl Agent {
             Ok(i) => i,
             Err(e) => {
                 self.state.delete_instance(&instance_name)?;
-                return Err(group_err(
-                    name,
-                    format!("cannot start an instance of revision {revision}: {e}"),
-                ));
+                return Err(AgentError::Start {
+                    group: name.to_owned(),
+                    revision,
+                    source: e,
+                });
             }
         };
         let address = instance.address();
@@ -983,6 +989,11 @@ impl Agent {
                         // be unpacked) backs off like a crash, and the other groups go on.
                         let reason = match e {
                             AgentError::Group { reason, .. } => reason,
+                            AgentError::Start {
+                                revision, source, ..
+                            } => {
+                                format!("cannot start an instance of revision {revision}: {source}")
+                            }
                             other => other.to_string(),
                         };
                         let instances = self.summaries(w, &name);
@@ -1201,7 +1212,7 @@ impl Agent {
     /// The log file of an instance this agent holds (or held).
     pub fn log_path(&self, instance: &str) -> Option<PathBuf> {
         // The name may come from a client: it must be a name, not a path.
-        if !juice_sandbox::process::valid_name(instance) {
+        if !juice_runtime::process::valid_name(instance) {
             return None;
         }
         let p = self.sandbox.log_path(instance);
@@ -1295,23 +1306,28 @@ fn short(digest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use juice_sandbox::SandboxSpec;
+    use juice_runtime::{BackendError, InstanceSpec};
 
     /// A backend that cannot start anything, as on a host without nft.
     struct Failing(Arc<std::sync::atomic::AtomicUsize>);
 
     impl Backend for Failing {
-        fn spawn(&self, _: &SandboxSpec) -> Result<Box<dyn Handle>, String> {
+        fn spawn(&self, _: &InstanceSpec) -> Result<Box<dyn Handle>, BackendError> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Err("nftables: cannot run nft: No such file or directory".into())
+            Err(BackendError::Failed(
+                "nftables: cannot run nft: No such file or directory".into(),
+            ))
         }
-        fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String> {
-            Err(format!("no instance {name:?}"))
+        fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, BackendError> {
+            Err(BackendError::NotFound(name.to_owned()))
+        }
+        fn list(&self) -> Vec<String> {
+            Vec::new()
         }
         fn log_path(&self, name: &str) -> PathBuf {
             PathBuf::from("/nonexistent").join(name)
         }
-        fn discard(&self, _: &str) -> Result<(), String> {
+        fn discard(&self, _: &str) -> Result<(), BackendError> {
             Ok(())
         }
     }

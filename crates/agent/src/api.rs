@@ -74,6 +74,12 @@ impl Failure {
                 // The group's declaration cannot be carried out (an image that will not
                 // build or pull, no earlier revision, a failing start): the client's to fix.
                 AgentError::Group { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                // A backend this host cannot run (no QEMU, no guest kernel): the host's to fix.
+                AgentError::Start {
+                    source: juice_runtime::BackendError::Unavailable(_),
+                    ..
+                } => StatusCode::SERVICE_UNAVAILABLE,
+                AgentError::Start { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 AgentError::State(_) | AgentError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -116,7 +122,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
 }
 
 fn check_name(name: &str) -> Result<(), Failure> {
-    if juice_sandbox::process::valid_name(name) {
+    if juice_runtime::process::valid_name(name) {
         Ok(())
     } else {
         Err(Failure::BadName(name.chars().take(64).collect()))
@@ -628,6 +634,22 @@ mod tests {
                 422,
             ),
             (Failure::Agent(AgentError::Setup("eventfd".into())), 500),
+            (
+                Failure::Agent(AgentError::Start {
+                    group: "web".into(),
+                    revision: 2,
+                    source: juice_runtime::BackendError::Unavailable("no QEMU".into()),
+                }),
+                503,
+            ),
+            (
+                Failure::Agent(AgentError::Start {
+                    group: "web".into(),
+                    revision: 2,
+                    source: juice_runtime::BackendError::Exists("web-r2-0001".into()),
+                }),
+                422,
+            ),
         ] {
             assert_eq!(failure.status().as_u16(), status, "{failure}");
         }

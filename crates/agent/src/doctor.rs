@@ -226,7 +226,7 @@ impl Host {
     }
 
     fn program(&self, name: &str) -> Option<PathBuf> {
-        juice_sandbox::process::find_program(name, self.path.as_deref())
+        juice_runtime::process::find_program(name, self.path.as_deref())
     }
 
     /// The effective capability set from `/proc/self/status`.
@@ -617,7 +617,7 @@ fn init() -> Check {
         Backend::Sandbox,
         "juice-init (next to juice, or JUICE_INIT)",
     );
-    match juice_sandbox::instance::find_init() {
+    match juice_sandbox::find_init() {
         Ok(p) => c.ok(format!("{}", p.display())),
         Err(e) => c.missing(
             e.to_string(),

@@ -12,43 +12,7 @@ use juice_image::manifest::{HealthCheck, Probe};
 
 use crate::state::Clock;
 
-/// What the prober has seen so far.
-#[derive(Debug, Clone)]
-pub struct Health {
-    pub healthy: bool,
-    /// Since when the instance has been healthy without a break, on the agent's clock.
-    pub healthy_since_ms: Option<u64>,
-    pub ever_healthy: bool,
-    /// Consecutive failed probes past the start period.
-    pub failures: u32,
-    /// The check has failed `retries` times in a row.
-    pub failed: bool,
-    pub last_error: Option<String>,
-}
-
-impl Health {
-    /// Not yet probed.
-    pub fn starting() -> Health {
-        Health {
-            healthy: false,
-            healthy_since_ms: None,
-            ever_healthy: false,
-            failures: 0,
-            failed: false,
-            last_error: None,
-        }
-    }
-
-    /// An instance without a check is healthy from the start (`now_ms`).
-    pub fn assumed(now_ms: u64) -> Health {
-        Health {
-            healthy: true,
-            healthy_since_ms: Some(now_ms),
-            ever_healthy: true,
-            ..Health::starting()
-        }
-    }
-}
+pub use juice_runtime::Health;
 
 /// Probes until dropped. Every prober of the process is a task on one thread
 /// (`juice-health`), not a thread each: a host with 500 instances has one

@@ -29,7 +29,7 @@ pub mod backend;
 pub mod client;
 pub mod doctor;
 pub mod health;
-pub mod limits;
+pub use juice_runtime::limits;
 pub mod metrics;
 pub mod planner;
 mod releaser;

@@ -138,28 +138,27 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    struct Ended(Arc<AtomicUsize>);
+    /// An instance that has ended, whose release takes a moment and is counted.
+    struct Ended(Arc<AtomicUsize>, juice_runtime::Process);
     impl Handle for Ended {
-        fn pid(&self) -> i32 {
-            0
+        fn process(&self) -> &juice_runtime::Process {
+            &self.1
         }
-        fn wait_fd(&self) -> std::os::fd::RawFd {
-            -1
+        fn process_mut(&mut self) -> &mut juice_runtime::Process {
+            &mut self.1
         }
-        fn is_running(&self) -> bool {
-            false
-        }
-        fn wait(&mut self) -> juice_sandbox::ExitReport {
-            juice_sandbox::ExitReport {
+        fn collect(&mut self, _: Option<nix::sys::wait::WaitStatus>) -> juice_runtime::ExitReport {
+            juice_runtime::ExitReport {
                 code: Some(0),
                 signal: None,
                 oom_killed: false,
             }
         }
-        fn wait_timeout(&mut self, _: std::time::Duration) -> Option<juice_sandbox::ExitReport> {
-            Some(self.wait())
+        fn free(&mut self) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            self.0.fetch_add(1, Ordering::SeqCst);
         }
-        fn stop(&mut self, _: std::time::Duration) -> juice_sandbox::ExitReport {
+        fn stop(&mut self, _: std::time::Duration) -> juice_runtime::ExitReport {
             self.wait()
         }
         fn address(&self) -> Option<std::net::Ipv4Addr> {
@@ -167,10 +166,6 @@ mod tests {
         }
         fn started_unix_ms(&self) -> u64 {
             0
-        }
-        fn release(&mut self) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -180,7 +175,13 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let r = Releaser::start(home.path());
         for _ in 0..10 {
-            r.release(Box::new(Ended(released.clone())));
+            let fd = juice_runtime::process::dead_pidfd().unwrap();
+            let mut ended = Ended(
+                released.clone(),
+                juice_runtime::Process::with_fd(0, fd, false),
+            );
+            ended.reap();
+            r.release(Box::new(ended));
         }
         r.settle();
         assert_eq!(released.load(Ordering::SeqCst), 10);

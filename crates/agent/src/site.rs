@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use juice_image::manifest::{ManifestError, error_at_key, parse_toml};
-use juice_sandbox::PortMapping;
+use juice_runtime::PortMapping;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -157,7 +157,7 @@ impl TryFrom<String> for Publish {
     fn try_from(s: String) -> Result<Self, String> {
         s.parse()
             .map(Publish)
-            .map_err(|e: juice_sandbox::network::NetworkError| e.to_string())
+            .map_err(|e: juice_net::NetworkError| e.to_string())
     }
 }
 impl From<Publish> for String {

@@ -5,12 +5,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use juice_agent::backend::Backend;
 use juice_image::appliance::ApplianceConfig;
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::cgroup::Limits;
-use juice_sandbox::{IdMap, NetworkSpec, PortMapping, Runtime};
+use juice_runtime::{
+    Backend, HostLimits, IdMap, InstanceSpec, Limits, NetworkSpec, PortMapping, trace,
+};
+use juice_sandbox::Runtime;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -74,7 +75,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.thread_block()?;
 
-    juice_sandbox::trace::mark("juice run");
+    trace::mark("juice run");
     let home = crate::juice_home();
     let rootless = !nix::unistd::geteuid().is_root();
     let store = Store::open(&home)?;
@@ -108,7 +109,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .map(|p| p.parse())
         .collect::<std::result::Result<_, _>>()?;
 
-    juice_sandbox::trace::mark("image ready");
+    trace::mark("image ready");
     if microvm && rootless {
         return Err("a microVM needs root (its tap on the Juice bridge and its disks)".into());
     }
@@ -125,13 +126,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Some(v) => v,
         None => &sandbox,
     };
-    let mut spec = juice_agent::agent::sandbox_spec(
+    let mut spec = InstanceSpec::for_appliance(
         &appliance,
         &rootfs.path,
         &name,
         &home.join("volumes").join(&name),
-        &juice_agent::limits::HostLimits::load(&home)?,
-    )?;
+        &HostLimits::load(&home)?,
+    );
     spec.die_with_parent = true;
     if !args.args.is_empty() {
         spec.argv.truncate(1);
@@ -179,9 +180,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Network::None if ports.is_empty() => {}
         Network::None => return Err("publishing ports needs --network bridge".into()),
     }
-    juice_agent::agent::prepare_volumes(&spec, args.userns.unwrap_or(0))?;
+    spec.prepare_volumes(args.userns.unwrap_or(0))?;
 
-    juice_sandbox::trace::mark("spec ready");
+    trace::mark("spec ready");
     let mut instance = backend.spawn(&spec)?;
     if microvm && !args.quiet {
         eprintln!(

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use common::{ChildGuard, Juice, workspace_binary};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
-use juice_sandbox::cgroup::Limits;
-use juice_sandbox::{NetworkSpec, Runtime, SandboxSpec};
+use juice_runtime::Limits;
+use juice_runtime::{Handle, InstanceSpec, NetworkSpec};
+use juice_sandbox::Runtime;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -217,7 +218,7 @@ fn seccomp_refuses_what_the_kernel_allows() {
         let name = format!("control-{i}");
         let mut argv = vec!["/usr/bin/probe".to_owned()];
         argv.extend(args.iter().map(|a| a.to_string()));
-        let mut s = SandboxSpec::new(&name, &root, argv);
+        let mut s = InstanceSpec::new(&name, &root, argv);
         s.seccomp = false;
         let report = rt.spawn(&s).unwrap().wait();
         assert_eq!(report.code, Some(0), "{args:?}: {report}");
@@ -407,14 +408,14 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
         "the port is refused"
     );
     assert!(
-        juice_sandbox::network::publish::current(j.home.path()).is_empty(),
+        juice_net::publish::current(j.home.path()).is_empty(),
         "its DNAT rules are withdrawn"
     );
 }
 
 /// The runtime library directly, for groups and links.
-fn spec(rootfs: &Path, name: &str, group: &str, links: &[&str], argv: &[&str]) -> SandboxSpec {
-    let mut s = SandboxSpec::new(name, rootfs, argv.iter().map(|a| a.to_string()).collect());
+fn spec(rootfs: &Path, name: &str, group: &str, links: &[&str], argv: &[&str]) -> InstanceSpec {
+    let mut s = InstanceSpec::new(name, rootfs, argv.iter().map(|a| a.to_string()).collect());
     let mut net = NetworkSpec::new(group);
     net.links = links.iter().map(|l| l.to_string()).collect();
     s.network = Some(net);
@@ -762,7 +763,7 @@ fn logs_rotate_by_size() {
     let store = Store::open(j.home.path()).unwrap();
     let root = materialise(&store, "probe:log").unwrap().path;
     let rt = runtime(&j);
-    let mut s = SandboxSpec::new(
+    let mut s = InstanceSpec::new(
         "chatty",
         &root,
         vec!["/usr/bin/probe".into(), "spam".into(), "400".into()],

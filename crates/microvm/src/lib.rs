@@ -37,7 +37,9 @@ pub enum VmError {
     #[error("{0}")]
     Syscall(String),
     #[error(transparent)]
-    Network(#[from] juice_sandbox::network::NetworkError),
+    Network(#[from] juice_net::NetworkError),
+    #[error(transparent)]
+    Record(#[from] juice_runtime::process::record::RecordError),
     #[error(
         "no guest kernel: install linux-image-cloud-amd64 (apt-get install linux-image-cloud-amd64) or set JUICE_KERNEL"
     )]
@@ -72,4 +74,20 @@ pub enum VmError {
     BadName(String),
     #[error("the state of microVM {name:?} is damaged: {reason}")]
     Damaged { name: String, reason: String },
+}
+
+impl From<VmError> for juice_runtime::BackendError {
+    fn from(e: VmError) -> juice_runtime::BackendError {
+        use juice_runtime::BackendError;
+        match e {
+            VmError::BadName(n) => BackendError::BadName(n),
+            VmError::Exists(n) => BackendError::Exists(n),
+            VmError::NotFound(n) => BackendError::NotFound(n),
+            e @ (VmError::NoKernel
+            | VmError::KernelMissing(_)
+            | VmError::NoGuestInit(_)
+            | VmError::NoQemu) => BackendError::Unavailable(Box::new(e)),
+            e => BackendError::Failed(Box::new(e)),
+        }
+    }
 }

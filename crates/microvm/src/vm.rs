@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,9 +19,9 @@ use juice_init::{
     GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GuestConfig, GuestNetwork, GuestVolume, InitConfig,
     LOG_FILE,
 };
-use juice_sandbox::network::{self, Attachment};
-use juice_sandbox::process::{pidfd_of, pidfd_open, poll_readable, valid_name};
-use juice_sandbox::{ExitReport, SandboxSpec};
+use juice_net::{self as network, Attachment};
+use juice_runtime::process::{Process, now_unix_ms, record, start_time, valid_name};
+use juice_runtime::{Backend, BackendError, ExitReport, Handle, InstanceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::Kernel;
@@ -171,7 +171,7 @@ pub fn find_qemu(path: Option<&std::ffi::OsStr>) -> Result<PathBuf, VmError> {
     match std::env::var_os("JUICE_QEMU") {
         Some(p) => Ok(PathBuf::from(p)),
         None => {
-            juice_sandbox::process::find_program("qemu-system-x86_64", path).ok_or(VmError::NoQemu)
+            juice_runtime::process::find_program("qemu-system-x86_64", path).ok_or(VmError::NoQemu)
         }
     }
 }
@@ -307,13 +307,13 @@ impl Runtime {
 
     /// Boots an instance as `spec` describes. Returns once QEMU runs and answers
     /// QMP; the guest boots on (see [`Vm::wait_started`]). On failure nothing is left.
-    pub fn spawn(&self, spec: &SandboxSpec) -> Result<Vm, VmError> {
+    pub fn spawn(&self, spec: &InstanceSpec) -> Result<Vm, VmError> {
         check_name(&spec.name)?;
-        if let Ok(existing) = self.adopt(&spec.name) {
+        if let Ok(mut existing) = self.adopt(&spec.name) {
             if existing.is_running() {
                 return Err(VmError::Exists(spec.name.clone()));
             }
-            existing.cleanup();
+            existing.abandon();
         }
         let dir = self.vm_dir(&spec.name);
         // A boot that fails leaves no directory behind (unless an earlier VM of the
@@ -326,7 +326,7 @@ impl Runtime {
         booted
     }
 
-    fn spawn_in(&self, spec: &SandboxSpec, dir: &Path) -> Result<Vm, VmError> {
+    fn spawn_in(&self, spec: &InstanceSpec, dir: &Path) -> Result<Vm, VmError> {
         let dir = dir.to_owned();
         std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
             action: "create",
@@ -382,7 +382,7 @@ impl Runtime {
     #[allow(clippy::too_many_arguments)]
     fn boot(
         &self,
-        spec: &SandboxSpec,
+        spec: &InstanceSpec,
         dir: &Path,
         initrd: &Path,
         root: &Path,
@@ -402,7 +402,7 @@ impl Runtime {
                 workdir: spec.workdir.clone(),
                 capabilities: spec.capabilities.clone(),
                 seccomp: if spec.seccomp {
-                    juice_sandbox::seccomp::default_filters()
+                    juice_runtime::seccomp::default_filters()
                         .map_err(|e| VmError::Artefact(e.to_string()))?
                 } else {
                     Vec::new()
@@ -505,7 +505,7 @@ impl Runtime {
             );
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         };
-        let pidfd = match pidfd_open(pid) {
+        let pidfd = match juice_runtime::process::pidfd(pid) {
             Ok(fd) => fd,
             Err(e) => {
                 kill_it();
@@ -513,7 +513,7 @@ impl Runtime {
             }
         };
         // How adoption tells QEMU from a recycled pid: without it, a live VM would look dead.
-        let Some(started) = juice_sandbox::instance::start_time(pid) else {
+        let Some(started) = start_time(pid) else {
             kill_it();
             return Err(VmError::Start {
                 name: spec.name.clone(),
@@ -525,7 +525,7 @@ impl Runtime {
             pid,
             start_time: started,
             network: attachment.cloned(),
-            started_unix_ms: now_ms(),
+            started_unix_ms: now_unix_ms(),
             accel: self.accel,
             memory_mib,
             vcpus,
@@ -534,21 +534,14 @@ impl Runtime {
         };
         let mut vm = Vm {
             state,
-            pidfd,
-            is_child: true,
+            process: Process::child(pid, pidfd),
             dir: dir.to_owned(),
             home: self.home.clone(),
-            reaped: None,
-            released: false,
         };
-        if let Err(e) = vm.write_state().and_then(|()| vm.wait_for_qmp(&spec.name)) {
+        let written = record::write(&vm.dir, &vm.state).map_err(VmError::from);
+        if let Err(e) = written.and_then(|()| vm.wait_for_qmp(&spec.name)) {
             kill_it();
-            vm.reaped = Some(ExitReport {
-                code: None,
-                signal: None,
-                oom_killed: false,
-            });
-            vm.release();
+            vm.abandon();
             return Err(e);
         }
         Ok(vm)
@@ -558,29 +551,20 @@ impl Runtime {
     pub fn adopt(&self, name: &str) -> Result<Vm, VmError> {
         check_name(name)?;
         let dir = self.vm_dir(name);
-        let path = dir.join("state.json");
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => VmError::NotFound(name.to_owned()),
-            _ => VmError::Io {
-                action: "read",
-                path: path.clone(),
-                source: e,
+        let state: VmState = record::read(&dir).map_err(|e| match e {
+            record::RecordError::NotFound(_) => VmError::NotFound(name.to_owned()),
+            e => VmError::Damaged {
+                name: name.to_owned(),
+                reason: e.to_string(),
             },
         })?;
-        let state: VmState = serde_json::from_slice(&bytes).map_err(|e| VmError::Damaged {
-            name: name.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let pidfd = pidfd_of(state.pid, state.start_time)
+        let process = Process::found(state.pid, state.start_time)
             .map_err(|e| VmError::Syscall(format!("find microVM {name:?} again: {e}")))?;
         let vm = Vm {
             state,
-            pidfd,
-            is_child: false,
+            process,
             dir,
             home: self.home.clone(),
-            reaped: None,
-            released: false,
         };
         if vm.is_running() {
             // A live pid that is not our VM's QEMU would not answer on its socket.
@@ -602,45 +586,22 @@ impl Runtime {
 
     /// Names of all VMs with state on disk.
     pub fn list(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.home.join("vms"))
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("state.json").exists())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        record::list(&self.home.join("vms"))
     }
 
     /// Removes everything a VM that is not running left, found by name (see
     /// the sandbox's `Runtime::discard`). A running VM is left alone.
     pub fn discard(&self, name: &str) -> Result<(), VmError> {
         check_name(name)?;
-        if let Ok(vm) = self.adopt(name) {
+        if let Ok(mut vm) = self.adopt(name) {
             if vm.is_running() {
                 return Err(VmError::Exists(name.to_owned()));
             }
-            vm.cleanup();
+            vm.abandon();
         }
         network::release_name(&self.home, name);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         Ok(())
-    }
-
-    /// Removes what dead VMs left behind.
-    pub fn cleanup_stale(&self) -> usize {
-        let mut n = 0;
-        for name in self.list() {
-            if let Ok(vm) = self.adopt(&name)
-                && !vm.is_running()
-            {
-                vm.cleanup();
-                n += 1;
-            }
-        }
-        n
     }
 }
 
@@ -789,12 +750,9 @@ fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), VmError> {
 /// A running (or finished) microVM.
 pub struct Vm {
     state: VmState,
-    pidfd: OwnedFd,
-    is_child: bool,
+    process: Process,
     dir: PathBuf,
     home: PathBuf,
-    reaped: Option<ExitReport>,
-    released: bool,
 }
 
 impl Vm {
@@ -803,28 +761,6 @@ impl Vm {
     }
     pub fn name(&self) -> &str {
         &self.state.name
-    }
-    pub fn pid(&self) -> i32 {
-        self.state.pid
-    }
-    pub fn pidfd(&self) -> &OwnedFd {
-        &self.pidfd
-    }
-    pub fn address(&self) -> Option<Ipv4Addr> {
-        self.state.network.as_ref().map(|a| a.address)
-    }
-
-    fn write_state(&self) -> Result<(), VmError> {
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join("state.json.tmp");
-        let json = serde_json::to_vec(&self.state).map_err(|e| VmError::Artefact(e.to_string()))?;
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| VmError::Io {
-                action: "write",
-                path,
-                source,
-            })
     }
 
     /// Waits until QEMU answers on its QMP socket (or has died, with its reason).
@@ -917,112 +853,6 @@ impl Vm {
         }
     }
 
-    pub fn is_running(&self) -> bool {
-        self.reaped.is_none() && !poll_readable(&self.pidfd, 0)
-    }
-
-    /// Waits up to `timeout` (forever if `None`) for the VM to end; then cleans up.
-    pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
-        let report = self.reap_timeout(timeout)?;
-        self.release();
-        Some(report)
-    }
-
-    /// Waits for the VM to end and collects its exit, but keeps its address
-    /// until `release` (see the sandbox's `Instance::reap`).
-    pub fn reap(&mut self) -> ExitReport {
-        loop {
-            if let Some(r) = self.reap_timeout(None) {
-                return r;
-            }
-        }
-    }
-
-    fn reap_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
-        if let Some(r) = self.reaped {
-            return Some(r);
-        }
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        if !poll_readable(&self.pidfd, ms) {
-            return None;
-        }
-        let mut report = ExitReport {
-            code: None,
-            signal: None,
-            oom_killed: false,
-        };
-        if self.is_child
-            // Without a word from the guest, QEMU's own end is the best account (a SIGKILL, say).
-            && let Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) =
-                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.state.pid), None)
-        {
-            report.signal = Some(sig as i32);
-        }
-        for line in self.status_lines() {
-            if let Some(json) = line.strip_prefix("exit ")
-                && let Ok(r) = serde_json::from_str::<ExitRecord>(json)
-            {
-                report.code = r.code;
-                report.signal = r.signal;
-            }
-            if let Some(reason) = line.strip_prefix("failed ") {
-                // Into the log, where `juice logs` shows it.
-                if let Ok(mut log) = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(self.dir.join(LOG_FILE))
-                {
-                    let _ = writeln!(
-                        log,
-                        "juice: the guest could not start the appliance: {reason}"
-                    );
-                }
-            }
-        }
-        self.reaped = Some(report);
-        Some(report)
-    }
-
-    pub fn wait(&mut self) -> ExitReport {
-        loop {
-            if let Some(r) = self.wait_timeout(None) {
-                return r;
-            }
-        }
-    }
-
-    /// Asks the guest to stop the appliance (SIGTERM inside), then ends QEMU
-    /// through QMP after `grace`, then SIGKILL.
-    pub fn stop(&mut self, grace: Duration) -> ExitReport {
-        if self.reaped.is_none() {
-            if !grace.is_zero()
-                && let Ok(mut ctl) =
-                    std::os::unix::net::UnixStream::connect(self.dir.join("ctl.sock"))
-            {
-                let _ = ctl.write_all(b"term\n");
-                if let Some(r) = self.wait_timeout(Some(grace)) {
-                    return r;
-                }
-            }
-            if let Ok(mut q) = Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_millis(500))
-            {
-                let _ = q.execute("quit");
-                if let Some(r) = self.wait_timeout(Some(Duration::from_secs(2))) {
-                    return r;
-                }
-            }
-            self.signal(libc::SIGKILL);
-        }
-        self.wait()
-    }
-
-    /// Periodic upkeep while running: rotates the log.
-    pub fn maintain(&mut self) {
-        if self.is_running() {
-            let _ = self.rotate_log();
-        }
-    }
-
     /// Once `app.log` is past its size: shifts `app.log.N`, renames `app.log` to
     /// `app.log.1`, and has QEMU write a new `app.log` (QMP `chardev-change`), so
     /// nothing is copied or lost. True if it rotated.
@@ -1062,45 +892,118 @@ impl Vm {
             .map_err(damaged)?;
         Ok(true)
     }
+}
 
-    /// Sends a signal to QEMU through the pidfd (never to a recycled pid).
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo, no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
+impl Handle for Vm {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
+    /// The guest's `exit` status line says how the appliance ended; without a
+    /// word from the guest, QEMU's own end is the best account (a SIGKILL, say).
+    fn collect(&mut self, status: Option<nix::sys::wait::WaitStatus>) -> ExitReport {
+        let mut report = ExitReport::UNKNOWN;
+        if let Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) = status {
+            report.signal = Some(sig as i32);
         }
+        for line in self.status_lines() {
+            if let Some(json) = line.strip_prefix("exit ")
+                && let Ok(r) = serde_json::from_str::<ExitRecord>(json)
+            {
+                report.code = r.code;
+                report.signal = r.signal;
+            }
+            if let Some(reason) = line.strip_prefix("failed ") {
+                // Into the log, where `juice logs` shows it.
+                if let Ok(mut log) = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.dir.join(LOG_FILE))
+                {
+                    let _ = writeln!(
+                        log,
+                        "juice: the guest could not start the appliance: {reason}"
+                    );
+                }
+            }
+        }
+        report
     }
 
     /// Frees the address; the tap went with QEMU. Keeps logs and status.
-    /// Once, and only after the VM has ended.
-    pub fn release(&mut self) {
-        if self.reaped.is_none() || self.released {
-            return;
-        }
-        self.released = true;
+    fn free(&mut self) {
         if let Some(a) = &self.state.network {
             network::release(&self.home, a);
         }
-        for f in ["state.json", "qmp.sock", "ctl.sock", "config.disk"] {
+        record::remove(&self.dir);
+        for f in ["qmp.sock", "ctl.sock", "config.disk"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
     }
 
-    fn cleanup(mut self) {
-        if self.reaped.is_none() {
-            self.reaped = Some(ExitReport {
-                code: None,
-                signal: None,
-                oom_killed: false,
-            });
+    /// Asks the guest to stop the appliance (SIGTERM inside), then ends QEMU
+    /// through QMP after `grace`, then SIGKILL.
+    fn stop(&mut self, grace: Duration) -> ExitReport {
+        if self.process.reaped().is_none() {
+            if !grace.is_zero()
+                && let Ok(mut ctl) =
+                    std::os::unix::net::UnixStream::connect(self.dir.join("ctl.sock"))
+            {
+                let _ = ctl.write_all(b"term\n");
+                if let Some(r) = self.wait_timeout(grace) {
+                    return r;
+                }
+            }
+            if let Ok(mut q) = Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_millis(500))
+            {
+                let _ = q.execute("quit");
+                if let Some(r) = self.wait_timeout(Duration::from_secs(2)) {
+                    return r;
+                }
+            }
+            self.signal(libc::SIGKILL);
         }
-        self.release();
+        self.wait()
+    }
+
+    fn address(&self) -> Option<Ipv4Addr> {
+        self.state.network.as_ref().map(|a| a.address)
+    }
+
+    fn started_unix_ms(&self) -> u64 {
+        self.state.started_unix_ms
+    }
+
+    fn wait_started(&mut self, timeout: Duration) -> Result<(), BackendError> {
+        Ok(Vm::wait_started(self, timeout)?)
+    }
+
+    /// Periodic upkeep while running: rotates the log.
+    fn maintain(&mut self) {
+        if self.is_running() {
+            let _ = self.rotate_log();
+        }
+    }
+}
+
+impl Backend for Runtime {
+    fn spawn(&self, spec: &InstanceSpec) -> Result<Box<dyn Handle>, BackendError> {
+        Ok(Box::new(Runtime::spawn(self, spec)?))
+    }
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, BackendError> {
+        Ok(Box::new(Runtime::adopt(self, name)?))
+    }
+    fn list(&self) -> Vec<String> {
+        Runtime::list(self)
+    }
+    fn log_path(&self, name: &str) -> PathBuf {
+        Runtime::log_path(self, name)
+    }
+    fn discard(&self, name: &str) -> Result<(), BackendError> {
+        Ok(Runtime::discard(self, name)?)
     }
 }
 
@@ -1110,12 +1013,6 @@ fn check_name(name: &str) -> Result<(), VmError> {
     } else {
         Err(VmError::BadName(name.to_owned()))
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use juice_image::build::{BuildOptions, build};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_microvm::{Runtime, Vm};
-use juice_sandbox::{NetworkSpec, SandboxSpec};
+use juice_runtime::{Handle, InstanceSpec, NetworkSpec};
 
 /// Stops the VM even when an assertion fails.
 struct Stopper(Option<Vm>);
@@ -53,7 +53,7 @@ fn the_log_of_a_microvm_rotates_without_losing_lines() {
     let rootfs = materialise(&store, "hello-web:logs").unwrap();
     let runtime = Runtime::with_guest_init(home.path(), guest).unwrap();
 
-    let mut spec = SandboxSpec::new("logrot", &rootfs.path, vec!["/usr/bin/hello-web".into()]);
+    let mut spec = InstanceSpec::new("logrot", &rootfs.path, vec!["/usr/bin/hello-web".into()]);
     spec.uid = 1000;
     spec.gid = 1000;
     spec.network = Some(NetworkSpec::new("logrot-test"));

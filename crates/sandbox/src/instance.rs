@@ -19,10 +19,14 @@ use std::time::{Duration, Instant};
 use juice_init::{Bind, EXIT_FILE, ExitRecord, InitConfig, LOG_FILE};
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::{self, CgroupError, Hierarchy, Limits};
-use crate::network::{self, Attachment, NetworkError, NetworkSpec};
-use crate::process::{pidfd_of, poll_readable};
-use crate::seccomp::{self, SeccompError};
+use juice_net::{self as network, Attachment, NetworkError};
+use juice_runtime::process::{Process, now_unix_ms, poll_readable, record, start_time};
+use juice_runtime::seccomp::{self, SeccompError};
+use juice_runtime::{
+    Backend, BackendError, ExitReport, Handle, IdMap, InstanceSpec, Limits, trace,
+};
+
+use crate::cgroup::{self, CgroupError, Hierarchy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -41,6 +45,8 @@ pub enum SandboxError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
     #[error("instance {name:?} could not start: {reason}")]
     Start { name: String, reason: String },
     #[error("instance {0:?} already exists and is running")]
@@ -71,100 +77,6 @@ fn errno(what: &str) -> SandboxError {
     SandboxError::Syscall(format!("{what}: {}", std::io::Error::last_os_error()))
 }
 
-/// A volume to mount read-write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeMount {
-    pub source: PathBuf,
-    pub target: PathBuf,
-}
-
-/// What to run and how to confine it.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    /// Instance name; also the hostname.
-    pub name: String,
-    /// The unpacked image (see `juice_image::unpack::materialise`).
-    pub rootfs: PathBuf,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub uid: u32,
-    pub gid: u32,
-    pub workdir: PathBuf,
-    pub capabilities: Vec<String>,
-    pub limits: Limits,
-    /// Create a cgroup even without limits (to count and kill the instance's processes).
-    pub cgroup: bool,
-    pub volumes: Vec<VolumeMount>,
-    /// `None`: a network namespace with loopback only.
-    pub network: Option<NetworkSpec>,
-    /// Map root in the sandbox to an unprivileged host uid range.
-    pub user_namespace: Option<IdMap>,
-    pub seccomp: bool,
-    /// Kill the instance if the process that started it dies (`juice run` in the foreground).
-    pub die_with_parent: bool,
-    pub log_max_bytes: u64,
-    pub log_keep: u32,
-}
-
-impl SandboxSpec {
-    /// A spec with Juice's defaults: cgroup, seccomp, no network, 10 MiB x 3 logs.
-    pub fn new(name: &str, rootfs: &Path, argv: Vec<String>) -> SandboxSpec {
-        SandboxSpec {
-            name: name.to_owned(),
-            rootfs: rootfs.to_owned(),
-            argv,
-            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
-            uid: 0,
-            gid: 0,
-            workdir: PathBuf::from("/"),
-            capabilities: Vec::new(),
-            limits: Limits::default(),
-            cgroup: true,
-            volumes: Vec::new(),
-            network: None,
-            user_namespace: None,
-            seccomp: true,
-            die_with_parent: false,
-            log_max_bytes: 10 << 20,
-            log_keep: 3,
-        }
-    }
-}
-
-/// Root in the sandbox is `host_uid`/`host_gid` on the host, for `size` ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdMap {
-    pub host_uid: u32,
-    pub host_gid: u32,
-    pub size: u32,
-}
-
-impl IdMap {
-    /// 65536 ids from `host_id` (uid and gid), for a runtime running as root.
-    pub fn range(host_id: u32) -> IdMap {
-        IdMap {
-            host_uid: host_id,
-            host_gid: host_id,
-            size: 65536,
-        }
-    }
-
-    /// Rootless: the caller's own uid and gid, the only ids an unprivileged process may map.
-    pub fn caller() -> IdMap {
-        IdMap {
-            host_uid: nix::unistd::geteuid().as_raw(),
-            host_gid: nix::unistd::getegid().as_raw(),
-            size: 1,
-        }
-    }
-
-    /// Whether supplementary groups are disabled in the namespace (they must be for an
-    /// unprivileged map).
-    pub fn denies_setgroups(&self) -> bool {
-        !nix::unistd::geteuid().is_root()
-    }
-}
-
 /// What is on disk about a running instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceState {
@@ -180,26 +92,6 @@ pub struct InstanceState {
     pub cgroups: Vec<PathBuf>,
     pub network: Option<Attachment>,
     pub started_unix_ms: u64,
-}
-
-/// How an instance ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitReport {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    /// The kernel's OOM killer fired in the instance's cgroup.
-    pub oom_killed: bool,
-}
-
-impl std::fmt::Display for ExitReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.code, self.signal, self.oom_killed) {
-            (_, _, true) => write!(f, "killed by the OOM killer (memory limit)"),
-            (Some(c), _, _) => write!(f, "exited with code {c}"),
-            (None, Some(s), _) => write!(f, "killed by signal {s}"),
-            (None, None, _) => write!(f, "ended without a status"),
-        }
-    }
 }
 
 /// `juice-init`: `JUICE_INIT`, else next to this program.
@@ -254,14 +146,14 @@ impl Runtime {
     }
 
     /// Starts an instance. On any failure everything created so far is removed again.
-    pub fn spawn(&self, spec: &SandboxSpec) -> Result<Instance, SandboxError> {
+    pub fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, SandboxError> {
         check_name(&spec.name)?;
         let dir = self.instance_dir(&spec.name);
-        if let Ok(existing) = self.adopt(&spec.name) {
+        if let Ok(mut existing) = self.adopt(&spec.name) {
             if existing.is_running() {
                 return Err(SandboxError::Exists(spec.name.clone()));
             }
-            existing.cleanup();
+            existing.abandon();
         }
         // Logs of an earlier instance of the same name continue; its status does not.
         for stale in ["state.json", EXIT_FILE] {
@@ -297,7 +189,7 @@ impl Runtime {
 
     fn start(
         &self,
-        spec: &SandboxSpec,
+        spec: &InstanceSpec,
         dir: &Path,
         undo: &mut Undo,
     ) -> Result<Instance, SandboxError> {
@@ -346,7 +238,7 @@ impl Runtime {
             });
         }
 
-        crate::trace::mark("files written");
+        trace::mark("files written");
         let hierarchy = match (&self.cgroups, spec.cgroup) {
             (Some(h), true) => Some(h.clone()),
             (None, true) if spec.limits != Limits::default() => {
@@ -380,11 +272,11 @@ impl Runtime {
         let mut config = serde_json::to_vec(&config)
             .map_err(|e| SandboxError::Syscall(format!("encode the init config: {e}")))?;
         config.push(b'\n');
-        crate::trace::mark("config ready");
+        trace::mark("config ready");
 
         let child = self.clone_init(spec, dir)?;
         undo.pid = Some(child.pid);
-        crate::trace::mark("cloned");
+        trace::mark("cloned");
         let pid = child.pid;
         if let Some(map) = &spec.user_namespace {
             write_id_maps(pid, map)?;
@@ -403,7 +295,7 @@ impl Runtime {
                 // Init may have ended first and said why (the runtime then sees only
                 // a broken pipe or a vanished process): its reason is the one to show.
                 // Its descriptors close before its exit is visible, so allow it a moment.
-                if poll_readable(&child.pidfd, 100)
+                if poll_readable(&child.pidfd, Some(Duration::from_millis(100)))
                     && let Ok(line) = read_status(status_r, Duration::from_millis(200))
                     && let Some(reason) = line.strip_prefix("failed ")
                 {
@@ -417,7 +309,7 @@ impl Runtime {
         };
 
         let line = read_status(status_r, Duration::from_secs(30))?;
-        crate::trace::mark("init reported");
+        trace::mark("init reported");
         let app_pid = match line.strip_prefix("started ") {
             Some(p) => p.trim().parse().unwrap_or(0),
             None => {
@@ -446,26 +338,16 @@ impl Runtime {
             cgroup_version,
             cgroups,
             network,
-            started_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_unix_ms: now_unix_ms(),
         };
-        let state_path = dir.join("state.json");
-        let bytes = serde_json::to_vec_pretty(&state)
-            .map_err(|e| SandboxError::Syscall(format!("encode state: {e}")))?;
-        let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
-        std::fs::rename(&tmp, &state_path).map_err(io_err("write", &state_path))?;
+        record::write(dir, &state)?;
         *undo = Undo::default();
         Ok(Instance {
             state,
-            pidfd: child.pidfd,
-            is_child: true,
+            process: Process::child(pid, child.pidfd),
             dir: dir.to_owned(),
             cgroups: self.cgroups.clone(),
             home: self.home.clone(),
-            reaped: None,
-            released: false,
         })
     }
 
@@ -474,7 +356,7 @@ impl Runtime {
     #[allow(clippy::too_many_arguments)]
     fn prepare_init(
         &self,
-        spec: &SandboxSpec,
+        spec: &InstanceSpec,
         mut config_w: std::fs::File,
         config: &[u8],
         pid: i32,
@@ -501,7 +383,7 @@ impl Runtime {
         if let Some(a) = network {
             network::attach(&self.home, a, pid)?;
         }
-        crate::trace::mark("cgroup, network ready");
+        trace::mark("cgroup, network ready");
         config_w
             .write_all(&[juice_init::GO])
             .map_err(io_err("start", Path::new("juice-init")))?;
@@ -509,7 +391,7 @@ impl Runtime {
     }
 
     /// Clones into new namespaces and execs juice-init there.
-    fn clone_init(&self, spec: &SandboxSpec, dir: &Path) -> Result<ClonedInit, SandboxError> {
+    fn clone_init(&self, spec: &InstanceSpec, dir: &Path) -> Result<ClonedInit, SandboxError> {
         let (config_r, config_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
         // Init gets only the two directories it writes, never the instance's own
@@ -612,42 +494,27 @@ impl Runtime {
     pub fn adopt(&self, name: &str) -> Result<Instance, SandboxError> {
         check_name(name)?;
         let dir = self.instance_dir(name);
-        let path = dir.join("state.json");
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SandboxError::NotFound(name.to_owned()),
-            _ => io_err("read", &path)(e),
-        })?;
-        let state: InstanceState =
-            serde_json::from_slice(&bytes).map_err(|e| SandboxError::Damaged {
+        let state: InstanceState = record::read(&dir).map_err(|e| match e {
+            record::RecordError::NotFound(_) => SandboxError::NotFound(name.to_owned()),
+            e => SandboxError::Damaged {
                 name: name.to_owned(),
                 reason: e.to_string(),
-            })?;
-        let pidfd = pidfd_of(state.pid, state.start_time)
+            },
+        })?;
+        let process = Process::found(state.pid, state.start_time)
             .map_err(|e| SandboxError::Syscall(format!("find instance {name:?} again: {e}")))?;
         Ok(Instance {
             state,
-            pidfd,
-            is_child: false,
+            process,
             dir,
             cgroups: self.cgroups.clone(),
             home: self.home.clone(),
-            reaped: None,
-            released: false,
         })
     }
 
     /// Names of all instances with state on disk.
     pub fn list(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.home.join("instances"))
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("state.json").exists())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        record::list(&self.home.join("instances"))
     }
 
     /// Removes everything an instance that is not running left: for one whose
@@ -655,11 +522,11 @@ impl Runtime {
     /// and directory are found by name. A running instance is left alone.
     pub fn discard(&self, name: &str) -> Result<(), SandboxError> {
         check_name(name)?;
-        if let Ok(i) = self.adopt(name) {
+        if let Ok(mut i) = self.adopt(name) {
             if i.is_running() {
                 return Err(SandboxError::Exists(name.to_owned()));
             }
-            i.cleanup();
+            i.abandon();
         }
         if let Some(h) = &self.cgroups {
             let _ = h.remove(&h.dirs(name));
@@ -667,20 +534,6 @@ impl Runtime {
         network::release_name(&self.home, name);
         let _ = std::fs::remove_dir_all(self.instance_dir(name));
         Ok(())
-    }
-
-    /// Removes what dead instances left behind (after a crash of whoever started them).
-    pub fn cleanup_stale(&self) -> usize {
-        let mut n = 0;
-        for name in self.list() {
-            if let Ok(i) = self.adopt(&name)
-                && !i.is_running()
-            {
-                i.cleanup();
-                n += 1;
-            }
-        }
-        n
     }
 }
 
@@ -721,14 +574,10 @@ struct ClonedInit {
 /// A running (or finished) instance.
 pub struct Instance {
     state: InstanceState,
-    pidfd: OwnedFd,
-    /// We are init's parent and must reap it.
-    is_child: bool,
+    process: Process,
     dir: PathBuf,
     cgroups: Option<Arc<dyn Hierarchy>>,
     home: PathBuf,
-    reaped: Option<ExitReport>,
-    released: bool,
 }
 
 impl Instance {
@@ -738,104 +587,8 @@ impl Instance {
     pub fn name(&self) -> &str {
         &self.state.name
     }
-    pub fn pid(&self) -> i32 {
-        self.state.pid
-    }
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-    pub fn pidfd(&self) -> &OwnedFd {
-        &self.pidfd
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.reaped.is_none() && !poll_readable(&self.pidfd, 0)
-    }
-
-    /// Waits up to `timeout` (forever if `None`) for the instance to end; then cleans up.
-    pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
-        let report = self.reap_timeout(timeout)?;
-        self.release();
-        Some(report)
-    }
-
-    /// Waits for the instance to end and collects its exit, but keeps its cgroups
-    /// and address until `release`: a caller that starts a replacement first takes
-    /// the release off that path.
-    pub fn reap(&mut self) -> ExitReport {
-        loop {
-            if let Some(r) = self.reap_timeout(None) {
-                return r;
-            }
-        }
-    }
-
-    fn reap_timeout(&mut self, timeout: Option<Duration>) -> Option<ExitReport> {
-        if let Some(r) = self.reaped {
-            return Some(r);
-        }
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        if !poll_readable(&self.pidfd, ms) {
-            return None;
-        }
-        let mut init_status = None;
-        if self.is_child {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child; `status` is a valid out pointer.
-            if unsafe { libc::waitpid(self.state.pid, &mut status, 0) } == self.state.pid {
-                init_status = Some(status);
-            }
-        }
-        let record = read_exit_record(&self.dir);
-        let (code, signal) = match (record, init_status) {
-            (Some(r), _) => (r.code, r.signal),
-            (None, Some(s)) if libc::WIFEXITED(s) => (Some(libc::WEXITSTATUS(s)), None),
-            (None, Some(s)) if libc::WIFSIGNALED(s) => (None, Some(libc::WTERMSIG(s))),
-            _ => (None, None),
-        };
-        crate::trace::mark("instance ended");
-        let oom_killed = self.oom_kills() > 0;
-        let report = ExitReport {
-            code,
-            signal,
-            oom_killed,
-        };
-        self.reaped = Some(report);
-        Some(report)
-    }
-
-    pub fn wait(&mut self) -> ExitReport {
-        loop {
-            if let Some(r) = self.wait_timeout(None) {
-                return r;
-            }
-        }
-    }
-
-    /// SIGTERM (init passes it on), then SIGKILL after `grace`.
-    pub fn stop(&mut self, grace: Duration) -> ExitReport {
-        if self.reaped.is_none() {
-            self.signal(libc::SIGTERM);
-            if let Some(r) = self.wait_timeout(Some(grace)) {
-                return r;
-            }
-            self.signal(libc::SIGKILL);
-        }
-        self.wait()
-    }
-
-    /// Sends a signal to init through the pidfd (never to a recycled pid).
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-        }
     }
 
     /// The hierarchy the instance's cgroups were made in, if it has any.
@@ -857,41 +610,101 @@ impl Instance {
     pub fn limits(&self) -> Option<Limits> {
         self.hierarchy().map(|h| h.read_limits(&self.state.cgroups))
     }
+}
+
+impl Handle for Instance {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
+    /// Init's exit record says how the appliance ended; without one (init itself
+    /// was killed), init's own status.
+    fn collect(&mut self, status: Option<nix::sys::wait::WaitStatus>) -> ExitReport {
+        use nix::sys::wait::WaitStatus;
+        let (code, signal) = match (read_exit_record(&self.dir), status) {
+            (Some(r), _) => (r.code, r.signal),
+            (None, Some(WaitStatus::Exited(_, c))) => (Some(c), None),
+            (None, Some(WaitStatus::Signaled(_, s, _))) => (None, Some(s as i32)),
+            _ => (None, None),
+        };
+        trace::mark("instance ended");
+        ExitReport {
+            code,
+            signal,
+            oom_killed: self.oom_kills() > 0,
+        }
+    }
 
     /// Removes the cgroups and the network attachment; keeps logs and exit status.
-    /// Once, and only after the instance has ended.
-    pub fn release(&mut self) {
-        if self.reaped.is_none() || self.released {
-            return;
-        }
-        self.released = true;
-        crate::trace::mark("releasing");
+    fn free(&mut self) {
+        trace::mark("releasing");
         if let Some(h) = self.hierarchy() {
             let _ = h.remove(&self.state.cgroups);
         }
-        crate::trace::mark("cgroups removed");
+        trace::mark("cgroups removed");
         if let Some(a) = &self.state.network {
             network::release(&self.home, a);
         }
-        let _ = std::fs::remove_file(self.dir.join("state.json"));
-        crate::trace::mark("released");
+        record::remove(&self.dir);
+        trace::mark("released");
     }
 
-    /// For an instance found dead: remove what it left.
-    fn cleanup(mut self) {
-        if self.reaped.is_none() {
-            self.reaped = Some(ExitReport {
-                code: None,
-                signal: None,
-                oom_killed: false,
-            });
+    /// SIGTERM (init passes it on), then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) -> ExitReport {
+        if self.process.reaped().is_none() {
+            self.signal(libc::SIGTERM);
+            if let Some(r) = self.wait_timeout(grace) {
+                return r;
+            }
+            self.signal(libc::SIGKILL);
         }
-        self.release();
+        self.wait()
+    }
+
+    fn address(&self) -> Option<std::net::Ipv4Addr> {
+        self.state.network.as_ref().map(|a| a.address)
+    }
+
+    fn started_unix_ms(&self) -> u64 {
+        self.state.started_unix_ms
+    }
+}
+
+impl From<SandboxError> for BackendError {
+    fn from(e: SandboxError) -> BackendError {
+        match e {
+            SandboxError::BadName(n) => BackendError::BadName(n),
+            SandboxError::Exists(n) => BackendError::Exists(n),
+            SandboxError::NotFound(n) => BackendError::NotFound(n),
+            e @ SandboxError::NoInit(_) => BackendError::Unavailable(Box::new(e)),
+            e => BackendError::Failed(Box::new(e)),
+        }
+    }
+}
+
+impl Backend for Runtime {
+    fn spawn(&self, spec: &InstanceSpec) -> Result<Box<dyn Handle>, BackendError> {
+        Ok(Box::new(Runtime::spawn(self, spec)?))
+    }
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, BackendError> {
+        Ok(Box::new(Runtime::adopt(self, name)?))
+    }
+    fn list(&self) -> Vec<String> {
+        Runtime::list(self)
+    }
+    fn log_path(&self, name: &str) -> PathBuf {
+        Runtime::log_path(self, name)
+    }
+    fn discard(&self, name: &str) -> Result<(), BackendError> {
+        Ok(Runtime::discard(self, name)?)
     }
 }
 
 fn check_name(name: &str) -> Result<(), SandboxError> {
-    if crate::process::valid_name(name) {
+    if juice_runtime::process::valid_name(name) {
         Ok(())
     } else {
         Err(SandboxError::BadName(name.to_owned()))
@@ -1001,14 +814,6 @@ fn write_id_maps(pid: i32, map: &IdMap) -> Result<(), SandboxError> {
     write("gid_map", format!("0 {} {}\n", map.host_gid, map.size))
 }
 
-/// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
-pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1021,13 +826,5 @@ mod tests {
         for bad in ["", "Web", "a/b", "../x", "a_b", &"x".repeat(49)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn start_time_reads_our_own() {
-        let me = std::process::id() as i32;
-        assert!(start_time(me).is_some_and(|t| t > 0));
-        assert_eq!(start_time(me), start_time(me));
-        assert!(start_time(i32::MAX).is_none());
     }
 }

@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use juice_sandbox::{ExitReport, SandboxSpec};
+use juice_runtime::{BackendError, ExitReport, InstanceSpec, Process};
 use rustix::event::{EventfdFlags, eventfd};
 
 use super::{Backend, Handle};
@@ -43,7 +43,7 @@ struct Entry {
     started_unix_ms: u64,
     ended: Option<ExitReport>,
     /// Readable once the instance has ended, as a pidfd is.
-    ended_fd: Arc<OwnedFd>,
+    ended_fd: OwnedFd,
     /// What the agent sees of its health, if it is checked.
     health: Option<Arc<Mutex<Health>>>,
 }
@@ -52,7 +52,7 @@ impl Entry {
     fn end(&mut self, report: ExitReport) -> ExitReport {
         if self.ended.is_none() {
             self.ended = Some(report);
-            let _ = rustix::io::write(&*self.ended_fd, &1u64.to_ne_bytes());
+            let _ = rustix::io::write(&self.ended_fd, &1u64.to_ne_bytes());
         }
         self.ended.unwrap_or(report)
     }
@@ -136,17 +136,20 @@ impl Fake {
         self.table().failing = why.map(str::to_owned);
     }
 
-    fn handle(&self, name: &str) -> Result<Box<dyn Handle>, String> {
+    fn handle(&self, name: &str) -> Result<Box<dyn Handle>, BackendError> {
         let t = self.table();
         let e = t
             .instances
             .get(name)
-            .ok_or_else(|| format!("no instance {name:?}"))?;
+            .ok_or_else(|| BackendError::NotFound(name.to_owned()))?;
+        let ended_fd = e
+            .ended_fd
+            .try_clone()
+            .map_err(|e| BackendError::Failed(Box::new(e)))?;
         Ok(Box::new(FakeHandle {
             name: name.to_owned(),
-            pid: e.pid,
+            process: Process::with_fd(e.pid, ended_fd, false),
             started_unix_ms: e.started_unix_ms,
-            ended_fd: e.ended_fd.clone(),
             health: e.health.clone(),
             fake: self.clone(),
         }))
@@ -154,15 +157,15 @@ impl Fake {
 }
 
 impl Backend for Fake {
-    fn spawn(&self, spec: &SandboxSpec) -> Result<Box<dyn Handle>, String> {
+    fn spawn(&self, spec: &InstanceSpec) -> Result<Box<dyn Handle>, BackendError> {
         {
             let mut t = self.table();
             t.spawns += 1;
             if let Some(why) = &t.failing {
-                return Err(why.clone());
+                return Err(BackendError::Failed(why.clone().into()));
             }
             let ended_fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-                .map_err(|e| format!("eventfd: {e}"))?;
+                .map_err(|e| BackendError::Failed(Box::new(std::io::Error::from(e))))?;
             let pid = i32::try_from(t.spawns).unwrap_or(i32::MAX);
             let health = t.checked.then(|| Arc::new(Mutex::new(Health::starting())));
             t.instances.insert(
@@ -171,7 +174,7 @@ impl Backend for Fake {
                     pid,
                     started_unix_ms: crate::state::now_ms(),
                     ended: None,
-                    ended_fd: Arc::new(ended_fd),
+                    ended_fd,
                     health,
                 },
             );
@@ -179,16 +182,22 @@ impl Backend for Fake {
         self.handle(&spec.name)
     }
 
-    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, String> {
+    fn adopt(&self, name: &str) -> Result<Box<dyn Handle>, BackendError> {
         self.handle(name)
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.table().instances.keys().cloned().collect()
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
         PathBuf::from("/nonexistent").join(name)
     }
 
-    fn discard(&self, name: &str) -> Result<(), String> {
-        self.table().instances.remove(name);
+    fn discard(&self, name: &str) -> Result<(), BackendError> {
+        if let Some(mut e) = self.table().instances.remove(name) {
+            e.end(GONE);
+        }
         Ok(())
     }
 }
@@ -196,10 +205,9 @@ impl Backend for Fake {
 /// One instance in the table.
 struct FakeHandle {
     name: String,
-    pid: i32,
+    /// Its "pid" is the spawn count; its descriptor the entry's end.
+    process: Process,
     started_unix_ms: u64,
-    /// Kept here too, so that the descriptor `wait_fd` gives stays open.
-    ended_fd: Arc<OwnedFd>,
     health: Option<Arc<Mutex<Health>>>,
     fake: Fake,
 }
@@ -215,19 +223,19 @@ impl FakeHandle {
 }
 
 /// What an instance discarded from the table reports.
-const GONE: ExitReport = ExitReport {
-    code: None,
-    signal: None,
-    oom_killed: false,
-};
+const GONE: ExitReport = ExitReport::UNKNOWN;
 
 impl Handle for FakeHandle {
-    fn pid(&self) -> i32 {
-        self.pid
+    fn process(&self) -> &Process {
+        &self.process
     }
-    fn wait_fd(&self) -> RawFd {
-        self.ended_fd.as_raw_fd()
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
+    fn collect(&mut self, _status: Option<nix::sys::wait::WaitStatus>) -> ExitReport {
+        self.ended().unwrap_or(GONE)
+    }
+    fn free(&mut self) {}
     fn is_running(&self) -> bool {
         self.ended().is_none()
     }
@@ -235,19 +243,17 @@ impl Handle for FakeHandle {
     fn wait(&mut self) -> ExitReport {
         self.stop(Duration::ZERO)
     }
-    fn wait_timeout(&mut self, _timeout: Duration) -> Option<ExitReport> {
-        self.ended()
-    }
     fn stop(&mut self, _grace: Duration) -> ExitReport {
         let term = ExitReport {
             code: None,
             signal: Some(libc::SIGTERM),
             oom_killed: false,
         };
-        match self.fake.table().instances.get_mut(&self.name) {
+        let report = match self.fake.table().instances.get_mut(&self.name) {
             Some(e) => e.end(term),
             None => GONE,
-        }
+        };
+        self.reap_timeout(Some(Duration::ZERO)).unwrap_or(report)
     }
     fn address(&self) -> Option<Ipv4Addr> {
         None

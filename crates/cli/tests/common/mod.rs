@@ -190,7 +190,7 @@ impl Drop for InstanceSweeper {
             }
         }
         // Published ports outlive the daemon (DNAT rules): withdraw this home's.
-        use juice_sandbox::network::publish;
+        use juice_net::publish;
         let published: std::collections::BTreeMap<String, Option<publish::Published>> =
             publish::current(&self.0)
                 .into_keys()

@@ -40,15 +40,7 @@ pub(crate) fn io_err(
     }
 }
 
-/// The limits of one instance.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Limits {
-    /// CPU share: 0.5 is half a core.
-    pub cpus: Option<f64>,
-    /// Bytes of memory, swap excluded (no swap is allowed).
-    pub memory: Option<u64>,
-    pub pids: Option<u32>,
-}
+pub use juice_runtime::Limits;
 
 /// The period a CPU quota is measured over.
 pub const CPU_PERIOD_US: u64 = 100_000;

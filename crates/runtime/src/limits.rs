@@ -20,8 +20,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::spec::Limits;
 use juice_image::manifest::{Size, parse_toml};
-use juice_sandbox::cgroup::Limits;
 use serde::Deserialize;
 
 /// Applied when neither the image nor `limits.toml` says otherwise.

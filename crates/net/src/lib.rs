@@ -1,4 +1,5 @@
-//! Instance networking: a veth from each instance to the `juice0` bridge, an
+//! Juice's instance networking, shared by the sandbox and the microVM
+//! backends: a veth (or a tap) from each instance to the `juice0` bridge, an
 //! address from a persisted pool, default-deny between instances (nftables),
 //! and published ports.
 //!
@@ -12,12 +13,36 @@
 //!   so they do not depend on the process that published them.
 //! - An instance's veth dies with its network namespace, so a crashed caller
 //!   leaves no interface; addresses and rules of dead instances are released
-//!   by `Runtime::cleanup_stale`.
+//!   by the backends' `cleanup_stale`.
+//!
+//! Written for Juice: the rules are Juice's own (which instance may reach
+//! which, pinned by address and MAC); the commodity parts come from
+//! `rtnetlink` (links and addresses) and the `nft` program (rule sets).
 
 mod ipam;
 mod links;
 mod nft;
 pub mod publish;
+
+/// Phase timings on stderr when `JUICE_TRACE` is set: where a start spends its time.
+pub mod trace {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    fn start() -> Option<&'static Instant> {
+        static START: OnceLock<Option<Instant>> = OnceLock::new();
+        START
+            .get_or_init(|| std::env::var_os("JUICE_TRACE").map(|_| Instant::now()))
+            .as_ref()
+    }
+
+    /// Prints `phase` with the microseconds since the first call in this process.
+    pub fn mark(phase: &str) {
+        if let Some(t) = start() {
+            eprintln!("juice-trace {:>8} us  {phase}", t.elapsed().as_micros());
+        }
+    }
+}
 
 use std::net::Ipv4Addr;
 use std::path::Path;
