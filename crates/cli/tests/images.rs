@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Juice, Rng, copy_dir, require, workspace};
+use common::{ChildGuard, Juice, Rng, copy_dir, free_port, require, workspace};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 
@@ -64,15 +64,6 @@ fn nginx_builds_with_its_closure_and_runs_from_its_own_root() {
     }
     // A second materialise reuses the content-addressed tree.
     assert_eq!(materialise(&store, "nginx:1").unwrap().path, root);
-}
-
-/// Finds a free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, daemon};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -29,14 +29,6 @@ fn require_vm_tools() {
         kernel || std::env::var_os("JUICE_KERNEL").is_some(),
         "this test needs linux-image-cloud-amd64 (installed by .ci/run)"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(port: u16, path: &str) -> std::io::Result<String> {

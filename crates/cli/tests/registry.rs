@@ -8,17 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice};
+use common::{ChildGuard, InstanceSweeper, Juice, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `docker-registry` of our own on loopback, stopped by PID when dropped.
 struct Registry {

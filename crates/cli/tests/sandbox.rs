@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Juice, workspace_binary};
+use common::{ChildGuard, Juice, free_port, workspace_binary};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_sandbox::cgroup::Limits;
@@ -330,11 +330,7 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
     common::hello_web_binary();
     let j = Juice::new();
     j.ok(&["build", "examples/hello-web"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = j
         .cmd()
         .args([

@@ -73,6 +73,15 @@ pub fn workspace() -> PathBuf {
         .expect("workspace root")
 }
 
+/// Finds a free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Fails loudly when a tool a test needs is missing: such a test must never pass silently.
 pub fn require(tool: &str) {
     let found = Command::new("sh")
