@@ -7,13 +7,42 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, daemon};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a test with hello-web instances starts from: its turn (they run one at a
+/// time), the example program checked, a fresh home, a free port, and a sweeper that
+/// kills whatever instances the test leaves behind. Fields drop in order: the
+/// sweeper (after the test's daemons, declared later), then the home, then the turn.
+struct Host {
+    _sweeper: InstanceSweeper,
+    j: Juice,
+    port: u16,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let serial = serial();
+        common::hello_web_binary();
+        let j = Juice::new();
+        Host {
+            _sweeper: InstanceSweeper(j.home.path().to_owned()),
+            j,
+            port: free_port(),
+            _serial: serial,
+        }
+    }
+}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -126,16 +155,9 @@ impl Client {
 
 #[test]
 fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgraded() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let file = site(&j, "web", port, "/healthz");
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let mut d1 = daemon(&j);
     j.ok(&["apply", "-f", &file]);
     wait_for("2 ready instances", Duration::from_secs(30), || {
@@ -235,17 +257,9 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
 
 #[test]
 fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let good = site(&j, "good", port, "/healthz");
-    // Dropped after the daemons (declared first): whatever instances are left go too.
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let mut d = daemon(&j);
 
     let plan = j.ok(&["plan", "-f", &good]);
@@ -451,7 +465,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
 
 #[test]
 fn bad_input_and_strangers_are_refused_and_change_nothing() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _d = daemon(&j);
     let sock = j.home.path().join("juice.sock");
@@ -538,16 +552,9 @@ fn bad_input_and_strangers_are_refused_and_change_nothing() {
 
 #[test]
 fn juice_up_serves_and_tears_down_on_ctrl_c() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let file = site(&j, "up", port, "/healthz");
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let child = j
         .cmd()
         .args(["up", "-f", &file])
@@ -599,19 +606,12 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
 
 #[test]
 fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let sites = [
         site(&j, "a", port, "/healthz"),
         site(&j, "b", port, "/healthz"),
     ];
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let mut rng = common::Rng::from_env_or_time();
     let mut d = daemon(&j);
     let mut mid_rollout = 0;
@@ -670,7 +670,7 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
 
 #[test]
 fn remote_access_needs_a_client_certificate_from_our_ca() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     common::require("openssl");
     let j = Juice::new();
     let tls = j.home.path().join("tls");
@@ -686,11 +686,7 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
             & 0o777,
         0o600
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = j
         .cmd()
@@ -795,7 +791,7 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
 /// the appliance could replace with a link is not followed.
 #[test]
 fn hostile_names_on_every_route_never_reach_a_host_file() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _d = daemon(&j);
     let sock = j.home.path().join("juice.sock");
@@ -865,15 +861,8 @@ fn hostile_names_on_every_route_never_reach_a_host_file() {
 /// daemon finishes the delete, and nothing of the group is left on the host.
 #[test]
 fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let file = site(&j, "a", port, "/healthz");
     let mut d = daemon(&j);
     j.ok(&["apply", "-f", &file]);
@@ -915,7 +904,7 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
 
 #[test]
 fn a_start_that_keeps_failing_backs_off_and_leaves_nothing_behind() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _sweeper = InstanceSweeper(j.home.path().to_owned());
     // An appliance whose command is not executable: each start gets as far as
