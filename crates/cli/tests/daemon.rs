@@ -52,6 +52,19 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the group `web` has 2 ready instances.
+fn wait_ready(j: &Juice, what: &str, timeout: Duration) {
+    wait_for(what, timeout, || group(j, "web")["ready"] == 2);
+}
+
+/// How many instances have a state file in the home (the host's view, not the daemon's).
+fn instance_records(j: &Juice) -> usize {
+    std::fs::read_dir(j.home.path().join("instances"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
+        .count()
+}
+
 fn json(j: &Juice, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.extend(["-o", "json"]);
@@ -87,20 +100,17 @@ fn get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// A site with one hello-web group; `health` is the path its health check probes.
 fn site(j: &Juice, name: &str, port: u16, health: &str) -> String {
-    let app = j.home.path().join(format!("app-{name}"));
-    std::fs::create_dir_all(&app).unwrap();
     let manifest = common::hello_web_manifest()
         .replace("http = \"/healthz\"", &format!("http = \"{health}\""));
-    std::fs::write(app.join("juice.toml"), manifest).unwrap();
-    let file = j.home.path().join(format!("{name}.toml"));
-    std::fs::write(
-        &file,
-        format!(
+    common::write_site(
+        j,
+        &format!("app-{name}"),
+        &manifest,
+        &format!("{name}.toml"),
+        &format!(
             "[group.web]\nimage = \"./app-{name}\"\nsize = 2\npublish = [\"127.0.0.1:{port}:8080\"]\n\n[group.web.update]\nmax_unavailable = 1\nhealth_gate = \"2s\"\non_failure = \"rollback\"\n"
         ),
     )
-    .unwrap();
-    file.to_str().unwrap().to_owned()
 }
 
 /// Sends `GET /healthz` to `port` every 50 ms (at most `max` requests, for at
@@ -160,9 +170,7 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
     let file = site(&j, "web", port, "/healthz");
     let mut d1 = daemon(&j);
     j.ok(&["apply", "-f", &file]);
-    wait_for("2 ready instances", Duration::from_secs(30), || {
-        group(&j, "web")["ready"] == 2
-    });
+    wait_ready(j, "2 ready instances", Duration::from_secs(30));
     wait_for("the published port", Duration::from_secs(10), || {
         get(port, "/healthz").is_ok()
     });
@@ -182,10 +190,10 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
     d1.0.wait().unwrap();
     made.push(("with no daemon", during(Duration::from_secs(1))));
     let d2 = daemon(&j);
-    wait_for(
+    wait_ready(
+        j,
         "the second daemon to adopt both instances",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
     made.push(("with the second daemon", during(Duration::from_millis(500))));
 
@@ -212,10 +220,10 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
         Duration::from_secs(10),
         || std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_ok(),
     );
-    wait_for(
+    wait_ready(
+        j,
         "the upgraded daemon to adopt both instances",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
     made.push(("with the upgraded daemon", during(Duration::from_secs(1))));
     client.stop.store(true, Ordering::Relaxed);
@@ -269,9 +277,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         "plan changes nothing"
     );
     j.ok(&["apply", "-f", &good]);
-    wait_for("2 ready instances", Duration::from_secs(20), || {
-        group(&j, "web")["ready"] == 2
-    });
+    wait_ready(j, "2 ready instances", Duration::from_secs(20));
     assert!(get(port, "/").unwrap().contains("hello from juice"));
     assert!(
         j.ok(&["apply", "-f", &good]).contains("nothing to do"),
@@ -392,16 +398,13 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         get(port, "/healthz").is_ok(),
         "the published port (DNAT rules) outlives the daemon"
     );
-    let running = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let running = instance_records(j);
     assert_eq!(running, 2, "the instances outlive the daemon");
     let _d2 = daemon(&j);
-    wait_for(
+    wait_ready(
+        j,
         "the adopted instances to be ready",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
     let mut after: Vec<String> = instances(&j)
         .iter()
@@ -596,10 +599,7 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
             && out.contains("stopping"),
         "{out}"
     );
-    let running = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let running = instance_records(j);
     assert_eq!(running, 0, "everything juice up started is gone");
     assert!(get(port, "/").is_err());
 }
@@ -657,10 +657,7 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         last.borrow(),
         String::from_utf8_lossy(&j.cmd().args(["events"]).output().unwrap().stdout)
     );
-    let on_disk = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let on_disk = instance_records(j);
     assert_eq!(on_disk, 2, "no orphaned instance outside the daemon's view");
     j.ok(&["delete", "web"]);
     wait_for("the instances to stop", Duration::from_secs(20), || {
@@ -866,9 +863,7 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
     let file = site(&j, "a", port, "/healthz");
     let mut d = daemon(&j);
     j.ok(&["apply", "-f", &file]);
-    wait_for("2 ready instances", Duration::from_secs(60), || {
-        group(&j, "web")["ready"] == 2
-    });
+    wait_ready(j, "2 ready instances", Duration::from_secs(60));
     let pids: Vec<i64> = instances(&j)
         .iter()
         .filter_map(|i| i["pid"].as_i64())
@@ -909,22 +904,18 @@ fn a_start_that_keeps_failing_backs_off_and_leaves_nothing_behind() {
     let _sweeper = InstanceSweeper(j.home.path().to_owned());
     // An appliance whose command is not executable: each start gets as far as
     // the cgroups, the address and the nftables pin before init's exec fails.
-    let app = j.home.path().join("app-nostart");
-    std::fs::create_dir_all(app.join("static")).unwrap();
-    std::fs::write(app.join("static/index.html"), "hi").unwrap();
-    std::fs::write(
-        app.join("juice.toml"),
+    let static_dir = j.home.path().join("app-nostart/static");
+    std::fs::create_dir_all(&static_dir).unwrap();
+    std::fs::write(static_dir.join("index.html"), "hi").unwrap();
+    let file = common::write_site(
+        &j,
+        "app-nostart",
         "[appliance]\nname = \"nostart\"\nversion = \"1\"\n[build]\nfiles = [{ from = \"static/\", to = \"/srv/www\" }]\n[run]\ncommand = [\"/srv/www/index.html\"]\n",
-    )
-    .unwrap();
-    let file = j.home.path().join("nostart.toml");
-    std::fs::write(
-        &file,
+        "nostart.toml",
         "[group.nostart]\nimage = \"./app-nostart\"\nsize = 1\n",
-    )
-    .unwrap();
+    );
     let _d = daemon(&j);
-    j.ok(&["apply", "-f", file.to_str().unwrap()]);
+    j.ok(&["apply", "-f", &file]);
     // The measure: 20 s of failing starts.
     std::thread::sleep(Duration::from_secs(20));
     let events = j.ok(&["events", "-o", "json"]);

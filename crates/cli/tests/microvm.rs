@@ -174,20 +174,15 @@ fn juice_run_boots_hello_web_as_a_microvm_and_refuses_a_corrupt_root() {
 }
 
 fn write_site(j: &Juice, port: u16, isolation: &str, size: u32) -> String {
-    let app = j.home.path().join("app");
-    if !app.exists() {
-        std::fs::create_dir_all(&app).unwrap();
-        std::fs::write(app.join("juice.toml"), common::hello_web_manifest()).unwrap();
-    }
-    let file = j.home.path().join(format!("site-{isolation}-{size}.toml"));
-    std::fs::write(
-        &file,
-        format!(
+    common::write_site(
+        j,
+        "app",
+        &common::hello_web_manifest(),
+        &format!("site-{isolation}-{size}.toml"),
+        &format!(
             "[group.vm]\nimage = \"./app\"\nsize = {size}\nisolation = \"{isolation}\"\npublish = [\"127.0.0.1:{port}:8080\"]\n\n[group.vm.update]\nhealth_gate = \"1s\"\n"
         ),
     )
-    .unwrap();
-    file.to_str().unwrap().to_owned()
 }
 
 fn instances(j: &Juice) -> Vec<serde_json::Value> {

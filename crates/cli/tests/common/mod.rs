@@ -222,6 +222,20 @@ pub fn hello_web_manifest() -> String {
         .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
 }
 
+/// Writes a site file `file` (in `j`'s home) with `site` in it, and the app it builds:
+/// `manifest` as `app/juice.toml` (in the home), unless that is already written, so a
+/// daemon never reads a half-rewritten manifest. Returns the site file's path.
+pub fn write_site(j: &Juice, app: &str, manifest: &str, file: &str, site: &str) -> String {
+    let app = j.home.path().join(app);
+    std::fs::create_dir_all(&app).unwrap();
+    if !app.join("juice.toml").exists() {
+        std::fs::write(app.join("juice.toml"), manifest).unwrap();
+    }
+    let file = j.home.path().join(file);
+    std::fs::write(&file, site).unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
 /// `juice daemon` for `j` with extra environment, once its socket answers; stopped
 /// (by PID) when the guard drops.
 pub fn daemon_with_env(j: &Juice, env: &[(&str, &str)]) -> ChildGuard {
