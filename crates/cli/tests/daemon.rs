@@ -57,6 +57,14 @@ fn wait_ready(j: &Juice, what: &str, timeout: Duration) {
     wait_for(what, timeout, || group(j, "web")["ready"] == 2);
 }
 
+/// Deletes the group `web` and waits for its instances to stop.
+fn delete_web(j: &Juice) {
+    j.ok(&["delete", "web"]);
+    wait_for("the instances to stop", Duration::from_secs(20), || {
+        instances(j).is_empty()
+    });
+}
+
 /// How many instances have a state file in the home (the host's view, not the daemon's).
 fn instance_records(j: &Juice) -> usize {
     std::fs::read_dir(j.home.path().join("instances"))
@@ -86,11 +94,7 @@ fn instances(j: &Juice) -> Vec<serde_json::Value> {
 }
 
 fn get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
+    let body = common::http_get(port, path, Duration::from_secs(3))?;
     if body.starts_with("HTTP/1.1 200") {
         Ok(body)
     } else {
@@ -460,10 +464,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     assert!(j.ok(&["logs", name]).contains("listening on port 8080"));
     let err = j.fails(&["rollback", "web", "--to", "7"]);
     assert!(err.contains("revision 7 is not kept"), "{err}");
-    j.ok(&["delete", "web"]);
-    wait_for("the instances to stop", Duration::from_secs(20), || {
-        instances(&j).is_empty()
-    });
+    delete_web(j);
 }
 
 #[test]
@@ -659,10 +660,7 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
     );
     let on_disk = instance_records(j);
     assert_eq!(on_disk, 2, "no orphaned instance outside the daemon's view");
-    j.ok(&["delete", "web"]);
-    wait_for("the instances to stop", Duration::from_secs(20), || {
-        instances(&j).is_empty()
-    });
+    delete_web(j);
 }
 
 #[test]

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -66,15 +64,6 @@ fn nginx_builds_with_its_closure_and_runs_from_its_own_root() {
     assert_eq!(materialise(&store, "nginx:1").unwrap().path, root);
 }
 
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
 #[test]
 fn hello_web_serves_from_its_own_root_as_its_declared_user() {
     common::hello_web_binary();
@@ -99,7 +88,7 @@ fn hello_web_serves_from_its_own_root_as_its_declared_user() {
     let _guard = ChildGuard(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     let health = loop {
-        match http_get(port, "/healthz") {
+        match common::http_get(port, "/healthz", Duration::from_secs(5)) {
             Ok(body) => break body,
             Err(e) if Instant::now() > deadline => panic!("hello-web never answered: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -109,7 +98,7 @@ fn hello_web_serves_from_its_own_root_as_its_declared_user() {
         health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
         "{health}"
     );
-    let page = http_get(port, "/index.html").unwrap();
+    let page = common::http_get(port, "/index.html", Duration::from_secs(5)).unwrap();
     assert!(page.contains("hello from a juice appliance"), "{page}");
 }
 

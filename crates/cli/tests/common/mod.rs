@@ -82,6 +82,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET path` from `port` on loopback over HTTP/1.1, reading for at most `timeout`
+/// at a time: the whole answer (head and body), whatever its status.
+pub fn http_get(port: u16, path: &str, timeout: std::time::Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
 /// Fails loudly when a tool a test needs is missing: such a test must never pass silently.
 pub fn require(tool: &str) {
     let found = Command::new("sh")
