@@ -57,6 +57,13 @@ fn wait_ready(j: &Juice, what: &str, timeout: Duration) {
     wait_for(what, timeout, || group(j, "web")["ready"] == 2);
 }
 
+/// Applies a fresh site (`site(j, name, port, "/healthz")`) to the running daemon and
+/// waits at most `timeout` for its 2 ready instances.
+fn applied(j: &Juice, name: &str, port: u16, timeout: Duration) {
+    j.ok(&["apply", "-f", &site(j, name, port, "/healthz")]);
+    wait_ready(j, "2 ready instances", timeout);
+}
+
 /// Deletes the group `web` and waits for its instances to stop.
 fn delete_web(j: &Juice) {
     j.ok(&["delete", "web"]);
@@ -171,10 +178,8 @@ impl Client {
 fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgraded() {
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
-    let file = site(&j, "web", port, "/healthz");
-    let mut d1 = daemon(&j);
-    j.ok(&["apply", "-f", &file]);
-    wait_ready(j, "2 ready instances", Duration::from_secs(30));
+    let mut d1 = daemon(j);
+    applied(j, "web", port, Duration::from_secs(30));
     wait_for("the published port", Duration::from_secs(10), || {
         get(port, "/healthz").is_ok()
     });
@@ -717,22 +722,14 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
 
     // No client certificate at all: the handshake ends with "certificate required", no answer.
     let s_client = |extra: &[&str]| {
-        let mut c = Command::new("openssl")
-            .args(["s_client", "-quiet", "-connect", &addr, "-CAfile"])
-            .arg(tls.join("ca.pem"))
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = c.stdin.take().unwrap();
-        stdin
-            .write_all(b"GET /v1/groups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        drop(stdin);
-        let out = c.wait_with_output().unwrap();
+        let out = common::output_with_input(
+            Command::new("openssl")
+                .args(["s_client", "-quiet", "-connect", &addr, "-CAfile"])
+                .arg(tls.join("ca.pem"))
+                .args(extra),
+            b"GET /v1/groups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_millis(500),
+        );
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -858,10 +855,8 @@ fn hostile_names_on_every_route_never_reach_a_host_file() {
 fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
-    let file = site(&j, "a", port, "/healthz");
-    let mut d = daemon(&j);
-    j.ok(&["apply", "-f", &file]);
-    wait_ready(j, "2 ready instances", Duration::from_secs(60));
+    let mut d = daemon(j);
+    applied(j, "a", port, Duration::from_secs(60));
     let pids: Vec<i64> = instances(&j)
         .iter()
         .filter_map(|i| i["pid"].as_i64())

@@ -139,22 +139,7 @@ fn hello_web_ran(out: &std::process::Output) -> bool {
 
 /// `juice ARGS` with `input` on its stdin (a password).
 fn with_stdin(j: &Juice, args: &[&str], input: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = j
-        .cmd()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::output_with_input(j.cmd().args(args), input.as_bytes(), Duration::ZERO)
 }
 
 /// `juice login` to `reg` with the test registry's credential; the auth file is 0600.

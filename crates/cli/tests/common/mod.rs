@@ -94,6 +94,24 @@ pub fn http_get(port: u16, path: &str, timeout: std::time::Duration) -> std::io:
     Ok(body)
 }
 
+/// Runs `cmd` with `input` on its stdin, which stays open `linger` longer (for a
+/// peer that answers late) before it closes; returns all it wrote.
+pub fn output_with_input(cmd: &mut Command, input: &[u8], linger: std::time::Duration) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    std::thread::sleep(linger);
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
 /// Fails loudly when a tool a test needs is missing: such a test must never pass silently.
 pub fn require(tool: &str) {
     let found = Command::new("sh")
