@@ -765,6 +765,39 @@ fn docker_archive_with_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     outer.into_inner().unwrap()
 }
 
+/// A plain-HTTP server on loopback, one request per connection, whose thread ends with
+/// the test process: `answer` gets the server's port, each request's path and
+/// `Authorization` header, and the connection to answer on. Returns the port.
+fn serve(
+    answer: impl Fn(u16, String, Option<String>, std::net::TcpStream) + Send + 'static,
+) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut authorization = None;
+            let mut h = String::new();
+            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                {
+                    authorization = Some(v.trim().to_owned());
+                }
+                h.clear();
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            answer(port, path, authorization, stream);
+        }
+    });
+    port
+}
+
 /// How the fake registry misbehaves when the image's layer is fetched.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -791,100 +824,86 @@ fn fake_registry(
     layer: String,
     fault: Fault,
 ) -> (u16, Hits) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    use std::io::Write;
     let hits = Hits::default();
     let log = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-            log.lock().unwrap().push(path.clone());
-            let mut out = stream;
-            let respond = |out: &mut std::net::TcpStream,
-                           status: &str,
-                           ctype: &str,
-                           body: &[u8],
-                           claimed: usize| {
-                let _ = write!(
-                    out,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
-                );
-                let _ = out.write_all(body);
+    let port = serve(move |_, path, _, stream| {
+        log.lock().unwrap().push(path.clone());
+        let mut out = stream;
+        let respond = |out: &mut std::net::TcpStream,
+                       status: &str,
+                       ctype: &str,
+                       body: &[u8],
+                       claimed: usize| {
+            let _ = write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = out.write_all(body);
+        };
+        if path == "/v2/" {
+            respond(&mut out, "200 OK", "application/json", b"{}", 2);
+        } else if path.contains("/manifests/") && !path.contains(".sig") {
+            respond(
+                &mut out,
+                "200 OK",
+                "application/vnd.oci.image.manifest.v1+json",
+                &manifest,
+                manifest.len(),
+            );
+        } else if let Some(d) = path.split("/blobs/").nth(1) {
+            let Some(body) = blobs.get(d) else {
+                respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+                return;
             };
-            if path == "/v2/" {
-                respond(&mut out, "200 OK", "application/json", b"{}", 2);
-            } else if path.contains("/manifests/") && !path.contains(".sig") {
+            if d != layer {
                 respond(
                     &mut out,
                     "200 OK",
-                    "application/vnd.oci.image.manifest.v1+json",
-                    &manifest,
-                    manifest.len(),
+                    "application/octet-stream",
+                    body,
+                    body.len(),
                 );
-            } else if let Some(d) = path.split("/blobs/").nth(1) {
-                let Some(body) = blobs.get(d) else {
-                    respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
-                    continue;
-                };
-                if d != layer {
+                return;
+            }
+            match fault {
+                Fault::WrongContent => {
+                    let mut other = body.clone();
+                    let mid = other.len() / 2;
+                    other[mid] ^= 0xff;
                     respond(
                         &mut out,
                         "200 OK",
                         "application/octet-stream",
-                        body,
-                        body.len(),
+                        &other,
+                        other.len(),
                     );
-                    continue;
                 }
-                match fault {
-                    Fault::WrongContent => {
-                        let mut other = body.clone();
-                        let mid = other.len() / 2;
-                        other[mid] ^= 0xff;
-                        respond(
-                            &mut out,
-                            "200 OK",
-                            "application/octet-stream",
-                            &other,
-                            other.len(),
-                        );
-                    }
-                    Fault::Truncated => respond(
-                        &mut out,
-                        "200 OK",
-                        "application/octet-stream",
-                        &body[..body.len() / 2],
-                        body.len(),
-                    ),
-                    Fault::ServerError => respond(
-                        &mut out,
-                        "503 Service Unavailable",
-                        "text/plain",
-                        b"overloaded",
-                        10,
-                    ),
-                    Fault::GoesAway => drop(out),
-                    Fault::None => respond(
-                        &mut out,
-                        "200 OK",
-                        "application/octet-stream",
-                        body,
-                        body.len(),
-                    ),
-                }
-            } else {
-                respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+                Fault::Truncated => respond(
+                    &mut out,
+                    "200 OK",
+                    "application/octet-stream",
+                    &body[..body.len() / 2],
+                    body.len(),
+                ),
+                Fault::ServerError => respond(
+                    &mut out,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"overloaded",
+                    10,
+                ),
+                Fault::GoesAway => drop(out),
+                Fault::None => respond(
+                    &mut out,
+                    "200 OK",
+                    "application/octet-stream",
+                    body,
+                    body.len(),
+                ),
             }
+        } else {
+            respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
         }
     });
     (port, hits)
@@ -1049,46 +1068,26 @@ type Recorded = std::sync::Arc<Mutex<Vec<(String, Option<String>)>>>;
 /// `/v2/` answers 401 with `challenge`, `/token` hands out a token, anything else is 401.
 /// Its thread ends with the test process.
 fn recorder(challenge: impl Fn(u16) -> String + Send + 'static) -> (u16, Recorded) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    use std::io::Write;
     let seen = Recorded::default();
     let log = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut authorization = None;
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                if let Some((k, v)) = h.split_once(':')
-                    && k.eq_ignore_ascii_case("authorization")
-                {
-                    authorization = Some(v.trim().to_owned());
-                }
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-            log.lock().unwrap().push((path.clone(), authorization));
-            let mut out = stream;
-            let (status, extra, body) = if path.starts_with("/token") {
-                ("200 OK", String::new(), r#"{"token":"t0ken"}"#.to_owned())
-            } else {
-                (
-                    "401 Unauthorized",
-                    format!("WWW-Authenticate: {}\r\n", challenge(port)),
-                    "{}".to_owned(),
-                )
-            };
-            let _ = write!(
-                out,
-                "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
+    let port = serve(move |port, path, authorization, stream| {
+        log.lock().unwrap().push((path.clone(), authorization));
+        let mut out = stream;
+        let (status, extra, body) = if path.starts_with("/token") {
+            ("200 OK", String::new(), r#"{"token":"t0ken"}"#.to_owned())
+        } else {
+            (
+                "401 Unauthorized",
+                format!("WWW-Authenticate: {}\r\n", challenge(port)),
+                "{}".to_owned(),
+            )
+        };
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
     });
     (port, seen)
 }
