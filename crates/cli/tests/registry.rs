@@ -114,6 +114,17 @@ fn run_quietly(j: &Juice, image: &str) -> std::process::Output {
     run_quietly_with(j, image, &[])
 }
 
+/// Runs the imported program `image` quietly: it must print its greeting.
+fn assert_says_hi(j: &Juice, image: &str) {
+    let ran = run_quietly(j, image);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "imported says hi",
+        "{}",
+        common::text(&ran)
+    );
+}
+
 /// [`run_quietly`] with extra environment (a CA for the pull).
 fn run_quietly_with(j: &Juice, image: &str, env: &[(&str, &str)]) -> std::process::Output {
     j.cmd()
@@ -631,13 +642,7 @@ fn container_images_import_as_appliances_pruned_or_whole() {
         out.contains("[[volumes]]") && out.contains("/data"),
         "{out}"
     );
-    let ran = run_quietly(&j, "app:whole");
-    assert_eq!(
-        String::from_utf8_lossy(&ran.stdout).trim(),
-        "imported says hi",
-        "{}",
-        common::text(&ran)
-    );
+    assert_says_hi(&j, "app:whole");
 
     // The OCI layout, pruned to the program's closure.
     let source = format!("{}:app", layout.display());
@@ -656,13 +661,7 @@ fn container_images_import_as_appliances_pruned_or_whole() {
     assert!(kept < total, "{report}");
     let dropped = report["dropped"].to_string();
     assert!(dropped.contains("/usr/share/doc"), "{dropped}");
-    let ran = run_quietly(&j, "app:pruned");
-    assert_eq!(
-        String::from_utf8_lossy(&ran.stdout).trim(),
-        "imported says hi",
-        "{}",
-        common::text(&ran)
-    );
+    assert_says_hi(&j, "app:pruned");
     // What the layers deleted is gone; what pruning dropped is gone; the closure is there.
     let inspect = j.ok(&["inspect", "app:pruned", "-o", "json"]);
     assert!(
@@ -763,6 +762,11 @@ fn docker_archive_with_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
         outer.append_data(&mut h, name, data).unwrap();
     }
     outer.into_inner().unwrap()
+}
+
+/// `juice pull HOST/REPO --insecure HOST -q`, which must fail; returns stderr.
+fn pull_insecure_fails(j: &Juice, host: &str, repo: &str) -> String {
+    j.fails(&["pull", &format!("{host}/{repo}"), "--insecure", host, "-q"])
 }
 
 /// A plain-HTTP server on loopback, one request per connection, whose thread ends with
@@ -939,13 +943,7 @@ fn an_image_over_the_size_limit_is_refused_before_its_layers_are_fetched() {
     let (port, hits) = fake_registry(blobs.clone(), huge, layer.clone(), Fault::None);
     let host = format!("127.0.0.1:{port}");
     let j = Juice::new();
-    let err = j.fails(&[
-        "pull",
-        &format!("{host}/apps/hello:1"),
-        "--insecure",
-        &host,
-        "-q",
-    ]);
+    let err = pull_insecure_fails(&j, &host, "apps/hello:1");
     assert!(
         err.contains(&layer) && err.contains("over the limit") && err.contains("before download"),
         "{err}"
@@ -993,13 +991,7 @@ fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
         let (port, _) = fake_registry(blobs.clone(), manifest.clone(), layer.clone(), fault);
         let host = format!("127.0.0.1:{port}");
         let j = Juice::new();
-        let err = j.fails(&[
-            "pull",
-            &format!("{host}/apps/hello:1"),
-            "--insecure",
-            &host,
-            "-q",
-        ]);
+        let err = pull_insecure_fails(&j, &host, "apps/hello:1");
         assert!(
             err.contains(&host) && err.contains(want),
             "{fault:?}: {err}"
@@ -1114,13 +1106,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     // Registry B asks every client for basic credentials. It gets none: they are A's.
     let (b, seen_b) = recorder(|_| "Basic realm=\"b\"".to_owned());
     let b_host = format!("127.0.0.1:{b}");
-    let err = j.fails(&[
-        "pull",
-        &format!("{b_host}/apps/x:1"),
-        "--insecure",
-        &b_host,
-        "-q",
-    ]);
+    let err = pull_insecure_fails(&j, &b_host, "apps/x:1");
     assert!(err.contains("401") && err.contains("juice login"), "{err}");
     let seen = seen_b.lock().unwrap().clone();
     assert!(!seen.is_empty());
@@ -1139,13 +1125,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     file["auths"][&c_host] = serde_json::json!({ "username": "cu", "password": "cp" });
     std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
     seen_b.lock().unwrap().clear();
-    j.fails(&[
-        "pull",
-        &format!("{c_host}/apps/x:1"),
-        "--insecure",
-        &c_host,
-        "-q",
-    ]);
+    pull_insecure_fails(&j, &c_host, "apps/x:1");
     let seen = seen_b.lock().unwrap().clone();
     assert!(
         seen.iter().any(|(p, _)| p.starts_with("/token")),
@@ -1169,13 +1149,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     let d_host = format!("127.0.0.1:{d}");
     file["auths"][&d_host] = serde_json::json!({ "username": "du", "password": "dp" });
     std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
-    j.fails(&[
-        "pull",
-        &format!("{d_host}/apps/x:1"),
-        "--insecure",
-        &d_host,
-        "-q",
-    ]);
+    pull_insecure_fails(&j, &d_host, "apps/x:1");
     let seen = seen_d.lock().unwrap().clone();
     let d_secret = basic("du", "dp");
     assert!(
