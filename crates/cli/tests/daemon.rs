@@ -564,14 +564,12 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
     let file = site(&j, "up", port, "/healthz");
-    let child = j
-        .cmd()
-        .args(["up", "-f", &file])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut up = ChildGuard(child);
+    let mut up = ChildGuard::spawn(
+        j.cmd()
+            .args(["up", "-f", &file])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     wait_for("juice up to serve", Duration::from_secs(30), || {
         get(port, "/").is_ok()
     });
@@ -688,14 +686,12 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
     );
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = j
-        .cmd()
-        .args(["daemon", "--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _d = ChildGuard(child);
+    let _d = ChildGuard::spawn(
+        j.cmd()
+            .args(["daemon", "--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     wait_for("the TLS port", Duration::from_secs(10), || {
         std::net::TcpStream::connect(&addr).is_ok()
     });

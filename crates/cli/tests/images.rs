@@ -72,20 +72,19 @@ fn hello_web_serves_from_its_own_root_as_its_declared_user() {
     let store = Store::open(j.home.path()).unwrap();
     let root = materialise(&store, "hello-web:0.1.0").unwrap().path;
     let port = free_port();
-    let child = Command::new("chroot")
-        .arg("--userspec=1000:1000")
-        .arg(&root)
-        .args([
-            "/usr/bin/hello-web",
-            "--port",
-            &port.to_string(),
-            "--root",
-            "/srv/www",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = ChildGuard(child);
+    let _guard = ChildGuard::spawn(
+        Command::new("chroot")
+            .arg("--userspec=1000:1000")
+            .arg(&root)
+            .args([
+                "/usr/bin/hello-web",
+                "--port",
+                &port.to_string(),
+                "--root",
+                "/srv/www",
+            ])
+            .stdout(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let health = loop {
         match common::http_get(port, "/healthz", Duration::from_secs(5)) {
@@ -435,14 +434,12 @@ fn kill_9_at_random_points_of_build_and_gc_leaves_a_consistent_store() {
     for i in 0..24 {
         // A new input each time, so every build does the full work.
         std::fs::write(src.path().join("www/variant.txt"), format!("{i}")).unwrap();
-        let child = j
-            .cmd()
-            .args(["build", &dir, "-t", &format!("nginx:v{i}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut guard = ChildGuard(child);
+        let mut guard = ChildGuard::spawn(
+            j.cmd()
+                .args(["build", &dir, "-t", &format!("nginx:v{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         std::thread::sleep(Duration::from_millis(rng.below(window)));
         if guard.0.try_wait().unwrap().is_none() {
             killed_mid_build += 1;

@@ -331,21 +331,19 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
     let j = Juice::new();
     j.ok(&["build", "examples/hello-web"]);
     let port = free_port();
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "hello-web:0.1.0",
-            "--name",
-            "web-test",
-            "-p",
-            &format!("127.0.0.1:{port}:8080"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "hello-web:0.1.0",
+                "--name",
+                "web-test",
+                "-p",
+                &format!("127.0.0.1:{port}:8080"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     wait_for("hello-web on the published port", || {
         get(port, "/healthz").is_ok_and(|b| b.ends_with("ok\n"))
     });
@@ -634,14 +632,12 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
     let _s = serial();
     let j = Juice::new();
     probe_image(&j, "c", "pids = 16");
-    let child = j
-        .cmd()
-        .args(["run", "probe:c", "--name", "orphan", "--", "sleep", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args(["run", "probe:c", "--name", "orphan", "--", "sleep", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/orphan/state.json").exists()
     });
@@ -673,24 +669,22 @@ fn an_instance_is_found_again_by_another_process() {
     let _s = serial();
     let j = Juice::new();
     probe_image(&j, "a", "pids = 16");
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "probe:a",
-            "--network",
-            "none",
-            "--name",
-            "adoptee",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "probe:a",
+                "--network",
+                "none",
+                "--name",
+                "adoptee",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/adoptee/state.json").exists()
     });
@@ -708,25 +702,23 @@ fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
     let _s = serial();
     let j = Juice::new();
     probe_image(&j, "u", "pids = 16");
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "probe:u",
-            "--network",
-            "none",
-            "--userns",
-            "200000",
-            "--name",
-            "mapped",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = ChildGuard(child);
+    let _guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "probe:u",
+                "--network",
+                "none",
+                "--userns",
+                "200000",
+                "--name",
+                "mapped",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .stdout(Stdio::null()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/mapped/state.json").exists()
     });

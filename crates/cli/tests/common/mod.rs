@@ -142,6 +142,13 @@ pub fn hello_web_binary() -> PathBuf {
 /// SIGTERM first (`juice run` then stops and releases its instance), SIGKILL after 15 s.
 pub struct ChildGuard(pub Child);
 
+impl ChildGuard {
+    /// Spawns `cmd`, guarded from the start.
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(cmd.spawn().expect("the command starts"))
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
