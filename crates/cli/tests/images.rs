@@ -291,14 +291,18 @@ fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let err = j.fails(&["build", &d]);
     assert!(err.contains("is not an ELF file"), "{err}");
 
+    // An appliance that copies its `data` directory in.
+    let with_data = |dir: &Path| {
+        appliance(
+            dir,
+            &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
+            juice,
+        )
+    };
     let dir = t.path().join("broken");
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::os::unix::fs::symlink("nowhere", dir.join("data/link")).unwrap();
-    let d = appliance(
-        &dir,
-        &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
-        juice,
-    );
+    let d = with_data(&dir);
     let err = j.fails(&["build", &d]);
     assert!(err.contains("data/link is a broken symlink"), "{err}");
 
@@ -306,11 +310,7 @@ fn bad_input_gets_a_clear_error_and_stores_nothing() {
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::os::unix::fs::symlink("b", dir.join("data/a")).unwrap();
     std::os::unix::fs::symlink("a", dir.join("data/b")).unwrap();
-    let d = appliance(
-        &dir,
-        &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
-        juice,
-    );
+    let d = with_data(&dir);
     let err = j.fails(&["build", &d]);
     assert!(err.contains("symlink cycle"), "{err}");
 
