@@ -66,6 +66,15 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// What a finished command said and how it ended: (stdout, stderr, exit code).
+pub fn outcome(out: &Output) -> (String, String, Option<i32>) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -271,6 +280,44 @@ pub fn write_site(j: &Juice, app: &str, manifest: &str, file: &str, site: &str) 
     let file = j.home.path().join(file);
     std::fs::write(&file, site).unwrap();
     file.to_str().unwrap().to_owned()
+}
+
+/// Builds the probe appliance `probe:TAG` (juice-probe, run as root inside); `rest`
+/// follows its `[run]` user line (more `[run]` keys, then further tables).
+pub fn probe_image_with(j: &Juice, tag: &str, rest: &str) {
+    let dir = j.home.path().join(format!("src-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("juice.toml"),
+        format!(
+            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n{rest}\n",
+            workspace_binary("juice-probe").display()
+        ),
+    )
+    .unwrap();
+    j.ok(&["build", dir.to_str().unwrap()]);
+}
+
+/// `juice run -q probe:TAG EXTRA -- ARGS`: (stdout, stderr, exit code).
+pub fn probe(j: &Juice, tag: &str, extra: &[&str], args: &[&str]) -> (String, String, i32) {
+    let image = format!("probe:{tag}");
+    let out = j
+        .cmd()
+        .args(["run", "-q", &image])
+        .args(extra)
+        .arg("--")
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr, code) = outcome(&out);
+    (stdout, stderr, code.unwrap_or(-1))
+}
+
+/// The probe without a network, which must succeed: its stdout, trimmed.
+pub fn probe_line(j: &Juice, tag: &str, args: &[&str]) -> String {
+    let (out, err, code) = probe(j, tag, &["--network", "none"], args);
+    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
+    out.trim().to_owned()
 }
 
 /// `juice daemon` for `j` with extra environment, once its socket answers; stopped
