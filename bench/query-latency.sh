@@ -42,11 +42,7 @@ JUICE_HOME=$work/builder "$juice" push -q big:1 "$reg/bench/big:1" --insecure "$
 export JUICE_INSECURE_REGISTRIES=$reg
 start_daemon
 trap stop_all EXIT
-cat >"$work/site.toml" <<TOML
-[group.web]
-image = "$PWD/examples/hello-web"
-size = 2
-TOML
+write_site "$PWD/examples/hello-web" 2
 "$juice" apply -f "$work/site.toml" >/dev/null
 until [ "$("$juice" get groups -o json | jq '.[0].ready')" = 2 ]; do sleep 0.1; done
 
