@@ -239,13 +239,12 @@ fn skopeo_and_umoci_read_what_juice_built() {
 
 /// Writes an appliance directory with `juice.toml` and returns it.
 fn appliance(dir: &Path, build: &str, command: &str) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!("[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\n{build}\n\n[run]\ncommand = [\"{command}\"]\n"),
+    common::write_appliance(
+        dir,
+        &format!(
+            "[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\n{build}\n\n[run]\ncommand = [\"{command}\"]\n"
+        ),
     )
-    .unwrap();
-    dir.to_str().unwrap().to_owned()
 }
 
 #[test]

@@ -93,12 +93,9 @@ impl Registry {
 
 /// A hello-web appliance directory whose version (and so digest) is `version`.
 fn app(j: &Juice, version: &str) -> String {
-    let dir = j.home.path().join(format!("app-{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let manifest = common::hello_web_manifest()
         .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
-    std::fs::write(dir.join("juice.toml"), manifest).unwrap();
-    dir.to_str().unwrap().to_owned()
+    common::write_appliance(&j.home.path().join(format!("app-{version}")), &manifest)
 }
 
 fn digest_line(out: &str) -> String {

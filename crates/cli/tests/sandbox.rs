@@ -752,17 +752,14 @@ fn rootless_mode_runs_without_root() {
     let as_nobody = |args: &[&str]| {
         common::outcome(&j.cmd().args(args).uid(65534).gid(65534).output().unwrap())
     };
-    let dir = j.home.path().join("src");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!(
+    let dir = common::write_appliance(
+        &j.home.path().join("src"),
+        &format!(
             "[appliance]\nname = \"rl\"\nversion = \"1\"\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n[run]\ncommand = [\"/usr/bin/probe\"]\n[resources]\npids = 8\n",
             workspace_binary("juice-probe").display()
         ),
-    )
-    .unwrap();
-    let (_, err, code) = as_nobody(&["build", dir.to_str().unwrap()]);
+    );
+    let (_, err, code) = as_nobody(&["build", &dir]);
     assert_eq!(code, Some(0), "{err}");
     let (out, err, code) = as_nobody(&["run", "rl:1", "--", "whoami"]);
     assert_eq!(code, Some(0), "{err}");

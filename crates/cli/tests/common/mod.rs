@@ -282,20 +282,24 @@ pub fn write_site(j: &Juice, app: &str, manifest: &str, file: &str, site: &str) 
     file.to_str().unwrap().to_owned()
 }
 
+/// Writes `manifest` as DIR/juice.toml (making DIR); returns DIR as a string.
+pub fn write_appliance(dir: &Path, manifest: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("juice.toml"), manifest).unwrap();
+    dir.to_str().unwrap().to_owned()
+}
+
 /// Builds the probe appliance `probe:TAG` (juice-probe, run as root inside); `rest`
 /// follows its `[run]` user line (more `[run]` keys, then further tables).
 pub fn probe_image_with(j: &Juice, tag: &str, rest: &str) {
-    let dir = j.home.path().join(format!("src-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!(
+    let dir = write_appliance(
+        &j.home.path().join(format!("src-{tag}")),
+        &format!(
             "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n{rest}\n",
             workspace_binary("juice-probe").display()
         ),
-    )
-    .unwrap();
-    j.ok(&["build", dir.to_str().unwrap()]);
+    );
+    j.ok(&["build", &dir]);
 }
 
 /// `juice run -q probe:TAG EXTRA -- ARGS`: (stdout, stderr, exit code).
