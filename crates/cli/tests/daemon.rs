@@ -198,7 +198,7 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
     d1.0.kill().unwrap();
     d1.0.wait().unwrap();
     made.push(("with no daemon", during(Duration::from_secs(1))));
-    let d2 = daemon(&j);
+    let d2 = daemon(j);
     wait_ready(
         j,
         "the second daemon to adopt both instances",
@@ -276,8 +276,8 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
 fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
-    let good = site(&j, "good", port, "/healthz");
-    let mut d = daemon(&j);
+    let good = site(j, "good", port, "/healthz");
+    let mut d = daemon(j);
 
     let plan = j.ok(&["plan", "-f", &good]);
     assert!(plan.contains("web") && plan.contains("create"), "{plan}");
@@ -296,21 +296,21 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     wait_for(
         "the first rollout to finish",
         Duration::from_secs(20),
-        || group(&j, "web")["status"] == "ok",
+        || group(j, "web")["status"] == "ok",
     );
     // Data in the group's volume, written now, must outlive every replacement below.
     let marker = j.home.path().join("volumes/web/data/marker");
     std::fs::write(&marker, "kept").unwrap();
 
     // Self-healing: kill an instance outright.
-    let victim = instances(&j)[0].clone();
+    let victim = instances(j)[0].clone();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim["pid"].as_i64().unwrap() as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     wait_for("a replacement", Duration::from_secs(20), || {
-        let now = instances(&j);
+        let now = instances(j);
         now.len() == 2
             && now
                 .iter()
@@ -337,14 +337,14 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
             }
         })
     };
-    let broken = site(&j, "broken", port, "/no-such-page");
+    let broken = site(j, "broken", port, "/no-such-page");
     let out = j.ok(&["apply", "-f", &broken]);
     assert!(
         out.contains("replace") && out.contains("revision 2"),
         "{out}"
     );
     wait_for("the automatic rollback", Duration::from_secs(30), || {
-        group(&j, "web")["status"]
+        group(j, "web")["status"]
             .as_str()
             .is_some_and(|s| s.starts_with("rolled-back"))
     });
@@ -352,7 +352,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         "2 ready instances of revision 1",
         Duration::from_secs(20),
         || {
-            let i = instances(&j);
+            let i = instances(j);
             i.len() == 2
                 && i.iter()
                     .all(|i| i["revision"] == 1 && i["health"] == "healthy")
@@ -397,7 +397,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     }
 
     // Live restore: kill -9 the daemon; the instances keep serving; a new daemon adopts them.
-    let before: Vec<String> = instances(&j)
+    let before: Vec<String> = instances(j)
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect();
@@ -409,13 +409,13 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     );
     let running = instance_records(j);
     assert_eq!(running, 2, "the instances outlive the daemon");
-    let _d2 = daemon(&j);
+    let _d2 = daemon(j);
     wait_ready(
         j,
         "the adopted instances to be ready",
         Duration::from_secs(20),
     );
-    let mut after: Vec<String> = instances(&j)
+    let mut after: Vec<String> = instances(j)
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect();
@@ -428,7 +428,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     // The volume survived the heal, the failed rollout, the rollback and the daemon's death,
     // and every instance sees it.
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "kept");
-    for i in instances(&j) {
+    for i in instances(j) {
         let init = i["pid"].as_i64().unwrap();
         let app = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
         let app = app.split_whitespace().next().unwrap().to_owned();
@@ -563,7 +563,7 @@ fn bad_input_and_strangers_are_refused_and_change_nothing() {
 fn juice_up_serves_and_tears_down_on_ctrl_c() {
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
-    let file = site(&j, "up", port, "/healthz");
+    let file = site(j, "up", port, "/healthz");
     let mut up = ChildGuard::spawn(
         j.cmd()
             .args(["up", "-f", &file])
@@ -573,13 +573,9 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
     wait_for("juice up to serve", Duration::from_secs(30), || {
         get(port, "/").is_ok()
     });
-    assert_eq!(
-        instances(&j).len(),
-        2,
-        "the API answers while juice up runs"
-    );
+    assert_eq!(instances(j).len(), 2, "the API answers while juice up runs");
     wait_for("the rollout", Duration::from_secs(20), || {
-        group(&j, "web")["status"] == "ok"
+        group(j, "web")["status"] == "ok"
     });
     // juice up prints twice a second.
     std::thread::sleep(Duration::from_millis(1200));
@@ -613,11 +609,11 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
     let host = Host::new();
     let (j, port) = (&host.j, host.port);
     let sites = [
-        site(&j, "a", port, "/healthz"),
-        site(&j, "b", port, "/healthz"),
+        site(j, "a", port, "/healthz"),
+        site(j, "b", port, "/healthz"),
     ];
     let mut rng = common::Rng::from_env_or_time();
-    let mut d = daemon(&j);
+    let mut d = daemon(j);
     let mut mid_rollout = 0;
     for i in 0..8 {
         // Alternate between two revisions, so every apply starts a rollout, and kill the
@@ -633,7 +629,7 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         }
         d.0.kill().unwrap();
         d.0.wait().unwrap();
-        d = daemon(&j);
+        d = daemon(j);
     }
     assert!(
         mid_rollout > 0,
@@ -643,8 +639,8 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
     // Left alone, the host converges: exactly two healthy instances of the last revision, no more.
     let last = std::cell::RefCell::new(String::new());
     let converged = (0..600).any(|_| {
-        let g = group(&j, "web");
-        let i = instances(&j);
+        let g = group(j, "web");
+        let i = instances(j);
         *last.borrow_mut() = format!("group {g}\ninstances {i:?}");
         let done = g["status"] == "ok"
             && i.len() == 2
@@ -853,18 +849,18 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
     let (j, port) = (&host.j, host.port);
     let mut d = daemon(j);
     applied(j, "a", port, Duration::from_secs(60));
-    let pids: Vec<i64> = instances(&j)
+    let pids: Vec<i64> = instances(j)
         .iter()
         .filter_map(|i| i["pid"].as_i64())
         .collect();
-    assert_eq!(pids.len(), 2, "{:?}", instances(&j));
+    assert_eq!(pids.len(), 2, "{:?}", instances(j));
     j.ok(&["delete", "web"]);
     // Killed at once: the reconciler had at most begun stopping them.
     d.0.kill().unwrap();
     d.0.wait().unwrap();
-    let _d = daemon(&j);
+    let _d = daemon(j);
     wait_for("the delete to finish", Duration::from_secs(30), || {
-        instances(&j).is_empty()
+        instances(j).is_empty()
     });
     // Counted on the host, not only in the daemon's view.
     for pid in pids {
@@ -883,7 +879,7 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
         })
         .unwrap_or(0);
     assert_eq!(left, 0, "instance records left on disk");
-    assert_eq!(json(&j, &["get", "groups"]), serde_json::json!([]));
+    assert_eq!(json(j, &["get", "groups"]), serde_json::json!([]));
 }
 
 #[test]
