@@ -7,6 +7,7 @@
 # Usage: bench/cpu-share.sh [SECONDS]   (root; needs cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/appliance.sh
 secs=${1:-5}
 juice=$PWD/target/x86_64-unknown-linux-musl/release/juice
 probe=$PWD/target/x86_64-unknown-linux-musl/release/juice-probe
@@ -14,13 +15,7 @@ work=$(mktemp -d /tmp/juice-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export JUICE_HOME=$work/home
 for cpus in 0.5 2; do
-  mkdir -p "$work/app-$cpus"
-  cat >"$work/app-$cpus/juice.toml" <<TOML
-[appliance]
-name = "spin"
-version = "$cpus"
-[build]
-binaries = [{ from = "$probe", to = "/usr/bin/probe" }]
+  appliance_toml "$work/app-$cpus" spin "$cpus" "$probe" /usr/bin/probe <<TOML
 [run]
 command = ["/usr/bin/probe"]
 [resources]

@@ -11,16 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 kills=${1:-20}
-cat >"$work/site.toml" <<TOML
-[group.web]
-image = "$PWD/examples/hello-web"
-size = 2
-[group.web.update]
-health_gate = "1s"
-TOML
+write_site "$PWD/examples/hello-web" 2 'health_gate = "1s"'
 start_daemon
 "$juice" apply -f "$work/site.toml" >/dev/null
-ready() { [ "$("$juice" get groups -o json | jq '.[0].ready')" = 2 ] && [ "$("$juice" get groups -o json | jq -r '.[0].status')" = ok ]; }
+ready() { group_ready 2; }
 until ready; do sleep 0.1; done
 
 detect=(); decide=(); spawned=(); healthy=()

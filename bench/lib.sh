@@ -9,6 +9,25 @@ mkdir -p "$JUICE_HOME"
 
 now_ms() { date +%s%3N; }
 
+# write_site IMAGE SIZE [UPDATE_LINE...]: $work/site.toml with one group, web, of SIZE
+# instances of IMAGE; the further arguments are its [group.web.update] lines.
+write_site() {
+  local image=$1 size=$2
+  shift 2
+  {
+    printf '[group.web]\nimage = "%s"\nsize = %s\n' "$image" "$size"
+    if [ $# -gt 0 ]; then
+      echo '[group.web.update]'
+      printf '%s\n' "$@"
+    fi
+  } >"$work/site.toml"
+}
+
+# group_ready N: the group web has N ready instances and its status is ok.
+group_ready() {
+  "$juice" get groups -o json | jq -e --argjson n "$1" '.[0].ready == $n and .[0].status == "ok"' >/dev/null
+}
+
 start_daemon() {
   "$juice" daemon >"$work/daemon.log" 2>&1 &
   daemon=$!

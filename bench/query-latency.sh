@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+. bench/appliance.sh
 size_mb=${1:-300}
 rest_samples=${2:-300}
 command -v docker-registry >/dev/null || apt-get install -y -qq docker-registry >/dev/null
@@ -25,12 +26,7 @@ big=$work/big
 mkdir -p "$big/blob"
 cp -r examples/hello-web/static "$big/static"
 head -c "${size_mb}M" /dev/urandom >"$big/blob/data"
-cat >"$big/juice.toml" <<TOML
-[appliance]
-name = "big"
-version = "1"
-[build]
-binaries = [{ from = "$PWD/target/x86_64-unknown-linux-musl/release/hello-web", to = "/usr/bin/hello-web" }]
+appliance_toml "$big" big 1 "$PWD/target/x86_64-unknown-linux-musl/release/hello-web" /usr/bin/hello-web <<TOML
 files = [{ from = "static/", to = "/srv/www" }, { from = "blob/", to = "/srv/blob" }]
 [run]
 command = ["/usr/bin/hello-web", "--port", "8080", "--root", "/srv/www"]
@@ -46,11 +42,7 @@ JUICE_HOME=$work/builder "$juice" push -q big:1 "$reg/bench/big:1" --insecure "$
 export JUICE_INSECURE_REGISTRIES=$reg
 start_daemon
 trap stop_all EXIT
-cat >"$work/site.toml" <<TOML
-[group.web]
-image = "$PWD/examples/hello-web"
-size = 2
-TOML
+write_site "$PWD/examples/hello-web" 2
 "$juice" apply -f "$work/site.toml" >/dev/null
 until [ "$("$juice" get groups -o json | jq '.[0].ready')" = 2 ]; do sleep 0.1; done
 

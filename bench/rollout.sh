@@ -18,17 +18,7 @@ for v in v1 v2 broken; do
   sed -e "s|\"../../target|\"$PWD/target|" -e "s|\"static/\"|\"$work/$v/static/\"|" examples/hello-web/juice.toml >"$work/$v/juice.toml"
 done
 sed -i 's|http = "/healthz"|http = "/missing"|' "$work/broken/juice.toml"
-site() {
-  cat >"$work/site.toml" <<TOML
-[group.web]
-image = "$work/$1"
-size = $size
-[group.web.update]
-max_unavailable = $batch
-health_gate = "${gate}s"
-on_failure = "rollback"
-TOML
-}
+site() { write_site "$work/$1" "$size" "max_unavailable = $batch" "health_gate = \"${gate}s\"" 'on_failure = "rollback"'; }
 start_daemon
 status() { "$juice" get groups -o json | jq -r '.[0].status'; }
 settled() { "$juice" get groups -o json | jq -e --argjson n "$size" '.[0].ready == $n and .[0].running == $n and .[0].status == "ok"' >/dev/null; }

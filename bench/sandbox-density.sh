@@ -5,17 +5,12 @@
 # Usage: bench/sandbox-density.sh [COUNT]   (root; needs cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/appliance.sh
 count=${1:-500}
 bin=$PWD/target/x86_64-unknown-linux-musl/release
 work=$(mktemp -d /tmp/juice-density.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/app"
-cat >"$work/app/juice.toml" <<TOML
-[appliance]
-name = "idle"
-version = "1"
-[build]
-binaries = [{ from = "$bin/juice-probe", to = "/usr/bin/probe" }]
+appliance_toml "$work/app" idle 1 "$bin/juice-probe" /usr/bin/probe <<TOML
 [run]
 command = ["/usr/bin/probe", "sleep", "3600"]
 TOML

@@ -8,20 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 count=${1:-500}
-cat >"$work/site.toml" <<TOML
-[group.web]
-image = "$PWD/examples/hello-web"
-size = $count
-[group.web.update]
-max_unavailable = $count
-health_gate = "1s"
-TOML
+write_site "$PWD/examples/hello-web" "$count" "max_unavailable = $count" 'health_gate = "1s"'
 start_daemon
 rss() { awk '/^VmRSS:/ {print $2}' /proc/$daemon/status; }
 idle_kib=$(rss)
 t0=$(date +%s%3N)
 "$juice" apply -f "$work/site.toml" >/dev/null
-until "$juice" get groups -o json | jq -e --argjson n "$count" '.[0].ready == $n and .[0].status == "ok"' >/dev/null; do sleep 0.5; done
+until group_ready "$count"; do sleep 0.5; done
 up_ms=$(( $(date +%s%3N) - t0 ))
 sleep 2
 full_kib=$(rss)

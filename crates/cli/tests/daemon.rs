@@ -7,13 +7,42 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, daemon};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a test with hello-web instances starts from: its turn (they run one at a
+/// time), the example program checked, a fresh home, a free port, and a sweeper that
+/// kills whatever instances the test leaves behind. Fields drop in order: the
+/// sweeper (after the test's daemons, declared later), then the home, then the turn.
+struct Host {
+    _sweeper: InstanceSweeper,
+    j: Juice,
+    port: u16,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let serial = serial();
+        common::hello_web_binary();
+        let j = Juice::new();
+        Host {
+            _sweeper: InstanceSweeper(j.home.path().to_owned()),
+            j,
+            port: free_port(),
+            _serial: serial,
+        }
+    }
+}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -21,6 +50,34 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until the group `web` has 2 ready instances.
+fn wait_ready(j: &Juice, what: &str, timeout: Duration) {
+    wait_for(what, timeout, || group(j, "web")["ready"] == 2);
+}
+
+/// Applies a fresh site (`site(j, name, port, "/healthz")`) to the running daemon and
+/// waits at most `timeout` for its 2 ready instances.
+fn applied(j: &Juice, name: &str, port: u16, timeout: Duration) {
+    j.ok(&["apply", "-f", &site(j, name, port, "/healthz")]);
+    wait_ready(j, "2 ready instances", timeout);
+}
+
+/// Deletes the group `web` and waits for its instances to stop.
+fn delete_web(j: &Juice) {
+    j.ok(&["delete", "web"]);
+    wait_for("the instances to stop", Duration::from_secs(20), || {
+        instances(j).is_empty()
+    });
+}
+
+/// How many instances have a state file in the home (the host's view, not the daemon's).
+fn instance_records(j: &Juice) -> usize {
+    std::fs::read_dir(j.home.path().join("instances"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
+        .count()
 }
 
 fn json(j: &Juice, args: &[&str]) -> serde_json::Value {
@@ -44,11 +101,7 @@ fn instances(j: &Juice) -> Vec<serde_json::Value> {
 }
 
 fn get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
+    let body = common::http_get(port, path, Duration::from_secs(3))?;
     if body.starts_with("HTTP/1.1 200") {
         Ok(body)
     } else {
@@ -58,20 +111,17 @@ fn get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// A site with one hello-web group; `health` is the path its health check probes.
 fn site(j: &Juice, name: &str, port: u16, health: &str) -> String {
-    let app = j.home.path().join(format!("app-{name}"));
-    std::fs::create_dir_all(&app).unwrap();
     let manifest = common::hello_web_manifest()
         .replace("http = \"/healthz\"", &format!("http = \"{health}\""));
-    std::fs::write(app.join("juice.toml"), manifest).unwrap();
-    let file = j.home.path().join(format!("{name}.toml"));
-    std::fs::write(
-        &file,
-        format!(
+    common::write_site(
+        j,
+        &format!("app-{name}"),
+        &manifest,
+        &format!("{name}.toml"),
+        &format!(
             "[group.web]\nimage = \"./app-{name}\"\nsize = 2\npublish = [\"127.0.0.1:{port}:8080\"]\n\n[group.web.update]\nmax_unavailable = 1\nhealth_gate = \"2s\"\non_failure = \"rollback\"\n"
         ),
     )
-    .unwrap();
-    file.to_str().unwrap().to_owned()
 }
 
 /// Sends `GET /healthz` to `port` every 50 ms (at most `max` requests, for at
@@ -126,21 +176,10 @@ impl Client {
 
 #[test]
 fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgraded() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let file = site(&j, "web", port, "/healthz");
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let mut d1 = daemon(&j);
-    j.ok(&["apply", "-f", &file]);
-    wait_for("2 ready instances", Duration::from_secs(30), || {
-        group(&j, "web")["ready"] == 2
-    });
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
+    let mut d1 = daemon(j);
+    applied(j, "web", port, Duration::from_secs(30));
     wait_for("the published port", Duration::from_secs(10), || {
         get(port, "/healthz").is_ok()
     });
@@ -159,11 +198,11 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
     d1.0.kill().unwrap();
     d1.0.wait().unwrap();
     made.push(("with no daemon", during(Duration::from_secs(1))));
-    let d2 = daemon(&j);
-    wait_for(
+    let d2 = daemon(j);
+    wait_ready(
+        j,
         "the second daemon to adopt both instances",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
     made.push(("with the second daemon", during(Duration::from_millis(500))));
 
@@ -190,10 +229,10 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
         Duration::from_secs(10),
         || std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_ok(),
     );
-    wait_for(
+    wait_ready(
+        j,
         "the upgraded daemon to adopt both instances",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
     made.push(("with the upgraded daemon", during(Duration::from_secs(1))));
     client.stop.store(true, Ordering::Relaxed);
@@ -235,18 +274,10 @@ fn published_ports_keep_answering_while_the_daemon_is_killed_restarted_and_upgra
 
 #[test]
 fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let good = site(&j, "good", port, "/healthz");
-    // Dropped after the daemons (declared first): whatever instances are left go too.
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let mut d = daemon(&j);
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
+    let good = site(j, "good", port, "/healthz");
+    let mut d = daemon(j);
 
     let plan = j.ok(&["plan", "-f", &good]);
     assert!(plan.contains("web") && plan.contains("create"), "{plan}");
@@ -255,9 +286,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         "plan changes nothing"
     );
     j.ok(&["apply", "-f", &good]);
-    wait_for("2 ready instances", Duration::from_secs(20), || {
-        group(&j, "web")["ready"] == 2
-    });
+    wait_ready(j, "2 ready instances", Duration::from_secs(20));
     assert!(get(port, "/").unwrap().contains("hello from juice"));
     assert!(
         j.ok(&["apply", "-f", &good]).contains("nothing to do"),
@@ -267,21 +296,21 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     wait_for(
         "the first rollout to finish",
         Duration::from_secs(20),
-        || group(&j, "web")["status"] == "ok",
+        || group(j, "web")["status"] == "ok",
     );
     // Data in the group's volume, written now, must outlive every replacement below.
     let marker = j.home.path().join("volumes/web/data/marker");
     std::fs::write(&marker, "kept").unwrap();
 
     // Self-healing: kill an instance outright.
-    let victim = instances(&j)[0].clone();
+    let victim = instances(j)[0].clone();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim["pid"].as_i64().unwrap() as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     wait_for("a replacement", Duration::from_secs(20), || {
-        let now = instances(&j);
+        let now = instances(j);
         now.len() == 2
             && now
                 .iter()
@@ -308,14 +337,14 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
             }
         })
     };
-    let broken = site(&j, "broken", port, "/no-such-page");
+    let broken = site(j, "broken", port, "/no-such-page");
     let out = j.ok(&["apply", "-f", &broken]);
     assert!(
         out.contains("replace") && out.contains("revision 2"),
         "{out}"
     );
     wait_for("the automatic rollback", Duration::from_secs(30), || {
-        group(&j, "web")["status"]
+        group(j, "web")["status"]
             .as_str()
             .is_some_and(|s| s.starts_with("rolled-back"))
     });
@@ -323,7 +352,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         "2 ready instances of revision 1",
         Duration::from_secs(20),
         || {
-            let i = instances(&j);
+            let i = instances(j);
             i.len() == 2
                 && i.iter()
                     .all(|i| i["revision"] == 1 && i["health"] == "healthy")
@@ -368,7 +397,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     }
 
     // Live restore: kill -9 the daemon; the instances keep serving; a new daemon adopts them.
-    let before: Vec<String> = instances(&j)
+    let before: Vec<String> = instances(j)
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect();
@@ -378,18 +407,15 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
         get(port, "/healthz").is_ok(),
         "the published port (DNAT rules) outlives the daemon"
     );
-    let running = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let running = instance_records(j);
     assert_eq!(running, 2, "the instances outlive the daemon");
-    let _d2 = daemon(&j);
-    wait_for(
+    let _d2 = daemon(j);
+    wait_ready(
+        j,
         "the adopted instances to be ready",
         Duration::from_secs(20),
-        || group(&j, "web")["ready"] == 2,
     );
-    let mut after: Vec<String> = instances(&j)
+    let mut after: Vec<String> = instances(j)
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect();
@@ -402,7 +428,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     // The volume survived the heal, the failed rollout, the rollback and the daemon's death,
     // and every instance sees it.
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "kept");
-    for i in instances(&j) {
+    for i in instances(j) {
         let init = i["pid"].as_i64().unwrap();
         let app = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
         let app = app.split_whitespace().next().unwrap().to_owned();
@@ -443,15 +469,12 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     assert!(j.ok(&["logs", name]).contains("listening on port 8080"));
     let err = j.fails(&["rollback", "web", "--to", "7"]);
     assert!(err.contains("revision 7 is not kept"), "{err}");
-    j.ok(&["delete", "web"]);
-    wait_for("the instances to stop", Duration::from_secs(20), || {
-        instances(&j).is_empty()
-    });
+    delete_web(j);
 }
 
 #[test]
 fn bad_input_and_strangers_are_refused_and_change_nothing() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _d = daemon(&j);
     let sock = j.home.path().join("juice.sock");
@@ -538,34 +561,21 @@ fn bad_input_and_strangers_are_refused_and_change_nothing() {
 
 #[test]
 fn juice_up_serves_and_tears_down_on_ctrl_c() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let file = site(&j, "up", port, "/healthz");
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let child = j
-        .cmd()
-        .args(["up", "-f", &file])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut up = ChildGuard(child);
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
+    let file = site(j, "up", port, "/healthz");
+    let mut up = ChildGuard::spawn(
+        j.cmd()
+            .args(["up", "-f", &file])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     wait_for("juice up to serve", Duration::from_secs(30), || {
         get(port, "/").is_ok()
     });
-    assert_eq!(
-        instances(&j).len(),
-        2,
-        "the API answers while juice up runs"
-    );
+    assert_eq!(instances(j).len(), 2, "the API answers while juice up runs");
     wait_for("the rollout", Duration::from_secs(20), || {
-        group(&j, "web")["status"] == "ok"
+        group(j, "web")["status"] == "ok"
     });
     // juice up prints twice a second.
     std::thread::sleep(Duration::from_millis(1200));
@@ -589,31 +599,21 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
             && out.contains("stopping"),
         "{out}"
     );
-    let running = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let running = instance_records(j);
     assert_eq!(running, 0, "everything juice up started is gone");
     assert!(get(port, "/").is_err());
 }
 
 #[test]
 fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
     let sites = [
-        site(&j, "a", port, "/healthz"),
-        site(&j, "b", port, "/healthz"),
+        site(j, "a", port, "/healthz"),
+        site(j, "b", port, "/healthz"),
     ];
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
     let mut rng = common::Rng::from_env_or_time();
-    let mut d = daemon(&j);
+    let mut d = daemon(j);
     let mut mid_rollout = 0;
     for i in 0..8 {
         // Alternate between two revisions, so every apply starts a rollout, and kill the
@@ -629,7 +629,7 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         }
         d.0.kill().unwrap();
         d.0.wait().unwrap();
-        d = daemon(&j);
+        d = daemon(j);
     }
     assert!(
         mid_rollout > 0,
@@ -639,8 +639,8 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
     // Left alone, the host converges: exactly two healthy instances of the last revision, no more.
     let last = std::cell::RefCell::new(String::new());
     let converged = (0..600).any(|_| {
-        let g = group(&j, "web");
-        let i = instances(&j);
+        let g = group(j, "web");
+        let i = instances(j);
         *last.borrow_mut() = format!("group {g}\ninstances {i:?}");
         let done = g["status"] == "ok"
             && i.len() == 2
@@ -657,20 +657,14 @@ fn a_daemon_killed_at_random_points_converges_to_exactly_the_declared_instances(
         last.borrow(),
         String::from_utf8_lossy(&j.cmd().args(["events"]).output().unwrap().stdout)
     );
-    let on_disk = std::fs::read_dir(j.home.path().join("instances"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("state.json").exists())
-        .count();
+    let on_disk = instance_records(j);
     assert_eq!(on_disk, 2, "no orphaned instance outside the daemon's view");
-    j.ok(&["delete", "web"]);
-    wait_for("the instances to stop", Duration::from_secs(20), || {
-        instances(&j).is_empty()
-    });
+    delete_web(j);
 }
 
 #[test]
 fn remote_access_needs_a_client_certificate_from_our_ca() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     common::require("openssl");
     let j = Juice::new();
     let tls = j.home.path().join("tls");
@@ -686,20 +680,14 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
             & 0o777,
         0o600
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = j
-        .cmd()
-        .args(["daemon", "--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _d = ChildGuard(child);
+    let _d = ChildGuard::spawn(
+        j.cmd()
+            .args(["daemon", "--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     wait_for("the TLS port", Duration::from_secs(10), || {
         std::net::TcpStream::connect(&addr).is_ok()
     });
@@ -726,22 +714,14 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
 
     // No client certificate at all: the handshake ends with "certificate required", no answer.
     let s_client = |extra: &[&str]| {
-        let mut c = Command::new("openssl")
-            .args(["s_client", "-quiet", "-connect", &addr, "-CAfile"])
-            .arg(tls.join("ca.pem"))
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = c.stdin.take().unwrap();
-        stdin
-            .write_all(b"GET /v1/groups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        drop(stdin);
-        let out = c.wait_with_output().unwrap();
+        let out = common::output_with_input(
+            Command::new("openssl")
+                .args(["s_client", "-quiet", "-connect", &addr, "-CAfile"])
+                .arg(tls.join("ca.pem"))
+                .args(extra),
+            b"GET /v1/groups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_millis(500),
+        );
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -795,7 +775,7 @@ fn remote_access_needs_a_client_certificate_from_our_ca() {
 /// the appliance could replace with a link is not followed.
 #[test]
 fn hostile_names_on_every_route_never_reach_a_host_file() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _d = daemon(&j);
     let sock = j.home.path().join("juice.sock");
@@ -865,33 +845,22 @@ fn hostile_names_on_every_route_never_reach_a_host_file() {
 /// daemon finishes the delete, and nothing of the group is left on the host.
 #[test]
 fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    common::hello_web_binary();
-    let j = Juice::new();
-    let _sweeper = InstanceSweeper(j.home.path().to_owned());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let file = site(&j, "a", port, "/healthz");
-    let mut d = daemon(&j);
-    j.ok(&["apply", "-f", &file]);
-    wait_for("2 ready instances", Duration::from_secs(60), || {
-        group(&j, "web")["ready"] == 2
-    });
-    let pids: Vec<i64> = instances(&j)
+    let host = Host::new();
+    let (j, port) = (&host.j, host.port);
+    let mut d = daemon(j);
+    applied(j, "a", port, Duration::from_secs(60));
+    let pids: Vec<i64> = instances(j)
         .iter()
         .filter_map(|i| i["pid"].as_i64())
         .collect();
-    assert_eq!(pids.len(), 2, "{:?}", instances(&j));
+    assert_eq!(pids.len(), 2, "{:?}", instances(j));
     j.ok(&["delete", "web"]);
     // Killed at once: the reconciler had at most begun stopping them.
     d.0.kill().unwrap();
     d.0.wait().unwrap();
-    let _d = daemon(&j);
+    let _d = daemon(j);
     wait_for("the delete to finish", Duration::from_secs(30), || {
-        instances(&j).is_empty()
+        instances(j).is_empty()
     });
     // Counted on the host, not only in the daemon's view.
     for pid in pids {
@@ -910,32 +879,28 @@ fn a_delete_interrupted_by_a_dead_daemon_is_finished_by_the_next() {
         })
         .unwrap_or(0);
     assert_eq!(left, 0, "instance records left on disk");
-    assert_eq!(json(&j, &["get", "groups"]), serde_json::json!([]));
+    assert_eq!(json(j, &["get", "groups"]), serde_json::json!([]));
 }
 
 #[test]
 fn a_start_that_keeps_failing_backs_off_and_leaves_nothing_behind() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let j = Juice::new();
     let _sweeper = InstanceSweeper(j.home.path().to_owned());
     // An appliance whose command is not executable: each start gets as far as
     // the cgroups, the address and the nftables pin before init's exec fails.
-    let app = j.home.path().join("app-nostart");
-    std::fs::create_dir_all(app.join("static")).unwrap();
-    std::fs::write(app.join("static/index.html"), "hi").unwrap();
-    std::fs::write(
-        app.join("juice.toml"),
+    let static_dir = j.home.path().join("app-nostart/static");
+    std::fs::create_dir_all(&static_dir).unwrap();
+    std::fs::write(static_dir.join("index.html"), "hi").unwrap();
+    let file = common::write_site(
+        &j,
+        "app-nostart",
         "[appliance]\nname = \"nostart\"\nversion = \"1\"\n[build]\nfiles = [{ from = \"static/\", to = \"/srv/www\" }]\n[run]\ncommand = [\"/srv/www/index.html\"]\n",
-    )
-    .unwrap();
-    let file = j.home.path().join("nostart.toml");
-    std::fs::write(
-        &file,
+        "nostart.toml",
         "[group.nostart]\nimage = \"./app-nostart\"\nsize = 1\n",
-    )
-    .unwrap();
+    );
     let _d = daemon(&j);
-    j.ok(&["apply", "-f", file.to_str().unwrap()]);
+    j.ok(&["apply", "-f", &file]);
     // The measure: 20 s of failing starts.
     std::thread::sleep(Duration::from_secs(20));
     let events = j.ok(&["events", "-o", "json"]);

@@ -29,16 +29,22 @@ fn output_within(cmd: &mut std::process::Command, timeout: Duration) -> std::pro
     child.wait_with_output().expect("juice ends")
 }
 
-#[test]
-fn doctor_reports_every_check_as_json() {
-    let j = Juice::new();
-    let out = j
-        .cmd()
+/// `juice doctor -o json` run by `cmd` (a `juice` command): its output, and its report,
+/// which must be JSON whatever the exit code.
+fn doctor_json(cmd: &mut std::process::Command) -> (std::process::Output, serde_json::Value) {
+    let out = cmd
         .args(["doctor", "-o", "json"])
         .output()
         .expect("juice runs");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let report = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out)));
+    (out, report)
+}
+
+#[test]
+fn doctor_reports_every_check_as_json() {
+    let j = Juice::new();
+    let (out, report) = doctor_json(&mut j.cmd());
     let verdicts = ["ok", "missing", "warning"];
     for backend in ["sandbox", "microvm"] {
         assert!(
@@ -104,15 +110,7 @@ fn doctor_reports_every_check_as_json() {
 #[test]
 fn doctor_names_the_package_of_a_missing_program() {
     let j = Juice::new();
-    let out = j
-        .cmd()
-        .args(["doctor", "-o", "json"])
-        .env("PATH", "/nonexistent")
-        .env_remove("JUICE_QEMU")
-        .output()
-        .expect("juice runs");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out)));
+    let (out, report) = doctor_json(j.cmd().env("PATH", "/nonexistent").env_remove("JUICE_QEMU"));
     let check = |name: &str| {
         report["checks"]
             .as_array()

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{Juice, workspace_binary};
+use common::{Juice, probe, probe_line as line};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -16,39 +16,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// The probe appliance, run as root inside, with extra `[run]` lines and `[resources]`.
 fn probe_image(j: &Juice, tag: &str, run: &str, resources: &str) {
-    let dir = j.home.path().join(format!("src-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!(
-            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n{run}\n\n{resources}\n",
-            workspace_binary("juice-probe").display()
-        ),
-    )
-    .unwrap();
-    j.ok(&["build", dir.to_str().unwrap()]);
-}
-
-/// `juice run` of the probe without a network: (stdout, stderr, exit code).
-fn probe(j: &Juice, tag: &str, args: &[&str]) -> (String, String, i32) {
-    let image = format!("probe:{tag}");
-    let out = j
-        .cmd()
-        .args(["run", "-q", &image, "--network", "none", "--"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
-}
-
-fn line(j: &Juice, tag: &str, args: &[&str]) -> String {
-    let (out, err, code) = probe(j, tag, args);
-    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
-    out.trim().to_owned()
+    common::probe_image_with(j, tag, &format!("{run}\n\n{resources}"));
 }
 
 #[test]
@@ -56,7 +24,7 @@ fn an_image_cannot_grant_itself_dangerous_capabilities() {
     let _s = serial();
     let j = Juice::new();
     probe_image(&j, "ptrace", "capabilities = [\"CAP_SYS_PTRACE\"]", "");
-    let (_, err, code) = probe(&j, "ptrace", &["true"]);
+    let (_, err, code) = probe(&j, "ptrace", &["--network", "none"], &["true"]);
     assert_ne!(code, 0);
     assert!(
         err.contains("asks for CAP_SYS_PTRACE") && err.contains("[[grant]]"),

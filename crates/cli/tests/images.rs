@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Juice, Rng, copy_dir, require, workspace};
+use common::{ChildGuard, Juice, Rng, copy_dir, free_port, require, workspace};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 
@@ -66,24 +64,6 @@ fn nginx_builds_with_its_closure_and_runs_from_its_own_root() {
     assert_eq!(materialise(&store, "nginx:1").unwrap().path, root);
 }
 
-/// Finds a free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
 #[test]
 fn hello_web_serves_from_its_own_root_as_its_declared_user() {
     common::hello_web_binary();
@@ -92,23 +72,22 @@ fn hello_web_serves_from_its_own_root_as_its_declared_user() {
     let store = Store::open(j.home.path()).unwrap();
     let root = materialise(&store, "hello-web:0.1.0").unwrap().path;
     let port = free_port();
-    let child = Command::new("chroot")
-        .arg("--userspec=1000:1000")
-        .arg(&root)
-        .args([
-            "/usr/bin/hello-web",
-            "--port",
-            &port.to_string(),
-            "--root",
-            "/srv/www",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = ChildGuard(child);
+    let _guard = ChildGuard::spawn(
+        Command::new("chroot")
+            .arg("--userspec=1000:1000")
+            .arg(&root)
+            .args([
+                "/usr/bin/hello-web",
+                "--port",
+                &port.to_string(),
+                "--root",
+                "/srv/www",
+            ])
+            .stdout(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let health = loop {
-        match http_get(port, "/healthz") {
+        match common::http_get(port, "/healthz", Duration::from_secs(5)) {
             Ok(body) => break body,
             Err(e) if Instant::now() > deadline => panic!("hello-web never answered: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -118,7 +97,7 @@ fn hello_web_serves_from_its_own_root_as_its_declared_user() {
         health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
         "{health}"
     );
-    let page = http_get(port, "/index.html").unwrap();
+    let page = common::http_get(port, "/index.html", Duration::from_secs(5)).unwrap();
     assert!(page.contains("hello from a juice appliance"), "{page}");
 }
 
@@ -260,13 +239,12 @@ fn skopeo_and_umoci_read_what_juice_built() {
 
 /// Writes an appliance directory with `juice.toml` and returns it.
 fn appliance(dir: &Path, build: &str, command: &str) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!("[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\n{build}\n\n[run]\ncommand = [\"{command}\"]\n"),
+    common::write_appliance(
+        dir,
+        &format!(
+            "[appliance]\nname = \"t\"\nversion = \"1\"\n\n[build]\n{build}\n\n[run]\ncommand = [\"{command}\"]\n"
+        ),
     )
-    .unwrap();
-    dir.to_str().unwrap().to_owned()
 }
 
 #[test]
@@ -312,14 +290,18 @@ fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let err = j.fails(&["build", &d]);
     assert!(err.contains("is not an ELF file"), "{err}");
 
+    // An appliance that copies its `data` directory in.
+    let with_data = |dir: &Path| {
+        appliance(
+            dir,
+            &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
+            juice,
+        )
+    };
     let dir = t.path().join("broken");
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::os::unix::fs::symlink("nowhere", dir.join("data/link")).unwrap();
-    let d = appliance(
-        &dir,
-        &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
-        juice,
-    );
+    let d = with_data(&dir);
     let err = j.fails(&["build", &d]);
     assert!(err.contains("data/link is a broken symlink"), "{err}");
 
@@ -327,11 +309,7 @@ fn bad_input_gets_a_clear_error_and_stores_nothing() {
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::os::unix::fs::symlink("b", dir.join("data/a")).unwrap();
     std::os::unix::fs::symlink("a", dir.join("data/b")).unwrap();
-    let d = appliance(
-        &dir,
-        &format!("binaries = [\"{juice}\"]\nfiles = [{{ from = \"data\", to = \"/data\" }}]"),
-        juice,
-    );
+    let d = with_data(&dir);
     let err = j.fails(&["build", &d]);
     assert!(err.contains("symlink cycle"), "{err}");
 
@@ -455,14 +433,12 @@ fn kill_9_at_random_points_of_build_and_gc_leaves_a_consistent_store() {
     for i in 0..24 {
         // A new input each time, so every build does the full work.
         std::fs::write(src.path().join("www/variant.txt"), format!("{i}")).unwrap();
-        let child = j
-            .cmd()
-            .args(["build", &dir, "-t", &format!("nginx:v{i}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut guard = ChildGuard(child);
+        let mut guard = ChildGuard::spawn(
+            j.cmd()
+                .args(["build", &dir, "-t", &format!("nginx:v{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         std::thread::sleep(Duration::from_millis(rng.below(window)));
         if guard.0.try_wait().unwrap().is_none() {
             killed_mid_build += 1;

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, daemon};
+use common::{ChildGuard, InstanceSweeper, Juice, daemon, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -31,20 +31,8 @@ fn require_vm_tools() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
+    let body = common::http_get(port, path, Duration::from_secs(5))?;
     match body.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
         _ => Err(std::io::Error::other(format!("answered {body:?}"))),
@@ -182,20 +170,15 @@ fn juice_run_boots_hello_web_as_a_microvm_and_refuses_a_corrupt_root() {
 }
 
 fn write_site(j: &Juice, port: u16, isolation: &str, size: u32) -> String {
-    let app = j.home.path().join("app");
-    if !app.exists() {
-        std::fs::create_dir_all(&app).unwrap();
-        std::fs::write(app.join("juice.toml"), common::hello_web_manifest()).unwrap();
-    }
-    let file = j.home.path().join(format!("site-{isolation}-{size}.toml"));
-    std::fs::write(
-        &file,
-        format!(
+    common::write_site(
+        j,
+        "app",
+        &common::hello_web_manifest(),
+        &format!("site-{isolation}-{size}.toml"),
+        &format!(
             "[group.vm]\nimage = \"./app\"\nsize = {size}\nisolation = \"{isolation}\"\npublish = [\"127.0.0.1:{port}:8080\"]\n\n[group.vm.update]\nhealth_gate = \"1s\"\n"
         ),
     )
-    .unwrap();
-    file.to_str().unwrap().to_owned()
 }
 
 fn instances(j: &Juice) -> Vec<serde_json::Value> {

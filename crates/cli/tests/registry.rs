@@ -8,17 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice};
+use common::{ChildGuard, InstanceSweeper, Juice, free_port};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `docker-registry` of our own on loopback, stopped by PID when dropped.
 struct Registry {
@@ -59,14 +51,13 @@ impl Registry {
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let guard = ChildGuard(child);
+        let guard = ChildGuard::spawn(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "docker-registry did not start");
@@ -102,12 +93,9 @@ impl Registry {
 
 /// A hello-web appliance directory whose version (and so digest) is `version`.
 fn app(j: &Juice, version: &str) -> String {
-    let dir = j.home.path().join(format!("app-{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let manifest = common::hello_web_manifest()
         .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
-    std::fs::write(dir.join("juice.toml"), manifest).unwrap();
-    dir.to_str().unwrap().to_owned()
+    common::write_appliance(&j.home.path().join(format!("app-{version}")), &manifest)
 }
 
 fn digest_line(out: &str) -> String {
@@ -120,6 +108,17 @@ fn digest_line(out: &str) -> String {
 /// `juice run` of an image whose program exits at once: hello-web refuses an unknown argument.
 fn run_quietly(j: &Juice, image: &str) -> std::process::Output {
     run_quietly_with(j, image, &[])
+}
+
+/// Runs the imported program `image` quietly: it must print its greeting.
+fn assert_says_hi(j: &Juice, image: &str) {
+    let ran = run_quietly(j, image);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "imported says hi",
+        "{}",
+        common::text(&ran)
+    );
 }
 
 /// [`run_quietly`] with extra environment (a CA for the pull).
@@ -147,22 +146,7 @@ fn hello_web_ran(out: &std::process::Output) -> bool {
 
 /// `juice ARGS` with `input` on its stdin (a password).
 fn with_stdin(j: &Juice, args: &[&str], input: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = j
-        .cmd()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::output_with_input(j.cmd().args(args), input.as_bytes(), Duration::ZERO)
 }
 
 /// `juice login` to `reg` with the test registry's credential; the auth file is 0600.
@@ -654,13 +638,7 @@ fn container_images_import_as_appliances_pruned_or_whole() {
         out.contains("[[volumes]]") && out.contains("/data"),
         "{out}"
     );
-    let ran = run_quietly(&j, "app:whole");
-    assert_eq!(
-        String::from_utf8_lossy(&ran.stdout).trim(),
-        "imported says hi",
-        "{}",
-        common::text(&ran)
-    );
+    assert_says_hi(&j, "app:whole");
 
     // The OCI layout, pruned to the program's closure.
     let source = format!("{}:app", layout.display());
@@ -679,13 +657,7 @@ fn container_images_import_as_appliances_pruned_or_whole() {
     assert!(kept < total, "{report}");
     let dropped = report["dropped"].to_string();
     assert!(dropped.contains("/usr/share/doc"), "{dropped}");
-    let ran = run_quietly(&j, "app:pruned");
-    assert_eq!(
-        String::from_utf8_lossy(&ran.stdout).trim(),
-        "imported says hi",
-        "{}",
-        common::text(&ran)
-    );
+    assert_says_hi(&j, "app:pruned");
     // What the layers deleted is gone; what pruning dropped is gone; the closure is there.
     let inspect = j.ok(&["inspect", "app:pruned", "-o", "json"]);
     assert!(
@@ -788,6 +760,44 @@ fn docker_archive_with_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     outer.into_inner().unwrap()
 }
 
+/// `juice pull HOST/REPO --insecure HOST -q`, which must fail; returns stderr.
+fn pull_insecure_fails(j: &Juice, host: &str, repo: &str) -> String {
+    j.fails(&["pull", &format!("{host}/{repo}"), "--insecure", host, "-q"])
+}
+
+/// A plain-HTTP server on loopback, one request per connection, whose thread ends with
+/// the test process: `answer` gets the server's port, each request's path and
+/// `Authorization` header, and the connection to answer on. Returns the port.
+fn serve(
+    answer: impl Fn(u16, String, Option<String>, std::net::TcpStream) + Send + 'static,
+) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut authorization = None;
+            let mut h = String::new();
+            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                {
+                    authorization = Some(v.trim().to_owned());
+                }
+                h.clear();
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            answer(port, path, authorization, stream);
+        }
+    });
+    port
+}
+
 /// How the fake registry misbehaves when the image's layer is fetched.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -814,100 +824,86 @@ fn fake_registry(
     layer: String,
     fault: Fault,
 ) -> (u16, Hits) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    use std::io::Write;
     let hits = Hits::default();
     let log = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-            log.lock().unwrap().push(path.clone());
-            let mut out = stream;
-            let respond = |out: &mut std::net::TcpStream,
-                           status: &str,
-                           ctype: &str,
-                           body: &[u8],
-                           claimed: usize| {
-                let _ = write!(
-                    out,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
-                );
-                let _ = out.write_all(body);
+    let port = serve(move |_, path, _, stream| {
+        log.lock().unwrap().push(path.clone());
+        let mut out = stream;
+        let respond = |out: &mut std::net::TcpStream,
+                       status: &str,
+                       ctype: &str,
+                       body: &[u8],
+                       claimed: usize| {
+            let _ = write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = out.write_all(body);
+        };
+        if path == "/v2/" {
+            respond(&mut out, "200 OK", "application/json", b"{}", 2);
+        } else if path.contains("/manifests/") && !path.contains(".sig") {
+            respond(
+                &mut out,
+                "200 OK",
+                "application/vnd.oci.image.manifest.v1+json",
+                &manifest,
+                manifest.len(),
+            );
+        } else if let Some(d) = path.split("/blobs/").nth(1) {
+            let Some(body) = blobs.get(d) else {
+                respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+                return;
             };
-            if path == "/v2/" {
-                respond(&mut out, "200 OK", "application/json", b"{}", 2);
-            } else if path.contains("/manifests/") && !path.contains(".sig") {
+            if d != layer {
                 respond(
                     &mut out,
                     "200 OK",
-                    "application/vnd.oci.image.manifest.v1+json",
-                    &manifest,
-                    manifest.len(),
+                    "application/octet-stream",
+                    body,
+                    body.len(),
                 );
-            } else if let Some(d) = path.split("/blobs/").nth(1) {
-                let Some(body) = blobs.get(d) else {
-                    respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
-                    continue;
-                };
-                if d != layer {
+                return;
+            }
+            match fault {
+                Fault::WrongContent => {
+                    let mut other = body.clone();
+                    let mid = other.len() / 2;
+                    other[mid] ^= 0xff;
                     respond(
                         &mut out,
                         "200 OK",
                         "application/octet-stream",
-                        body,
-                        body.len(),
+                        &other,
+                        other.len(),
                     );
-                    continue;
                 }
-                match fault {
-                    Fault::WrongContent => {
-                        let mut other = body.clone();
-                        let mid = other.len() / 2;
-                        other[mid] ^= 0xff;
-                        respond(
-                            &mut out,
-                            "200 OK",
-                            "application/octet-stream",
-                            &other,
-                            other.len(),
-                        );
-                    }
-                    Fault::Truncated => respond(
-                        &mut out,
-                        "200 OK",
-                        "application/octet-stream",
-                        &body[..body.len() / 2],
-                        body.len(),
-                    ),
-                    Fault::ServerError => respond(
-                        &mut out,
-                        "503 Service Unavailable",
-                        "text/plain",
-                        b"overloaded",
-                        10,
-                    ),
-                    Fault::GoesAway => drop(out),
-                    Fault::None => respond(
-                        &mut out,
-                        "200 OK",
-                        "application/octet-stream",
-                        body,
-                        body.len(),
-                    ),
-                }
-            } else {
-                respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
+                Fault::Truncated => respond(
+                    &mut out,
+                    "200 OK",
+                    "application/octet-stream",
+                    &body[..body.len() / 2],
+                    body.len(),
+                ),
+                Fault::ServerError => respond(
+                    &mut out,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"overloaded",
+                    10,
+                ),
+                Fault::GoesAway => drop(out),
+                Fault::None => respond(
+                    &mut out,
+                    "200 OK",
+                    "application/octet-stream",
+                    body,
+                    body.len(),
+                ),
             }
+        } else {
+            respond(&mut out, "404 Not Found", "application/json", b"{}", 2);
         }
     });
     (port, hits)
@@ -943,13 +939,7 @@ fn an_image_over_the_size_limit_is_refused_before_its_layers_are_fetched() {
     let (port, hits) = fake_registry(blobs.clone(), huge, layer.clone(), Fault::None);
     let host = format!("127.0.0.1:{port}");
     let j = Juice::new();
-    let err = j.fails(&[
-        "pull",
-        &format!("{host}/apps/hello:1"),
-        "--insecure",
-        &host,
-        "-q",
-    ]);
+    let err = pull_insecure_fails(&j, &host, "apps/hello:1");
     assert!(
         err.contains(&layer) && err.contains("over the limit") && err.contains("before download"),
         "{err}"
@@ -997,13 +987,7 @@ fn a_misbehaving_registry_gets_a_clear_error_and_leaves_nothing_behind() {
         let (port, _) = fake_registry(blobs.clone(), manifest.clone(), layer.clone(), fault);
         let host = format!("127.0.0.1:{port}");
         let j = Juice::new();
-        let err = j.fails(&[
-            "pull",
-            &format!("{host}/apps/hello:1"),
-            "--insecure",
-            &host,
-            "-q",
-        ]);
+        let err = pull_insecure_fails(&j, &host, "apps/hello:1");
         assert!(
             err.contains(&host) && err.contains(want),
             "{fault:?}: {err}"
@@ -1072,46 +1056,26 @@ type Recorded = std::sync::Arc<Mutex<Vec<(String, Option<String>)>>>;
 /// `/v2/` answers 401 with `challenge`, `/token` hands out a token, anything else is 401.
 /// Its thread ends with the test process.
 fn recorder(challenge: impl Fn(u16) -> String + Send + 'static) -> (u16, Recorded) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    use std::io::Write;
     let seen = Recorded::default();
     let log = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut authorization = None;
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                if let Some((k, v)) = h.split_once(':')
-                    && k.eq_ignore_ascii_case("authorization")
-                {
-                    authorization = Some(v.trim().to_owned());
-                }
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-            log.lock().unwrap().push((path.clone(), authorization));
-            let mut out = stream;
-            let (status, extra, body) = if path.starts_with("/token") {
-                ("200 OK", String::new(), r#"{"token":"t0ken"}"#.to_owned())
-            } else {
-                (
-                    "401 Unauthorized",
-                    format!("WWW-Authenticate: {}\r\n", challenge(port)),
-                    "{}".to_owned(),
-                )
-            };
-            let _ = write!(
-                out,
-                "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
+    let port = serve(move |port, path, authorization, stream| {
+        log.lock().unwrap().push((path.clone(), authorization));
+        let mut out = stream;
+        let (status, extra, body) = if path.starts_with("/token") {
+            ("200 OK", String::new(), r#"{"token":"t0ken"}"#.to_owned())
+        } else {
+            (
+                "401 Unauthorized",
+                format!("WWW-Authenticate: {}\r\n", challenge(port)),
+                "{}".to_owned(),
+            )
+        };
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
     });
     (port, seen)
 }
@@ -1138,13 +1102,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     // Registry B asks every client for basic credentials. It gets none: they are A's.
     let (b, seen_b) = recorder(|_| "Basic realm=\"b\"".to_owned());
     let b_host = format!("127.0.0.1:{b}");
-    let err = j.fails(&[
-        "pull",
-        &format!("{b_host}/apps/x:1"),
-        "--insecure",
-        &b_host,
-        "-q",
-    ]);
+    let err = pull_insecure_fails(&j, &b_host, "apps/x:1");
     assert!(err.contains("401") && err.contains("juice login"), "{err}");
     let seen = seen_b.lock().unwrap().clone();
     assert!(!seen.is_empty());
@@ -1163,13 +1121,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     file["auths"][&c_host] = serde_json::json!({ "username": "cu", "password": "cp" });
     std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
     seen_b.lock().unwrap().clear();
-    j.fails(&[
-        "pull",
-        &format!("{c_host}/apps/x:1"),
-        "--insecure",
-        &c_host,
-        "-q",
-    ]);
+    pull_insecure_fails(&j, &c_host, "apps/x:1");
     let seen = seen_b.lock().unwrap().clone();
     assert!(
         seen.iter().any(|(p, _)| p.starts_with("/token")),
@@ -1193,13 +1145,7 @@ fn a_credential_is_sent_only_to_the_registry_it_is_for() {
     let d_host = format!("127.0.0.1:{d}");
     file["auths"][&d_host] = serde_json::json!({ "username": "du", "password": "dp" });
     std::fs::write(&auth_file, serde_json::to_vec(&file).unwrap()).unwrap();
-    j.fails(&[
-        "pull",
-        &format!("{d_host}/apps/x:1"),
-        "--insecure",
-        &d_host,
-        "-q",
-    ]);
+    pull_insecure_fails(&j, &d_host, "apps/x:1");
     let seen = seen_d.lock().unwrap().clone();
     let d_secret = basic("du", "dp");
     assert!(

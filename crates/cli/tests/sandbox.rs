@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Juice, workspace_binary};
+use common::{ChildGuard, Juice, free_port, probe, probe_line as line, workspace_binary};
 use juice_image::store::Store;
 use juice_image::unpack::materialise;
 use juice_runtime::Limits;
@@ -25,48 +25,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A test's turn, and a fresh home with the probe image `probe:TAG` built (see [`probe_image`]).
+fn probed(tag: &str, resources: &str) -> (std::sync::MutexGuard<'static, ()>, Juice) {
+    let s = serial();
+    let j = Juice::new();
+    probe_image(&j, tag, resources);
+    (s, j)
+}
+
 /// Builds the probe appliance (run as root inside, no capabilities) with these resources.
 fn probe_image(j: &Juice, tag: &str, resources: &str) {
-    let dir = j.home.path().join(format!("src-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!(
-            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n\n[resources]\n{resources}\n\n[[volumes]]\nname = \"data\"\npath = \"/data\"\n",
-            workspace_binary("juice-probe").display()
-        ),
-    )
-    .unwrap();
-    j.ok(&["build", dir.to_str().unwrap()]);
-}
-
-/// `juice run -q probe:TAG -- ARGS`: (stdout, stderr, exit code).
-fn probe(j: &Juice, tag: &str, extra: &[&str], args: &[&str]) -> (String, String, i32) {
-    let image = format!("probe:{tag}");
-    let mut cmd = j.cmd();
-    cmd.args(["run", "-q", &image])
-        .args(extra)
-        .arg("--")
-        .args(args);
-    let out = cmd.output().unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
-}
-
-fn line(j: &Juice, tag: &str, args: &[&str]) -> String {
-    let (out, err, code) = probe(j, tag, &["--network", "none"], args);
-    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
-    out.trim().to_owned()
+    common::probe_image_with(
+        j,
+        tag,
+        &format!("\n[resources]\n{resources}\n\n[[volumes]]\nname = \"data\"\npath = \"/data\""),
+    );
 }
 
 #[test]
 fn escape_attempts_from_inside_fail() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "1", "pids = 64");
+    let (_s, j) = probed("1", "pids = 64");
     // Only the instance's own processes: init (1) and the probe (2).
     assert_eq!(line(&j, "1", &["pids"]), "pids [1, 2]");
     let ro = line(&j, "1", &["write", "/etc/passwd"]);
@@ -129,9 +107,7 @@ fn escape_attempts_from_inside_fail() {
 /// kernel's; `AF_VSOCK` and io_uring are built in and enabled.
 #[test]
 fn seccomp_refuses_what_the_kernel_allows() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "sc", "pids = 16");
+    let (_s, j) = probed("sc", "pids = 16");
     let eperm = "Operation not permitted (os error 1)";
     let eafnosupport = "Address family not supported by protocol (os error 97)";
     let sigsys = "killed by signal 31 (SIGSYS)";
@@ -244,9 +220,7 @@ fn seccomp_refuses_what_the_kernel_allows() {
 
 #[test]
 fn limits_hold_and_are_reported() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "lim", "cpus = 0.5\nmemory = \"32MiB\"\npids = 32");
+    let (_s, j) = probed("lim", "cpus = 0.5\nmemory = \"32MiB\"\npids = 32");
     let fork = line(&j, "lim", &["forkbomb"]);
     let n: u32 = fork
         .strip_prefix("denied fork after ")
@@ -271,17 +245,13 @@ fn limits_hold_and_are_reported() {
 
 #[test]
 fn pid_1_reaps_orphans() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "z", "pids = 128");
+    let (_s, j) = probed("z", "pids = 128");
     assert_eq!(line(&j, "z", &["zombies"]), "zombies 0");
 }
 
 #[test]
 fn volumes_are_writable_and_outlive_the_instance() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "v", "pids = 16");
+    let (_s, j) = probed("v", "pids = 16");
     let args = ["--network", "none", "--name", "keeper"];
     let (out, err, code) = probe(&j, "v", &args, &["write", "/data/kept"]);
     assert_eq!((out.trim(), code), ("ok write /data/kept", 0), "{err}");
@@ -331,26 +301,20 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
     common::hello_web_binary();
     let j = Juice::new();
     j.ok(&["build", "examples/hello-web"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "hello-web:0.1.0",
-            "--name",
-            "web-test",
-            "-p",
-            &format!("127.0.0.1:{port}:8080"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let port = free_port();
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "hello-web:0.1.0",
+                "--name",
+                "web-test",
+                "-p",
+                &format!("127.0.0.1:{port}:8080"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     wait_for("hello-web on the published port", || {
         get(port, "/healthz").is_ok_and(|b| b.ends_with("ok\n"))
     });
@@ -636,17 +600,13 @@ fn leftovers(home: &Path, veths: &[String]) -> Vec<String> {
 
 #[test]
 fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "c", "pids = 16");
-    let child = j
-        .cmd()
-        .args(["run", "probe:c", "--name", "orphan", "--", "sleep", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let (_s, j) = probed("c", "pids = 16");
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args(["run", "probe:c", "--name", "orphan", "--", "sleep", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/orphan/state.json").exists()
     });
@@ -675,27 +635,23 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
 
 #[test]
 fn an_instance_is_found_again_by_another_process() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "a", "pids = 16");
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "probe:a",
-            "--network",
-            "none",
-            "--name",
-            "adoptee",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(child);
+    let (_s, j) = probed("a", "pids = 16");
+    let mut guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "probe:a",
+                "--network",
+                "none",
+                "--name",
+                "adoptee",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/adoptee/state.json").exists()
     });
@@ -710,28 +666,24 @@ fn an_instance_is_found_again_by_another_process() {
 
 #[test]
 fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "u", "pids = 16");
-    let child = j
-        .cmd()
-        .args([
-            "run",
-            "probe:u",
-            "--network",
-            "none",
-            "--userns",
-            "200000",
-            "--name",
-            "mapped",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = ChildGuard(child);
+    let (_s, j) = probed("u", "pids = 16");
+    let _guard = ChildGuard::spawn(
+        j.cmd()
+            .args([
+                "run",
+                "probe:u",
+                "--network",
+                "none",
+                "--userns",
+                "200000",
+                "--name",
+                "mapped",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .stdout(Stdio::null()),
+    );
     wait_for("the instance", || {
         j.home.path().join("instances/mapped/state.json").exists()
     });
@@ -799,24 +751,16 @@ fn rootless_mode_runs_without_root() {
     let j = Juice::new();
     std::os::unix::fs::chown(j.home.path(), Some(65534), Some(65534)).unwrap();
     let as_nobody = |args: &[&str]| {
-        let out = j.cmd().args(args).uid(65534).gid(65534).output().unwrap();
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-            out.status.code(),
-        )
+        common::outcome(&j.cmd().args(args).uid(65534).gid(65534).output().unwrap())
     };
-    let dir = j.home.path().join("src");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(
-        dir.join("juice.toml"),
-        format!(
+    let dir = common::write_appliance(
+        &j.home.path().join("src"),
+        &format!(
             "[appliance]\nname = \"rl\"\nversion = \"1\"\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n[run]\ncommand = [\"/usr/bin/probe\"]\n[resources]\npids = 8\n",
             workspace_binary("juice-probe").display()
         ),
-    )
-    .unwrap();
-    let (_, err, code) = as_nobody(&["build", dir.to_str().unwrap()]);
+    );
+    let (_, err, code) = as_nobody(&["build", &dir]);
     assert_eq!(code, Some(0), "{err}");
     let (out, err, code) = as_nobody(&["run", "rl:1", "--", "whoami"]);
     assert_eq!(code, Some(0), "{err}");
@@ -849,9 +793,7 @@ fn rootless_mode_runs_without_root() {
 
 #[test]
 fn an_init_that_fails_before_the_start_is_reported_with_its_own_reason() {
-    let _s = serial();
-    let j = Juice::new();
-    probe_image(&j, "f", "pids = 16");
+    let (_s, j) = probed("f", "pids = 16");
     // An init that gives up at once and says why on its status descriptor (4),
     // before the runtime has sent its config, made the cgroups or the network:
     // the runtime's own writes then fail (a broken pipe, a vanished process),

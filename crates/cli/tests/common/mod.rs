@@ -66,11 +66,59 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// What a finished command said and how it ended: (stdout, stderr, exit code).
+pub fn outcome(out: &Output) -> (String, String, Option<i32>) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()
         .expect("workspace root")
+}
+
+/// Finds a free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` from `port` on loopback over HTTP/1.1, reading for at most `timeout`
+/// at a time: the whole answer (head and body), whatever its status.
+pub fn http_get(port: u16, path: &str, timeout: std::time::Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// Runs `cmd` with `input` on its stdin, which stays open `linger` longer (for a
+/// peer that answers late) before it closes; returns all it wrote.
+pub fn output_with_input(cmd: &mut Command, input: &[u8], linger: std::time::Duration) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    std::thread::sleep(linger);
+    drop(stdin);
+    child.wait_with_output().unwrap()
 }
 
 /// Fails loudly when a tool a test needs is missing: such a test must never pass silently.
@@ -102,6 +150,13 @@ pub fn hello_web_binary() -> PathBuf {
 /// Stops (and reaps) a child when dropped, so a failing test leaves no process behind:
 /// SIGTERM first (`juice run` then stops and releases its instance), SIGKILL after 15 s.
 pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Spawns `cmd`, guarded from the start.
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(cmd.spawn().expect("the command starts"))
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -211,6 +266,62 @@ pub fn hello_web_manifest() -> String {
             hello_web_binary().to_str().expect("a UTF-8 path"),
         )
         .replace("\"static/\"", &format!("\"{}/static/\"", example.display()))
+}
+
+/// Writes a site file `file` (in `j`'s home) with `site` in it, and the app it builds:
+/// `manifest` as `app/juice.toml` (in the home), unless that is already written, so a
+/// daemon never reads a half-rewritten manifest. Returns the site file's path.
+pub fn write_site(j: &Juice, app: &str, manifest: &str, file: &str, site: &str) -> String {
+    let app = j.home.path().join(app);
+    std::fs::create_dir_all(&app).unwrap();
+    if !app.join("juice.toml").exists() {
+        std::fs::write(app.join("juice.toml"), manifest).unwrap();
+    }
+    let file = j.home.path().join(file);
+    std::fs::write(&file, site).unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
+/// Writes `manifest` as DIR/juice.toml (making DIR); returns DIR as a string.
+pub fn write_appliance(dir: &Path, manifest: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("juice.toml"), manifest).unwrap();
+    dir.to_str().unwrap().to_owned()
+}
+
+/// Builds the probe appliance `probe:TAG` (juice-probe, run as root inside); `rest`
+/// follows its `[run]` user line (more `[run]` keys, then further tables).
+pub fn probe_image_with(j: &Juice, tag: &str, rest: &str) {
+    let dir = write_appliance(
+        &j.home.path().join(format!("src-{tag}")),
+        &format!(
+            "[appliance]\nname = \"probe\"\nversion = \"{tag}\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\"]\nuser = \"0:0\"\n{rest}\n",
+            workspace_binary("juice-probe").display()
+        ),
+    );
+    j.ok(&["build", &dir]);
+}
+
+/// `juice run -q probe:TAG EXTRA -- ARGS`: (stdout, stderr, exit code).
+pub fn probe(j: &Juice, tag: &str, extra: &[&str], args: &[&str]) -> (String, String, i32) {
+    let image = format!("probe:{tag}");
+    let out = j
+        .cmd()
+        .args(["run", "-q", &image])
+        .args(extra)
+        .arg("--")
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr, code) = outcome(&out);
+    (stdout, stderr, code.unwrap_or(-1))
+}
+
+/// The probe without a network, which must succeed: its stdout, trimmed.
+pub fn probe_line(j: &Juice, tag: &str, args: &[&str]) -> String {
+    let (out, err, code) = probe(j, tag, &["--network", "none"], args);
+    assert_eq!(code, 0, "probe {args:?} failed: {out}{err}");
+    out.trim().to_owned()
 }
 
 /// `juice daemon` for `j` with extra environment, once its socket answers; stopped
