@@ -1327,9 +1327,7 @@ mod tests {
         fn log_path(&self, name: &str) -> PathBuf {
             PathBuf::from("/nonexistent").join(name)
         }
-        fn discard(&self, _: &str) -> Result<(), BackendError> {
-            Ok(())
-        }
+        fn forget(&self, _: &str) {}
     }
 
     #[test]

@@ -135,8 +135,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     );
     spec.die_with_parent = true;
     if !args.args.is_empty() {
-        spec.argv.truncate(1);
-        spec.argv.extend(args.args.iter().cloned());
+        spec.program.argv.truncate(1);
+        spec.program.argv.extend(args.args.iter().cloned());
     }
     spec.cgroup = !args.no_cgroup;
     if args.no_cgroup {
@@ -156,14 +156,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         spec.cgroup = false;
         spec.limits = Limits::default();
-        if (spec.uid, spec.gid) != (0, 0) && !args.quiet {
+        if (spec.program.uid, spec.program.gid) != (0, 0) && !args.quiet {
             eprintln!(
                 "juice: rootless: running as root inside (your own uid outside) instead of {}:{}",
-                spec.uid, spec.gid
+                spec.program.uid, spec.program.gid
             );
         }
-        spec.uid = 0;
-        spec.gid = 0;
+        spec.program.uid = 0;
+        spec.program.gid = 0;
         if !ports.is_empty() {
             return Err(
                 "rootless: publishing ports needs root (there is no bridge without it)".into(),

@@ -26,5 +26,8 @@ pub mod closure;
 pub mod confine;
 pub mod digest;
 pub mod manifest;
+pub mod path_error;
 pub mod store;
 pub mod unpack;
+
+pub use path_error::PathError;

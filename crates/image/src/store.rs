@@ -28,13 +28,8 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::PathError),
     #[error("{path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
     #[error("no image {reference:?} in the store (see `juice images`)")]
@@ -75,12 +70,8 @@ pub enum StoreError {
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
-    let path = path.to_owned();
-    move |source| StoreError::Io {
-        action,
-        path,
-        source,
-    }
+    let at = crate::PathError::at(action, path);
+    move |source| StoreError::Io(at(source))
 }
 
 /// One tagged image.
@@ -132,7 +123,7 @@ impl Store {
             store.tmp_dir(),
             store.rootfs_dir(),
         ] {
-            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         }
         let marker = store.layout.join("oci-layout");
         if !marker.exists() {
@@ -169,9 +160,9 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(io_err("cannot open lock", &path))?;
+            .map_err(io_err("open lock", &path))?;
         let r = if exclusive { f.lock() } else { f.lock_shared() };
-        r.map_err(io_err("cannot lock", &path))?;
+        r.map_err(io_err("lock", &path))?;
         Ok(StoreLock(f))
     }
 
@@ -193,7 +184,7 @@ impl Store {
     /// Starts writing a blob; [`BlobWriter::commit`] makes it visible under its digest.
     pub fn blob_writer(&self) -> Result<BlobWriter<'_>, StoreError> {
         let path = self.temp_path("blob");
-        let file = File::create(&path).map_err(io_err("cannot create", &path))?;
+        let file = File::create(&path).map_err(io_err("create", &path))?;
         Ok(BlobWriter {
             store: self,
             inner: Some(HashingWriter::new(io::BufWriter::new(file))),
@@ -203,8 +194,7 @@ impl Store {
 
     pub fn put_blob(&self, bytes: &[u8]) -> Result<(Digest, u64), StoreError> {
         let mut w = self.blob_writer()?;
-        w.write_all(bytes)
-            .map_err(io_err("cannot write", &w.path))?;
+        w.write_all(bytes).map_err(io_err("write", &w.path))?;
         w.commit()
     }
 
@@ -220,7 +210,7 @@ impl Store {
                 image: image.to_owned(),
                 blob: digest.to_string(),
             },
-            _ => io_err("cannot read", &path)(e),
+            _ => io_err("read", &path)(e),
         })?;
         let actual = Digest::of(&bytes);
         if actual != *digest {
@@ -246,11 +236,11 @@ impl Store {
                 image: image.to_owned(),
                 blob: digest.to_string(),
             },
-            _ => io_err("cannot read", &path)(e),
+            _ => io_err("read", &path)(e),
         })?;
         let (actual, len) = HashingReader::new(BufReader::new(file))
             .finish()
-            .map_err(io_err("cannot read", &path))?;
+            .map_err(io_err("read", &path))?;
         if actual != *digest {
             return Err(StoreError::CorruptBlob {
                 image: image.to_owned(),
@@ -272,16 +262,16 @@ impl Store {
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = self.temp_path("file");
-        let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
-        f.sync_all().map_err(io_err("cannot sync", &tmp))?;
-        fs::rename(&tmp, dest).map_err(io_err("cannot rename into place", dest))?;
+        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("sync", &tmp))?;
+        fs::rename(&tmp, dest).map_err(io_err("rename into place", dest))?;
         sync_dir(dest.parent().unwrap_or(Path::new("/")))
     }
 
     fn read_index(&self) -> Result<ImageIndex, StoreError> {
         let path = self.layout.join("index.json");
-        let text = fs::read(&path).map_err(io_err("cannot read", &path))?;
+        let text = fs::read(&path).map_err(io_err("read", &path))?;
         serde_json::from_slice(&text).map_err(|e| StoreError::Damaged {
             path,
             reason: e.to_string(),
@@ -473,7 +463,7 @@ impl Store {
     /// The digest of a layer's uncompressed tar stream.
     fn layer_diff_id(&self, digest: &Digest, media_type: &MediaType) -> Result<Digest, StoreError> {
         let path = self.blob_path(digest);
-        let file = File::open(&path).map_err(io_err("cannot read", &path))?;
+        let file = File::open(&path).map_err(io_err("read", &path))?;
         let reader =
             open_layer(BufReader::new(file), media_type).map_err(|reason| StoreError::Damaged {
                 path: path.clone(),
@@ -481,7 +471,7 @@ impl Store {
             })?;
         let (d, _) = HashingReader::new(reader)
             .finish()
-            .map_err(io_err("cannot decompress", &path))?;
+            .map_err(io_err("decompress", &path))?;
         Ok(d)
     }
 
@@ -489,8 +479,8 @@ impl Store {
     pub fn verify_all_blobs(&self) -> Result<usize, StoreError> {
         let dir = self.layout.join("blobs/sha256");
         let mut n = 0;
-        for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
-            let entry = entry.map_err(io_err("cannot list", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let digest: Digest =
                 format!("sha256:{name}")
@@ -545,32 +535,26 @@ impl Store {
         let (keep, keep_roots) = self.referenced()?;
 
         let tmp = self.tmp_dir();
-        for entry in fs::read_dir(&tmp)
-            .map_err(io_err("cannot list", &tmp))?
-            .flatten()
-        {
+        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))?.flatten() {
             let p = entry.path();
             let removed = if p.is_dir() {
                 fs::remove_dir_all(&p)
             } else {
                 fs::remove_file(&p)
             };
-            removed.map_err(io_err("cannot remove", &p))?;
+            removed.map_err(io_err("remove", &p))?;
             report.temp_files_removed += 1;
         }
 
         let dir = self.layout.join("blobs/sha256");
-        for entry in fs::read_dir(&dir)
-            .map_err(io_err("cannot list", &dir))?
-            .flatten()
-        {
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let referenced = format!("sha256:{name}")
                 .parse::<Digest>()
                 .is_ok_and(|d| keep.contains(&d));
             if !referenced {
                 report.bytes_freed += entry.metadata().map_or(0, |m| m.len());
-                fs::remove_file(entry.path()).map_err(io_err("cannot remove", &entry.path()))?;
+                fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
                 report.blobs_removed += 1;
             }
         }
@@ -578,15 +562,15 @@ impl Store {
 
         let roots = self.rootfs_dir();
         for entry in fs::read_dir(&roots)
-            .map_err(io_err("cannot list", &roots))?
+            .map_err(io_err("list", &roots))?
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !keep_roots.contains(&name) {
                 // Rename first: a half-deleted tree must never sit under a digest name.
                 let doomed = self.temp_path("rootfs-gc");
-                fs::rename(entry.path(), &doomed).map_err(io_err("cannot move", &entry.path()))?;
-                fs::remove_dir_all(&doomed).map_err(io_err("cannot remove", &doomed))?;
+                fs::rename(entry.path(), &doomed).map_err(io_err("move", &entry.path()))?;
+                fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))?;
                 report.rootfs_removed += 1;
             }
         }
@@ -598,8 +582,7 @@ impl Store {
                     .ok()
                     .and_then(|s| s.trim().parse::<Digest>().ok());
                 if !target.is_some_and(|d| keep.contains(&d)) {
-                    fs::remove_file(entry.path())
-                        .map_err(io_err("cannot remove", &entry.path()))?;
+                    fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
                 }
             }
         }
@@ -609,7 +592,7 @@ impl Store {
     /// Remembers that a build whose inputs hash to `inputs` produced `manifest`.
     pub fn remember_build(&self, inputs: &Digest, manifest: &Digest) -> Result<(), StoreError> {
         let dir = self.home.join("cache/builds");
-        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         self.write_atomic(&dir.join(inputs.hex()), manifest.to_string().as_bytes())
     }
 
@@ -680,13 +663,13 @@ impl BlobWriter<'_> {
         let (buf, digest, len) = inner.finish();
         let file = buf
             .into_inner()
-            .map_err(|e| io_err("cannot write", &self.path)(e.into_error()))?;
-        file.sync_all().map_err(io_err("cannot sync", &self.path))?;
+            .map_err(|e| io_err("write", &self.path)(e.into_error()))?;
+        file.sync_all().map_err(io_err("sync", &self.path))?;
         let dest = self.store.blob_path(&digest);
         if dest.exists() {
-            fs::remove_file(&self.path).map_err(io_err("cannot remove", &self.path))?;
+            fs::remove_file(&self.path).map_err(io_err("remove", &self.path))?;
         } else {
-            fs::rename(&self.path, &dest).map_err(io_err("cannot rename into place", &dest))?;
+            fs::rename(&self.path, &dest).map_err(io_err("rename into place", &dest))?;
             sync_dir(dest.parent().unwrap_or(Path::new("/")))?;
         }
         Ok((digest, len))
@@ -719,7 +702,7 @@ impl Drop for BlobWriter<'_> {
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("cannot sync", dir))
+        .map_err(io_err("sync", dir))
 }
 
 fn empty_index() -> ImageIndex {

@@ -59,16 +59,17 @@ pub fn prepare_and_exec(
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     // Init runs with oom_score_adj -1000 so the OOM killer picks the appliance, not init.
     let _ = std::fs::write("/proc/self/oom_score_adj", "0");
-    chdir(&config.workdir).step(|| format!("chdir {}", config.workdir.display()))?;
+    chdir(&config.program.workdir)
+        .step(|| format!("chdir {}", config.program.workdir.display()))?;
 
-    let keep = parse_caps(&config.capabilities)?;
+    let keep = parse_caps(&config.program.capabilities)?;
     for cap in caps::all() {
         if !keep.contains(&cap) {
             caps::drop(None, caps::CapSet::Bounding, cap)
                 .map_err(|e| Failure(format!("drop {cap} from the bounding set: {e}")))?;
         }
     }
-    if config.uid != 0 && !keep.is_empty() {
+    if config.program.uid != 0 && !keep.is_empty() {
         // Keep the permitted set across setuid so the declared capabilities survive it.
         nix::sys::prctl::set_keepcaps(true).step(|| "prctl(PR_SET_KEEPCAPS)".into())?;
     }
@@ -77,8 +78,8 @@ pub fn prepare_and_exec(
         Err(Errno::EPERM) if config.user_namespace => {}
         other => other.step(|| "setgroups".into())?,
     }
-    setgid(Gid::from_raw(config.gid)).step(|| format!("setgid {}", config.gid))?;
-    setuid(Uid::from_raw(config.uid)).step(|| format!("setuid {}", config.uid))?;
+    setgid(Gid::from_raw(config.program.gid)).step(|| format!("setgid {}", config.program.gid))?;
+    setuid(Uid::from_raw(config.program.uid)).step(|| format!("setuid {}", config.program.uid))?;
     for set in [
         caps::CapSet::Effective,
         caps::CapSet::Permitted,
@@ -87,7 +88,7 @@ pub fn prepare_and_exec(
         caps::set(None, set, &keep)
             .map_err(|e| Failure(format!("set the {set:?} capabilities: {e}")))?;
     }
-    if config.uid != 0 {
+    if config.program.uid != 0 {
         for cap in &keep {
             caps::raise(None, caps::CapSet::Ambient, *cap)
                 .map_err(|e| Failure(format!("raise ambient {cap}: {e}")))?;
@@ -96,11 +97,13 @@ pub fn prepare_and_exec(
     nix::sys::prctl::set_no_new_privs().step(|| "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
 
     let argv: Vec<CString> = config
+        .program
         .argv
         .iter()
         .map(|a| cstring(a))
         .collect::<Result<_, _>>()?;
     let env: Vec<CString> = config
+        .program
         .env
         .iter()
         .map(|a| cstring(a))
@@ -134,7 +137,11 @@ pub fn prepare_and_exec(
             .map_err(|e| Failure(format!("install the seccomp filter: {e}")))?;
     }
     let Err(e) = nix::unistd::execve(program, &argv, &env);
-    Err(Failure(format!("exec {}: {}", config.argv[0], e.desc())))
+    Err(Failure(format!(
+        "exec {}: {}",
+        config.program.argv[0],
+        e.desc()
+    )))
 }
 
 pub fn cstring(s: &str) -> Result<CString, Failure> {

@@ -35,13 +35,11 @@ pub const EXIT_FILE: &str = "exit.json";
 /// The appliance's merged stdout and stderr, in the log directory.
 pub const LOG_FILE: &str = "app.log";
 
-/// Everything init needs to set up the sandbox and start the appliance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The appliance's program and whom it runs as: what every backend starts, the
+/// same in a sandbox's init and in a microVM's guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InitConfig {
-    /// The unpacked image on the host; mounted read-only as `/`.
-    pub rootfs: PathBuf,
-    pub hostname: String,
+pub struct Program {
     /// `argv`; `argv[0]` is the absolute program path inside the image.
     pub argv: Vec<String>,
     /// `KEY=VALUE` strings.
@@ -51,6 +49,30 @@ pub struct InitConfig {
     pub workdir: PathBuf,
     /// Capability names (`CAP_NET_BIND_SERVICE`) the appliance keeps; all others are dropped.
     pub capabilities: Vec<String>,
+}
+
+impl Program {
+    /// `argv` as root in `/`, with the default `PATH` and no capabilities.
+    pub fn new(argv: Vec<String>) -> Program {
+        Program {
+            argv,
+            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+            uid: 0,
+            gid: 0,
+            workdir: PathBuf::from("/"),
+            capabilities: Vec::new(),
+        }
+    }
+}
+
+/// Everything init needs to set up the sandbox and start the appliance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// The unpacked image on the host; mounted read-only as `/`.
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    pub program: Program,
     /// Compiled seccomp filters, installed in order; empty means none.
     pub seccomp: Vec<Vec<SockFilter>>,
     /// Extra mounts: volumes (read-write) and generated files like `/etc/hosts` (read-only).

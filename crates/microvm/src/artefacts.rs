@@ -21,12 +21,8 @@ use crate::VmError;
 use crate::kernel::Kernel;
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError + use<> {
-    let path = path.to_owned();
-    move |source| VmError::Io {
-        action,
-        path,
-        source,
-    }
+    let at = juice_image::PathError::at(action, path);
+    move |source| VmError::Io(at(source))
 }
 
 /// sha256 of a file, hex.

@@ -64,11 +64,8 @@ impl Kernel {
             return Ok(Vec::new());
         };
         let dep_file = dir.join("modules.dep");
-        let text = std::fs::read_to_string(&dep_file).map_err(|source| VmError::Io {
-            action: "read",
-            path: dep_file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&dep_file)
+            .map_err(|e| VmError::Io(juice_image::PathError::at("read", &dep_file)(e)))?;
         let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         let deps = parse_modules_dep(&text);
         let mut order = Vec::new();

@@ -27,13 +27,8 @@ pub use vm::{Accel, Runtime, Vm, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] juice_image::PathError),
     #[error("{0}")]
     Syscall(String),
     #[error(transparent)]

@@ -157,10 +157,11 @@ pub fn guest_init_path() -> Result<PathBuf, VmError> {
     match std::env::var_os("JUICE_GUEST") {
         Some(p) => Ok(PathBuf::from(p)),
         None => Ok(std::env::current_exe()
-            .map_err(|source| VmError::Io {
-                action: "find",
-                path: "/proc/self/exe".into(),
-                source,
+            .map_err(|e| {
+                VmError::Io(juice_image::PathError::at(
+                    "find",
+                    std::path::Path::new("/proc/self/exe"),
+                )(e))
             })?
             .with_file_name("juice-guest")),
     }
@@ -219,11 +220,8 @@ impl Runtime {
         let qemu = find_qemu(std::env::var_os("PATH").as_deref())?;
         let kernel = Kernel::find()?;
         let dir = home.join("vms");
-        std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
-            action: "create",
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| VmError::Io(juice_image::PathError::at("create", &dir)(e)))?;
         let mut runtime = Runtime {
             home: home.to_owned(),
             kernel,
@@ -328,11 +326,8 @@ impl Runtime {
 
     fn spawn_in(&self, spec: &InstanceSpec, dir: &Path) -> Result<Vm, VmError> {
         let dir = dir.to_owned();
-        std::fs::create_dir_all(&dir).map_err(|source| VmError::Io {
-            action: "create",
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| VmError::Io(juice_image::PathError::at("create", &dir)(e)))?;
         for stale in [
             "state.json",
             "status",
@@ -348,7 +343,7 @@ impl Runtime {
         let mut volumes = Vec::new();
         for (i, v) in spec.volumes.iter().enumerate() {
             let disk = volume_disk_path(&v.source);
-            artefacts::volume_disk(&disk, VOLUME_BYTES, spec.uid, spec.gid)?;
+            artefacts::volume_disk(&disk, VOLUME_BYTES, spec.program.uid, spec.program.gid)?;
             volumes.push((format!("juice-vol-{i}"), disk, v.target.clone()));
         }
 
@@ -395,12 +390,7 @@ impl Runtime {
             app: InitConfig {
                 rootfs: "/".into(),
                 hostname: spec.name.clone(),
-                argv: spec.argv.clone(),
-                env: spec.env.clone(),
-                uid: spec.uid,
-                gid: spec.gid,
-                workdir: spec.workdir.clone(),
-                capabilities: spec.capabilities.clone(),
+                program: spec.program.clone(),
                 seccomp: if spec.seccomp {
                     juice_runtime::seccomp::default_filters()
                         .map_err(|e| VmError::Artefact(e.to_string()))?
@@ -446,12 +436,11 @@ impl Runtime {
             accel: self.accel,
             name: &spec.name,
         });
-        let qemu_log =
-            std::fs::File::create(dir.join("qemu.log")).map_err(|source| VmError::Io {
-                action: "create",
-                path: dir.join("qemu.log"),
-                source,
-            })?;
+        let qemu_log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| {
+            VmError::Io(juice_image::PathError::at("create", &dir.join("qemu.log"))(
+                e,
+            ))
+        })?;
         let mut cmd = Command::new(&self.qemu);
         cmd.args(&args)
             .stdin(Stdio::null())
@@ -582,26 +571,6 @@ impl Runtime {
             }
         }
         Ok(vm)
-    }
-
-    /// Names of all VMs with state on disk.
-    pub fn list(&self) -> Vec<String> {
-        record::list(&self.home.join("vms"))
-    }
-
-    /// Removes everything a VM that is not running left, found by name (see
-    /// the sandbox's `Runtime::discard`). A running VM is left alone.
-    pub fn discard(&self, name: &str) -> Result<(), VmError> {
-        check_name(name)?;
-        if let Ok(mut vm) = self.adopt(name) {
-            if vm.is_running() {
-                return Err(VmError::Exists(name.to_owned()));
-            }
-            vm.abandon();
-        }
-        network::release_name(&self.home, name);
-        let _ = std::fs::remove_dir_all(self.vm_dir(name));
-        Ok(())
     }
 }
 
@@ -740,11 +709,8 @@ fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), VmError> {
     let mut bytes = serde_json::to_vec(config).map_err(|e| VmError::Artefact(e.to_string()))?;
     // A disk is whole sectors; the guest reads up to the first NUL.
     bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096 + 4096, 0);
-    std::fs::write(path, &bytes).map_err(|source| VmError::Io {
-        action: "write",
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::write(path, &bytes)
+        .map_err(|e| VmError::Io(juice_image::PathError::at("write", path)(e)))
 }
 
 /// A running (or finished) microVM.
@@ -869,11 +835,8 @@ impl Vm {
         for n in (1..keep).rev() {
             let _ = std::fs::rename(numbered(n), numbered(n + 1));
         }
-        std::fs::rename(&log, numbered(1)).map_err(|source| VmError::Io {
-            action: "rotate",
-            path: log.clone(),
-            source,
-        })?;
+        std::fs::rename(&log, numbered(1))
+            .map_err(|e| VmError::Io(juice_image::PathError::at("rotate", &log)(e)))?;
         let damaged = |reason: String| VmError::Damaged {
             name: self.state.name.clone(),
             reason,
@@ -997,13 +960,15 @@ impl Backend for Runtime {
         Ok(Box::new(Runtime::adopt(self, name)?))
     }
     fn list(&self) -> Vec<String> {
-        Runtime::list(self)
+        record::list(&self.home.join("vms"))
     }
     fn log_path(&self, name: &str) -> PathBuf {
         Runtime::log_path(self, name)
     }
-    fn discard(&self, name: &str) -> Result<(), BackendError> {
-        Ok(Runtime::discard(self, name)?)
+    /// The address is found by name; the tap went with QEMU.
+    fn forget(&self, name: &str) {
+        network::release_name(&self.home, name);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
     }
 }
 
@@ -1085,12 +1050,7 @@ mod tests {
             app: InitConfig {
                 rootfs: "/".into(),
                 hostname: "h".into(),
-                argv: vec!["/x".into()],
-                env: vec![],
-                uid: 0,
-                gid: 0,
-                workdir: "/".into(),
-                capabilities: vec![],
+                program: juice_init::Program::new(vec!["/x".into()]),
                 seccomp: vec![],
                 binds: vec![],
                 user_namespace: false,
@@ -1106,7 +1066,7 @@ mod tests {
         assert_eq!(bytes.len() % 512, 0);
         let end = bytes.iter().position(|b| *b == 0).unwrap();
         let back: GuestConfig = serde_json::from_slice(&bytes[..end]).unwrap();
-        assert_eq!(back.app.argv, ["/x"]);
+        assert_eq!(back.app.program.argv, ["/x"]);
     }
 
     #[test]

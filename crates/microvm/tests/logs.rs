@@ -54,8 +54,8 @@ fn the_log_of_a_microvm_rotates_without_losing_lines() {
     let runtime = Runtime::with_guest_init(home.path(), guest).unwrap();
 
     let mut spec = InstanceSpec::new("logrot", &rootfs.path, vec!["/usr/bin/hello-web".into()]);
-    spec.uid = 1000;
-    spec.gid = 1000;
+    spec.program.uid = 1000;
+    spec.program.gid = 1000;
     spec.network = Some(NetworkSpec::new("logrot-test"));
     spec.log_max_bytes = 200;
     spec.log_keep = 2;

@@ -40,13 +40,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] juice_image::PathError),
     #[error(transparent)]
     Store(#[from] juice_image::store::StoreError),
     #[error(transparent)]
@@ -77,10 +72,6 @@ pub(crate) fn io_err(
     action: &'static str,
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> RegistryError + use<> {
-    let path = path.to_owned();
-    move |source| RegistryError::Io {
-        action,
-        path,
-        source,
-    }
+    let at = juice_image::PathError::at(action, path);
+    move |source| RegistryError::Io(at(source))
 }

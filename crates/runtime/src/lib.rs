@@ -33,7 +33,7 @@ pub use juice_net::trace;
 pub use juice_net::{NetworkSpec, PortMapping};
 pub use limits::HostLimits;
 pub use process::Process;
-pub use spec::{IdMap, InstanceSpec, Limits, VolumeMount};
+pub use spec::{IdMap, InstanceSpec, Limits, Program, VolumeMount};
 
 /// How an instance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,9 +129,26 @@ pub trait Backend: Send + Sync {
     fn list(&self) -> Vec<String>;
     /// Where the instance's output is.
     fn log_path(&self, name: &str) -> PathBuf;
-    /// Removes what an instance that is not running left (one whose start was
-    /// cut short by a killed supervisor has no record to adopt).
-    fn discard(&self, name: &str) -> Result<(), BackendError>;
+    /// Removes what an instance left that [`Handle::abandon`] cannot reach: what a
+    /// start cut short by a killed supervisor made before its record (cgroups,
+    /// an address), and its directory. Only for an instance that is not running.
+    fn forget(&self, name: &str);
+
+    /// Removes everything an instance that is not running left, found by name.
+    /// A running instance is left alone.
+    fn discard(&self, name: &str) -> Result<(), BackendError> {
+        if !process::valid_name(name) {
+            return Err(BackendError::BadName(name.to_owned()));
+        }
+        if let Ok(mut h) = self.adopt(name) {
+            if h.is_running() {
+                return Err(BackendError::Exists(name.to_owned()));
+            }
+            h.abandon();
+        }
+        self.forget(name);
+        Ok(())
+    }
 
     /// Removes what dead instances left behind (after a crash of whoever started
     /// them); the number cleaned.

@@ -175,13 +175,8 @@ pub mod record {
     pub enum RecordError {
         #[error("no record {0}")]
         NotFound(PathBuf),
-        #[error("cannot {action} {path}: {source}")]
-        Io {
-            action: &'static str,
-            path: PathBuf,
-            #[source]
-            source: io::Error,
-        },
+        #[error(transparent)]
+        Io(#[from] juice_image::PathError),
         #[error("{path} is damaged: {reason}")]
         Damaged { path: PathBuf, reason: String },
     }
@@ -205,11 +200,11 @@ pub mod record {
         let path = dir.join(STATE_FILE);
         let bytes = std::fs::read(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => RecordError::NotFound(path.clone()),
-            _ => RecordError::Io {
+            _ => RecordError::Io(juice_image::PathError {
                 action: "read",
                 path: path.clone(),
                 source,
-            },
+            }),
         })?;
         serde_json::from_slice(&bytes).map_err(|e| RecordError::Damaged {
             path,
@@ -224,10 +219,12 @@ pub mod record {
         let tmp = dir.join("state.json.tmp");
         let io = |action, path: &Path| {
             let path = path.to_owned();
-            move |source| RecordError::Io {
-                action,
-                path,
-                source,
+            move |source| {
+                RecordError::Io(juice_image::PathError {
+                    action,
+                    path,
+                    source,
+                })
             }
         };
         let json =

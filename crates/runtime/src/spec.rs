@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use juice_image::appliance::ApplianceConfig;
+pub use juice_init::Program;
 use juice_net::NetworkSpec;
 use serde::{Deserialize, Serialize};
 
@@ -69,12 +70,7 @@ pub struct InstanceSpec {
     pub name: String,
     /// The unpacked image (see `juice_image::unpack::materialise`).
     pub rootfs: PathBuf,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub uid: u32,
-    pub gid: u32,
-    pub workdir: PathBuf,
-    pub capabilities: Vec<String>,
+    pub program: Program,
     pub limits: Limits,
     /// Create a cgroup even without limits (to count and kill the instance's processes).
     pub cgroup: bool,
@@ -96,12 +92,7 @@ impl InstanceSpec {
         InstanceSpec {
             name: name.to_owned(),
             rootfs: rootfs.to_owned(),
-            argv,
-            env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
-            uid: 0,
-            gid: 0,
-            workdir: PathBuf::from("/"),
-            capabilities: Vec::new(),
+            program: Program::new(argv),
             limits: Limits::default(),
             cgroup: true,
             volumes: Vec::new(),
@@ -131,14 +122,17 @@ impl InstanceSpec {
             env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
         }
         env.push(format!("HOSTNAME={name}"));
-        spec.env = env;
-        spec.uid = run.user.uid;
-        spec.gid = run.user.gid;
-        spec.workdir = run
-            .workdir
-            .as_ref()
-            .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned());
-        spec.capabilities = run.capabilities.iter().map(|c| c.to_string()).collect();
+        spec.program = Program {
+            argv: spec.program.argv,
+            env,
+            uid: run.user.uid,
+            gid: run.user.gid,
+            workdir: run
+                .workdir
+                .as_ref()
+                .map_or_else(|| PathBuf::from("/"), |w| w.as_path().to_owned()),
+            capabilities: run.capabilities.iter().map(|c| c.to_string()).collect(),
+        };
         let r = &a.manifest.resources;
         spec.limits = host.apply(Limits {
             cpus: r.cpus.map(|c| c.get()),
@@ -169,7 +163,7 @@ impl InstanceSpec {
                 source,
             })?;
             if nix::unistd::geteuid().is_root() {
-                let (uid, gid) = (self.uid + id_shift, self.gid + id_shift);
+                let (uid, gid) = (self.program.uid + id_shift, self.program.gid + id_shift);
                 std::os::unix::fs::chown(&v.source, Some(uid), Some(gid)).map_err(|source| {
                     VolumeError::Chown {
                         path: v.source.clone(),

@@ -30,13 +30,8 @@ use crate::cgroup::{self, CgroupError, Hierarchy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] juice_image::PathError),
     #[error("{0}")]
     Syscall(String),
     #[error(transparent)]
@@ -65,12 +60,8 @@ fn io_err(
     action: &'static str,
     path: &Path,
 ) -> impl FnOnce(std::io::Error) -> SandboxError + use<> {
-    let path = path.to_owned();
-    move |source| SandboxError::Io {
-        action,
-        path,
-        source,
-    }
+    let at = juice_image::PathError::at(action, path);
+    move |source| SandboxError::Io(at(source))
 }
 
 fn errno(what: &str) -> SandboxError {
@@ -252,12 +243,7 @@ impl Runtime {
         let config = InitConfig {
             rootfs: spec.rootfs.clone(),
             hostname: spec.name.clone(),
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            uid: spec.uid,
-            gid: spec.gid,
-            workdir: spec.workdir.clone(),
-            capabilities: spec.capabilities.clone(),
+            program: spec.program.clone(),
             seccomp: if spec.seccomp {
                 seccomp::default_filters()?
             } else {
@@ -511,30 +497,6 @@ impl Runtime {
             home: self.home.clone(),
         })
     }
-
-    /// Names of all instances with state on disk.
-    pub fn list(&self) -> Vec<String> {
-        record::list(&self.home.join("instances"))
-    }
-
-    /// Removes everything an instance that is not running left: for one whose
-    /// starter was killed halfway (no state record yet), its cgroups, address
-    /// and directory are found by name. A running instance is left alone.
-    pub fn discard(&self, name: &str) -> Result<(), SandboxError> {
-        check_name(name)?;
-        if let Ok(mut i) = self.adopt(name) {
-            if i.is_running() {
-                return Err(SandboxError::Exists(name.to_owned()));
-            }
-            i.abandon();
-        }
-        if let Some(h) = &self.cgroups {
-            let _ = h.remove(&h.dirs(name));
-        }
-        network::release_name(&self.home, name);
-        let _ = std::fs::remove_dir_all(self.instance_dir(name));
-        Ok(())
-    }
 }
 
 /// What is undone when a start fails halfway.
@@ -693,13 +655,18 @@ impl Backend for Runtime {
         Ok(Box::new(Runtime::adopt(self, name)?))
     }
     fn list(&self) -> Vec<String> {
-        Runtime::list(self)
+        record::list(&self.home.join("instances"))
     }
     fn log_path(&self, name: &str) -> PathBuf {
         Runtime::log_path(self, name)
     }
-    fn discard(&self, name: &str) -> Result<(), BackendError> {
-        Ok(Runtime::discard(self, name)?)
+    /// The cgroups and the address are found by name: a start cut short has no record.
+    fn forget(&self, name: &str) {
+        if let Some(h) = &self.cgroups {
+            let _ = h.remove(&h.dirs(name));
+        }
+        network::release_name(&self.home, name);
+        let _ = std::fs::remove_dir_all(self.instance_dir(name));
     }
 }
 

@@ -194,11 +194,10 @@ impl Backend for Fake {
         PathBuf::from("/nonexistent").join(name)
     }
 
-    fn discard(&self, name: &str) -> Result<(), BackendError> {
+    fn forget(&self, name: &str) {
         if let Some(mut e) = self.table().instances.remove(name) {
             e.end(GONE);
         }
-        Ok(())
     }
 }
 

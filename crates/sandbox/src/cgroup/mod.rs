@@ -17,13 +17,8 @@ pub use v2::V2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] juice_image::PathError),
     #[error("no usable cgroup hierarchy: {0}")]
     Unavailable(String),
 }
@@ -32,12 +27,8 @@ pub(crate) fn io_err(
     action: &'static str,
     path: &Path,
 ) -> impl FnOnce(io::Error) -> CgroupError + use<> {
-    let path = path.to_owned();
-    move |source| CgroupError::Io {
-        action,
-        path,
-        source,
-    }
+    let at = juice_image::PathError::at(action, path);
+    move |source| CgroupError::Io(at(source))
 }
 
 pub use juice_runtime::Limits;
