@@ -39,9 +39,12 @@ use crate::state::{
     GroupRecord, InstanceRecord, Revision, Rollout, State, StateError, Template, now_ms,
 };
 
+mod debug;
 #[cfg(test)]
 mod reconciler_tests;
 mod views;
+
+pub use debug::{DEFAULT_TOOLBOX, DebugRequest, OpenSession};
 
 pub use views::{
     Action, Change, GroupDescription, GroupStatus, GroupView, InstanceHealth, InstanceView,
@@ -56,6 +59,13 @@ pub enum AgentError {
     Group { group: String, reason: String },
     #[error("no group {0:?}")]
     NoGroup(String),
+    #[error("no instance {0:?}")]
+    NoInstance(String),
+    #[error("cannot debug instance {instance:?}: {reason}")]
+    Debug { instance: String, reason: String },
+    /// The trust policy refuses the toolbox.
+    #[error("cannot debug instance {instance:?}: {reason}")]
+    DebugRefused { instance: String, reason: String },
     #[error("group {group}: cannot start an instance of revision {revision}: {source}")]
     Start {
         group: String,

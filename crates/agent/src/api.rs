@@ -21,7 +21,9 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::agent::{Agent, AgentError, Change, GroupDescription, GroupView, InstanceView};
+use crate::agent::{
+    Agent, AgentError, Change, DebugRequest, GroupDescription, GroupView, InstanceView,
+};
 use crate::site::Site;
 use crate::state::Event;
 
@@ -53,6 +55,8 @@ enum Failure {
     NoLogs(String),
     #[error("read the log: {0}")]
     ReadLog(std::io::Error),
+    #[error("bad debug request: {0}")]
+    BadDebug(String),
     /// The blocking task running agent work panicked or was cancelled.
     #[error("{0}")]
     Task(tokio::task::JoinError),
@@ -66,11 +70,14 @@ impl Failure {
             Failure::BadPath(_)
             | Failure::BadName(_)
             | Failure::NotASite(_)
-            | Failure::BadRollback(_) => StatusCode::BAD_REQUEST,
+            | Failure::BadRollback(_)
+            | Failure::BadDebug(_) => StatusCode::BAD_REQUEST,
             Failure::NoLogs(_) => StatusCode::NOT_FOUND,
             Failure::ReadLog(_) | Failure::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Failure::Agent(e) => match e {
-                AgentError::NoGroup(_) => StatusCode::NOT_FOUND,
+                AgentError::NoGroup(_) | AgentError::NoInstance(_) => StatusCode::NOT_FOUND,
+                AgentError::DebugRefused { .. } => StatusCode::FORBIDDEN,
+                AgentError::Debug { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 // The group's declaration cannot be carried out (an image that will not
                 // build or pull, no earlier revision, a failing start): the client's to fix.
                 AgentError::Group { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -307,6 +314,154 @@ async fn events(
     Ok(axum::Json(events))
 }
 
+/// Who is on the other end of a connection, for the events a debug session
+/// records: the peer's uid on the local socket, a client certificate's
+/// subject over mutual TLS.
+#[derive(Debug, Clone)]
+pub struct Peer(pub String);
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Peer {
+        Peer(match stream.io().peer_cred() {
+            Ok(c) => format!("uid {} on the local socket", c.uid()),
+            Err(_) => "the local socket".into(),
+        })
+    }
+}
+
+/// The `Upgrade` protocol of a debug session.
+pub const DEBUG_PROTOCOL: &str = "juice-debug";
+
+/// Open a debug session beside a running instance. The connection is upgraded
+/// (`Upgrade: juice-debug`) and then carries `juice_init::session`'s frames:
+/// the client's input and terminal size in, the program's output and its exit
+/// code out.
+#[utoipa::path(
+    post,
+    path = "/v1/instances/{name}/debug",
+    params(("name" = String, Path, description = "The instance")),
+    request_body = DebugRequest,
+    responses(
+        (status = 101, description = "The session has begun; frames follow"),
+        (status = 400, description = "Not an instance name, not a debug request, or no upgrade asked for", body = ApiError),
+        (status = 403, description = "The trust policy refuses the toolbox", body = ApiError),
+        (status = 404, description = "No such instance", body = ApiError),
+        (status = 422, description = "The session cannot start", body = ApiError),
+    )
+)]
+async fn debug(
+    State(agent): Shared,
+    Name(name): Name,
+    mut request: axum::extract::Request,
+) -> Result<Response, Failure> {
+    let upgrade_asked = request
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(DEBUG_PROTOCOL.as_bytes()));
+    if !upgrade_asked {
+        return Err(Failure::BadDebug(format!(
+            "a debug session needs `Upgrade: {DEBUG_PROTOCOL}`"
+        )));
+    }
+    let who = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map_or_else(|| "an unknown client".to_owned(), |c| c.0.0.clone());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let body = axum::body::to_bytes(request.into_body(), 1 << 16)
+        .await
+        .map_err(|e| Failure::BadDebug(e.to_string()))?;
+    let req: DebugRequest =
+        serde_json::from_slice(&body).map_err(|e| Failure::BadDebug(e.to_string()))?;
+    let opener = agent.clone();
+    let (session, open) = blocking(opener, move |a| a.open_debug(&name, &req, &who)).await?;
+    tokio::spawn(async move {
+        let juice_runtime::DebugSession { conn, finish } = session;
+        let code = match on_upgrade.await {
+            Ok(upgraded) => relay_session(upgraded, conn).await,
+            Err(_) => None,
+        };
+        // Our end is closed by now, which tells the session to end what is left of it.
+        let _ = tokio::task::spawn_blocking(move || {
+            finish();
+            agent.close_debug(&open, code);
+        })
+        .await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, DEBUG_PROTOCOL)
+        .body(axum::body::Body::empty())
+        .map_err(|e| Failure::BadDebug(e.to_string()))
+}
+
+/// Carries a session's frames between the client and the backend until the
+/// session ends (its exit code, if it sent one) or the client goes. Frames from
+/// the session are read one by one (a microVM's guest is untrusted: a length
+/// past the limit ends the relay), bytes from the client are passed on as they
+/// come: the session reads them as frames itself.
+async fn relay_session(
+    upgraded: hyper::upgrade::Upgraded,
+    conn: std::os::fd::OwnedFd,
+) -> Option<i32> {
+    use juice_init::session::{Kind, MAX_FRAME};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = hyper_util::rt::TokioIo::new(upgraded);
+    let (mut client_r, mut client_w) = tokio::io::split(client);
+    let std_conn = std::os::unix::net::UnixStream::from(conn);
+    std_conn.set_nonblocking(true).ok()?;
+    let conn = tokio::net::UnixStream::from_std(std_conn).ok()?;
+    let (mut session_r, mut session_w) = conn.into_split();
+    let down = async {
+        let mut code = None;
+        loop {
+            let mut head = [0u8; 5];
+            if session_r.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            let Some(len) = usize::try_from(len).ok().filter(|n| *n <= MAX_FRAME) else {
+                break;
+            };
+            let mut payload = vec![0u8; len];
+            if session_r.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            if head[0] == Kind::Exit as u8
+                && let Ok(b) = <[u8; 4]>::try_from(payload.as_slice())
+            {
+                code = Some(i32::from_be_bytes(b));
+            }
+            if client_w.write_all(&head).await.is_err()
+                || client_w.write_all(&payload).await.is_err()
+                || client_w.flush().await.is_err()
+            {
+                break;
+            }
+            if head[0] == Kind::Exit as u8 || head[0] == Kind::Error as u8 {
+                break;
+            }
+        }
+        let _ = client_w.shutdown().await;
+        code
+    };
+    let up = async {
+        let _ = tokio::io::copy(&mut client_r, &mut session_w).await;
+        // The client has gone (or stopped sending): the session ends what it runs.
+        let _ = session_w.shutdown().await;
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        code = &mut down => code,
+        () = up => down.await,
+    }
+}
+
 /// The header that says where the next read of a log continues.
 pub const OFFSET_HEADER: &str = "x-juice-offset";
 
@@ -414,6 +569,7 @@ fn routes() -> OpenApiRouter<Arc<Agent>> {
         .routes(routes!(instances))
         .routes(routes!(logs))
         .routes(routes!(events))
+        .routes(routes!(debug))
 }
 
 /// The OpenAPI document of [`router`]'s routes.

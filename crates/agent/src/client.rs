@@ -24,9 +24,10 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Change, GroupDescription, GroupView, InstanceView};
+use crate::agent::{Change, DebugRequest, GroupDescription, GroupView, InstanceView};
 use crate::api::{
-    ApiError, ApplyQuery, EventsQuery, LogsQuery, OFFSET_HEADER, RollbackAnswer, RollbackRequest,
+    ApiError, ApplyQuery, DEBUG_PROTOCOL, EventsQuery, LogsQuery, OFFSET_HEADER, RollbackAnswer,
+    RollbackRequest,
 };
 use crate::site::Site;
 use crate::state::Event;
@@ -238,6 +239,91 @@ impl Client {
         })
     }
 
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> ClientError {
+        ClientError::Unreachable {
+            socket: self.target.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// A fresh connection to the daemon.
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let sender = match &self.target {
+            Target::Remote { addr, tls } => {
+                let stream = crate::tls::connect(addr, tls).await;
+                handshake(stream.map_err(|e| self.unreachable(&e))?).await
+            }
+            Target::Socket(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket).await;
+                handshake(stream.map_err(|e| self.unreachable(&e))?).await
+            }
+        };
+        sender.map_err(|e| self.unreachable(&e))
+    }
+
+    /// Opens a debug session into `instance` and runs `session` with a stream that
+    /// carries the session's frames (`juice_init::session`), on a thread of its
+    /// own while this client's runtime relays; `session`'s result is returned.
+    pub fn debug<R: Send + 'static>(
+        &self,
+        instance: &str,
+        request: &DebugRequest,
+        session: impl FnOnce(std::os::unix::net::UnixStream) -> R + Send + 'static,
+    ) -> Result<R, ClientError> {
+        let body = encode(request)?;
+        self.runtime.block_on(async {
+            let mut sender = self.connect().await?;
+            let req = hyper::Request::builder()
+                .method(Method::POST)
+                .uri(format!("/v1/instances/{}/debug", segment(instance)))
+                .header("host", "juice")
+                .header("content-type", "application/json")
+                .header(hyper::header::CONNECTION, "upgrade")
+                .header(hyper::header::UPGRADE, DEBUG_PROTOCOL)
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| ClientError::Encode(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| self.unreachable(&e))?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+                    .to_bytes()
+                    .to_vec();
+                let answer = Answer {
+                    status,
+                    offset: None,
+                    body,
+                };
+                answer.success()?;
+                return Err(ClientError::Protocol(format!(
+                    "the daemon answered {status} instead of starting the session"
+                )));
+            }
+            let upgraded = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(ClientError::Runtime)?;
+            ours.set_nonblocking(true).map_err(ClientError::Runtime)?;
+            let mut ours = tokio::net::UnixStream::from_std(ours).map_err(ClientError::Runtime)?;
+            let relay = tokio::spawn(async move {
+                let mut daemon = hyper_util::rt::TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut daemon, &mut ours).await;
+            });
+            let out = tokio::task::spawn_blocking(move || session(theirs))
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()));
+            relay.abort();
+            out
+        })
+    }
+
     /// One request on a fresh connection.
     fn send(
         &self,
@@ -246,21 +332,8 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ClientError> {
         self.runtime.block_on(async {
-            let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
-                socket: self.target.to_string(),
-                reason: e.to_string(),
-            };
-            let sender = match &self.target {
-                Target::Remote { addr, tls } => {
-                    let stream = crate::tls::connect(addr, tls).await;
-                    handshake(stream.map_err(|e| unreachable(&e))?).await
-                }
-                Target::Socket(socket) => {
-                    let stream = tokio::net::UnixStream::connect(socket).await;
-                    handshake(stream.map_err(|e| unreachable(&e))?).await
-                }
-            };
-            let mut sender = sender.map_err(|e| unreachable(&e))?;
+            let unreachable = |e: &dyn std::fmt::Display| self.unreachable(e);
+            let mut sender = self.connect().await?;
             let req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -301,7 +374,7 @@ where
 {
     let (sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
     Ok(sender)
 }
 

@@ -65,7 +65,8 @@ pub async fn serve(
             }
         });
     }
-    let result = axum::serve(listener, api::router(agent.clone()))
+    let app = api::router(agent.clone()).into_make_service_with_connect_info::<api::Peer>();
+    let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&socket);

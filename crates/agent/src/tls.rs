@@ -187,11 +187,41 @@ pub async fn serve_tls(
             else {
                 return;
             };
+            // Who this client is, for the events of what it does (a debug session).
+            let peer = crate::api::Peer(peer_name(tls.get_ref().1.peer_certificates()));
+            let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let service = hyper_util::service::TowerToHyperService::new(router);
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
                 .await;
         });
+    }
+}
+
+/// A client certificate's subject common name (as `juice certs` issues them),
+/// or its SHA-256 when it has none.
+fn peer_name(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> String {
+    let Some(cert) = certs.and_then(|c| c.first()) else {
+        return "a client without a certificate".into();
+    };
+    let cn = x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .and_then(|(_, c)| {
+            c.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|n| n.as_str().ok().map(str::to_owned))
+        });
+    match cn {
+        Some(cn) => format!("certificate {cn:?}"),
+        None => {
+            use sha2::Digest;
+            format!(
+                "certificate sha256:{}",
+                hex::encode(sha2::Sha256::digest(cert.as_ref()))
+            )
+        }
     }
 }
 

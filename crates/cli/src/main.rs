@@ -2,6 +2,7 @@
 //! product lives in a library crate; this crate only turns arguments into
 //! library calls and results into tables, JSON and one-sentence errors.
 
+mod debug;
 mod dist;
 mod docs;
 mod host;
@@ -154,6 +155,8 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// A toolbox beside a running instance: its processes, network and root (read-only at /app).
+    Debug(debug::DebugArgs),
     /// An instance's output.
     Logs {
         instance: String,
@@ -235,6 +238,7 @@ fn main() -> ExitCode {
         Command::Events { group, follow } => {
             host::events(group.as_deref(), follow, format).map(|()| 0)
         }
+        Command::Debug(args) => debug::debug(args),
         Command::Logs { instance, follow } => host::logs(&instance, follow).map(|()| 0),
         Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
         Command::Delete { group } => host::delete(&group).map(|()| 0),

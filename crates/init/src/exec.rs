@@ -31,31 +31,72 @@ impl<T> Step<T> for std::io::Result<T> {
     }
 }
 
+/// The program's standard streams.
+pub enum Streams<'a> {
+    /// An appliance: stdin from /dev/null, stdout and stderr into the log pipe.
+    Log(&'a OwnedFd),
+    /// A debug session's: the three given; with `tty`, they are one terminal that
+    /// becomes the program's controlling terminal.
+    Given {
+        stdin: &'a OwnedFd,
+        stdout: &'a OwnedFd,
+        stderr: &'a OwnedFd,
+        tty: bool,
+    },
+}
+
 pub fn prepare_and_exec(
     config: &InitConfig,
-    log_w: &OwnedFd,
+    streams: Streams<'_>,
 ) -> Result<std::convert::Infallible, Failure> {
     SigSet::empty()
         .thread_set_mask()
         .step(|| "unblock signals".into())?;
     setsid().step(|| "setsid".into())?;
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .open("/dev/null")
-        .step(|| "open /dev/null".into())?;
+    let null;
+    let (stdin, stdout, stderr, tty) = match streams {
+        Streams::Log(log_w) => {
+            null = std::fs::OpenOptions::new()
+                .read(true)
+                .open("/dev/null")
+                .step(|| "open /dev/null".into())?;
+            (
+                null.as_raw_fd(),
+                log_w.as_raw_fd(),
+                log_w.as_raw_fd(),
+                false,
+            )
+        }
+        Streams::Given {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        } => (
+            stdin.as_raw_fd(),
+            stdout.as_raw_fd(),
+            stderr.as_raw_fd(),
+            tty,
+        ),
+    };
     // SAFETY: dup2 onto 0, 1 and 2 replaces the standard streams with fds we own; no Rust object owns 0-2 here.
     unsafe {
-        if libc::dup2(null.as_raw_fd(), 0) < 0
-            || libc::dup2(log_w.as_raw_fd(), 1) < 0
-            || libc::dup2(log_w.as_raw_fd(), 2) < 0
-        {
+        if libc::dup2(stdin, 0) < 0 || libc::dup2(stdout, 1) < 0 || libc::dup2(stderr, 2) < 0 {
             return Err(Failure(format!(
                 "redirect the standard streams: {}",
                 Errno::last().desc()
             )));
         }
     }
-    drop(null);
+    if tty {
+        // SAFETY: TIOCSCTTY on our stdin (a terminal), as the new session's leader.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(Failure(format!(
+                "take the terminal: {}",
+                Errno::last().desc()
+            )));
+        }
+    }
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     // Init runs with oom_score_adj -1000 so the OOM killer picks the appliance, not init.
     let _ = std::fs::write("/proc/self/oom_score_adj", "0");
@@ -108,9 +149,35 @@ pub fn prepare_and_exec(
         .iter()
         .map(|a| cstring(a))
         .collect::<Result<_, _>>()?;
-    let program = argv
+    let first = config
+        .program
+        .argv
         .first()
         .ok_or_else(|| Failure("the command is empty".into()))?;
+    // A bare name (a debug session's `ps`) is looked up in the program's own PATH,
+    // inside its root, as a shell would.
+    let program = if first.contains('/') {
+        cstring(first)?
+    } else {
+        let path = config
+            .program
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+        let found = path
+            .split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| std::path::Path::new(d).join(first))
+            .find(|p| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .ok_or_else(|| Failure(format!("exec {first}: not found in PATH {path}")))?;
+        cstring(&found.to_string_lossy())?
+    };
+    let program = &program;
 
     // SAFETY: close_range only changes fd flags; every fd above 2 becomes close-on-exec, so the
     // appliance inherits nothing but its standard streams, while our error pipe stays usable until exec.

@@ -17,6 +17,7 @@
 use std::path::PathBuf;
 
 pub mod exec;
+pub mod session;
 pub mod view;
 
 use serde::{Deserialize, Serialize};

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use juice_init::exec::{Failure, Step, prepare_and_exec};
+use juice_init::exec::{Failure, Step, Streams, prepare_and_exec};
 use juice_init::{
     CONFIG_FD, EXIT_FILE, ExitRecord, GO, InitConfig, LOG_DIR_FD, LOG_FILE, STATE_DIR_FD, STATUS_FD,
 };
@@ -55,6 +55,9 @@ fn close_inherited() {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "debug") {
+        debug_main();
+    }
     close_inherited();
     let (config, after_config) = match read_config() {
         Ok(c) => c,
@@ -70,6 +73,59 @@ fn main() {
             std::process::exit(125);
         }
     }
+}
+
+/// `juice-init debug`: a debug session beside a running instance. fd 3 is the
+/// session's connection (see `juice_init::session`), fd 4 a pidfd of the
+/// instance's init. The session joins the instance's pid, network, ipc and uts
+/// namespaces; its program gets a mount namespace of its own, with the toolbox
+/// as its root and the appliance's root read-only at `/app`. The runtime has
+/// already placed this process in the session's cgroup.
+fn debug_main() -> ! {
+    // SAFETY: close_range closes what the runtime did not mean to pass (above fd 4).
+    unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0) };
+    // SAFETY: fds 3 and 4 are this mode's contract; nothing else owns them.
+    let (conn, pidfd) = unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) };
+    let mut stream = std::fs::File::from(conn);
+    let fail = |stream: &mut std::fs::File, why: &str| -> ! {
+        let _ = juice_init::session::write_frame(
+            stream,
+            juice_init::session::Kind::Error,
+            why.as_bytes(),
+        );
+        std::process::exit(125)
+    };
+    let request: juice_init::session::Request = match juice_init::session::read_frame(&mut stream) {
+        Ok(Some((juice_init::session::Kind::Request, body))) => {
+            match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => fail(
+                    &mut stream,
+                    &format!("the session request is not valid: {e}"),
+                ),
+            }
+        }
+        _ => fail(&mut stream, "the session did not begin with a request"),
+    };
+    let flags = nix::sched::CloneFlags::CLONE_NEWPID
+        | nix::sched::CloneFlags::CLONE_NEWNET
+        | nix::sched::CloneFlags::CLONE_NEWIPC
+        | nix::sched::CloneFlags::CLONE_NEWUTS;
+    if let Err(e) = nix::sched::setns(&pidfd, flags) {
+        fail(
+            &mut stream,
+            &format!("join the instance's namespaces: {}", e.desc()),
+        );
+    }
+    drop(pidfd);
+    let conn = OwnedFd::from(stream);
+    let outcome = juice_init::session::serve(conn, &request, Path::new("/dev/ptmx"), |config| {
+        // The program's own mount namespace: what it mounts never reaches the host.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .step(|| "unshare the mount namespace".into())?;
+        build_root(config)
+    });
+    std::process::exit(if outcome.is_ok() { 0 } else { 125 })
 }
 
 /// Reads the config: one line of JSON. Returns it and whatever followed the line
@@ -319,7 +375,7 @@ fn build_root(config: &InitConfig) -> Result<(), Failure> {
 
 /// In the forked child: become the appliance. Returns only on failure.
 fn exec_app(config: &InitConfig, log_w: &OwnedFd) -> Failure {
-    match prepare_and_exec(config, log_w) {
+    match prepare_and_exec(config, Streams::Log(log_w)) {
         Ok(never) => match never {},
         Err(f) => f,
     }

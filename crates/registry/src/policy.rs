@@ -410,13 +410,14 @@ pub fn refused_capabilities(
         .collect()
 }
 
-/// Refuses an image that asks for capabilities no grant gives it.
-fn check_capabilities(
+/// The capabilities an image asks for, split into those the policy lets it
+/// keep and those it withholds.
+fn split_capabilities(
     store: &Store,
     policy: Option<&Policy>,
     reference: &str,
     record: &ImageRecord,
-) -> Result<(), RegistryError> {
+) -> Result<(Vec<String>, Vec<String>), RegistryError> {
     let image = store.image(&record.digest.to_string())?;
     let asked: Vec<String> = image
         .appliance
@@ -431,12 +432,59 @@ fn check_capabilities(
         })
         .unwrap_or_default();
     if asked.is_empty() {
-        return Ok(());
+        return Ok((Vec::new(), Vec::new()));
     }
     let mut names = store.references_to(&record.digest)?;
     names.push(reference.to_owned());
     names.push(record.reference.clone());
-    let refused = refused_capabilities(policy, &names, &asked);
+    let withheld = refused_capabilities(policy, &names, &asked);
+    let granted = asked
+        .into_iter()
+        .filter(|c| !withheld.contains(c))
+        .collect();
+    Ok((granted, withheld))
+}
+
+/// What a debug toolbox may do here.
+#[derive(Debug)]
+pub struct AdmittedToolbox {
+    pub admitted: Admitted,
+    /// The capabilities it asks for that it keeps.
+    pub granted: Vec<String>,
+    /// Those no `[[grant]]` gives it: the session runs without them.
+    pub withheld: Vec<String>,
+}
+
+/// Admits a debug toolbox: its signatures must pass as any image's must, but a
+/// capability no grant names is withheld rather than refusing it, so a toolbox
+/// that asks for CAP_SYS_PTRACE still runs `ps` on a host that grants none.
+pub fn admit_toolbox(store: &Store, reference: &str) -> Result<AdmittedToolbox, RegistryError> {
+    let record = store.resolve(reference)?;
+    let policy = Policy::load(store.home())?;
+    let verdict = match &policy {
+        Some(p) => p.check_record(store, &record)?,
+        None => Verdict::NoPolicy,
+    };
+    let (granted, withheld) = split_capabilities(store, policy.as_ref(), reference, &record)?;
+    Ok(AdmittedToolbox {
+        admitted: Admitted {
+            digest: record.digest,
+            reference: record.reference,
+            verdict,
+        },
+        granted,
+        withheld,
+    })
+}
+
+/// Refuses an image that asks for capabilities no grant gives it.
+fn check_capabilities(
+    store: &Store,
+    policy: Option<&Policy>,
+    reference: &str,
+    record: &ImageRecord,
+) -> Result<(), RegistryError> {
+    let (_, refused) = split_capabilities(store, policy, reference, record)?;
     if refused.is_empty() {
         return Ok(());
     }

@@ -112,6 +112,10 @@ pub enum BackendError {
     Exists(String),
     #[error("no instance {0:?}")]
     NotFound(String),
+    /// What was asked cannot be done to this instance as it is (a debug session
+    /// into one that has ended, say).
+    #[error(transparent)]
+    Refused(Box<dyn std::error::Error + Send + Sync>),
     /// The backend cannot run anything on this host (a missing program, kernel or privilege).
     #[error(transparent)]
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
@@ -119,8 +123,37 @@ pub enum BackendError {
     Failed(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// A debug session asked of a backend: a toolbox program beside a running
+/// instance (see `juice_init::session`).
+#[derive(Debug, Clone)]
+pub struct DebugSpec {
+    /// The toolbox image, unpacked on the host.
+    pub toolbox: PathBuf,
+    /// What to run in it, as whom, with which capabilities (the policy's grant).
+    pub program: Program,
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+    /// The session's own limits (a sibling of the instance's cgroup, where there is one).
+    pub limits: Limits,
+}
+
+/// A debug session that has begun: `conn` speaks `juice_init::session`'s frames
+/// after the request (already sent). `finish` waits for the session's end and
+/// removes what it used; call it once the connection is done.
+pub struct DebugSession {
+    pub conn: std::os::fd::OwnedFd,
+    pub finish: Box<dyn FnOnce() + Send>,
+}
+
 /// Starts and finds instances.
 pub trait Backend: Send + Sync {
+    /// Starts a debug session beside the running instance `name`.
+    fn debug(&self, name: &str, _spec: &DebugSpec) -> Result<DebugSession, BackendError> {
+        Err(BackendError::Failed(
+            format!("debug sessions are not available for instance {name:?}'s backend").into(),
+        ))
+    }
     /// Starts an instance as `spec` describes.
     fn spawn(&self, spec: &InstanceSpec) -> Result<Box<dyn Handle>, BackendError>;
     /// Finds an instance an earlier process started, by name.

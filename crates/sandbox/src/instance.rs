@@ -52,6 +52,8 @@ pub enum SandboxError {
     BadName(String),
     #[error("cannot find juice-init (looked at {0}); build the workspace or set JUICE_INIT")]
     NoInit(PathBuf),
+    #[error("cannot debug instance {name:?}: {reason}")]
+    Debug { name: String, reason: String },
     #[error("the state of instance {name:?} is damaged: {reason}")]
     Damaged { name: String, reason: String },
 }
@@ -134,6 +136,15 @@ impl Runtime {
 
     pub fn cgroups(&self) -> Option<&dyn Hierarchy> {
         self.cgroups.as_deref()
+    }
+
+    pub(crate) fn cgroups_arc(&self) -> Option<Arc<dyn Hierarchy>> {
+        self.cgroups.clone()
+    }
+
+    /// Where `juice-init` is.
+    pub(crate) fn init_path(&self) -> &std::ffi::CStr {
+        &self.init
     }
 
     /// Starts an instance. On any failure everything created so far is removed again.
@@ -641,6 +652,7 @@ impl From<SandboxError> for BackendError {
             SandboxError::BadName(n) => BackendError::BadName(n),
             SandboxError::Exists(n) => BackendError::Exists(n),
             SandboxError::NotFound(n) => BackendError::NotFound(n),
+            e @ SandboxError::Debug { .. } => BackendError::Refused(Box::new(e)),
             e @ SandboxError::NoInit(_) => BackendError::Unavailable(Box::new(e)),
             e => BackendError::Failed(Box::new(e)),
         }
@@ -659,6 +671,13 @@ impl Backend for Runtime {
     }
     fn log_path(&self, name: &str) -> PathBuf {
         Runtime::log_path(self, name)
+    }
+    fn debug(
+        &self,
+        name: &str,
+        spec: &juice_runtime::DebugSpec,
+    ) -> Result<juice_runtime::DebugSession, BackendError> {
+        Ok(Runtime::debug(self, name, spec)?)
     }
     /// The cgroups and the address are found by name: a start cut short has no record.
     fn forget(&self, name: &str) {

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod cgroup;
+mod debug;
 pub mod instance;
 
 pub use instance::{Instance, InstanceState, Runtime, SandboxError, find_init};

@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use juice_init::exec::{Failure, Step, prepare_and_exec};
+use juice_init::exec::{Failure, Step, Streams, prepare_and_exec};
 use juice_init::{
     ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_ROOT_SERIAL,
     GUEST_STATUS_PORT, GuestConfig,
@@ -132,7 +132,7 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     let app = match unsafe { fork() }.step(|| "fork".into())? {
         ForkResult::Child => {
             drop(err_r);
-            let Err(Failure(reason)) = prepare_and_exec(&config.app, &log);
+            let Err(Failure(reason)) = prepare_and_exec(&config.app, Streams::Log(&log));
             let _ = nix::unistd::write(&err_w, reason.as_bytes());
             // SAFETY: _exit in the forked child, never returning into the parent's state.
             unsafe { libc::_exit(127) }
