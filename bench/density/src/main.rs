@@ -75,7 +75,10 @@ fn main() {
         })
         .collect();
     let with_bare = settle();
-    let app_pss: u64 = bare.iter().map(|c| pss_kib(c.id() as i32)).sum();
+    let app_pss: u64 = bare
+        .iter()
+        .map(|c| pss_kib(i32::try_from(c.id()).expect("a pid fits pid_t")))
+        .sum();
     for c in &mut bare {
         let _ = c.kill();
         let _ = c.wait();

@@ -611,7 +611,7 @@ impl Agent {
             libc::poll(
                 fds.as_mut_ptr(),
                 fds.len() as libc::nfds_t,
-                at_most.as_millis() as i32,
+                i32::try_from(at_most.as_millis()).unwrap_or(i32::MAX),
             )
         };
         // Drain our non-blocking eventfd; EAGAIN means nobody woke us.
@@ -833,7 +833,7 @@ impl Agent {
         // mix the pid and a counter into the bits that are kept.
         static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nonce = now_ms()
-            ^ (std::process::id() as u64).wrapping_mul(0x9e37_79b9)
+            ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9)
             ^ STARTS
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 .wrapping_mul(0x85eb_ca6b);
@@ -1198,7 +1198,7 @@ impl Agent {
                 .get_or_create(&crate::metrics::StateLabel {
                     state: state.as_str().into(),
                 })
-                .set(n as i64);
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.metrics.encode()
     }
@@ -1265,7 +1265,14 @@ struct Background {
 impl Background {
     fn lower() -> Background {
         // SAFETY: gettid has no arguments and cannot fail.
-        let tid = unsafe { libc::gettid() } as libc::id_t;
+        let Ok(tid) = libc::id_t::try_from(unsafe { libc::gettid() }) else {
+            // A thread id is positive; were it not, the priority is left as it is.
+            return Background {
+                tid: 0,
+                was: None,
+                _here: std::marker::PhantomData,
+            };
+        };
         // getpriority can return -1 as a value: errno tells; a failure leaves it as it is.
         // SAFETY: errno is thread-local; setting it to 0 before the call is how its
         // result is told from a failure.

@@ -272,8 +272,8 @@ fn block_signals() -> Result<nix::sys::signal::SigSet> {
 /// Waits up to `timeout` for SIGINT or SIGTERM.
 fn signalled(set: &nix::sys::signal::SigSet, timeout: Duration) -> bool {
     let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as _,
-        tv_nsec: timeout.subsec_nanos() as _,
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
     // SAFETY: sigtimedwait with a valid set and timespec; no siginfo wanted.
     unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) > 0 }

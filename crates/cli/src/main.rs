@@ -251,7 +251,7 @@ fn main() -> ExitCode {
             .map_err(Into::into),
     };
     match result {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(code) => ExitCode::from(u8::try_from(code.max(0)).unwrap_or(u8::MAX)),
         Err(e) => {
             eprintln!("juice: {e}");
             if debug {

@@ -305,7 +305,7 @@ fn groups_heal_roll_back_by_themselves_and_survive_the_daemon() {
     // Self-healing: kill an instance outright.
     let victim = instances(j)[0].clone();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim["pid"].as_i64().unwrap() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(victim["pid"].as_i64().unwrap()).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
@@ -580,7 +580,7 @@ fn juice_up_serves_and_tears_down_on_ctrl_c() {
     // juice up prints twice a second.
     std::thread::sleep(Duration::from_millis(1200));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.0.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(up.0.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();

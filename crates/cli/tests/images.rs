@@ -428,7 +428,7 @@ fn kill_9_at_random_points_of_build_and_gc_leaves_a_consistent_store() {
     // Kill anywhere from the start to half again the time a whole build takes on this machine.
     let started = Instant::now();
     j.ok(&["build", &dir, "-t", "nginx:first"]);
-    let window = (started.elapsed().as_millis() as u64 * 3 / 2).max(50);
+    let window = (u64::try_from(started.elapsed().as_millis()).unwrap() * 3 / 2).max(50);
     let mut killed_mid_build = 0;
     for i in 0..24 {
         // A new input each time, so every build does the full work.

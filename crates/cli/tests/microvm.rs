@@ -118,7 +118,7 @@ fn juice_run_boots_hello_web_as_a_microvm_and_refuses_a_corrupt_root() {
 
     // SIGTERM to `juice run`: the appliance gets SIGTERM inside, the VM powers off.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(guard.0.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(guard.0.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
@@ -236,7 +236,7 @@ fn a_microvm_group_heals_keeps_its_volume_and_moves_between_backends() {
 
     // Kill QEMU: the group is healed with a new VM, and the volume's data is still there.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

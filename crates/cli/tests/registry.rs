@@ -1024,7 +1024,9 @@ fn a_layer_too_big_to_hold_is_streamed_up_and_arrives_whole() {
     let dir = app(&j, "9.0.0");
     // 24 MiB that gzip cannot shrink: the layer is past the 16 MiB monolithic limit.
     let mut rng = common::Rng::from_env_or_time();
-    let noise: Vec<u8> = (0..24 << 20).map(|_| rng.below(256) as u8).collect();
+    let noise: Vec<u8> = (0..24 << 20)
+        .map(|_| u8::try_from(rng.below(256)).unwrap())
+        .collect();
     std::fs::write(Path::new(&dir).join("noise.bin"), &noise).unwrap();
     let manifest = std::fs::read_to_string(Path::new(&dir).join("juice.toml"))
         .unwrap()

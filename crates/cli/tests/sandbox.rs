@@ -353,7 +353,7 @@ fn hello_web_serves_on_a_published_port_with_limits_in_the_cgroup() {
 
     // Ctrl-C: SIGTERM reaches the appliance, and everything is released.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(guard.0.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(guard.0.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
@@ -611,7 +611,7 @@ fn a_killed_caller_leaves_nothing_behind_after_the_next_start() {
         j.home.path().join("instances/orphan/state.json").exists()
     });
     let st = state(&j, "orphan");
-    let init: i32 = st["pid"].as_i64().unwrap() as i32;
+    let init = i32::try_from(st["pid"].as_i64().unwrap()).unwrap();
     let veths = vec![st["network"]["veth"].as_str().unwrap().to_owned()];
     guard.0.kill().unwrap(); // SIGKILL, no chance to clean up
     guard.0.wait().unwrap();

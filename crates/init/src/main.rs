@@ -268,8 +268,13 @@ fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Failure> {
             Errno::last().desc()
         )));
     }
+    let fd = RawFd::try_from(fd).map_err(|_| {
+        Failure(format!(
+            "openat2 returned {fd}, which is not a file descriptor"
+        ))
+    })?;
     // SAFETY: the syscall just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {
@@ -415,8 +420,11 @@ fn supervise(config: &InitConfig, app: Pid, log_r: OwnedFd, signals: &SigSet) ->
                 Ok(n) => log.write(&buf[..n]),
             }
         }
-        if sig_ready && let Ok(Some(info)) = sfd.read_signal() {
-            let sig = info.ssi_signo as i32;
+        // A signal number that does not fit an i32 is no signal we know: it is ignored.
+        if sig_ready
+            && let Ok(Some(info)) = sfd.read_signal()
+            && let Ok(sig) = i32::try_from(info.ssi_signo)
+        {
             if sig == libc::SIGCHLD {
                 status = reap(app).or(status);
             } else if let Ok(s) = Signal::try_from(sig) {
@@ -534,16 +542,20 @@ impl Log {
             .file
             .as_ref()
             .and_then(|f| nix::sys::stat::fstat(f).ok())
-            .map_or(0, |s| s.st_size as u64);
+            .and_then(|s| u64::try_from(s.st_size).ok())
+            .unwrap_or(0);
     }
 
     /// Appends, rotating so that no file grows past the limit; splits at a line end where it can.
     fn write(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
-            let mut room = self.max.saturating_sub(self.size) as usize;
+            // Saturating: room beyond the address space is more than any buffer, so the
+            // same as unlimited.
+            let mut room =
+                usize::try_from(self.max.saturating_sub(self.size)).unwrap_or(usize::MAX);
             if room == 0 {
                 self.rotate();
-                room = self.max as usize;
+                room = usize::try_from(self.max).unwrap_or(usize::MAX);
             }
             let take = if bytes.len() <= room {
                 bytes.len()

@@ -142,7 +142,14 @@ fn write_initramfs(path: &Path, init: &[u8], modules: &[(String, PathBuf)]) -> R
     let file = std::fs::File::create(path).map_err(io("create", path))?;
     let mut out = std::io::BufWriter::new(file);
     for (i, (builder, data)) in entries.into_iter().enumerate() {
-        let mut w = builder.ino(i as u32 + 1).write(&mut out, data.len() as u32);
+        // cpio newc has 32-bit inode numbers and sizes.
+        let (Ok(ino), Ok(len)) = (u32::try_from(i + 1), u32::try_from(data.len())) else {
+            return Err(io("write", path)(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "over 2^32 entries, or one of 4 GiB or more, does not fit a cpio newc archive",
+            )));
+        };
+        let mut w = builder.ino(ino).write(&mut out, len);
         w.write_all(&data).map_err(io("write", path))?;
         w.finish().map_err(io("write", path))?;
     }

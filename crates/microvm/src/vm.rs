@@ -350,6 +350,8 @@ impl Runtime {
         let memory_mib = spec.limits.memory.map_or(DEFAULT_MEMORY_MIB, |m| {
             m.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB
         });
+        // `cpus` is validated positive and finite and is rounded up here; `as` saturates anyway.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let vcpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
 
         let attachment = match &spec.network {
@@ -479,12 +481,20 @@ impl Runtime {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| VmError::Start {
+        let mut child = cmd.spawn().map_err(|e| VmError::Start {
             name: spec.name.clone(),
             reason: format!("cannot run {}: {e}", self.qemu.display()),
         })?;
         drop(tap);
-        let pid = child.id() as i32;
+        let Ok(pid) = i32::try_from(child.id()) else {
+            // Pids stop at 2^22, so this cannot happen; if it did, leave no qemu behind.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmError::Start {
+                name: spec.name.clone(),
+                reason: format!("qemu's pid {} is not a pid_t", child.id()),
+            });
+        };
         // We reap it ourselves through waitpid (dropping `Child` neither waits nor kills).
         drop(child);
         let kill_it = || {

@@ -33,8 +33,10 @@ impl Subnet {
     }
     fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let first = u32::from(self.network) + 2;
-        let size = 1u64 << (32 - self.prefix as u64);
-        let last = (u32::from(self.network) as u64 + size - 2) as u32; // minus broadcast
+        let size = 1u64 << (32 - u64::from(self.prefix));
+        // Minus broadcast. `from_str` keeps the network aligned to its prefix, so the
+        // broadcast address (network + size - 1) fits in a u32 and this never saturates.
+        let last = u32::try_from(u64::from(u32::from(self.network)) + size - 2).unwrap_or(u32::MAX);
         (first..=last).map(Ipv4Addr::from)
     }
 }

@@ -18,7 +18,7 @@ pub fn veth_name(instance: &str) -> String {
     // FNV-1a: stable across builds and platforms, unlike std's hasher.
     let mut h: u32 = 0x811c9dc5;
     for b in instance.bytes() {
-        h ^= b as u32;
+        h ^= u32::from(b);
         h = h.wrapping_mul(0x01000193);
     }
     format!("jv{h:08x}")
@@ -120,6 +120,8 @@ async fn enslave_and_up(
 
 /// The veth pair, its host end on the bridge, its other end as `eth0` in the instance.
 pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
+    let ns_pid = u32::try_from(pid)
+        .map_err(|_| NetworkError::Netlink(format!("attach: {pid} is not a process id")))?;
     with_handle(async |handle: Handle| {
         let bridge = ensure_bridge(&handle, a).await?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -127,7 +129,7 @@ pub fn attach(a: &Attachment, pid: i32) -> Result<(), NetworkError> {
             // The MAC follows the address (as Docker does): a host neighbour entry left by an
             // earlier instance with this address stays right, so probes reach the new one at once.
             .address(mac_for(a.address))
-            .setns_by_pid(pid as u32)
+            .setns_by_pid(ns_pid)
             .build();
         let mut veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(
             rtnetlink::packet_route::link::InfoKind::Veth,
@@ -173,6 +175,8 @@ pub fn attach_tap(a: &Attachment) -> Result<std::os::fd::OwnedFd, NetworkError> 
             path: "/dev/net/tun".into(),
             source,
         })?;
+    // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR is 0x5002, which fits the kernel's short `ifr_flags`.
+    #[allow(clippy::cast_possible_truncation)]
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,

@@ -454,11 +454,16 @@ impl Remote {
             .map_err(|e| remote_err(source, format!("the signature manifest is not valid: {e}")))?;
         let mut out = Vec::new();
         for layer in manifest.layers.iter().take(SIGNATURES_MAX) {
-            if layer.media_type != SIMPLE_SIGNING
-                || !(0..=SIGNATURE_MAX as i64).contains(&layer.size)
-            {
+            if layer.media_type != SIMPLE_SIGNING {
                 continue;
             }
+            // A negative size, or one over the bound, is no signature we will read.
+            let Some(size) = u64::try_from(layer.size)
+                .ok()
+                .filter(|s| *s <= SIGNATURE_MAX)
+            else {
+                continue;
+            };
             let Some(signature) = layer
                 .annotations
                 .as_ref()
@@ -475,7 +480,7 @@ impl Remote {
             if !resp.status().is_success() {
                 return Err(session.refusal("fetching a signature", resp).await);
             }
-            let payload = read_bounded(resp, layer.size as u64, "a signature payload")
+            let payload = read_bounded(resp, size, "a signature payload")
                 .await
                 .map_err(|e| remote_err(source, e))?;
             if Digest::of(&payload) != want {
@@ -564,7 +569,13 @@ impl Remote {
                     out.skipped += 1;
                     continue;
                 }
-                let size = d.size as u64;
+                // `check_sizes` has already refused negative sizes.
+                let size = u64::try_from(d.size).map_err(|_| {
+                    remote_err(
+                        source,
+                        format!("blob {} has a negative size; refused", d.digest),
+                    )
+                })?;
                 self.fetch_blob(&mut session, store, &pinned, &blob, size)
                     .await?;
                 out.moved += 1;

@@ -347,14 +347,16 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> 
     SeccompRule::new(conditions).map_err(|e| SeccompError(e.to_string()))
 }
 
-fn errno(e: i32) -> SeccompAction {
-    SeccompAction::Errno(e as u32)
+fn errno(e: i32) -> Result<SeccompAction, SeccompError> {
+    u32::try_from(e)
+        .map(SeccompAction::Errno)
+        .map_err(|_| SeccompError(format!("errno {e} is negative")))
 }
 
 /// The allow-list: a known syscall passes (to the next filters), any other gets ENOSYS.
 fn known_filter() -> Result<Vec<SockFilter>, SeccompError> {
     let rules = known().map(|(_, nr)| (*nr, Vec::new())).collect();
-    compile(rules, errno(libc::ENOSYS), SeccompAction::Allow)
+    compile(rules, errno(libc::ENOSYS)?, SeccompAction::Allow)
 }
 
 /// EPERM for the refused syscalls, clone with a namespace flag, and the
@@ -366,7 +368,8 @@ fn refused_filter() -> Result<Vec<SockFilter>, SeccompError> {
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|flag| {
-            let flag = *flag as u64;
+            let flag = u64::try_from(*flag)
+                .map_err(|_| SeccompError(format!("clone flag {flag:#x} is negative")))?;
             rule(vec![condition(
                 0,
                 SeccompCmpArgLen::Qword,
@@ -382,7 +385,7 @@ fn refused_filter() -> Result<Vec<SockFilter>, SeccompError> {
         .map(|p| condition(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(*p)))
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_personality, vec![rule(other_personality)?]);
-    compile(rules, SeccompAction::Allow, errno(libc::EPERM))
+    compile(rules, SeccompAction::Allow, errno(libc::EPERM)?)
 }
 
 /// EAFNOSUPPORT for socket and socketpair with a family not in
@@ -391,7 +394,11 @@ fn socket_filter() -> Result<Vec<SockFilter>, SeccompError> {
     // The family and protocol are ints: the kernel ignores the upper half, so do the rules.
     let other_family = SOCKET_FAMILIES
         .iter()
-        .map(|f| condition(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *f as u64))
+        .map(|f| {
+            let family = u64::try_from(*f)
+                .map_err(|_| SeccompError(format!("socket family {f} is negative")))?;
+            condition(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, family)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let other_netlink = vec![
         condition(
@@ -416,7 +423,7 @@ fn socket_filter() -> Result<Vec<SockFilter>, SeccompError> {
             ))
         })
         .collect::<Result<BTreeMap<_, _>, SeccompError>>()?;
-    compile(rules, SeccompAction::Allow, errno(libc::EAFNOSUPPORT))
+    compile(rules, SeccompAction::Allow, errno(libc::EAFNOSUPPORT)?)
 }
 
 /// The default filters, in the order init installs them. Compiled once per
@@ -452,7 +459,7 @@ mod tests {
             let mut a = [0; 6];
             a[..args.len()].copy_from_slice(args);
             Data {
-                nr: nr as i32,
+                nr: i32::try_from(nr).expect("a syscall number is an int"),
                 arch: AUDIT_ARCH,
                 args: a,
             }
@@ -502,7 +509,7 @@ mod tests {
     /// strictest action wins (kill < ... < errno < allow as signed action
     /// values), and among equal actions the most recently installed filter's.
     fn verdict(filters: &[Vec<SockFilter>], data: &Data) -> u32 {
-        let action = |r: u32| (r & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        let action = |r: u32| (r & libc::SECCOMP_RET_ACTION_FULL).cast_signed();
         let mut result = libc::SECCOMP_RET_ALLOW;
         for f in filters.iter().rev() {
             let r = run(f, data);
@@ -516,7 +523,12 @@ mod tests {
     const KILL: u32 = libc::SECCOMP_RET_KILL_PROCESS;
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     fn errno_ret(e: i32) -> u32 {
-        libc::SECCOMP_RET_ERRNO | e as u32
+        libc::SECCOMP_RET_ERRNO | u32::try_from(e).expect("an errno is positive")
+    }
+
+    /// A non-negative C int (a flag, family or protocol) as the 64-bit register holds it.
+    fn int(v: i32) -> u64 {
+        u64::try_from(v).expect("a non-negative int")
     }
 
     #[test]
@@ -535,7 +547,7 @@ mod tests {
             libc::SYS_io_uring_setup,
             512,
         ] {
-            let x32 = Data::new(nr | X32_SYSCALL_BIT as i64, &[]);
+            let x32 = Data::new(nr | i64::from(X32_SYSCALL_BIT), &[]);
             assert_eq!(run(&f, &x32), KILL, "x32 {nr}");
         }
     }
@@ -572,7 +584,7 @@ mod tests {
         assert_eq!(call(libc::SYS_clone, &[thread]), ALLOW);
         assert_eq!(call(libc::SYS_clone, &[libc::SIGCHLD as u64]), ALLOW);
         for flag in NAMESPACE_FLAGS {
-            let flags = libc::SIGCHLD as u64 | *flag as u64;
+            let flags = libc::SIGCHLD as u64 | int(*flag);
             assert_eq!(
                 call(libc::SYS_clone, &[flags]),
                 errno_ret(libc::EPERM),
@@ -601,12 +613,9 @@ mod tests {
         // socket and socketpair: the allowed families, netlink for routes only.
         for nr in [libc::SYS_socket, libc::SYS_socketpair] {
             for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
-                assert_eq!(
-                    call(nr, &[family as u64, libc::SOCK_STREAM as u64, 0]),
-                    ALLOW
-                );
+                assert_eq!(call(nr, &[int(family), libc::SOCK_STREAM as u64, 0]), ALLOW);
             }
-            let netlink = |protocol: i32| call(nr, &[libc::AF_NETLINK as u64, 3, protocol as u64]);
+            let netlink = |protocol: i32| call(nr, &[libc::AF_NETLINK as u64, 3, int(protocol)]);
             assert_eq!(netlink(libc::NETLINK_ROUTE), ALLOW);
             for protocol in [
                 libc::NETLINK_AUDIT,
@@ -628,7 +637,7 @@ mod tests {
                 0,
             ] {
                 assert_eq!(
-                    call(nr, &[family as u64, 1, 0]),
+                    call(nr, &[int(family), 1, 0]),
                     errno_ret(libc::EAFNOSUPPORT),
                     "{family}"
                 );
@@ -642,7 +651,7 @@ mod tests {
 
         #[cfg(target_arch = "x86_64")]
         {
-            let x32 = |nr: i64| call(nr | X32_SYSCALL_BIT as i64, &[]);
+            let x32 = |nr: i64| call(nr | i64::from(X32_SYSCALL_BIT), &[]);
             assert_eq!(x32(libc::SYS_getpid), KILL);
             assert_eq!(x32(libc::SYS_unshare), KILL);
             let mut i386 = Data::new(20, &[]);

@@ -426,13 +426,16 @@ impl Runtime {
         let mut pidfd: RawFd = -1;
         let die_with_parent = spec.die_with_parent;
         let init = self.init.as_ptr();
+        // clone takes the C int flags as an unsigned long: the bits are the intent.
+        #[allow(clippy::cast_sign_loss)]
+        let clone_flags = (flags | libc::SIGCHLD) as libc::c_ulong;
         // SAFETY: clone with a null stack duplicates this thread like fork. The child runs
         // only async-signal-safe calls (dup2, prctl, read, execve, _exit) on data prepared
         // above, so it is sound even if other threads held locks at the time of the clone.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_clone,
-                (flags | libc::SIGCHLD) as libc::c_ulong,
+                clone_flags,
                 std::ptr::null_mut::<libc::c_void>(),
                 &mut pidfd as *mut RawFd,
                 std::ptr::null_mut::<libc::c_void>(),
@@ -442,8 +445,8 @@ impl Runtime {
         if ret == 0 {
             // SAFETY: see above; in the child, only async-signal-safe calls follow.
             unsafe {
-                for (i, fd) in sources.iter().enumerate() {
-                    if libc::dup2(*fd, juice_init::CONFIG_FD + i as i32) < 0 {
+                for (target, fd) in (juice_init::CONFIG_FD..).zip(&sources) {
+                    if libc::dup2(*fd, target) < 0 {
                         libc::_exit(126);
                     }
                 }
@@ -478,8 +481,10 @@ impl Runtime {
         drop((config_r, status_w, log_dir, state_dir, sync_r));
         // SAFETY: CLONE_PIDFD stored a fresh pidfd here that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let pid = i32::try_from(ret)
+            .map_err(|_| SandboxError::Syscall(format!("clone returned {ret}, which is no pid")))?;
         Ok(ClonedInit {
-            pid: ret as i32,
+            pid,
             pidfd,
             config_w,
             status_r,
@@ -766,8 +771,9 @@ fn read_status(fd: OwnedFd, timeout: Duration) -> Result<String, SandboxError> {
             events: libc::POLLIN,
             revents: 0,
         };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
         if r == 0 {
             return Err(SandboxError::Syscall(
                 "juice-init did not report within 30 s".into(),

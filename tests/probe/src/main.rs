@@ -67,6 +67,14 @@ fn number(s: &str) -> i64 {
     })
 }
 
+/// `number(s)` as the integer type a syscall takes; out of its range is a usage error.
+fn number_as<T: TryFrom<i64>>(s: &str) -> T {
+    T::try_from(number(s)).unwrap_or_else(|_| {
+        eprintln!("out of range: {s:?}");
+        std::process::exit(2)
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -97,7 +105,7 @@ fn main() {
                     std::ptr::null(),
                 )
             };
-            outcome("mount", r as i64);
+            outcome("mount", i64::from(r));
         }
         "ptrace" => {
             // SAFETY: PTRACE_ATTACH to pid 1 with null addr/data.
@@ -116,12 +124,12 @@ fn main() {
             };
             // SAFETY: a valid timespec.
             let r = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
-            outcome("clock_settime", r as i64);
+            outcome("clock_settime", i64::from(r));
         }
         "unshare" => {
             // SAFETY: unshare takes flags only.
             let r = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
-            outcome("unshare", r as i64);
+            outcome("unshare", i64::from(r));
         }
         "connect" => {
             let addr: SocketAddr = format!("{}:{}", arg(1), arg(2)).parse().expect("ADDR PORT");
@@ -155,6 +163,8 @@ fn main() {
             let mb: usize = arg(1).parse().unwrap_or(512);
             let mut blocks = Vec::new();
             for i in 0..mb {
+                // Any fill byte will do; wrapping i to a byte is intended.
+                #[allow(clippy::cast_possible_truncation)]
                 blocks.push(vec![i as u8; 1 << 20]);
                 if i % 16 == 0 {
                     println!("allocated {i} MiB");
@@ -315,16 +325,17 @@ fn main() {
             outcome("pidfd_getfd", r);
         }
         "personality" => {
-            let persona = number(&arg(1)) as libc::c_ulong;
+            let persona: libc::c_ulong = number_as(&arg(1));
             // SAFETY: personality takes an integer; the probe exits right after.
             let r = unsafe { libc::personality(persona) };
-            outcome(&format!("personality {}", arg(1)), r as i64);
+            outcome(&format!("personality {}", arg(1)), i64::from(r));
         }
         "socket" => {
-            let (family, ty, protocol) = (number(&arg(1)), number(&arg(2)), number(&arg(3)));
+            let (family, ty, protocol): (i32, i32, i32) =
+                (number_as(&arg(1)), number_as(&arg(2)), number_as(&arg(3)));
             // SAFETY: socket takes integers; the fd is left to the exit.
-            let r = unsafe { libc::socket(family as i32, ty as i32, protocol as i32) };
-            outcome(&format!("socket {family}"), r as i64);
+            let r = unsafe { libc::socket(family, ty, protocol) };
+            outcome(&format!("socket {family}"), i64::from(r));
         }
         "x32" => {
             // The x32 ABI: the x86_64 number with bit 30 (__X32_SYSCALL_BIT) set.

@@ -162,7 +162,7 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap()),
                 nix::sys::signal::Signal::SIGTERM,
             );
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -201,10 +201,13 @@ impl Rng {
                 .trim()
                 .parse()
                 .unwrap_or_else(|_| panic!("JUICE_TEST_SEED={s:?} is not a number")),
-            Err(_) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64,
+            Err(_) => u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos(),
+            )
+            .expect("nanoseconds since 1970 fit 64 bits until 2554"),
         };
         eprintln!("random seed {seed} (replay with JUICE_TEST_SEED={seed})");
         Rng(seed | 1)
@@ -239,7 +242,7 @@ impl Drop for InstanceSweeper {
             };
             if let Some(pid) = state["pid"].as_i64() {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }

@@ -36,6 +36,15 @@ pub use juice_runtime::Limits;
 /// The period a CPU quota is measured over.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// The CPU quota per [`CPU_PERIOD_US`] for `cpus` CPUs, at least 1 ms (the kernel's minimum).
+fn cpu_quota_us(cpus: f64) -> u64 {
+    // `cpus` is validated positive and finite, and rounded here; were it not, `as` saturates
+    // (NaN to 0), and the minimum applies.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let quota = (cpus * CPU_PERIOD_US as f64).round() as u64;
+    quota.max(1000)
+}
+
 /// One cgroup layout (v1 or v2).
 pub trait Hierarchy: Send + Sync {
     /// "v1" or "v2", for reports.

@@ -109,9 +109,7 @@ impl Hierarchy for V1 {
                         write(
                             &dir,
                             "cpu.cfs_quota_us",
-                            &((c * CPU_PERIOD_US as f64).round() as u64)
-                                .max(1000)
-                                .to_string(),
+                            &super::cpu_quota_us(c).to_string(),
                         )?;
                     }
                 }
@@ -154,12 +152,13 @@ impl Hierarchy for V1 {
         };
         Limits {
             cpus: num("cpu", "cpu.cfs_quota_us").filter(|q| *q > 0).map(|q| {
-                q as f64 / num("cpu", "cpu.cfs_period_us").unwrap_or(CPU_PERIOD_US as i64) as f64
+                q as f64
+                    / num("cpu", "cpu.cfs_period_us").map_or(CPU_PERIOD_US as f64, |p| p as f64)
             }),
             // The kernel reports "no limit" as a huge page-aligned number.
             memory: num("memory", "memory.limit_in_bytes")
                 .filter(|m| *m > 0 && *m < (1 << 62))
-                .map(|m| m as u64),
+                .and_then(|m| u64::try_from(m).ok()),
             pids: self
                 .dir(dirs, "pids")
                 .and_then(|d| read(&d, "pids.max"))

@@ -81,7 +81,7 @@ impl Hierarchy for V2 {
             write(&dir, "memory.swap.max", "0")?;
         }
         if let Some(c) = limits.cpus {
-            let quota = ((c * CPU_PERIOD_US as f64).round() as u64).max(1000);
+            let quota = super::cpu_quota_us(c);
             write(&dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
         }
         if let Some(p) = limits.pids {
