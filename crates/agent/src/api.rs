@@ -790,6 +790,22 @@ mod tests {
                 422,
             ),
             (Failure::Agent(AgentError::Setup("eventfd".into())), 500),
+            (Failure::Agent(AgentError::NoInstance("web-1".into())), 404),
+            (
+                Failure::Agent(AgentError::DebugRefused {
+                    instance: "web-1".into(),
+                    reason: "image juice-toolbox is not trusted".into(),
+                }),
+                403,
+            ),
+            (
+                Failure::Agent(AgentError::Debug {
+                    instance: "web-1".into(),
+                    reason: "it is not running".into(),
+                }),
+                422,
+            ),
+            (Failure::BadDebug("no upgrade".into()), 400),
             (
                 Failure::Agent(AgentError::Start {
                     group: "web".into(),

@@ -1,0 +1,184 @@
+//! `juice debug`, for real: a toolbox (examples/toolbox) beside a running
+//! sandboxed instance, through the daemon's API.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{InstanceSweeper, Juice, daemon};
+
+/// The processes on the host whose command line is `juice-init debug`.
+fn debug_processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            c.split(|b| *b == 0).nth(1) == Some(b"debug")
+                && c.windows(10).any(|w| w == b"juice-init")
+        })
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+/// Cgroup directories of debug sessions anywhere in the host's hierarchies.
+fn debug_cgroups() -> Vec<String> {
+    walkdir::WalkDir::new("/sys/fs/cgroup")
+        .max_depth(8)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_dir() && e.file_name().to_string_lossy().contains("-debug-"))
+        .map(|e| e.path().display().to_string())
+        .collect()
+}
+
+fn mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// `juice debug NAME ARGS`: (stdout, stderr, exit code).
+fn debug(j: &Juice, name: &str, args: &[&str]) -> (String, String, i32) {
+    let out = j
+        .cmd()
+        .args(["debug", name, "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    let (o, e, c) = common::outcome(&out);
+    (o, e, c.unwrap_or(-1))
+}
+
+#[test]
+fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind() {
+    for tool in ["busybox", "strace", "tcpdump"] {
+        assert!(
+            Path::new("/bin").join(tool).exists() || Path::new("/usr/bin").join(tool).exists(),
+            "this test needs {tool} (busybox-static, strace, tcpdump: installed by .ci/run)"
+        );
+    }
+    let j = Juice::new();
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    j.ok(&[
+        "build",
+        common::workspace()
+            .join("examples/toolbox")
+            .to_str()
+            .unwrap(),
+    ]);
+    let site = common::write_site(
+        &j,
+        "app",
+        &common::hello_web_manifest(),
+        "site.toml",
+        "[group.web]\nimage = \"./app\"\nsize = 1\n",
+    );
+    let _daemon = daemon(&j);
+    j.ok(&["apply", "-f", &site]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let name = loop {
+        let all: serde_json::Value =
+            serde_json::from_str(&j.ok(&["get", "instances", "-o", "json"])).unwrap();
+        if let Some(i) = all.as_array().and_then(|a| a.first())
+            && i["health"] == "healthy"
+        {
+            break i["name"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instance never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mounts_before = mounts();
+    let image_before = j.ok(&["get", "instances", "-o", "json"]);
+
+    // The toolbox sees the appliance's processes: its init as PID 1, the appliance beside it.
+    let (out, err, code) = debug(&j, &name, &["ps"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("/usr/bin/hello-web"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().next() == Some("1") && l.contains("juice-init")),
+        "{out}"
+    );
+    // And its network: the appliance's listening socket.
+    let (out, err, code) = debug(&j, &name, &["netstat", "-ltn"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(":8080"), "{out}");
+    // The appliance's root is there, read-only.
+    let (out, _, code) = debug(&j, &name, &["cat", "/app/etc/passwd"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("app:x:1000:1000"), "{out}");
+    let (out, err, code) = debug(&j, &name, &["touch", "/app/usr/bin/x"]);
+    assert_ne!(code, 0, "a write to /app succeeded: {out}{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    // The program's exit code and its input pass through.
+    assert_eq!(debug(&j, &name, &["sh", "-c", "exit 7"]).2, 7);
+    let out = common::output_with_input(
+        j.cmd().args(["debug", &name, "--", "cat"]),
+        b"through the session\n",
+        Duration::from_millis(200),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through the session");
+    // Without a grant, strace runs without CAP_SYS_PTRACE and cannot attach...
+    let (_, err, code) = debug(&j, &name, &["strace", "-p", "2"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // ...and with one it can.
+    std::fs::write(
+        j.home.path().join("policy.toml"),
+        "[[grant]]\nimages = \"juice-toolbox\"\ncapabilities = [\"CAP_SYS_PTRACE\", \"CAP_NET_RAW\", \"CAP_NET_ADMIN\"]\n",
+    )
+    .unwrap();
+    let (out, err, code) = debug(&j, &name, &["sh", "-c", "timeout 1 strace -p 2; true"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("attached"), "{err}");
+
+    // Nothing is left: no session process, cgroup or mount on the host; the instance
+    // and its image are as they were.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(debug_processes().is_empty() && debug_cgroups().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?} {:?}",
+            debug_processes(),
+            debug_cgroups()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mounts(), mounts_before);
+    assert_eq!(
+        j.ok(&["get", "instances", "-o", "json"]).len(),
+        image_before.len()
+    );
+    let (out, err, code) = debug(&j, &name, &["ls", "/app/usr/bin"]);
+    assert_eq!((out.trim(), code), ("hello-web", 0), "{err}");
+
+    // Every session is an event: who, which toolbox, how it ended.
+    let events = j.ok(&["events"]);
+    assert!(
+        events.contains("debug session by uid 0 on the local socket: juice-toolbox:1"),
+        "{events}"
+    );
+    assert!(events.contains("ended with exit code 7"), "{events}");
+
+    // A name that is not an instance, and a toolbox the policy refuses, say so.
+    let err = j.fails(&["debug", "nope-1", "--", "ps"]);
+    assert!(err.contains("no instance \"nope-1\""), "{err}");
+    let keys = j.home.path().join("ci");
+    j.ok(&["keygen", keys.to_str().unwrap()]);
+    std::fs::write(
+        j.home.path().join("policy.toml"),
+        "[keys]\nci = \"ci.pub\"\n\n[[trust]]\nimages = \"juice-*\"\nkeys = [\"ci\"]\n",
+    )
+    .unwrap();
+    let err = j.fails(&["debug", &name, "--", "ps"]);
+    assert!(
+        err.contains("requires a signature by ci for \"juice-*\"") && err.contains("juice-toolbox"),
+        "{err}"
+    );
+}
