@@ -22,13 +22,18 @@ fn debug_processes() -> Vec<String> {
         .collect()
 }
 
-/// Cgroup directories of debug sessions anywhere in the host's hierarchies.
-fn debug_cgroups() -> Vec<String> {
+/// Cgroup directories of debug sessions into `instance`, anywhere in the host's hierarchies.
+fn debug_cgroups(instance: &str) -> Vec<String> {
     walkdir::WalkDir::new("/sys/fs/cgroup")
         .max_depth(8)
         .into_iter()
         .flatten()
-        .filter(|e| e.file_type().is_dir() && e.file_name().to_string_lossy().contains("-debug-"))
+        .filter(|e| {
+            e.file_type().is_dir()
+                && e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{instance}-debug-"))
+        })
         .map(|e| e.path().display().to_string())
         .collect()
 }
@@ -76,7 +81,23 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
         "site.toml",
         "[group.web]\nimage = \"./app\"\nsize = 1\n",
     );
-    let _daemon = daemon(&j);
+    // The daemon also listens for remote clients with mutual TLS.
+    let tls = j.home.path().join("tls");
+    j.ok(&["certs", tls.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let _daemon = common::ChildGuard::spawn(
+        j.cmd()
+            .args(["daemon", "--listen", &addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err()
+        || std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_err()
+    {
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     j.ok(&["apply", "-f", &site]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let name = loop {
@@ -123,7 +144,10 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
         b"through the session\n",
         Duration::from_millis(200),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through the session");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "through the session"
+    );
     // Without a grant, strace runs without CAP_SYS_PTRACE and cannot attach...
     let (_, err, code) = debug(&j, &name, &["strace", "-p", "2"]);
     assert_ne!(code, 0);
@@ -138,15 +162,30 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("attached"), "{err}");
 
+    // The same through the remote API, as the client certificate's holder.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_juice"))
+        .env("JUICE_HOME", "/nonexistent")
+        .env("JUICE_REMOTE", &addr)
+        .env("JUICE_TLS", &tls)
+        .args(["debug", &name, "--", "ps"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/usr/bin/hello-web"));
+
+    // On a terminal: an interactive shell whose size follows the window and
+    // where Ctrl-C interrupts the program in front, not the session.
+    terminal_session(&j, &name);
+
     // Nothing is left: no session process, cgroup or mount on the host; the instance
     // and its image are as they were.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !(debug_processes().is_empty() && debug_cgroups().is_empty()) {
+    while !(debug_processes().is_empty() && debug_cgroups(&name).is_empty()) {
         assert!(
             Instant::now() < deadline,
             "left behind: {:?} {:?}",
             debug_processes(),
-            debug_cgroups()
+            debug_cgroups(&name)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -165,6 +204,10 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
         "{events}"
     );
     assert!(events.contains("ended with exit code 7"), "{events}");
+    assert!(
+        events.contains("debug session by certificate \"juice operator\""),
+        "{events}"
+    );
 
     // A name that is not an instance, and a toolbox the policy refuses, say so.
     let err = j.fails(&["debug", "nope-1", "--", "ps"]);
@@ -181,4 +224,83 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
         err.contains("requires a signature by ci for \"juice-*\"") && err.contains("juice-toolbox"),
         "{err}"
     );
+}
+
+/// `juice debug NAME` on a terminal the test holds the other end of.
+fn terminal_session(j: &Juice, name: &str) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let size = |rows: u16, cols: u16| libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size(30, 100)), None).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut session = common::ChildGuard::spawn(
+        j.cmd()
+            .args(["debug", name])
+            .stdin(slave())
+            .stdout(slave())
+            .stderr(slave()),
+    );
+    let mut master = std::fs::File::from(pty.master);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let seen = seen.clone();
+        let mut reader = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if seen.lock().unwrap().contains(what) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the terminal never showed {what:?}: {}",
+                seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("# ");
+    master.write_all(b"stty size\n").unwrap();
+    wait_for("30 100");
+    // The window grows: the session's terminal follows.
+    // SAFETY: TIOCSWINSZ on our own terminal, reading one valid winsize.
+    unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCSWINSZ, &size(40, 120)) };
+    std::thread::sleep(Duration::from_millis(600));
+    master.write_all(b"stty size\n").unwrap();
+    wait_for("40 120");
+    // Ctrl-C ends the sleep, not the session.
+    master.write_all(b"sleep 60; echo slept\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    master.write_all(&[3]).unwrap();
+    master.write_all(b"echo $((6 * 7))\n").unwrap();
+    wait_for("42");
+    // (The terminal echoes the command line; the program would have printed on a line of its own.)
+    assert!(!seen.lock().unwrap().contains("\nslept"));
+    master.write_all(b"exit 3\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = session.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the session did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(3));
 }

@@ -184,7 +184,7 @@ pub trait Backend: Send + Sync {
     }
 
     /// Removes what dead instances left behind (after a crash of whoever started
-    /// them); the number cleaned.
+    /// them), and what [`Backend::sweep`] finds; the number of instances cleaned.
     fn cleanup_stale(&self) -> usize {
         let mut n = 0;
         for name in self.list() {
@@ -195,8 +195,13 @@ pub trait Backend: Send + Sync {
                 n += 1;
             }
         }
+        self.sweep();
         n
     }
+
+    /// Removes what a killed supervisor left that belongs to no instance (a debug
+    /// session's cgroup, say).
+    fn sweep(&self) {}
 }
 
 /// One running (or ended) instance. A backend says how its exit is collected,

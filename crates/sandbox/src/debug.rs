@@ -21,6 +21,42 @@ use juice_runtime::{DebugSession, DebugSpec, Handle};
 
 use crate::instance::{Runtime, SandboxError};
 
+/// A session's cgroup is named `<instance>-debug-<daemon pid>-<n>`.
+const DEBUG_MARK: &str = "-debug-";
+
+/// Removes the cgroups of sessions whose daemon has gone (it was killed before
+/// it could remove them; the session itself ended when its connection closed).
+pub(crate) fn sweep(runtime: &Runtime) {
+    let Some(h) = runtime.cgroups() else {
+        return;
+    };
+    // Every hierarchy keeps the sessions beside the instances, under the same parent.
+    let parents: Vec<PathBuf> = h
+        .dirs("x")
+        .iter()
+        .filter_map(|d| d.parent().map(PathBuf::from))
+        .collect();
+    let Some(first) = parents.first() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(first) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((_, tail)) = name.rsplit_once(DEBUG_MARK) else {
+            continue;
+        };
+        let Some(daemon) = tail.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), None).is_ok();
+        if !alive {
+            let _ = h.remove(&h.dirs(&name));
+        }
+    }
+}
+
 impl Runtime {
     /// Starts a debug session beside the running instance `name`.
     pub fn debug(&self, name: &str, spec: &DebugSpec) -> Result<DebugSession, SandboxError> {
@@ -49,7 +85,7 @@ impl Runtime {
 
         static SESSIONS: AtomicU64 = AtomicU64::new(0);
         let cgroup_name = format!(
-            "{name}-debug-{}-{}",
+            "{name}{DEBUG_MARK}{}-{}",
             std::process::id(),
             SESSIONS.fetch_add(1, Ordering::Relaxed)
         );

@@ -684,6 +684,9 @@ impl Backend for Runtime {
     ) -> Result<juice_runtime::DebugSession, BackendError> {
         Ok(Runtime::debug(self, name, spec)?)
     }
+    fn sweep(&self) {
+        crate::debug::sweep(self);
+    }
     /// The cgroups and the address are found by name: a start cut short has no record.
     fn forget(&self, name: &str) {
         if let Some(h) = &self.cgroups {
