@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{InstanceSweeper, Juice, daemon};
+use common::{InstanceSweeper, Juice};
 
 /// The processes on the host whose command line is `juice-init debug`.
 fn debug_processes() -> Vec<String> {
