@@ -850,6 +850,10 @@ impl Agent {
         let mut net = NetworkSpec::new(name);
         net.links = rev.template.links.iter().map(|l| l.to_string()).collect();
         spec.network = Some(net);
+        if rev.template.isolation == Isolation::Microvm {
+            // A microVM takes no disk once it runs: it carries the toolbox from its boot.
+            spec.toolbox = self.vm_toolbox();
+        }
         spec.prepare_volumes(0).map_err(|e| group_err(name, e))?;
         let record = InstanceRecord {
             name: instance_name.clone(),

@@ -17,6 +17,7 @@
 use std::path::PathBuf;
 
 pub mod exec;
+pub mod root;
 pub mod session;
 pub mod view;
 
@@ -126,6 +127,10 @@ pub const GUEST_STATUS_PORT: &str = "juice.status";
 pub const GUEST_PROBE_OK: &str = "juice-guest: probe ok";
 /// The virtio-serial port the host sends `term` or `kill` on.
 pub const GUEST_CONTROL_PORT: &str = "juice.ctl";
+/// The virtio-serial port debug sessions come in on (`session`'s frames).
+pub const GUEST_DEBUG_PORT: &str = "juice.debug";
+/// The serial number of the toolbox disk a microVM may carry for debug sessions (erofs).
+pub const GUEST_TOOLBOX_SERIAL: &str = "juice-toolbox";
 
 /// What `juice-guest`, PID 1 of a microVM, needs beyond what its initramfs holds.
 /// The host writes it as JSON (padded with NUL bytes) to the disk with serial

@@ -8,23 +8,21 @@
 //! reap every zombie, forward signals, copy the appliance's output into a
 //! rotating log, and record how it ended.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use juice_init::exec::{Failure, Step, Streams, prepare_and_exec};
 use juice_init::{
     CONFIG_FD, EXIT_FILE, ExitRecord, GO, InitConfig, LOG_DIR_FD, LOG_FILE, STATE_DIR_FD, STATUS_FD,
 };
 use nix::errno::Errno;
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, chdir, fork, pivot_root, sethostname};
+use nix::unistd::{ForkResult, Pid, fork, sethostname};
 
 fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the runtime opens these fds for us before exec (see the crate docs) and
@@ -123,7 +121,7 @@ fn debug_main() -> ! {
         // The program's own mount namespace: what it mounts never reaches the host.
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .step(|| "unshare the mount namespace".into())?;
-        build_root(config)
+        juice_init::root::build(config)
     });
     std::process::exit(if outcome.is_ok() { 0 } else { 125 })
 }
@@ -182,7 +180,7 @@ fn run(config: &InitConfig, after_config: &[u8]) -> Result<i32, Failure> {
     nix::sys::prctl::set_dumpable(false).step(|| "prctl(PR_SET_DUMPABLE)".into())?;
     nix::sys::stat::umask(Mode::empty());
     // The root is built while the runtime sets up the cgroup and the network.
-    build_root(config)?;
+    juice_init::root::build(config)?;
     sethostname(&config.hostname).step(|| "sethostname".into())?;
     wait_for_go(after_config)?;
     if config.cgroup_namespace {
@@ -237,145 +235,6 @@ fn handled_signals() -> SigSet {
         s.add(sig);
     }
     s
-}
-
-/// An O_PATH descriptor for `rel` resolved *inside* `root`: symlinks in the
-/// image cannot point a mount at a host path.
-fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Failure> {
-    let rel = rel.strip_prefix("/").unwrap_or(rel);
-    let c = CString::new(rel.as_os_str().as_bytes())
-        .map_err(|_| Failure(format!("{} has a NUL byte", rel.display())))?;
-    // struct open_how { u64 flags; u64 mode; u64 resolve; }
-    let how: [u64; 3] = [
-        (libc::O_PATH | libc::O_CLOEXEC) as u64,
-        0,
-        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    ];
-    // SAFETY: openat2 reads `how` (valid for its size) and the NUL-terminated path; it returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c.as_ptr(),
-            how.as_ptr(),
-            std::mem::size_of_val(&how),
-        )
-    };
-    if fd < 0 {
-        return Err(Failure(format!(
-            "/{} is not in the image: {}",
-            rel.display(),
-            Errno::last().desc()
-        )));
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| {
-        Failure(format!(
-            "openat2 returned {fd}, which is not a file descriptor"
-        ))
-    })?;
-    // SAFETY: the syscall just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn fd_path(fd: &OwnedFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-}
-
-fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(), Failure> {
-    mount(Some(fstype), target, Some(fstype), flags, Some(data)).step(|| format!("mount {fstype}"))
-}
-
-fn build_root(config: &InitConfig) -> Result<(), Failure> {
-    let root = &config.rootfs;
-    // Nothing we mount may propagate back to the host.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .step(|| {
-        "make / private (/ must be a mount point: a chroot needs its directory bind-mounted on itself)"
-            .into()
-    })?;
-    mount(
-        Some(root),
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .step(|| format!("bind {}", root.display()))?;
-    let root_dir = std::fs::File::open(root).step(|| format!("open {}", root.display()))?;
-    let root_fd = root_dir.as_fd();
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-
-    let proc_ = open_in_root(root_fd, Path::new("proc"))?;
-    mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
-    let dev = open_in_root(root_fd, Path::new("dev"))?;
-    juice_init::view::populate_dev(&fd_path(&dev), Path::new("/dev"), || {
-        // The new tmpfs is now what `root/dev` resolves to.
-        open_in_root(root_fd, Path::new("dev")).map(|fd| {
-            let path = fd_path(&fd);
-            (fd, path)
-        })
-    })?;
-
-    let tmp = open_in_root(root_fd, Path::new("tmp"))?;
-    mount_fs("tmpfs", &fd_path(&tmp), nosuid, "mode=1777,size=64m")?;
-    let run = open_in_root(root_fd, Path::new("run"))?;
-    mount_fs(
-        "tmpfs",
-        &fd_path(&run),
-        nosuid | MsFlags::MS_NOEXEC,
-        "mode=755,size=16m",
-    )?;
-
-    for b in &config.binds {
-        let target = open_in_root(root_fd, &b.target)?;
-        let at = fd_path(&target);
-        mount(
-            Some(&b.source),
-            &at,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .step(|| format!("bind {} on {}", b.source.display(), b.target.display()))?;
-        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | nosuid;
-        if b.read_only {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        // A fresh O_PATH fd: the old one names the directory under the new mount.
-        let target = open_in_root(root_fd, &b.target)?;
-        mount(
-            None::<&str>,
-            &fd_path(&target),
-            None::<&str>,
-            flags,
-            None::<&str>,
-        )
-        .step(|| format!("remount {}", b.target.display()))?;
-    }
-    drop((proc_, dev, tmp, run));
-
-    // The image itself is read-only; the mounts above stay as they are.
-    mount(
-        None::<&str>,
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid,
-        None::<&str>,
-    )
-    .step(|| "remount the root read-only".into())?;
-    drop(root_dir);
-
-    chdir(root).step(|| "chdir to the root".into())?;
-    pivot_root(".", ".").step(|| "pivot_root".into())?;
-    umount2(".", MntFlags::MNT_DETACH).step(|| "detach the host root".into())?;
-    chdir("/").step(|| "chdir /".into())?;
-    juice_init::view::mask_kernel_interfaces()
 }
 
 /// In the forked child: become the appliance. Returns only on failure.

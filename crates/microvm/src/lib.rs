@@ -67,6 +67,8 @@ pub enum VmError {
     NotFound(String),
     #[error("{0:?} is not a valid instance name (lowercase letters, digits and '-', at most 48)")]
     BadName(String),
+    #[error("cannot debug microVM {name:?}: {reason}")]
+    Debug { name: String, reason: String },
     #[error("the state of microVM {name:?} is damaged: {reason}")]
     Damaged { name: String, reason: String },
 }
@@ -78,6 +80,7 @@ impl From<VmError> for juice_runtime::BackendError {
             VmError::BadName(n) => BackendError::BadName(n),
             VmError::Exists(n) => BackendError::Exists(n),
             VmError::NotFound(n) => BackendError::NotFound(n),
+            e @ VmError::Debug { .. } => BackendError::Refused(Box::new(e)),
             e @ (VmError::NoKernel
             | VmError::KernelMissing(_)
             | VmError::NoGuestInit(_)

@@ -15,9 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use juice_init::{
-    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_PROBE_OK,
-    GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GuestConfig, GuestNetwork, GuestVolume, InitConfig,
-    LOG_FILE,
+    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_DEBUG_PORT, GUEST_LOG_PORT,
+    GUEST_PROBE_OK, GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GUEST_TOOLBOX_SERIAL, GuestConfig,
+    GuestNetwork, GuestVolume, InitConfig, LOG_FILE,
 };
 use juice_net::{self as network, Attachment};
 use juice_runtime::process::{Process, now_unix_ms, record, start_time, valid_name};
@@ -194,6 +194,9 @@ pub struct VmState {
     pub log_max_bytes: u64,
     #[serde(default)]
     pub log_keep: u32,
+    /// The toolbox (its unpacked root on the host) the VM carries as a disk.
+    #[serde(default)]
+    pub toolbox: Option<PathBuf>,
 }
 
 /// The microVM backend.
@@ -335,10 +338,16 @@ impl Runtime {
             "qemu.log",
             "qmp.sock",
             "ctl.sock",
+            "debug.sock",
         ] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let (initrd, root) = self.artefacts(&spec.rootfs)?;
+        // Made once per toolbox image, like the root disk, and verified the same way.
+        let toolbox = match &spec.toolbox {
+            Some(t) => Some(artefacts::root_disk(&self.artefact_dir(), t)?),
+            None => None,
+        };
 
         let mut volumes = Vec::new();
         for (i, v) in spec.volumes.iter().enumerate() {
@@ -363,6 +372,7 @@ impl Runtime {
             &dir,
             &initrd,
             &root,
+            toolbox.as_deref(),
             &volumes,
             attachment.as_ref(),
             memory_mib,
@@ -383,6 +393,7 @@ impl Runtime {
         dir: &Path,
         initrd: &Path,
         root: &Path,
+        toolbox: Option<&Path>,
         volumes: &[(String, PathBuf, PathBuf)],
         attachment: Option<&Attachment>,
         memory_mib: u64,
@@ -430,6 +441,7 @@ impl Runtime {
             initrd,
             root,
             config: &config_disk,
+            toolbox,
             volumes,
             mac: attachment.map(|a| network::mac_for(a.address)),
             tap_fd: tap.as_ref().map(|t| t.as_raw_fd()),
@@ -530,6 +542,7 @@ impl Runtime {
             vcpus,
             log_max_bytes: spec.log_max_bytes,
             log_keep: spec.log_keep,
+            toolbox: spec.toolbox.clone(),
         };
         let mut vm = Vm {
             state,
@@ -597,6 +610,7 @@ struct QemuPlan<'a> {
     initrd: &'a Path,
     root: &'a Path,
     config: &'a Path,
+    toolbox: Option<&'a Path>,
     volumes: &'a [(String, PathBuf, PathBuf)],
     mac: Option<[u8; 6]>,
     tap_fd: Option<RawFd>,
@@ -671,6 +685,9 @@ fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
     };
     disk("root", p.root, GUEST_ROOT_SERIAL, true);
     disk("config", p.config, GUEST_CONFIG_SERIAL, true);
+    if let Some(t) = p.toolbox {
+        disk("toolbox", t, GUEST_TOOLBOX_SERIAL, true);
+    }
     for (i, (serial, path, _)) in p.volumes.iter().enumerate() {
         disk(&format!("vol{i}"), path, serial, false);
     }
@@ -687,7 +704,8 @@ fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
         ));
     }
     a.push("-device".into());
-    a.push("virtio-serial-device,max_ports=4".into());
+    // Port 0 is kept for a console: four ports need five.
+    a.push("virtio-serial-device,max_ports=8".into());
     for (id, backend, port) in [
         (
             "log",
@@ -703,6 +721,14 @@ fn qemu_args(p: &QemuPlan<'_>) -> Vec<String> {
             "ctl",
             format!("socket,id=ctl,path={},server=on,wait=off", file("ctl.sock")),
             GUEST_CONTROL_PORT,
+        ),
+        (
+            "debug",
+            format!(
+                "socket,id=debug,path={},server=on,wait=off",
+                file("debug.sock")
+            ),
+            GUEST_DEBUG_PORT,
         ),
     ] {
         a.push("-chardev".into());
@@ -867,6 +893,70 @@ impl Vm {
     }
 }
 
+impl Runtime {
+    /// Starts a debug session in the running microVM `name`: the guest runs the
+    /// program from the toolbox disk the VM booted with (its machine takes no
+    /// disk later), with the appliance's root read-only at `/app`. One session
+    /// at a time per VM: its port is one stream.
+    pub fn debug(
+        &self,
+        name: &str,
+        spec: &juice_runtime::DebugSpec,
+    ) -> Result<juice_runtime::DebugSession, VmError> {
+        use juice_init::session::{Kind, Request, write_frame};
+        let vm = self.adopt(name)?;
+        let refuse = |reason: String| VmError::Debug {
+            name: name.to_owned(),
+            reason,
+        };
+        if !vm.is_running() {
+            return Err(refuse("it is not running".into()));
+        }
+        match &vm.state.toolbox {
+            None => {
+                return Err(refuse(
+                    "it booted without a toolbox disk; build juice-toolbox (juice build examples/toolbox) and restart the instance".into(),
+                ));
+            }
+            Some(t) if *t != spec.toolbox => {
+                return Err(refuse(format!(
+                    "a microVM carries the toolbox it booted with ({}), not {}; restart the instance to change it",
+                    t.display(),
+                    spec.toolbox.display()
+                )));
+            }
+            Some(_) => {}
+        }
+        let socket = vm.dir.join("debug.sock");
+        let mut conn = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| refuse(format!("cannot reach its debug port: {e}")))?;
+        let request = Request {
+            // The guest mounts the toolbox disk and the appliance's root itself.
+            config: InitConfig {
+                rootfs: PathBuf::new(),
+                hostname: name.to_owned(),
+                program: spec.program.clone(),
+                seccomp: Vec::new(),
+                binds: Vec::new(),
+                user_namespace: false,
+                cgroup_namespace: false,
+                log_max_bytes: 0,
+                log_keep: 0,
+            },
+            tty: spec.tty,
+            rows: spec.rows,
+            cols: spec.cols,
+        };
+        let json = serde_json::to_vec(&request).map_err(|e| refuse(e.to_string()))?;
+        write_frame(&mut conn, Kind::Request, &json)
+            .map_err(|e| refuse(format!("cannot send the session request: {e}")))?;
+        Ok(juice_runtime::DebugSession {
+            conn: conn.into(),
+            finish: Box::new(|| {}),
+        })
+    }
+}
+
 impl Handle for Vm {
     fn process(&self) -> &Process {
         &self.process
@@ -912,7 +1002,7 @@ impl Handle for Vm {
             network::release(&self.home, a);
         }
         record::remove(&self.dir);
-        for f in ["qmp.sock", "ctl.sock", "config.disk"] {
+        for f in ["qmp.sock", "ctl.sock", "debug.sock", "config.disk"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
     }
@@ -975,6 +1065,13 @@ impl Backend for Runtime {
     fn log_path(&self, name: &str) -> PathBuf {
         Runtime::log_path(self, name)
     }
+    fn debug(
+        &self,
+        name: &str,
+        spec: &juice_runtime::DebugSpec,
+    ) -> Result<juice_runtime::DebugSession, BackendError> {
+        Ok(Runtime::debug(self, name, spec)?)
+    }
     /// The address is found by name; the tap went with QEMU.
     fn forget(&self, name: &str) {
         network::release_name(&self.home, name);
@@ -1007,6 +1104,7 @@ mod tests {
             initrd: Path::new("/i"),
             root: Path::new("/r"),
             config: Path::new("/c"),
+            toolbox: None,
             volumes: &vols,
             mac: Some([2, 0x4a, 10, 88, 0, 5]),
             tap_fd: Some(3),
@@ -1028,16 +1126,23 @@ mod tests {
         assert!(joined.contains("tsc_early_khz=1000000"));
         assert!(joined.contains("name=juice.status"));
         assert!(joined.contains("unix:/h/vms/a/qmp.sock,server=on,wait=off"));
+        assert!(joined.contains("path=/h/vms/a/debug.sock,server=on,wait=off"));
+        assert!(joined.contains("name=juice.debug"));
+        assert!(
+            !joined.contains("juice-toolbox"),
+            "no toolbox, no toolbox disk"
+        );
     }
 
     #[test]
-    fn kvm_boots_without_the_tcg_clock_hint() {
+    fn kvm_boots_without_the_tcg_clock_hint_and_a_toolbox_is_a_read_only_disk() {
         let args = qemu_args(&QemuPlan {
             dir: Path::new("/d"),
             kernel: Path::new("/k"),
             initrd: Path::new("/i"),
             root: Path::new("/r"),
             config: Path::new("/c"),
+            toolbox: Some(Path::new("/t")),
             volumes: &[],
             mac: None,
             tap_fd: None,
@@ -1050,6 +1155,9 @@ mod tests {
         assert!(!joined.contains("tsc_early_khz"));
         assert!(joined.contains("-accel kvm -cpu host"));
         assert!(!joined.contains("netdev"));
+        assert!(joined.contains(
+            "id=toolbox,file=/t,format=raw,if=none,readonly=on -device virtio-blk-device,drive=toolbox,serial=juice-toolbox"
+        ));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct InstanceSpec {
     pub die_with_parent: bool,
     pub log_max_bytes: u64,
     pub log_keep: u32,
+    /// A debug toolbox (unpacked) that a microVM carries as a disk from its boot,
+    /// since its machine takes no disk later; a sandbox needs none.
+    pub toolbox: Option<PathBuf>,
 }
 
 impl InstanceSpec {
@@ -102,6 +105,7 @@ impl InstanceSpec {
             die_with_parent: false,
             log_max_bytes: 10 << 20,
             log_keep: 3,
+            toolbox: None,
         }
     }
 

@@ -143,6 +143,15 @@ impl Agent {
         ))
     }
 
+    /// The default toolbox, unpacked, for a microVM to carry as a disk from its
+    /// boot: only when the store has one and the trust policy admits it.
+    pub(super) fn vm_toolbox(&self) -> Option<std::path::PathBuf> {
+        let admitted = juice_registry::policy::admit_toolbox(&self.store, DEFAULT_TOOLBOX).ok()?;
+        juice_image::unpack::materialise(&self.store, &admitted.admitted.digest.to_string())
+            .ok()
+            .map(|r| r.path)
+    }
+
     /// Records the end of a session (`code`: its exit code, if it reported one).
     pub fn close_debug(&self, open: &OpenSession, code: Option<i32>) {
         let how = code.map_or("without an exit code (the client left)".to_owned(), |c| {

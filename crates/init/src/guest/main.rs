@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use juice_init::exec::{Failure, Step, Streams, prepare_and_exec};
 use juice_init::{
-    ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_LOG_PORT, GUEST_ROOT_SERIAL,
-    GUEST_STATUS_PORT, GuestConfig,
+    Bind, ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_DEBUG_PORT, GUEST_LOG_PORT,
+    GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GUEST_TOOLBOX_SERIAL, GuestConfig,
 };
 use nix::mount::{MsFlags, mount};
 use nix::sys::signal::{Signal, kill};
@@ -40,6 +40,9 @@ const NEW_ROOT: &str = "/newroot";
 const DEVICE_WAIT: Duration = Duration::from_secs(20);
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "debug") {
+        debug_main();
+    }
     let mut status: Option<std::fs::File> = None;
     let outcome = run(&mut status);
     let line = match outcome {
@@ -97,7 +100,12 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     }
     load_modules()?;
     mark("modules loaded");
-    let ports = find_ports(&[GUEST_LOG_PORT, GUEST_STATUS_PORT, GUEST_CONTROL_PORT])?;
+    let ports = find_ports(&[
+        GUEST_LOG_PORT,
+        GUEST_STATUS_PORT,
+        GUEST_CONTROL_PORT,
+        GUEST_DEBUG_PORT,
+    ])?;
     let open = |i: usize, write: bool| {
         std::fs::OpenOptions::new()
             .read(!write)
@@ -151,6 +159,7 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     }
     mark("appliance started");
     listen_for_control(control, app);
+    listen_for_debug(ports[3].clone());
     Ok(supervise(app))
 }
 
@@ -348,6 +357,146 @@ fn listen_for_control(control: std::fs::File, app: Pid) {
             }
         }
     });
+}
+
+/// A thread that waits for debug sessions on the `juice.debug` port: each
+/// request starts `juice-guest debug` (this program, from memory: the
+/// initramfs is gone) with the port as fd 3 and the request on fd 4, and the
+/// next waits until that session has ended.
+fn listen_for_debug(port: PathBuf) {
+    use juice_init::session::{Kind, read_frame};
+    use std::os::unix::process::CommandExt;
+    std::thread::spawn(move || {
+        let Ok(mut conn) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&port)
+        else {
+            return;
+        };
+        loop {
+            let body = match read_frame(&mut conn) {
+                Ok(Some((Kind::Request, body))) => body,
+                // No host on the other end (reads see nothing), or a torn frame: wait.
+                Ok(_) | Err(_) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let Ok((req_r, req_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+                continue;
+            };
+            // A request is far smaller than a pipe's buffer.
+            let _ = nix::unistd::write(&req_w, &body);
+            drop(req_w);
+            let (c, r) = (conn.as_raw_fd(), req_r.as_raw_fd());
+            let mut command = std::process::Command::new("/proc/self/exe");
+            command.arg("debug");
+            // SAFETY: between fork and exec the closure calls only dup2, which is
+            // async-signal-safe; both fds stay open in this thread until spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::dup2(c, 3) < 0 || libc::dup2(r, 4) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            if let Ok(mut child) = command.spawn() {
+                // PID 1's own loop may reap it first; then this returns at once.
+                let _ = child.wait();
+            }
+            drop(req_r);
+        }
+    });
+}
+
+/// `juice-guest debug`: one debug session (fd 3 its connection, fd 4 its
+/// request). In a mount namespace of its own it mounts the toolbox disk, and
+/// runs the program there with the appliance's root (this guest's `/`)
+/// read-only at `/app`; nothing it mounts is seen by the appliance.
+fn debug_main() -> ! {
+    use juice_init::session::{Kind, Request, serve, write_frame};
+    use std::os::fd::FromRawFd;
+    // SAFETY: fds 3 and 4 are this mode's contract; nothing else owns them.
+    let (conn, req) = unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) };
+    let mut report =
+        std::fs::File::from(conn.try_clone().unwrap_or_else(|_| std::process::exit(125)));
+    let outcome = (|| -> Result<(), Failure> {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(req), &mut body)
+            .step(|| "read the session request".into())?;
+        let mut request: Request = serde_json::from_slice(&body)
+            .map_err(|e| Failure(format!("the session request is not valid: {e}")))?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .step(|| "unshare the mount namespace".into())?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .step(|| "make / private".into())?;
+        // The session's own /tmp holds what it mounts: the appliance sees none of it.
+        let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(
+            Some("tmpfs"),
+            "/tmp",
+            Some("tmpfs"),
+            nosuid,
+            Some("mode=755"),
+        )
+        .step(|| "mount the session's /tmp".into())?;
+        for (fs, at) in [("sysfs", "/tmp/sys"), ("devtmpfs", "/tmp/dev")] {
+            std::fs::create_dir(at).step(|| format!("create {at}"))?;
+            mount(Some(fs), at, Some(fs), MsFlags::MS_NOSUID, None::<&str>)
+                .step(|| format!("mount {fs}"))?;
+        }
+        let disk = by_attribute("/tmp/sys/block", "serial", &[GUEST_TOOLBOX_SERIAL])
+            .and_then(|d| d.into_iter().next())
+            .ok_or_else(|| Failure("this microVM carries no toolbox disk".into()))?;
+        std::fs::create_dir("/tmp/toolbox").step(|| "create /tmp/toolbox".into())?;
+        mount(
+            Some(Path::new("/tmp/dev").join(&disk).as_path()),
+            "/tmp/toolbox",
+            Some("erofs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .step(|| format!("mount the toolbox disk {disk}"))?;
+        for at in ["/tmp/sys", "/tmp/dev"] {
+            nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)
+                .step(|| format!("unmount {at}"))?;
+        }
+        // Terminals from a devpts of the session's own.
+        std::fs::create_dir("/tmp/pts").step(|| "create /tmp/pts".into())?;
+        mount(
+            Some("devpts"),
+            "/tmp/pts",
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )
+        .step(|| "mount devpts".into())?;
+        request.config.rootfs = PathBuf::from("/tmp/toolbox");
+        request.config.binds = vec![Bind {
+            source: PathBuf::from("/"),
+            target: PathBuf::from(juice_init::session::APP_MOUNT),
+            read_only: true,
+        }];
+        // serve tells the other end of its own failures: an empty reason here.
+        serve(conn, &request, Path::new("/tmp/pts/ptmx"), |c| {
+            juice_init::root::build(c)
+        })
+        .map_err(|_| Failure(String::new()))
+    })();
+    if let Err(Failure(why)) = &outcome
+        && !why.is_empty()
+    {
+        let _ = write_frame(&mut report, Kind::Error, why.as_bytes());
+    }
+    std::process::exit(if outcome.is_ok() { 0 } else { 125 })
 }
 
 /// Reaps every child until the appliance ends; then ends whatever it left.
