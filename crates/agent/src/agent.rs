@@ -1199,7 +1199,7 @@ impl Agent {
     /// One sample of every live instance's resource use, with its group's
     /// restarts, and the sums per group. The meters are taken from the queries'
     /// copy and read after its lock is let go: a sample never waits for a
-    /// reconcile pass, and a pass never waits for the files (about 6 small
+    /// reconcile pass, and a pass never waits for the files (about ten small
     /// reads per instance). CPU is a counter here; the caller takes the rate
     /// (see [`InstanceStats::cpu_ns`]).
     pub fn stats(&self) -> Result<Stats, AgentError> {
