@@ -47,8 +47,8 @@ mod views;
 pub use debug::{DEFAULT_TOOLBOX, DebugRequest, OpenSession};
 
 pub use views::{
-    Action, Change, GroupDescription, GroupStatus, GroupView, InstanceHealth, InstanceView,
-    UnknownStatus,
+    Action, Change, GroupDescription, GroupStats, GroupStatus, GroupView, InstanceHealth,
+    InstanceStats, InstanceView, Stats, UnknownStatus,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,7 @@ struct Live {
     instance: Box<dyn Handle>,
     group: String,
     revision: u64,
+    isolation: Isolation,
     address: Option<Ipv4Addr>,
     prober: Prober,
     /// When this daemon started or adopted it, on the agent's clock.
@@ -134,6 +135,9 @@ struct Facts {
     health: Arc<Mutex<crate::health::Health>>,
     /// Being stopped: shown until it is gone.
     stopping: bool,
+    isolation: Isolation,
+    /// Where its resource use is read from, so `stats` reads it without the world lock.
+    meter: Option<Arc<dyn juice_runtime::Meter>>,
 }
 
 type Views = Arc<Mutex<BTreeMap<String, Facts>>>;
@@ -171,6 +175,8 @@ impl World {
             started_unix_ms: l.instance.started_unix_ms(),
             health: l.prober.health.clone(),
             stopping: false,
+            isolation: l.isolation,
+            meter: l.instance.meter(),
         };
         lock(&self.views).insert(name.clone(), facts);
         self.live.insert(name, l);
@@ -781,6 +787,7 @@ impl Agent {
             instance,
             group: rec.group.to_string(),
             revision: rec.revision,
+            isolation: rec.isolation,
             address,
             prober,
             started_ms: self.now(),
@@ -896,6 +903,7 @@ impl Agent {
                 instance,
                 group: name.to_owned(),
                 revision,
+                isolation: rev.template.isolation,
                 address,
                 prober,
                 started_ms: self.now(),
@@ -1190,6 +1198,40 @@ impl Agent {
             });
         }
         Ok(out)
+    }
+
+    /// One sample of every live instance's resource use, with its group's
+    /// restarts, and the sums per group. The meters are taken from the queries'
+    /// copy and read after its lock is let go: a sample never waits for a
+    /// reconcile pass, and a pass never waits for the files (about ten small
+    /// reads per instance). CPU is a counter here; the caller takes the rate
+    /// (see [`InstanceStats::cpu_ns`]).
+    pub fn stats(&self) -> Result<Stats, AgentError> {
+        let views: Vec<(String, Facts)> = lock(&self.views)
+            .iter()
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
+        let restarts: BTreeMap<String, u64> = self
+            .state
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.to_string(), g.restarts))
+            .collect();
+        let instances = views
+            .into_iter()
+            .map(|(name, f)| {
+                let usage = f.meter.as_ref().map(|m| m.read()).unwrap_or_default();
+                InstanceStats::new(
+                    name,
+                    f.group.clone(),
+                    f.revision,
+                    f.isolation,
+                    usage,
+                    restarts.get(&f.group).copied().unwrap_or(0),
+                )
+            })
+            .collect::<Vec<_>>();
+        Ok(Stats::new(now_ms(), instances, &restarts))
     }
 
     /// The metrics text, with the instance gauges set from the current view.

@@ -22,7 +22,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::agent::{
-    Agent, AgentError, Change, DebugRequest, GroupDescription, GroupView, InstanceView,
+    Agent, AgentError, Change, DebugRequest, GroupDescription, GroupView, InstanceView, Stats,
 };
 use crate::site::Site;
 use crate::state::Event;
@@ -269,6 +269,17 @@ async fn rollback(
 )]
 async fn instances(State(agent): Shared) -> Result<axum::Json<Vec<InstanceView>>, Failure> {
     Ok(axum::Json(blocking(agent, |a| Ok(a.instances())).await?))
+}
+
+/// One sample of every instance's resource use (cpu as a counter, memory, pids,
+/// network, its group's restarts) and the sums per group, for `juice top`.
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    responses((status = 200, description = "One sample", body = Stats))
+)]
+async fn stats(State(agent): Shared) -> Result<axum::Json<Stats>, Failure> {
+    Ok(axum::Json(blocking(agent, |a| a.stats()).await?))
 }
 
 /// The most events one request returns.
@@ -567,6 +578,7 @@ fn routes() -> OpenApiRouter<Arc<Agent>> {
         .routes(routes!(group, delete_group))
         .routes(routes!(rollback))
         .routes(routes!(instances))
+        .routes(routes!(stats))
         .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(debug))
@@ -708,6 +720,7 @@ mod tests {
             ("post", "/v1/groups/{name}/rollback"),
             ("get", "/v1/instances"),
             ("get", "/v1/instances/{name}/logs"),
+            ("get", "/v1/stats"),
             ("get", "/v1/events"),
         ] {
             assert!(

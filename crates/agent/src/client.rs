@@ -24,7 +24,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Change, DebugRequest, GroupDescription, GroupView, InstanceView};
+use crate::agent::{Change, DebugRequest, GroupDescription, GroupView, InstanceView, Stats};
 use crate::api::{
     ApiError, ApplyQuery, DEBUG_PROTOCOL, EventsQuery, LogsQuery, OFFSET_HEADER, RollbackAnswer,
     RollbackRequest,
@@ -200,6 +200,12 @@ impl Client {
 
     pub fn instances(&self) -> Result<Vec<InstanceView>, ClientError> {
         self.send(Method::GET, "/v1/instances", None)?.json()
+    }
+
+    /// One sample of every instance's resource use (`GET /v1/stats`); CPU is a
+    /// counter, so a rate needs two samples.
+    pub fn stats(&self) -> Result<Stats, ClientError> {
+        self.send(Method::GET, "/v1/stats", None)?.json()
     }
 
     /// Events after `since`, of one group or all, at most `limit` (the daemon caps it).

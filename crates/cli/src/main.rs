@@ -10,6 +10,7 @@ mod images;
 mod output;
 mod progress;
 mod run;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -171,6 +172,8 @@ enum Command {
     },
     /// Delete a group and stop its instances.
     Delete { group: String },
+    /// Live cpu, memory, pids, network and restarts per instance and group (`-o json`: one sample).
+    Top,
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
     /// Print the completion script for a shell (e.g. `juice completions bash > /etc/bash_completion.d/juice`).
@@ -242,6 +245,7 @@ fn main() -> ExitCode {
         Command::Logs { instance, follow } => host::logs(&instance, follow).map(|()| 0),
         Command::Rollback { group, to } => host::rollback(&group, to).map(|()| 0),
         Command::Delete { group } => host::delete(&group).map(|()| 0),
+        Command::Top => top::top(format).map(|()| 0),
         Command::Run(args) => run::run(args),
         Command::Completions { shell } => docs::completions(Cli::command(), shell)
             .map(|()| 0)
@@ -343,6 +347,17 @@ mod tests {
         assert!(e.contains("[possible values: sandbox, microvm]"), "{e}");
         let e = refused(&["run", "--network", "host", "x"]);
         assert!(e.contains("[possible values: bridge, none]"), "{e}");
+    }
+
+    #[test]
+    fn top_takes_json_output() {
+        let cli = parse(&["top", "-o", "json"]).expect("`juice top -o json` should parse");
+        assert!(matches!(cli.command, Command::Top));
+        assert_eq!(cli.output, Format::Json);
+        assert!(matches!(
+            parse(&["top"]).map(|c| c.command),
+            Ok(Command::Top)
+        ));
     }
 
     #[test]

@@ -941,6 +941,117 @@ fn a_start_that_keeps_failing_backs_off_and_leaves_nothing_behind() {
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
 
+/// `juice top -o json` against a sandbox that holds 64 MiB: the memory it reports is
+/// within 10% of what the instance's cgroup says (read here straight from the
+/// cgroup filesystem), and the other figures are there.
+#[test]
+fn top_reports_the_memory_of_a_hog_as_its_cgroup_counts_it() {
+    let host = Host::new();
+    let j = &host.j;
+    let manifest = format!(
+        "[appliance]\nname = \"hog\"\nversion = \"1\"\n\n[build]\nbinaries = [{{ from = \"{}\", to = \"/usr/bin/probe\" }}]\n\n[run]\ncommand = [\"/usr/bin/probe\", \"hold\", \"64\"]\nuser = \"0:0\"\n\n[resources]\nmemory = \"256MiB\"\npids = 16\n",
+        common::workspace_binary("juice-probe").display()
+    );
+    let file = common::write_site(
+        j,
+        "app-hog",
+        &manifest,
+        "hog.toml",
+        "[group.hog]\nimage = \"./app-hog\"\nsize = 1\n",
+    );
+    let _d = daemon(j);
+    j.ok(&["apply", "-f", &file]);
+    let name = {
+        let mut name = String::new();
+        wait_for(
+            "the hog to hold its memory",
+            Duration::from_secs(60),
+            || {
+                let Some(i) = instances(j).first().cloned() else {
+                    return false;
+                };
+                name = i["name"].as_str().unwrap_or_default().to_owned();
+                j.cmd()
+                    .args(["logs", &name])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("holding 64 MiB"))
+            },
+        );
+        name
+    };
+
+    let top = json(j, &["top"]);
+    let reported = top["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} is not in {top}"))
+        .clone();
+    // The cgroup's own figure, read after `juice top` (the hog holds still).
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            j.home
+                .path()
+                .join("instances")
+                .join(&name)
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let file = if state["cgroup_version"] == "v1" {
+        "memory.usage_in_bytes"
+    } else {
+        "memory.current"
+    };
+    let cgroup: u64 = state["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| std::fs::read_to_string(Path::new(d.as_str()?).join(file)).ok())
+        .unwrap_or_else(|| panic!("no {file} in {:?}", state["cgroups"]))
+        .trim()
+        .parse()
+        .unwrap();
+    let memory = reported["memory_bytes"].as_u64().unwrap();
+    eprintln!("juice top: {memory} bytes; the cgroup's {file}: {cgroup} bytes");
+    assert!(memory >= 64 << 20, "less than the 64 MiB held: {reported}");
+    assert!(
+        memory.abs_diff(cgroup) * 10 <= cgroup,
+        "juice top says {memory} bytes, the cgroup {cgroup}: more than 10% apart"
+    );
+
+    // The other figures: what the manifest limits, the process, the network, the rate.
+    assert_eq!(reported["backend"], "sandbox", "{reported}");
+    assert_eq!(reported["group"], "hog");
+    assert_eq!(reported["memory_limit_bytes"], 256u64 << 20, "{reported}");
+    assert_eq!(reported["pids_limit"], 16, "{reported}");
+    assert!(
+        reported["pids"].as_u64().is_some_and(|p| p >= 1),
+        "{reported}"
+    );
+    assert!(reported["cpu_cores"].as_f64().is_some(), "{reported}");
+    assert!(reported["net_rx_bytes"].as_u64().is_some(), "{reported}");
+    assert!(reported["net_tx_bytes"].as_u64().is_some(), "{reported}");
+    assert_eq!(reported["restarts"], 0);
+    let interval = top["interval_ms"].as_u64().unwrap();
+    assert!((400..2000).contains(&interval), "{top}");
+    let group = &top["groups"][0];
+    assert_eq!(group["name"], "hog");
+    assert_eq!(group["instances"], 1);
+    assert_eq!(group["memory_bytes"], memory, "{top}");
+
+    // Not a terminal: one table, then it exits.
+    let table = j.ok(&["top"]);
+    assert!(table.contains(&name) && table.contains("MEMORY"), "{table}");
+
+    j.ok(&["delete", "hog"]);
+    wait_for("the hog to stop", Duration::from_secs(20), || {
+        instances(j).is_empty()
+    });
+}
+
 /// Every directory under `dir`, a few levels deep (the cgroup hierarchies).
 fn walk_cgroups(dir: &Path, depth: usize) -> Vec<String> {
     let mut out = Vec::new();

@@ -21,7 +21,7 @@ use juice_init::{
 };
 use juice_net::{self as network, Attachment};
 use juice_runtime::process::{Process, now_unix_ms, record, start_time, valid_name};
-use juice_runtime::{Backend, BackendError, ExitReport, Handle, InstanceSpec};
+use juice_runtime::{Backend, BackendError, ExitReport, Handle, InstanceSpec, Meter, Usage};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::Kernel;
@@ -957,7 +957,44 @@ impl Runtime {
     }
 }
 
+/// Reads a microVM's use from its QEMU process and the host end of its tap.
+/// QEMU runs in no cgroup of its own: its CPU time and resident set are the
+/// VM's whole footprint (guest memory it has touched, QEMU's own, the device
+/// emulation), and the guest's processes are the guest's to count.
+struct VmMeter {
+    pid: i32,
+    start_time: u64,
+    memory_limit_bytes: u64,
+    tap: Option<String>,
+}
+
+impl Meter for VmMeter {
+    fn read(&self) -> Usage {
+        let process = juice_runtime::usage::process_usage(self.pid, self.start_time).ok();
+        Usage {
+            cpu_ns: process.map(|p| p.0),
+            memory_bytes: process.map(|p| p.1),
+            memory_limit_bytes: Some(self.memory_limit_bytes),
+            pids: None,
+            pids_limit: None,
+            net: self
+                .tap
+                .as_deref()
+                .and_then(|t| juice_runtime::usage::interface_bytes(t).ok()),
+        }
+    }
+}
+
 impl Handle for Vm {
+    fn meter(&self) -> Option<std::sync::Arc<dyn Meter>> {
+        Some(std::sync::Arc::new(VmMeter {
+            pid: self.state.pid,
+            start_time: self.state.start_time,
+            memory_limit_bytes: self.state.memory_mib << 20,
+            tap: self.state.network.as_ref().map(|a| a.veth.clone()),
+        }))
+    }
+
     fn process(&self) -> &Process {
         &self.process
     }

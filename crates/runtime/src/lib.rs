@@ -11,6 +11,8 @@
 //! - [`process`]: a pidfd-held [`process::Process`], the per-instance
 //!   records, the name rule.
 //! - [`seccomp`]: the syscall allow-list for sandboxes and for QEMU.
+//! - [`usage`]: what an instance uses right now (CPU, memory, pids, network),
+//!   read through a [`Meter`] its handle gives out.
 //!
 //! Written for Juice: these are Juice's own rules (what an instance is and
 //! how its end is observed); syscalls come from `rustix` and `nix`, seccomp
@@ -20,6 +22,7 @@ pub mod limits;
 pub mod process;
 pub mod seccomp;
 pub mod spec;
+pub mod usage;
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,6 +37,7 @@ pub use juice_net::{NetworkSpec, PortMapping};
 pub use limits::HostLimits;
 pub use process::Process;
 pub use spec::{IdMap, InstanceSpec, Limits, Program, VolumeMount};
+pub use usage::{Meter, NetBytes, Usage};
 
 /// How an instance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +233,17 @@ pub trait Handle: Send {
     /// in-memory instance has no address to probe).
     fn health(&self) -> Option<Arc<Mutex<Health>>> {
         None
+    }
+    /// Where the instance's resource use is read from (its cgroups, its QEMU's
+    /// pid, its host-side interface), to be read without holding the handle:
+    /// the agent takes it when the instance starts, and queries read it while
+    /// the reconciler goes on. `None` if there is nothing to read.
+    fn meter(&self) -> Option<Arc<dyn Meter>> {
+        None
+    }
+    /// One reading of its resource use.
+    fn usage(&self) -> Option<Usage> {
+        self.meter().map(|m| m.read())
     }
 
     fn pid(&self) -> i32 {

@@ -23,7 +23,7 @@ use juice_net::{self as network, Attachment, NetworkError};
 use juice_runtime::process::{Process, now_unix_ms, poll_readable, record, start_time};
 use juice_runtime::seccomp::{self, SeccompError};
 use juice_runtime::{
-    Backend, BackendError, ExitReport, Handle, IdMap, InstanceSpec, Limits, trace,
+    Backend, BackendError, ExitReport, Handle, IdMap, InstanceSpec, Limits, Meter, Usage, trace,
 };
 
 use crate::cgroup::{self, CgroupError, Hierarchy};
@@ -590,6 +590,32 @@ impl Instance {
     }
 }
 
+/// Reads a sandbox's use from its cgroups and the host end of its veth.
+struct SandboxMeter {
+    cgroups: Option<(Arc<dyn Hierarchy>, Vec<PathBuf>)>,
+    veth: Option<String>,
+}
+
+impl Meter for SandboxMeter {
+    fn read(&self) -> Usage {
+        let mut usage = Usage::default();
+        if let Some((h, dirs)) = &self.cgroups {
+            let now = h.usage(dirs);
+            let limits = h.read_limits(dirs);
+            usage.cpu_ns = now.cpu_ns;
+            usage.memory_bytes = now.memory_bytes;
+            usage.pids = now.pids;
+            usage.memory_limit_bytes = limits.memory;
+            usage.pids_limit = limits.pids.map(u64::from);
+        }
+        usage.net = self
+            .veth
+            .as_deref()
+            .and_then(|v| juice_runtime::usage::interface_bytes(v).ok());
+        usage
+    }
+}
+
 impl Handle for Instance {
     fn process(&self) -> &Process {
         &self.process
@@ -648,6 +674,14 @@ impl Handle for Instance {
 
     fn started_unix_ms(&self) -> u64 {
         self.state.started_unix_ms
+    }
+
+    fn meter(&self) -> Option<Arc<dyn Meter>> {
+        let cgroups = self.cgroups.clone().filter(|_| self.hierarchy().is_some());
+        Some(Arc::new(SandboxMeter {
+            cgroups: cgroups.map(|h| (h, self.state.cgroups.clone())),
+            veth: self.state.network.as_ref().map(|a| a.veth.clone()),
+        }))
     }
 }
 

@@ -173,6 +173,21 @@ fn main() {
             }
             println!("ok hog {mb} MiB, {}", blocks.len());
         }
+        // Allocates MB MiB, writes every page so it is resident, and holds it
+        // (for `juice top`: a known amount of memory to find in the cgroup).
+        "hold" => {
+            let mb: usize = arg(1).parse().unwrap_or(64);
+            let mut block = vec![0u8; mb << 20];
+            for page in block.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            println!("holding {mb} MiB");
+            let _ = std::io::stdout().flush();
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                std::hint::black_box(&block);
+            }
+        }
         "spin" => {
             let secs: f64 = arg(1).parse().unwrap_or(2.0);
             let threads: usize = arg(2).parse().unwrap_or(2);

@@ -221,6 +221,18 @@ fn an_instance_that_ends_is_replaced_at_once() {
     assert_eq!(h.fake.running().len(), 2);
     assert!(!h.fake.running().contains(&victim));
     assert_eq!(h.agent.groups().unwrap()[0].restarts, 1);
+
+    // `juice top`'s sample: the live instances with their group's restarts, and the sums.
+    let stats = h.agent.stats().unwrap();
+    let names: Vec<&str> = stats.instances.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, h.fake.running());
+    assert!(stats.instances.iter().all(
+        |i| i.restarts == 1 && i.memory_bytes == crate::backend::fake::FAKE_USAGE.memory_bytes
+    ));
+    assert_eq!(stats.groups.len(), 1);
+    assert_eq!(stats.groups[0].instances, 2);
+    assert_eq!(stats.groups[0].memory_bytes, 2 << 20);
+    assert_eq!(stats.groups[0].restarts, 1);
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! What queries and plans show: the API's view types, with the exact JSON and
 //! table text scripts match on.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::site::Isolation;
 use crate::state::{GroupRecord, Rollout};
 
 /// One line of a plan.
@@ -228,6 +230,131 @@ impl TryFrom<String> for GroupStatus {
     }
 }
 
+/// One sample of resource use (`GET /v1/stats`, `juice top`): every live
+/// instance, and the sums per group.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// When the sample was taken, in milliseconds since the Unix epoch.
+    pub taken_unix_ms: u64,
+    pub instances: Vec<InstanceStats>,
+    pub groups: Vec<GroupStats>,
+}
+
+/// One instance's resource use. A figure that cannot be read (an instance
+/// without cgroups, one that just ended) is null.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceStats {
+    pub name: String,
+    pub group: String,
+    pub revision: u64,
+    /// sandbox or microvm
+    pub backend: Isolation,
+    /// CPU time used since the instance started, in nanoseconds: a counter, not
+    /// a rate. The daemon keeps no earlier reading: a client takes two samples
+    /// and divides the difference by the time between them (`juice top`), so
+    /// two clients sampling at once do not disturb each other's rates. A
+    /// sandbox's from its cgroup (v1 `cpuacct.usage`, v2 `cpu.stat`), a
+    /// microVM's from its QEMU process (utime + stime).
+    pub cpu_ns: Option<u64>,
+    /// A sandbox: the memory charged to its cgroup, page cache included, the
+    /// figure its limit is enforced against (v1 `memory.usage_in_bytes`, v2
+    /// `memory.current`). A microVM: QEMU's resident set, the VM's whole
+    /// footprint on the host (guest memory it has touched, and QEMU's own).
+    pub memory_bytes: Option<u64>,
+    /// A sandbox's cgroup limit; a microVM's guest memory.
+    pub memory_limit_bytes: Option<u64>,
+    /// Tasks in a sandbox's cgroup (`pids.current`); null for a microVM.
+    pub pids: Option<u64>,
+    pub pids_limit: Option<u64>,
+    /// Bytes the instance received and sent, counted on the host end of its
+    /// veth or tap (whose own rx is the instance's tx); null without a network.
+    pub net_rx_bytes: Option<u64>,
+    pub net_tx_bytes: Option<u64>,
+    /// Its group's restarts: instances that ended on their own and were replaced.
+    pub restarts: u64,
+}
+
+impl InstanceStats {
+    pub fn new(
+        name: String,
+        group: String,
+        revision: u64,
+        backend: Isolation,
+        usage: juice_runtime::Usage,
+        restarts: u64,
+    ) -> InstanceStats {
+        InstanceStats {
+            name,
+            group,
+            revision,
+            backend,
+            cpu_ns: usage.cpu_ns,
+            memory_bytes: usage.memory_bytes,
+            memory_limit_bytes: usage.memory_limit_bytes,
+            pids: usage.pids,
+            pids_limit: usage.pids_limit,
+            net_rx_bytes: usage.net.map(|n| n.rx_bytes),
+            net_tx_bytes: usage.net.map(|n| n.tx_bytes),
+            restarts,
+        }
+    }
+}
+
+/// A group's sums over its live instances (figures that could not be read count as 0).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GroupStats {
+    pub name: String,
+    pub instances: usize,
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub restarts: u64,
+}
+
+impl Stats {
+    /// The sample of `instances`, with a line for every group in `restarts`
+    /// (each group's restart count), running instances or not.
+    pub fn new(
+        taken_unix_ms: u64,
+        instances: Vec<InstanceStats>,
+        restarts: &BTreeMap<String, u64>,
+    ) -> Stats {
+        let mut groups: BTreeMap<&str, GroupStats> = restarts
+            .iter()
+            .map(|(name, r)| {
+                let g = GroupStats {
+                    name: name.clone(),
+                    restarts: *r,
+                    ..GroupStats::default()
+                };
+                (name.as_str(), g)
+            })
+            .collect();
+        for i in &instances {
+            let g = groups.entry(&i.group).or_insert_with(|| GroupStats {
+                name: i.group.clone(),
+                restarts: i.restarts,
+                ..GroupStats::default()
+            });
+            g.instances += 1;
+            let add = |sum: &mut u64, v: Option<u64>| *sum = sum.saturating_add(v.unwrap_or(0));
+            add(&mut g.cpu_ns, i.cpu_ns);
+            add(&mut g.memory_bytes, i.memory_bytes);
+            add(&mut g.pids, i.pids);
+            add(&mut g.net_rx_bytes, i.net_rx_bytes);
+            add(&mut g.net_tx_bytes, i.net_tx_bytes);
+        }
+        let groups = groups.into_values().collect();
+        Stats {
+            taken_unix_ms,
+            instances,
+            groups,
+        }
+    }
+}
+
 /// `juice describe group`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupDescription {
@@ -330,6 +457,57 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    fn instance(name: &str, group: &str, memory: Option<u64>) -> InstanceStats {
+        let usage = juice_runtime::Usage {
+            cpu_ns: Some(1_000),
+            memory_bytes: memory,
+            pids: Some(2),
+            net: Some(juice_runtime::NetBytes {
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }),
+            ..Default::default()
+        };
+        InstanceStats::new(name.into(), group.into(), 1, Isolation::Sandbox, usage, 3)
+    }
+
+    #[test]
+    fn group_stats_sum_their_instances_and_keep_idle_groups() {
+        let restarts = BTreeMap::from([("web".to_owned(), 3), ("idle".to_owned(), 5)]);
+        let stats = Stats::new(
+            7,
+            vec![
+                instance("web-1", "web", Some(100)),
+                instance("web-2", "web", None),
+            ],
+            &restarts,
+        );
+        assert_eq!(
+            stats.groups,
+            vec![
+                GroupStats {
+                    name: "idle".into(),
+                    restarts: 5,
+                    ..GroupStats::default()
+                },
+                GroupStats {
+                    name: "web".into(),
+                    instances: 2,
+                    cpu_ns: 2_000,
+                    memory_bytes: 100,
+                    pids: 4,
+                    net_rx_bytes: 20,
+                    net_tx_bytes: 40,
+                    restarts: 3,
+                },
+            ]
+        );
+        let json = serde_json::to_value(&stats.instances[0]).unwrap();
+        assert_eq!(json["backend"], "sandbox");
+        assert_eq!(json["net_rx_bytes"], 10);
+        assert_eq!(json["memory_limit_bytes"], serde_json::Value::Null);
     }
 
     /// The OpenAPI document lists exactly the values the enums serialise to.

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use juice_runtime::{BackendError, ExitReport, InstanceSpec, Process};
+use juice_runtime::{BackendError, ExitReport, InstanceSpec, Meter, Process, Usage};
 use rustix::event::{EventfdFlags, eventfd};
 
 use super::{Backend, Handle};
@@ -262,5 +262,27 @@ impl Handle for FakeHandle {
     }
     fn health(&self) -> Option<Arc<Mutex<Health>>> {
         self.health.clone()
+    }
+    /// Fixed figures: [`FAKE_USAGE`].
+    fn meter(&self) -> Option<Arc<dyn Meter>> {
+        Some(Arc::new(FixedMeter))
+    }
+}
+
+/// What every fake instance uses, whenever it is read.
+pub const FAKE_USAGE: Usage = Usage {
+    cpu_ns: Some(1_000_000),
+    memory_bytes: Some(1 << 20),
+    memory_limit_bytes: None,
+    pids: Some(1),
+    pids_limit: None,
+    net: None,
+};
+
+struct FixedMeter;
+
+impl Meter for FixedMeter {
+    fn read(&self) -> Usage {
+        FAKE_USAGE
     }
 }

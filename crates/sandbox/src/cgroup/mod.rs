@@ -45,6 +45,18 @@ fn cpu_quota_us(cpus: f64) -> u64 {
     quota.max(1000)
 }
 
+/// What a cgroup's processes use now; `None` where the file is missing or unreadable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// CPU time, in nanoseconds: v1 `cpuacct.usage`, v2 `cpu.stat`'s `usage_usec`.
+    pub cpu_ns: Option<u64>,
+    /// The memory charged to the cgroup, the figure its limit is enforced against
+    /// (page cache included): v1 `memory.usage_in_bytes`, v2 `memory.current`.
+    pub memory_bytes: Option<u64>,
+    /// Tasks in the cgroup: `pids.current` in both.
+    pub pids: Option<u64>,
+}
+
 /// One cgroup layout (v1 or v2).
 pub trait Hierarchy: Send + Sync {
     /// "v1" or "v2", for reports.
@@ -57,6 +69,8 @@ pub trait Hierarchy: Send + Sync {
     fn oom_kills(&self, dirs: &[PathBuf]) -> u64;
     /// The limits as the kernel holds them (for `juice run` and the tests).
     fn read_limits(&self, dirs: &[PathBuf]) -> Limits;
+    /// What the instance's processes use now (`juice top`).
+    fn usage(&self, dirs: &[PathBuf]) -> CgroupUsage;
     /// Kills whatever is left and removes the directories.
     fn remove(&self, dirs: &[PathBuf]) -> Result<(), CgroupError>;
     /// Where `create` makes an instance's cgroup(s), whether or not they exist.
@@ -109,10 +123,20 @@ pub(crate) fn read(dir: &Path, file: &str) -> Option<String> {
 /// The value of `key` in a flat-keyed file such as `memory.events`.
 pub(crate) fn keyed(dir: &Path, file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    parse_keyed(&text, key)
+}
+
+/// The value of `key` in the text of a flat-keyed file ("KEY VALUE" lines).
+pub(crate) fn parse_keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
     })
+}
+
+/// A file holding one number, such as `memory.current` or `pids.current`.
+pub(crate) fn number(dir: &Path, file: &str) -> Option<u64> {
+    read(dir, file)?.parse().ok()
 }
 
 /// Kills every process in a cgroup directory and removes it, retrying while the kernel

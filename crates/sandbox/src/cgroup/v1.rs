@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CPU_PERIOD_US, CgroupError, Hierarchy, Limits, keyed, kill_and_remove, read, write};
+use super::{
+    CPU_PERIOD_US, CgroupError, CgroupUsage, Hierarchy, Limits, keyed, kill_and_remove, number,
+    read, write,
+};
 
 /// The v1 controllers Juice uses, with their mount points and our own cgroup in each.
 #[derive(Debug, Clone)]
@@ -11,9 +14,11 @@ pub struct V1 {
     bases: Vec<(&'static str, PathBuf)>,
 }
 
-/// The controllers an instance needs; `devices` is used wherever it is mounted.
+/// The controllers an instance needs; `devices` is used wherever it is mounted,
+/// and so is `cpuacct`, which counts CPU time for `juice top` (often mounted
+/// with `cpu`, then it is the same directory).
 const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
-const OPTIONAL: [&str; 1] = ["devices"];
+const OPTIONAL: [&str; 2] = ["devices", "cpuacct"];
 
 /// The device policy: nothing, then the nodes juice-init binds into `/dev`
 /// (null, zero, full, random, urandom, tty) and the instance's own ptys.
@@ -88,10 +93,14 @@ impl Hierarchy for V1 {
     }
 
     fn create(&self, name: &str, limits: &Limits) -> Result<Vec<PathBuf>, CgroupError> {
-        let mut dirs = Vec::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
         for (controller, base) in &self.bases {
             let dir = base.join(name);
             super::create_dir(&dir)?;
+            if dirs.contains(&dir) {
+                // A controller mounted with another one (cpu,cpuacct): already made.
+                continue;
+            }
             match *controller {
                 "memory" => {
                     if let Some(m) = limits.memory {
@@ -166,6 +175,15 @@ impl Hierarchy for V1 {
         }
     }
 
+    fn usage(&self, dirs: &[PathBuf]) -> CgroupUsage {
+        let num = |ctrl: &str, file: &str| self.dir(dirs, ctrl).and_then(|d| number(&d, file));
+        CgroupUsage {
+            cpu_ns: num("cpuacct", "cpuacct.usage"),
+            memory_bytes: num("memory", "memory.usage_in_bytes"),
+            pids: num("pids", "pids.current"),
+        }
+    }
+
     fn remove(&self, dirs: &[PathBuf]) -> Result<(), CgroupError> {
         for d in dirs {
             kill_and_remove(d)?;
@@ -174,7 +192,14 @@ impl Hierarchy for V1 {
     }
 
     fn dirs(&self, name: &str) -> Vec<PathBuf> {
-        self.bases.iter().map(|(_, base)| base.join(name)).collect()
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (_, base) in &self.bases {
+            let dir = base.join(name);
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        dirs
     }
 }
 
@@ -236,5 +261,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v1.oom_kills(&dirs), 2);
+    }
+
+    #[test]
+    fn reads_usage_from_each_controller() {
+        let t = tempfile::tempdir().unwrap();
+        // cpuacct mounted on its own, as on this project's CI hosts.
+        let mut v1 = V1::at(t.path());
+        v1.bases
+            .push(("cpuacct", t.path().join("cpuacct").join("juice")));
+        let dirs = v1.create("web-1", &Limits::default()).unwrap();
+        assert_eq!(dirs.len(), 4);
+        assert_eq!(
+            v1.usage(&dirs),
+            CgroupUsage::default(),
+            "nothing to read yet"
+        );
+        let put = |ctrl: &str, file: &str, text: &str| {
+            std::fs::write(t.path().join(ctrl).join("juice/web-1").join(file), text).unwrap()
+        };
+        put("cpuacct", "cpuacct.usage", "2500000000\n");
+        put("memory", "memory.usage_in_bytes", "67502080\n");
+        put("pids", "pids.current", "3\n");
+        assert_eq!(
+            v1.usage(&dirs),
+            CgroupUsage {
+                cpu_ns: Some(2_500_000_000),
+                memory_bytes: Some(67_502_080),
+                pids: Some(3),
+            }
+        );
+    }
+
+    #[test]
+    fn a_controller_mounted_with_another_is_one_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let mut v1 = V1::at(t.path());
+        v1.bases
+            .push(("cpuacct", t.path().join("cpu").join("juice")));
+        let dirs = v1.create("web-1", &Limits::default()).unwrap();
+        assert_eq!(dirs.len(), 3);
+        assert_eq!(v1.dirs("web-1"), dirs);
+        std::fs::write(dirs[0].join("cpuacct.usage"), "7\n").unwrap();
+        assert_eq!(v1.usage(&dirs).cpu_ns, Some(7));
     }
 }

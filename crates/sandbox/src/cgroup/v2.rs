@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    CPU_PERIOD_US, CgroupError, Hierarchy, Limits, io_err, keyed, kill_and_remove, read, write,
+    CPU_PERIOD_US, CgroupError, CgroupUsage, Hierarchy, Limits, io_err, keyed, kill_and_remove,
+    number, read, write,
 };
 
 #[derive(Debug, Clone)]
@@ -118,6 +119,19 @@ impl Hierarchy for V2 {
         }
     }
 
+    /// From the kernel's cgroup-v2 interface files (Documentation/admin-guide/cgroup-v2.rst):
+    /// `cpu.stat` (flat-keyed, `usage_usec` in microseconds), `memory.current`, `pids.current`.
+    fn usage(&self, dirs: &[PathBuf]) -> CgroupUsage {
+        let Some(d) = dirs.first() else {
+            return CgroupUsage::default();
+        };
+        CgroupUsage {
+            cpu_ns: keyed(d, "cpu.stat", "usage_usec").and_then(|us| us.checked_mul(1000)),
+            memory_bytes: number(d, "memory.current"),
+            pids: number(d, "pids.current"),
+        }
+    }
+
     fn remove(&self, dirs: &[PathBuf]) -> Result<(), CgroupError> {
         for d in dirs {
             // cgroup.kill (5.14+) kills the whole subtree at once; older kernels get signals per pid.
@@ -198,5 +212,35 @@ mod tests {
         assert_eq!(v2.oom_kills(&dirs), 1);
         v2.attach(&dirs, 4242).unwrap();
         assert_eq!(read(&dir, "cgroup.procs").unwrap(), "4242");
+    }
+
+    #[test]
+    fn reads_usage_from_the_unified_files() {
+        let t = scratch();
+        let v2 = V2::at(t.path());
+        let dirs = v2.create("db-0", &Limits::default()).unwrap();
+        assert_eq!(
+            v2.usage(&dirs),
+            CgroupUsage::default(),
+            "nothing to read yet"
+        );
+        let dir = t.path().join("juice/db-0");
+        std::fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n\
+             nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("memory.current"), "67502080\n").unwrap();
+        std::fs::write(dir.join("pids.current"), "2\n").unwrap();
+        assert_eq!(
+            v2.usage(&dirs),
+            CgroupUsage {
+                cpu_ns: Some(1_234_567_000),
+                memory_bytes: Some(67_502_080),
+                pids: Some(2),
+            }
+        );
+        assert_eq!(v2.usage(&[]), CgroupUsage::default());
     }
 }
