@@ -221,6 +221,14 @@ fn a_microvm_group_heals_keeps_its_volume_and_moves_between_backends() {
     assert!(err.contains("vm") && err.contains("size = 1"), "{err}");
     assert!(instances(&j).is_empty());
 
+    // With a toolbox in the store, each VM carries it as a disk for debug sessions.
+    j.ok(&[
+        "build",
+        common::workspace()
+            .join("examples/toolbox")
+            .to_str()
+            .unwrap(),
+    ]);
     let site = write_site(&j, port, "microvm", 1);
     j.ok(&["apply", "-f", &site]);
     let first = settled(&j, 1);
@@ -233,6 +241,7 @@ fn a_microvm_group_heals_keeps_its_volume_and_moves_between_backends() {
     );
     assert_eq!(get(port, "/visits").unwrap().trim(), "1");
     assert_eq!(get(port, "/visits").unwrap().trim(), "2");
+    debug_in_the_guest(&j, first["name"].as_str().unwrap());
 
     // Kill QEMU: the group is healed with a new VM, and the volume's data is still there.
     nix::sys::signal::kill(
@@ -302,4 +311,46 @@ fn a_microvm_group_heals_keeps_its_volume_and_moves_between_backends() {
     });
     assert!(!Path::new(&format!("/proc/{}", back["pid"])).exists());
     drop(d);
+}
+
+/// `juice debug` into a microVM: the toolbox runs inside the guest, beside the
+/// appliance, and leaves no process or mount in it.
+fn debug_in_the_guest(j: &Juice, name: &str) {
+    let debug = |args: &[&str]| {
+        let out = j
+            .cmd()
+            .args(["debug", name, "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        let (o, e, c) = common::outcome(&out);
+        (o, e, c.unwrap_or(-1))
+    };
+    let pid1_mounts = || {
+        let (out, err, code) = debug(&["sh", "-c", "wc -l < /proc/1/mounts"]);
+        assert_eq!(code, 0, "{out}{err}");
+        out.trim().to_owned()
+    };
+    let mounts_before = pid1_mounts();
+    let (out, err, code) = debug(&["ps"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("/usr/bin/hello-web"), "{out}");
+    let (out, _, code) = debug(&["cat", "/app/etc/passwd"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("app:x:1000:1000"), "{out}");
+    let (out, err, code) = debug(&["touch", "/app/usr/bin/x"]);
+    assert_ne!(code, 0, "a write to /app succeeded: {out}{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(debug(&["sh", "-c", "exit 4"]).2, 4);
+    // Earlier sessions are gone: only this one's own process, and the appliance's
+    // mounts (PID 1's namespace) are as they were.
+    let (out, _, _) = debug(&["ps"]);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("juice-guest debug"))
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(pid1_mounts(), mounts_before);
 }

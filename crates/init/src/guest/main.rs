@@ -116,6 +116,12 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     *status = Some(open(1, true)?);
     let log: OwnedFd = open(0, true)?.into();
     let control = open(2, false)?;
+    // Opened now: after the root moves, /dev is the appliance's, without the ports.
+    let debug = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ports[3])
+        .step(|| format!("open {}", ports[3].display()))?;
     mark("ports found");
 
     let disks = find_disks(&[GUEST_ROOT_SERIAL, GUEST_CONFIG_SERIAL])?;
@@ -159,7 +165,7 @@ fn run(status: &mut Option<std::fs::File>) -> Result<ExitRecord, Failure> {
     }
     mark("appliance started");
     listen_for_control(control, app);
-    listen_for_debug(ports[3].clone());
+    listen_for_debug(debug);
     Ok(supervise(app))
 }
 
@@ -363,17 +369,10 @@ fn listen_for_control(control: std::fs::File, app: Pid) {
 /// request starts `juice-guest debug` (this program, from memory: the
 /// initramfs is gone) with the port as fd 3 and the request on fd 4, and the
 /// next waits until that session has ended.
-fn listen_for_debug(port: PathBuf) {
+fn listen_for_debug(mut conn: std::fs::File) {
     use juice_init::session::{Kind, read_frame};
     use std::os::unix::process::CommandExt;
     std::thread::spawn(move || {
-        let Ok(mut conn) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&port)
-        else {
-            return;
-        };
         loop {
             let body = match read_frame(&mut conn) {
                 Ok(Some((Kind::Request, body))) => body,
@@ -391,7 +390,7 @@ fn listen_for_debug(port: PathBuf) {
             drop(req_w);
             let (c, r) = (conn.as_raw_fd(), req_r.as_raw_fd());
             let mut command = std::process::Command::new("/proc/self/exe");
-            command.arg("debug");
+            command.arg0("juice-guest").arg("debug");
             // SAFETY: between fork and exec the closure calls only dup2, which is
             // async-signal-safe; both fds stay open in this thread until spawn returns.
             unsafe {
@@ -402,9 +401,12 @@ fn listen_for_debug(port: PathBuf) {
                     Ok(())
                 });
             }
-            if let Ok(mut child) = command.spawn() {
+            match command.spawn() {
                 // PID 1's own loop may reap it first; then this returns at once.
-                let _ = child.wait();
+                Ok(mut child) => {
+                    let _ = child.wait();
+                }
+                Err(e) => eprintln!("juice-guest: cannot start a debug session: {e}"),
             }
             drop(req_r);
         }
