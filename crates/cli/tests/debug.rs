@@ -32,7 +32,7 @@ fn debug_cgroups(instance: &str) -> Vec<String> {
             e.file_type().is_dir()
                 && e.file_name()
                     .to_string_lossy()
-                    .starts_with(&format!("{instance}-debug-"))
+                    .starts_with(&format!("{instance}.debug."))
         })
         .map(|e| e.path().display().to_string())
         .collect()

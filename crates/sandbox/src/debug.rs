@@ -21,12 +21,34 @@ use juice_runtime::{DebugSession, DebugSpec, Handle};
 
 use crate::instance::{Runtime, SandboxError};
 
-/// A session's cgroup is named `<instance>-debug-<daemon pid>-<n>`.
-const DEBUG_MARK: &str = "-debug-";
+/// A session's cgroup is named `<instance>.debug.<daemon pid>.<n>`: instance
+/// names have no dots, so no instance's cgroup can be taken for a session's.
+const DEBUG_MARK: &str = ".debug.";
 
 /// Removes the cgroups of sessions whose daemon has gone (it was killed before
 /// it could remove them; the session itself ended when its connection closed).
 pub(crate) fn sweep(runtime: &Runtime) {
+    sweep_in(runtime, |pid| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    });
+}
+
+/// The session cgroups `names` holds whose daemon `alive` says has gone.
+fn stale_sessions<'a>(
+    names: impl Iterator<Item = &'a str>,
+    alive: impl Fn(i32) -> bool,
+) -> Vec<&'a str> {
+    names
+        .filter(|name| {
+            name.rsplit_once(DEBUG_MARK)
+                .and_then(|(_, tail)| tail.split('.').next())
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|daemon| !alive(daemon))
+        })
+        .collect()
+}
+
+fn sweep_in(runtime: &Runtime, alive: impl Fn(i32) -> bool) {
     let Some(h) = runtime.cgroups() else {
         return;
     };
@@ -42,18 +64,12 @@ pub(crate) fn sweep(runtime: &Runtime) {
     let Ok(entries) = std::fs::read_dir(first) else {
         return;
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((_, tail)) = name.rsplit_once(DEBUG_MARK) else {
-            continue;
-        };
-        let Some(daemon) = tail.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), None).is_ok();
-        if !alive {
-            let _ = h.remove(&h.dirs(&name));
-        }
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in stale_sessions(names.iter().map(String::as_str), alive) {
+        let _ = h.remove(&h.dirs(name));
     }
 }
 
@@ -85,7 +101,7 @@ impl Runtime {
 
         static SESSIONS: AtomicU64 = AtomicU64::new(0);
         let cgroup_name = format!(
-            "{name}{DEBUG_MARK}{}-{}",
+            "{name}{DEBUG_MARK}{}.{}",
             std::process::id(),
             SESSIONS.fetch_add(1, Ordering::Relaxed)
         );
@@ -199,5 +215,27 @@ impl Runtime {
                 remove_cgroup();
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sessions_of_gone_daemons_are_stale_never_an_instance() {
+        let names = [
+            "web-r1-3fa2",
+            // A group may be called anything with dashes: its instances are never sessions.
+            "web-debug-5-r1-0a0a",
+            "web-r1-3fa2.debug.5.0",
+            "web-r1-3fa2.debug.77.1",
+            "web-r1-3fa2.debug.x.1",
+        ];
+        let alive = |pid: i32| pid == 77;
+        assert_eq!(
+            stale_sessions(names.iter().copied(), alive),
+            vec!["web-r1-3fa2.debug.5.0"]
+        );
     }
 }
