@@ -294,19 +294,7 @@ impl Client {
                 .map_err(|e| self.unreachable(&e))?;
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let status = resp.status();
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?
-                    .to_bytes()
-                    .to_vec();
-                let answer = Answer {
-                    status,
-                    offset: None,
-                    body,
-                };
-                answer.success()?;
+                answer(resp).await?.success()?;
                 return Err(ClientError::Protocol(format!(
                     "the daemon answered {status} instead of starting the session"
                 )));
@@ -351,26 +339,31 @@ impl Client {
                 .send_request(req)
                 .await
                 .map_err(|e| unreachable(&e))?;
-            let status = resp.status();
-            let offset = resp
-                .headers()
-                .get(OFFSET_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-                .to_bytes()
-                .to_vec();
-            Ok(Answer {
-                status,
-                offset,
-                body,
-            })
+            answer(resp).await
         })
     }
+}
+
+/// An answer read whole: its status, offset header and body.
+async fn answer(resp: hyper::Response<hyper::body::Incoming>) -> Result<Answer, ClientError> {
+    let status = resp.status();
+    let offset = resp
+        .headers()
+        .get(OFFSET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes()
+        .to_vec();
+    Ok(Answer {
+        status,
+        offset,
+        body,
+    })
 }
 
 /// An HTTP/1 connection over `stream`, driven by a task on the client's runtime.

@@ -161,11 +161,7 @@ pub fn system_clock() -> Clock {
     std::sync::Arc::new(now_ms)
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use juice_runtime::process::now_unix_ms as now_ms;
 
 pub struct State {
     db: Database,

@@ -137,18 +137,9 @@ pub fn prepare_and_exec(
     }
     nix::sys::prctl::set_no_new_privs().step(|| "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
 
-    let argv: Vec<CString> = config
-        .program
-        .argv
-        .iter()
-        .map(|a| cstring(a))
-        .collect::<Result<_, _>>()?;
-    let env: Vec<CString> = config
-        .program
-        .env
-        .iter()
-        .map(|a| cstring(a))
-        .collect::<Result<_, _>>()?;
+    let cstrings = |v: &[String]| v.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>();
+    let argv = cstrings(&config.program.argv)?;
+    let env = cstrings(&config.program.env)?;
     let first = config
         .program
         .argv

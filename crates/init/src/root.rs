@@ -63,9 +63,8 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 }
 
 /// Builds `config.rootfs` into the root and pivots into it.
-pub fn build(config: &InitConfig) -> Result<(), Failure> {
-    let root = &config.rootfs;
-    // Nothing we mount may propagate back to the host.
+/// Makes every mount below `/` private: nothing mounted here propagates out.
+pub fn make_private() -> Result<(), Failure> {
     mount(
         None::<&str>,
         "/",
@@ -77,6 +76,14 @@ pub fn build(config: &InitConfig) -> Result<(), Failure> {
         "make / private (/ must be a mount point: a chroot needs its directory bind-mounted on itself)"
             .into()
     })?;
+    Ok(())
+}
+
+/// Builds `config.rootfs` into the root and pivots into it.
+pub fn build(config: &InitConfig) -> Result<(), Failure> {
+    let root = &config.rootfs;
+    // Nothing we mount may propagate back to the host.
+    make_private()?;
     mount(
         Some(root),
         root,

@@ -75,6 +75,37 @@ pub struct Request {
     pub cols: u16,
 }
 
+impl Request {
+    /// A session running `program` from the toolbox at `rootfs` (empty: the
+    /// guest's own disk), with `binds`; no seccomp filter (strace needs ptrace)
+    /// and no log: its streams are the session's.
+    pub fn toolbox(
+        rootfs: std::path::PathBuf,
+        hostname: &str,
+        program: crate::Program,
+        binds: Vec<crate::Bind>,
+        terminal: Option<(u16, u16)>,
+    ) -> Request {
+        let (rows, cols) = terminal.unwrap_or((0, 0));
+        Request {
+            config: InitConfig {
+                rootfs,
+                hostname: hostname.to_owned(),
+                program,
+                seccomp: Vec::new(),
+                binds,
+                user_namespace: false,
+                cgroup_namespace: false,
+                log_max_bytes: 0,
+                log_keep: 0,
+            },
+            tty: terminal.is_some(),
+            rows,
+            cols,
+        }
+    }
+}
+
 /// Where the appliance's root appears inside the toolbox.
 pub const APP_MOUNT: &str = "/app";
 

@@ -930,23 +930,14 @@ impl Runtime {
         let socket = vm.dir.join("debug.sock");
         let mut conn = std::os::unix::net::UnixStream::connect(&socket)
             .map_err(|e| refuse(format!("cannot reach its debug port: {e}")))?;
-        let request = Request {
-            // The guest mounts the toolbox disk and the appliance's root itself.
-            config: InitConfig {
-                rootfs: PathBuf::new(),
-                hostname: name.to_owned(),
-                program: spec.program.clone(),
-                seccomp: Vec::new(),
-                binds: Vec::new(),
-                user_namespace: false,
-                cgroup_namespace: false,
-                log_max_bytes: 0,
-                log_keep: 0,
-            },
-            tty: spec.tty,
-            rows: spec.rows,
-            cols: spec.cols,
-        };
+        // The guest mounts the toolbox disk and the appliance's root itself.
+        let request = Request::toolbox(
+            PathBuf::new(),
+            name,
+            spec.program.clone(),
+            Vec::new(),
+            spec.tty.then_some((spec.rows, spec.cols)),
+        );
         let json = serde_json::to_vec(&request).map_err(|e| refuse(e.to_string()))?;
         write_frame(&mut conn, Kind::Request, &json)
             .map_err(|e| refuse(format!("cannot send the session request: {e}")))?;

@@ -15,8 +15,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use juice_init::Bind;
 use juice_init::session::{APP_MOUNT, Kind, Request, write_frame};
-use juice_init::{Bind, InitConfig};
 use juice_runtime::{DebugSession, DebugSpec, Handle};
 
 use crate::instance::{Runtime, SandboxError};
@@ -173,26 +173,17 @@ impl Runtime {
             remove_cgroup();
             return Err(e);
         }
-        let request = Request {
-            config: InitConfig {
-                rootfs: spec.toolbox.clone(),
-                hostname: name.to_owned(),
-                program: spec.program.clone(),
-                seccomp: Vec::new(),
-                binds: vec![Bind {
-                    source: instance.state().rootfs.clone(),
-                    target: PathBuf::from(APP_MOUNT),
-                    read_only: true,
-                }],
-                user_namespace: false,
-                cgroup_namespace: false,
-                log_max_bytes: 0,
-                log_keep: 0,
-            },
-            tty: spec.tty,
-            rows: spec.rows,
-            cols: spec.cols,
-        };
+        let request = Request::toolbox(
+            spec.toolbox.clone(),
+            name,
+            spec.program.clone(),
+            vec![Bind {
+                source: instance.state().rootfs.clone(),
+                target: PathBuf::from(APP_MOUNT),
+                read_only: true,
+            }],
+            spec.tty.then_some((spec.rows, spec.cols)),
+        );
         let sent = serde_json::to_vec(&request)
             .map_err(std::io::Error::other)
             .and_then(|json| {

@@ -432,14 +432,7 @@ fn debug_main() -> ! {
             .map_err(|e| Failure(format!("the session request is not valid: {e}")))?;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .step(|| "unshare the mount namespace".into())?;
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .step(|| "make / private".into())?;
+        juice_init::root::make_private()?;
         // The session's own /tmp holds what it mounts: the appliance sees none of it.
         let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         mount(
