@@ -10,15 +10,23 @@ use common::{InstanceSweeper, Juice};
 
 /// The processes on the host whose command line is `juice-init debug`.
 fn debug_processes() -> Vec<String> {
+    debug_pids().into_iter().map(|(_, c)| c).collect()
+}
+
+/// Their pids and command lines.
+fn debug_pids() -> Vec<(String, String)> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| {
+        .filter_map(|e| {
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), c))
+        })
+        .filter(|(_, c)| {
             c.split(|b| *b == 0).nth(1) == Some(b"debug")
                 && c.windows(10).any(|w| w == b"juice-init")
         })
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .map(|(p, c)| (p, String::from_utf8_lossy(&c).replace('\0', " ")))
         .collect()
 }
 
@@ -172,6 +180,28 @@ fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind(
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("/usr/bin/hello-web"));
+
+    // The session's own process (which relays) built the toolbox root and left the
+    // host's mounts before it joined the instance: it is in a mount namespace of its
+    // own, and in the host's pid namespace, out of the appliance's sight. So its
+    // program is never visible to the appliance while it could reach the host.
+    let mut long = common::ChildGuard::spawn(
+        j.cmd()
+            .args(["debug", &name, "--", "sleep", "2"])
+            .stdout(std::process::Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let relay = loop {
+        if let Some((pid, _)) = debug_pids().into_iter().next() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no session process appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    assert_ne!(ns(&relay, "mnt"), ns("self", "mnt"));
+    assert_eq!(ns(&relay, "pid"), ns("self", "pid"));
+    assert_eq!(long.0.wait().unwrap().code(), Some(0));
 
     // On a terminal: an interactive shell whose size follows the window and
     // where Ctrl-C interrupts the program in front, not the session.

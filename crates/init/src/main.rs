@@ -76,9 +76,9 @@ fn main() {
 /// `juice-init debug`: a debug session beside a running instance. fd 3 is the
 /// session's connection (see `juice_init::session`), fd 4 a pidfd of the
 /// instance's init. The session joins the instance's pid, network, ipc and uts
-/// namespaces; its program gets a mount namespace of its own, with the toolbox
-/// as its root and the appliance's root read-only at `/app`. The runtime has
-/// already placed this process in the session's cgroup.
+/// namespaces; it and its program get a mount namespace of their own, with the
+/// toolbox as its root and the appliance's root read-only at `/app`. The
+/// runtime has already placed this process in the session's cgroup.
 fn debug_main() -> ! {
     // SAFETY: close_range closes what the runtime did not mean to pass (above fd 4).
     unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0) };
@@ -105,24 +105,27 @@ fn debug_main() -> ! {
         }
         _ => fail(&mut stream, "the session did not begin with a request"),
     };
-    let flags = nix::sched::CloneFlags::CLONE_NEWPID
-        | nix::sched::CloneFlags::CLONE_NEWNET
-        | nix::sched::CloneFlags::CLONE_NEWIPC
-        | nix::sched::CloneFlags::CLONE_NEWUTS;
-    if let Err(e) = nix::sched::setns(&pidfd, flags) {
-        fail(
-            &mut stream,
-            &format!("join the instance's namespaces: {}", e.desc()),
-        );
-    }
-    drop(pidfd);
     let conn = OwnedFd::from(stream);
-    let outcome = juice_init::session::serve(conn, &request, Path::new("/dev/ptmx"), |config| {
-        // The program's own mount namespace: what it mounts never reaches the host.
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-            .step(|| "unshare the mount namespace".into())?;
-        juice_init::root::build(config)
-    });
+    let outcome = juice_init::session::serve(
+        conn,
+        &request,
+        Path::new("/dev/ptmx"),
+        |config| {
+            // Not ptrace-able by uid alone, and the root is built (the host's
+            // detached) before anything joins the instance's namespaces: what the
+            // appliance can see of the session never reaches the host's mounts.
+            nix::sys::prctl::set_dumpable(false).step(|| "prctl(PR_SET_DUMPABLE)".into())?;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .step(|| "unshare the mount namespace".into())?;
+            juice_init::root::build_without_proc(config)?;
+            let flags = nix::sched::CloneFlags::CLONE_NEWPID
+                | nix::sched::CloneFlags::CLONE_NEWNET
+                | nix::sched::CloneFlags::CLONE_NEWIPC
+                | nix::sched::CloneFlags::CLONE_NEWUTS;
+            nix::sched::setns(&pidfd, flags).step(|| "join the instance's namespaces".into())
+        },
+        |_| juice_init::root::finish_in_pid_namespace(),
+    );
     std::process::exit(if outcome.is_ok() { 0 } else { 125 })
 }
 

@@ -62,7 +62,6 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
     mount(Some(fstype), target, Some(fstype), flags, Some(data)).step(|| format!("mount {fstype}"))
 }
 
-/// Builds `config.rootfs` into the root and pivots into it.
 /// Makes every mount below `/` private: nothing mounted here propagates out.
 pub fn make_private() -> Result<(), Failure> {
     mount(
@@ -81,6 +80,25 @@ pub fn make_private() -> Result<(), Failure> {
 
 /// Builds `config.rootfs` into the root and pivots into it.
 pub fn build(config: &InitConfig) -> Result<(), Failure> {
+    build_with(config, true)
+}
+
+/// As [`build`], but without /proc: for a debug session, whose program mounts
+/// it once it is in the instance's pid namespace ([`finish_in_pid_namespace`]).
+/// The session builds its root first, so that the program is never visible to
+/// the appliance while it can still reach the host's mounts.
+pub fn build_without_proc(config: &InitConfig) -> Result<(), Failure> {
+    build_with(config, false)
+}
+
+/// The rest of [`build_without_proc`], in the pid namespace /proc is to show.
+pub fn finish_in_pid_namespace() -> Result<(), Failure> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_fs("proc", Path::new("/proc"), nosuid | MsFlags::MS_NOEXEC, "")?;
+    crate::view::mask_kernel_interfaces()
+}
+
+fn build_with(config: &InitConfig, with_proc: bool) -> Result<(), Failure> {
     let root = &config.rootfs;
     // Nothing we mount may propagate back to the host.
     make_private()?;
@@ -97,7 +115,9 @@ pub fn build(config: &InitConfig) -> Result<(), Failure> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
 
     let proc_ = open_in_root(root_fd, Path::new("proc"))?;
-    mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
+    if with_proc {
+        mount_fs("proc", &fd_path(&proc_), nosuid | MsFlags::MS_NOEXEC, "")?;
+    }
     let dev = open_in_root(root_fd, Path::new("dev"))?;
     crate::view::populate_dev(&fd_path(&dev), Path::new("/dev"), || {
         // The new tmpfs is now what `root/dev` resolves to.
@@ -160,5 +180,9 @@ pub fn build(config: &InitConfig) -> Result<(), Failure> {
     pivot_root(".", ".").step(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).step(|| "detach the host root".into())?;
     chdir("/").step(|| "chdir /".into())?;
-    crate::view::mask_kernel_interfaces()
+    if with_proc {
+        crate::view::mask_kernel_interfaces()
+    } else {
+        Ok(())
+    }
 }

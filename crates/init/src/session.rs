@@ -240,9 +240,11 @@ pub fn open_pty(ptmx: &std::path::Path) -> Result<(OwnedFd, OwnedFd), Failure> {
     Ok((master, unsafe { OwnedFd::from_raw_fd(peer) }))
 }
 
-/// Serves one session on `conn` (the request already read): forks the toolbox
-/// program, which first calls `enter` to build its root (and mounts /proc where
-/// it now lives), and relays until it ends. `ptmx` is where terminals come from.
+/// Serves one session on `conn` (the request already read): opens its terminal
+/// or pipes (terminals from `ptmx`), runs `prepare` (the session's root, its
+/// namespaces), forks the toolbox program, which runs `enter` (what must be
+/// done in the namespaces it was forked into) before it becomes the program,
+/// and relays until it ends.
 /// Returns when the program has ended and its output is drained, or the other
 /// end has gone (then the program's process group is killed).
 /// A failure is told to the other end as an [`Kind::Error`] frame too.
@@ -250,10 +252,11 @@ pub fn serve(
     conn: OwnedFd,
     request: &Request,
     ptmx: &std::path::Path,
+    prepare: impl FnOnce(&InitConfig) -> Result<(), Failure>,
     enter: impl FnOnce(&InitConfig) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let mut report = std::fs::File::from(conn.try_clone().step(|| "dup the connection".into())?);
-    serve_on(conn, request, ptmx, enter).inspect_err(|Failure(why)| {
+    serve_on(conn, request, ptmx, prepare, enter).inspect_err(|Failure(why)| {
         let _ = write_frame(&mut report, Kind::Error, why.as_bytes());
     })
 }
@@ -262,6 +265,7 @@ fn serve_on(
     conn: OwnedFd,
     request: &Request,
     ptmx: &std::path::Path,
+    prepare: impl FnOnce(&InitConfig) -> Result<(), Failure>,
     enter: impl FnOnce(&InitConfig) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let ends = if request.tty {
@@ -278,6 +282,7 @@ fn serve_on(
             theirs: [in_r, out_w, err_w],
         }
     };
+    prepare(&request.config)?;
     let (fail_r, fail_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
     // SAFETY: the session process is single-threaded (a fresh exec, or juice-guest's

@@ -481,9 +481,13 @@ fn debug_main() -> ! {
             read_only: true,
         }];
         // serve tells the other end of its own failures: an empty reason here.
-        serve(conn, &request, Path::new("/tmp/pts/ptmx"), |c| {
-            juice_init::root::build(c)
-        })
+        serve(
+            conn,
+            &request,
+            Path::new("/tmp/pts/ptmx"),
+            juice_init::root::build_without_proc,
+            |_| juice_init::root::finish_in_pid_namespace(),
+        )
         .map_err(|_| Failure(String::new()))
     })();
     if let Err(Failure(why)) = &outcome
