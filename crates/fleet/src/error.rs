@@ -1,17 +1,15 @@
 //! What can go wrong in the fleet crate, each with the thing that failed.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// A fleet error. The messages are one sentence each and name what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No endpoint answered in time (down, wrong address, or a partition).
-    #[error("etcd at {endpoints} did not answer within {}s: is it running, and are the endpoints right?", .timeout.as_secs())]
-    Unreachable {
-        endpoints: String,
-        timeout: Duration,
-    },
+    /// No endpoint answered (down, wrong address, or a partition): `cause` says how.
+    #[error(
+        "etcd at {endpoints} is unreachable ({cause}): is it running, and are the endpoints right?"
+    )]
+    Unreachable { endpoints: String, cause: String },
     /// etcd answered, with an error.
     #[error("etcd at {endpoints} refused {what}: {source}")]
     Etcd {

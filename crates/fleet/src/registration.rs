@@ -110,7 +110,9 @@ impl Registration {
             match store.call("the lease's renewal", answers.message()).await {
                 Ok(Some(answer)) if answer.ttl() > 0 => {}
                 Ok(Some(_)) => return Error::LeaseExpired { lease },
-                Ok(None) => return store.unreachable(),
+                Ok(None) => {
+                    return store.unreachable("etcd closed the lease's renewal stream".into());
+                }
                 Err(e) => return e,
             }
         }

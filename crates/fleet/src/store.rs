@@ -60,14 +60,16 @@ impl Store {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(self.error(what, source)),
-            Err(_) => Err(self.unreachable()),
+            Err(_) => {
+                Err(self.unreachable(format!("no answer within {} ms", self.timeout.as_millis())))
+            }
         }
     }
 
-    pub(crate) fn unreachable(&self) -> Error {
+    pub(crate) fn unreachable(&self, cause: String) -> Error {
         Error::Unreachable {
             endpoints: self.endpoints.to_string(),
-            timeout: self.timeout,
+            cause,
         }
     }
 
@@ -83,7 +85,12 @@ impl Store {
             _ => false,
         };
         if gone {
-            self.unreachable()
+            // The innermost cause says it best ("Connection refused (os error 111)").
+            let mut cause: &dyn std::error::Error = &source;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            self.unreachable(cause.to_string())
         } else {
             Error::Etcd {
                 endpoints: self.endpoints.to_string(),
