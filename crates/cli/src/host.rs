@@ -282,9 +282,11 @@ fn signalled(set: &nix::sys::signal::SigSet, timeout: Duration) -> bool {
 type Remote = Option<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>;
 
 /// Starts the agent: reconciler and API, in threads of this process.
+/// With `fleet`, the host's registration runs on the same runtime, beside the API.
 fn start_agent(
     home: &Path,
     remote: Remote,
+    fleet: Option<juice_fleet::Registration>,
 ) -> Result<(
     Arc<Agent>,
     std::sync::mpsc::Sender<()>,
@@ -311,6 +313,10 @@ fn start_agent(
             let shutdown = async move {
                 let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
             };
+            // Ends with the runtime; the lease then lapses by itself.
+            if let Some(registration) = fleet {
+                tokio::spawn(crate::fleet::keep_registered(registration));
+            }
             if let Err(e) = juice_agent::serve(served, remote, shutdown).await {
                 eprintln!("juice: the API stopped: {e}");
             }
@@ -356,11 +362,16 @@ pub fn doctor(format: Format) -> Result<i32> {
 
 /// `juice daemon`: runs until SIGINT/SIGTERM; instances keep running after it.
 /// With `listen`, the API is also served over TCP to mutual-TLS clients only.
-pub fn daemon(listen: Option<std::net::SocketAddr>, tls: Option<PathBuf>) -> Result {
+pub fn daemon(
+    listen: Option<std::net::SocketAddr>,
+    tls: Option<PathBuf>,
+    fleet: &crate::fleet::JoinArgs,
+) -> Result {
     let home = crate::juice_home();
     // Before anything is made: a host that lacks a prerequisite gets one sentence, not a
     // daemon that says it serves and then fails every start.
     doctor::preflight(&doctor::Host::current(&home), false)?;
+    let registration = crate::fleet::registration(&home, fleet)?;
     let signals = block_signals()?;
     let remote = match listen {
         Some(addr) => {
@@ -375,7 +386,7 @@ pub fn daemon(listen: Option<std::net::SocketAddr>, tls: Option<PathBuf>) -> Res
         }
         None => None,
     };
-    let (agent, stop, server) = start_agent(&home, remote)?;
+    let (agent, stop, server) = start_agent(&home, remote, registration)?;
     eprintln!(
         "{}",
         serde_json::json!({"level": "info", "msg": "juice daemon started", "socket": juice_agent::socket(&home), "pid": std::process::id()})
@@ -421,7 +432,7 @@ pub fn up(file: &Path) -> Result {
         .any(|g| g.isolation == juice_agent::site::Isolation::Microvm);
     doctor::preflight(&doctor::Host::current(&home), microvm)?;
     let signals = block_signals()?;
-    let (agent, stop, server) = start_agent(&home, None)?;
+    let (agent, stop, server) = start_agent(&home, None, None)?;
     let changes = agent.apply(&site, true)?;
     print_changes(&changes, Format::Table, true)?;
     println!("juice up: serving {}; Ctrl-C stops it", file.display());

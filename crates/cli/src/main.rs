@@ -5,6 +5,7 @@
 mod debug;
 mod dist;
 mod docs;
+mod fleet;
 mod host;
 mod images;
 mod output;
@@ -113,6 +114,8 @@ enum Command {
         /// Certificates for --listen (default: $JUICE_HOME/tls, made by `juice certs`).
         #[arg(long, value_name = "DIR")]
         tls: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: fleet::JoinArgs,
     },
     /// Check the host's prerequisites: what each backend needs, what is missing, which package brings it.
     Doctor,
@@ -176,6 +179,11 @@ enum Command {
     Top,
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
+    /// The fleet in etcd: the hosts registered now.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::FleetCommand,
+    },
     /// Print the completion script for a shell (e.g. `juice completions bash > /etc/bash_completion.d/juice`).
     Completions {
         #[arg(value_enum)]
@@ -230,7 +238,7 @@ fn main() -> ExitCode {
         }
         Command::Import(args) => dist::import_cmd(&args, format).map(|()| 0),
         Command::Export { image, file } => dist::export(&image, &file).map(|()| 0),
-        Command::Daemon { listen, tls } => host::daemon(listen, tls).map(|()| 0),
+        Command::Daemon { listen, tls, fleet } => host::daemon(listen, tls, &fleet).map(|()| 0),
         Command::Doctor => host::doctor(format),
         Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
         Command::Up { file } => host::up(&file).map(|()| 0),
@@ -247,6 +255,7 @@ fn main() -> ExitCode {
         Command::Delete { group } => host::delete(&group).map(|()| 0),
         Command::Top => top::top(format).map(|()| 0),
         Command::Run(args) => run::run(args),
+        Command::Fleet { command } => fleet::run(command, format).map(|()| 0),
         Command::Completions { shell } => docs::completions(Cli::command(), shell)
             .map(|()| 0)
             .map_err(Into::into),
@@ -358,6 +367,50 @@ mod tests {
             parse(&["top"]).map(|c| c.command),
             Ok(Command::Top)
         ));
+    }
+
+    #[test]
+    fn fleet_flags_are_typed_and_labels_need_a_fleet() {
+        match parse(&[
+            "daemon",
+            "--fleet",
+            "http://a:2379,http://b:2379",
+            "--label",
+            "zone=eu-1",
+        ])
+        .map(|c| c.command)
+        {
+            Ok(Command::Daemon { fleet, .. }) => {
+                let endpoints = fleet.endpoints.expect("--fleet was given");
+                assert_eq!(endpoints.urls(), ["http://a:2379", "http://b:2379"]);
+                assert_eq!(fleet.labels[0].key, "zone");
+                assert_eq!(fleet.lease_secs, 10);
+            }
+            _ => panic!("`juice daemon --fleet ... --label ...` should parse"),
+        }
+        let e = parse(&["daemon", "--label", "zone=eu-1"])
+            .err()
+            .expect("a label without --fleet is refused");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        let e = parse(&["daemon", "--fleet", "http://a:2379", "--label", "zone"])
+            .err()
+            .expect("a label that is not key=value is refused");
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        assert!(
+            e.to_string().contains("label `zone`: a label is key=value"),
+            "{e}"
+        );
+        for word in ["hosts", "host"] {
+            assert!(matches!(
+                parse(&["fleet", "get", word]).map(|c| c.command),
+                Ok(Command::Fleet {
+                    command: fleet::FleetCommand::Get {
+                        what: fleet::FleetGetKind::Hosts,
+                        endpoints: None
+                    }
+                })
+            ));
+        }
     }
 
     #[test]

@@ -353,3 +353,121 @@ pub fn daemon_with_env(j: &Juice, env: &[(&str, &str)]) -> ChildGuard {
 pub fn daemon(j: &Juice) -> ChildGuard {
     daemon_with_env(j, &[])
 }
+
+/// `juice daemon ARGS` for `j` with extra environment, once its socket answers, its
+/// stderr (the JSON log) in `log`; stopped (by PID) when the guard drops.
+pub fn daemon_with(j: &Juice, args: &[&str], env: &[(&str, &str)], log: &Path) -> ChildGuard {
+    let log = std::fs::File::create(log).expect("the daemon's log file");
+    let guard = ChildGuard::spawn(
+        j.cmd()
+            .arg("daemon")
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the daemon's socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    guard
+}
+
+/// A one-member etcd (Debian's etcd-server) on loopback, on free ports, its data in
+/// `data`; killed by its PID when dropped, so a failing test leaves no etcd behind.
+/// Start another on the same data and ports with [`Etcd::restart`].
+pub struct Etcd {
+    child: ChildGuard,
+    pub data: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Etcd {
+    /// A new etcd with its data in `data` (made if missing).
+    pub fn start(data: &Path) -> Etcd {
+        Etcd::start_on(data, free_port(), free_port())
+    }
+
+    fn start_on(data: &Path, client_port: u16, peer_port: u16) -> Etcd {
+        require("etcd");
+        std::fs::create_dir_all(data).unwrap();
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new("etcd")
+                .args(["--name", "juice-test", "--data-dir"])
+                .arg(data)
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("juice-test={peer}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        );
+        let etcd = Etcd {
+            child,
+            data: data.to_owned(),
+            client_port,
+            peer_port,
+        };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    /// The client endpoint, for `--fleet` and `--endpoints`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Waits until `etcdctl endpoint health` says yes (10 s at most).
+    fn wait_healthy(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ok = Command::new("etcdctl")
+                .args(["--endpoints", &self.endpoint(), "--command-timeout=1s"])
+                .args(["endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd on {} did not become healthy (log: {})",
+                self.endpoint(),
+                self.data.with_extension("log").display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Kills this etcd (by PID) and waits for it to be gone.
+    pub fn kill(self) -> (PathBuf, u16, u16) {
+        let Etcd {
+            mut child,
+            data,
+            client_port,
+            peer_port,
+        } = self;
+        let _ = child.0.kill();
+        let _ = child.0.wait();
+        (data, client_port, peer_port)
+    }
+
+    /// A new etcd on the data and ports of one that was killed.
+    pub fn restart((data, client_port, peer_port): (PathBuf, u16, u16)) -> Etcd {
+        Etcd::start_on(&data, client_port, peer_port)
+    }
+}

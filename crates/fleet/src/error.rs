@@ -1,0 +1,48 @@
+//! What can go wrong in the fleet crate, each with the thing that failed.
+
+use std::path::PathBuf;
+
+/// A fleet error. The messages are one sentence each and name what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No endpoint answered (down, wrong address, or a partition): `cause` says how.
+    #[error(
+        "etcd at {endpoints} is unreachable ({cause}): is it running, and are the endpoints right?"
+    )]
+    Unreachable { endpoints: String, cause: String },
+    /// etcd answered, with an error.
+    #[error("etcd at {endpoints} refused {what}: {source}")]
+    Etcd {
+        endpoints: String,
+        what: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// An endpoint list that cannot be used.
+    #[error("fleet endpoint `{endpoint}`: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    /// A label given to a host that is not `key=value` with allowed characters.
+    #[error("label `{label}`: {reason}")]
+    Label { label: String, reason: &'static str },
+    /// A host id that is not what [`crate::HostId`] allows.
+    #[error("host id `{id}`: {reason}")]
+    HostId { id: String, reason: &'static str },
+    /// A record read from etcd that is not a valid one.
+    #[error("fleet record {key}: {reason}")]
+    Record { key: String, reason: String },
+    /// etcd no longer knows the host's lease: it heard nothing for the lease's time to live.
+    #[error("the host's lease {lease:x} expired before it was renewed")]
+    LeaseExpired { lease: i64 },
+    /// A lease time to live out of range.
+    #[error("a fleet lease of {secs} s is out of range: it must be 2 to 600 s")]
+    LeaseTtl { secs: u64 },
+    /// A local file (the host id) could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,35 @@
+//! The Juice fleet: hosts that register themselves in etcd, and the queries over them.
+//!
+//! Every record lives under `/juice/v1/` ([`record`]). A host started with
+//! `juice daemon --fleet ENDPOINTS` writes `hosts/<host-id>`, its capabilities (CPUs,
+//! memory, labels, the isolation backends it can run, versions), under a lease it
+//! keeps alive ([`Registration`]): a host that dies disappears by itself when its lease
+//! runs out, and a host that loses etcd goes on running what it has and registers
+//! again when etcd is back. [`Store`] reads the records, with a deadline on every call.
+//!
+//! The controller, placements, health reports and rollouts of the fleet design
+//! (docs/fleet.md) build on these records; they are not here yet.
+//!
+//! ```no_run
+//! # async fn list() -> Result<(), juice_fleet::Error> {
+//! use std::time::Duration;
+//! let endpoints: juice_fleet::Endpoints = "http://127.0.0.1:2379".parse()?;
+//! let store = juice_fleet::Store::connect(&endpoints, Duration::from_secs(3)).await?;
+//! for host in store.hosts().await?.hosts {
+//!     println!("{} {} cpus, labels {}", host.hostname, host.cpus, host.labels);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod endpoints;
+pub mod error;
+pub mod facts;
+pub mod record;
+pub mod registration;
+pub mod store;
+
+pub use endpoints::Endpoints;
+pub use error::{Error, Result};
+pub use record::{Backend, HostId, HostRecord, Label, Labels};
+pub use registration::{Registration, Status};
+pub use store::{Listing, Store};
