@@ -53,17 +53,7 @@ fn mounts() -> usize {
         .count()
 }
 
-/// `juice debug NAME ARGS`: (stdout, stderr, exit code).
-fn debug(j: &Juice, name: &str, args: &[&str]) -> (String, String, i32) {
-    let out = j
-        .cmd()
-        .args(["debug", name, "--"])
-        .args(args)
-        .output()
-        .unwrap();
-    let (o, e, c) = common::outcome(&out);
-    (o, e, c.unwrap_or(-1))
-}
+use common::debug;
 
 #[test]
 fn a_debug_session_sees_the_appliance_changes_nothing_and_leaves_nothing_behind() {

@@ -323,16 +323,7 @@ fn a_microvm_group_heals_keeps_its_volume_and_moves_between_backends() {
 /// `juice debug` into a microVM: the toolbox runs inside the guest, beside the
 /// appliance, and leaves no process or mount in it.
 fn debug_in_the_guest(j: &Juice, name: &str) {
-    let debug = |args: &[&str]| {
-        let out = j
-            .cmd()
-            .args(["debug", name, "--"])
-            .args(args)
-            .output()
-            .unwrap();
-        let (o, e, c) = common::outcome(&out);
-        (o, e, c.unwrap_or(-1))
-    };
+    let debug = |args: &[&str]| common::debug(j, name, args);
     let pid1_mounts = || {
         let (out, err, code) = debug(&["sh", "-c", "wc -l < /proc/1/mounts"]);
         assert_eq!(code, 0, "{out}{err}");

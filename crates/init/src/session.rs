@@ -256,94 +256,87 @@ pub fn serve(
     enter: impl FnOnce(&InitConfig) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let mut report = std::fs::File::from(conn.try_clone().step(|| "dup the connection".into())?);
-    serve_on(conn, request, ptmx, prepare, enter).inspect_err(|Failure(why)| {
+    let outcome = (move || -> Result<(), Failure> {
+        let ends = if request.tty {
+            let (master, slave) = open_pty(ptmx)?;
+            set_size(&master, request.rows, request.cols);
+            Ends::Tty { master, slave }
+        } else {
+            let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into());
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            Ends::Pipes {
+                ours: [in_w, out_r, err_r],
+                theirs: [in_r, out_w, err_w],
+            }
+        };
+        prepare(&request.config)?;
+        let (fail_r, fail_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
+        // SAFETY: the session process is single-threaded (a fresh exec, or juice-guest's
+        // forked session leader), so the child may allocate.
+        let child = match unsafe { fork() }.step(|| "fork the toolbox".into())? {
+            ForkResult::Child => {
+                drop(fail_r);
+                let streams = match &ends {
+                    Ends::Tty { slave, .. } => Streams::Given {
+                        stdin: slave,
+                        stdout: slave,
+                        stderr: slave,
+                        tty: true,
+                    },
+                    Ends::Pipes { theirs, .. } => Streams::Given {
+                        stdin: &theirs[0],
+                        stdout: &theirs[1],
+                        stderr: &theirs[2],
+                        tty: false,
+                    },
+                };
+                let Failure(why) = match enter(&request.config)
+                    .and_then(|()| prepare_and_exec(&request.config, streams))
+                {
+                    Ok(never) => match never {},
+                    Err(f) => f,
+                };
+                let _ = nix::unistd::write(&fail_w, why.as_bytes());
+                // SAFETY: _exit in the forked child skips the parent's destructors.
+                unsafe { libc::_exit(127) }
+            }
+            ForkResult::Parent { child } => child,
+        };
+        drop(fail_w);
+        let side = match ends {
+            Ends::Tty { master, slave } => {
+                drop(slave);
+                Side {
+                    input: Some(master),
+                    outputs: Vec::new(),
+                    tty: true,
+                }
+            }
+            Ends::Pipes { ours, theirs } => {
+                drop(theirs);
+                let [stdin, stdout, stderr] = ours;
+                Side {
+                    input: Some(stdin),
+                    outputs: vec![(stdout, Kind::Stdout), (stderr, Kind::Stderr)],
+                    tty: false,
+                }
+            }
+        };
+        let mut conn = std::fs::File::from(conn);
+        let mut why = Vec::new();
+        let _ = std::fs::File::from(fail_r).read_to_end(&mut why);
+        if !why.is_empty() {
+            let _ = waitpid(child, None);
+            return Err(Failure(String::from_utf8_lossy(&why).into_owned()));
+        }
+        relay(&mut conn, child, side)
+    })();
+    outcome.inspect_err(|Failure(why)| {
         let _ = write_frame(&mut report, Kind::Error, why.as_bytes());
     })
-}
-
-fn serve_on(
-    conn: OwnedFd,
-    request: &Request,
-    ptmx: &std::path::Path,
-    prepare: impl FnOnce(&InitConfig) -> Result<(), Failure>,
-    enter: impl FnOnce(&InitConfig) -> Result<(), Failure>,
-) -> Result<(), Failure> {
-    let ends = if request.tty {
-        let (master, slave) = open_pty(ptmx)?;
-        set_size(&master, request.rows, request.cols);
-        Ends::Tty { master, slave }
-    } else {
-        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into());
-        let (in_r, in_w) = pipe()?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        Ends::Pipes {
-            ours: [in_w, out_r, err_r],
-            theirs: [in_r, out_w, err_w],
-        }
-    };
-    prepare(&request.config)?;
-    let (fail_r, fail_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "pipe".into())?;
-    // SAFETY: the session process is single-threaded (a fresh exec, or juice-guest's
-    // forked session leader), so the child may allocate.
-    let child = match unsafe { fork() }.step(|| "fork the toolbox".into())? {
-        ForkResult::Child => {
-            drop(fail_r);
-            let streams = match &ends {
-                Ends::Tty { slave, .. } => Streams::Given {
-                    stdin: slave,
-                    stdout: slave,
-                    stderr: slave,
-                    tty: true,
-                },
-                Ends::Pipes { theirs, .. } => Streams::Given {
-                    stdin: &theirs[0],
-                    stdout: &theirs[1],
-                    stderr: &theirs[2],
-                    tty: false,
-                },
-            };
-            let Failure(why) = match enter(&request.config)
-                .and_then(|()| prepare_and_exec(&request.config, streams))
-            {
-                Ok(never) => match never {},
-                Err(f) => f,
-            };
-            let _ = nix::unistd::write(&fail_w, why.as_bytes());
-            // SAFETY: _exit in the forked child skips the parent's destructors.
-            unsafe { libc::_exit(127) }
-        }
-        ForkResult::Parent { child } => child,
-    };
-    drop(fail_w);
-    let side = match ends {
-        Ends::Tty { master, slave } => {
-            drop(slave);
-            Side {
-                input: Some(master),
-                outputs: Vec::new(),
-                tty: true,
-            }
-        }
-        Ends::Pipes { ours, theirs } => {
-            drop(theirs);
-            let [stdin, stdout, stderr] = ours;
-            Side {
-                input: Some(stdin),
-                outputs: vec![(stdout, Kind::Stdout), (stderr, Kind::Stderr)],
-                tty: false,
-            }
-        }
-    };
-    let mut conn = std::fs::File::from(conn);
-    let mut why = Vec::new();
-    let _ = std::fs::File::from(fail_r).read_to_end(&mut why);
-    if !why.is_empty() {
-        let _ = waitpid(child, None);
-        return Err(Failure(String::from_utf8_lossy(&why).into_owned()));
-    }
-    relay(&mut conn, child, side)
 }
 
 /// Copies between the connection and the program until it ends.

@@ -338,7 +338,11 @@ pub fn daemon_with_env(j: &Juice, env: &[(&str, &str)]) -> ChildGuard {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("juice daemon starts");
-    let guard = ChildGuard(child);
+    answering(j, ChildGuard(child))
+}
+
+/// `daemon` once its socket answers.
+fn answering(j: &Juice, daemon: ChildGuard) -> ChildGuard {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_err() {
         assert!(
@@ -347,7 +351,20 @@ pub fn daemon_with_env(j: &Juice, env: &[(&str, &str)]) -> ChildGuard {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    guard
+    daemon
+}
+
+/// `juice debug NAME -- ARGS`: (stdout, stderr, exit code).
+#[allow(dead_code)]
+pub fn debug(j: &Juice, name: &str, args: &[&str]) -> (String, String, i32) {
+    let out = j
+        .cmd()
+        .args(["debug", name, "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    let (o, e, c) = outcome(&out);
+    (o, e, c.unwrap_or(-1))
 }
 
 pub fn daemon(j: &Juice) -> ChildGuard {
@@ -366,15 +383,7 @@ pub fn daemon_with(j: &Juice, args: &[&str], env: &[(&str, &str)], log: &Path) -
             .stdout(std::process::Stdio::null())
             .stderr(log),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(j.home.path().join("juice.sock")).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for the daemon's socket"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    guard
+    answering(j, guard)
 }
 
 /// A one-member etcd (Debian's etcd-server) on loopback, on free ports, its data in
