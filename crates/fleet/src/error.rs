@@ -36,6 +36,17 @@ pub enum Error {
     /// A lease time to live out of range.
     #[error("a fleet lease of {secs} s is out of range: it must be 2 to 600 s")]
     LeaseTtl { secs: u64 },
+    /// A `fleet.toml` that does not parse or breaks a rule (file, line and field).
+    #[error(transparent)]
+    Spec(#[from] juice_image::manifest::ManifestError),
+    /// A spec that cannot be placed on the hosts there are.
+    #[error("the fleet cannot be placed: {0}")]
+    Plan(#[from] crate::plan::PlanError),
+    /// A write fenced on a leadership that is no longer held: another controller leads now.
+    #[error(
+        "this controller no longer leads the fleet (its leadership of revision {revision} is gone); the write was refused"
+    )]
+    Deposed { revision: i64 },
     /// A local file (the host id) could not be read or written.
     #[error("{}: {source}", .path.display())]
     File {

@@ -7,7 +7,6 @@
 //! runs out, and a host that loses etcd goes on running what it has and registers
 //! again when etcd is back. [`Store`] reads the records, with a deadline on every call.
 //!
-//! The controller, placements, health reports and rollouts of the fleet design
 //! (docs/fleet.md) build on these records; they are not here yet.
 //!
 //! ```no_run
@@ -24,12 +23,16 @@
 pub mod endpoints;
 pub mod error;
 pub mod facts;
+pub mod plan;
 pub mod record;
 pub mod registration;
+pub mod spec;
 pub mod store;
 
 pub use endpoints::Endpoints;
 pub use error::{Error, Result};
+pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
 pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};
+pub use spec::{FleetSpec, GroupName, GroupSpec};
 pub use store::{Listing, Store};
