@@ -7,7 +7,11 @@
 //! runs out, and a host that loses etcd goes on running what it has and registers
 //! again when etcd is back. [`Store`] reads the records, with a deadline on every call.
 //!
-//! (docs/fleet.md) build on these records; they are not here yet.
+//! The fleet's declared state is a `fleet.toml` ([`spec`]); [`plan()`] places its groups on
+//! the registered hosts, purely and deterministically; a [`Controller`] elected through
+//! etcd among the daemons started with `--fleet-controller` is the only writer of the
+//! hosts' assignments, every write fenced on its leadership ([`controller`]). Hosts acting
+//! on their assignments, health reports and rollouts (docs/fleet.md) are not here yet.
 //!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
@@ -20,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod controller;
 pub mod endpoints;
 pub mod error;
 pub mod facts;
@@ -29,6 +34,7 @@ pub mod registration;
 pub mod spec;
 pub mod store;
 
+pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
 pub use error::{Error, Result};
 pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
