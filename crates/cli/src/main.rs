@@ -179,7 +179,7 @@ enum Command {
     Top,
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
-    /// The fleet in etcd: the hosts registered now.
+    /// The fleet in etcd: its hosts and controller, and its groups' placement from a fleet file.
     Fleet {
         #[command(subcommand)]
         command: fleet::FleetCommand,
