@@ -282,14 +282,28 @@ impl Controller {
     pub async fn run(self, mut report: impl FnMut(Event) + Send) {
         let retry = Duration::from_millis(500);
         loop {
-            let error = self.session(&mut report).await;
+            let mut held = None;
+            let error = self.session(&mut report, &mut held).await;
+            // Give the lease back at once (when etcd answers), so a leadership this
+            // candidate gave up does not block the next election until the lease runs out.
+            if let Some((store, lease)) = held {
+                let mut client = store.client();
+                let _ = store
+                    .call("the lease's revocation", client.lease_revoke(lease))
+                    .await;
+            }
             report(Event::Lost { error, retry });
             tokio::time::sleep(retry).await;
         }
     }
 
     /// One lease: campaigns every tick until elected, then leads until something fails.
-    async fn session(&self, report: &mut impl FnMut(Event)) -> Error {
+    /// `held` is the lease while it exists, for [`Controller::run`] to revoke.
+    async fn session(
+        &self,
+        report: &mut impl FnMut(Event),
+        held: &mut Option<(Store, i64)>,
+    ) -> Error {
         let store = match Store::connect(&self.endpoints, self.beat()).await {
             Ok(s) => s,
             Err(e) => return e,
@@ -300,6 +314,7 @@ impl Controller {
             Ok(l) => l.id(),
             Err(e) => return e,
         };
+        *held = Some((store.clone(), lease));
         let (mut keeper, mut answers) = match store
             .call("the lease's renewal", client.lease_keep_alive(lease))
             .await

@@ -30,8 +30,9 @@ pub enum Error {
     /// A record read from etcd that is not a valid one.
     #[error("fleet record {key}: {reason}")]
     Record { key: String, reason: String },
-    /// etcd no longer knows the host's lease: it heard nothing for the lease's time to live.
-    #[error("the host's lease {lease:x} expired before it was renewed")]
+    /// etcd no longer knows a lease (the host's, or a controller's): it heard nothing for
+    /// the lease's time to live, or the lease was revoked.
+    #[error("the lease {lease:x} expired before it was renewed")]
     LeaseExpired { lease: i64 },
     /// A lease time to live out of range.
     #[error("a fleet lease of {secs} s is out of range: it must be 2 to 600 s")]
