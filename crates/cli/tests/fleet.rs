@@ -542,3 +542,64 @@ fn a_bad_or_impossible_fleet_file_is_an_error_naming_the_field_and_nothing_is_st
     });
     assert_eq!(stored, 0, "a refused spec was stored");
 }
+
+/// The controller's next event, within the lease + 2 s.
+async fn next(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<juice_fleet::controller::Event>,
+) -> Result<Option<juice_fleet::controller::Event>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(LEASE_SECS + 2), events.recv()).await
+}
+
+#[test]
+fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let controller = juice_fleet::Controller {
+            endpoints: endpoints.clone(),
+            host: "host-a".parse().unwrap(),
+            ttl: Duration::from_secs(LEASE_SECS),
+        };
+        let task = tokio::spawn(controller.run(move |e| {
+            let _ = tx.send(e);
+        }));
+        let Ok(Some(juice_fleet::controller::Event::Elected { revision: first })) =
+            next(&mut events).await
+        else {
+            panic!("the only candidate was not elected");
+        };
+        let store = juice_fleet::Store::connect(&endpoints, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let lease = store.leader().await.unwrap().unwrap().lease;
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        c.lease_revoke(lease).await.unwrap();
+        let revoked = Instant::now();
+        match next(&mut events).await {
+            Ok(Some(juice_fleet::controller::Event::Lost { error, .. })) => {
+                eprintln!(
+                    "the controller saw its loss in {:?}: {error}",
+                    revoked.elapsed()
+                );
+            }
+            other => panic!("expected the loss to be reported, got {other:?}"),
+        }
+        match next(&mut events).await {
+            Ok(Some(juice_fleet::controller::Event::Elected { revision })) => {
+                assert!(revision > first);
+                eprintln!("elected again {:?} after the revocation", revoked.elapsed());
+            }
+            other => panic!("expected a new election, got {other:?}"),
+        }
+        task.abort();
+    });
+}
