@@ -541,7 +541,71 @@ mod tests {
             })
     }
 
+    /// A group small enough that all of them fit on any one host of [`roomy_host`].
+    fn small_group() -> impl Strategy<Value = String> {
+        (1u32..=10, 1u32..=200, 1u64..=256, any::<bool>()).prop_map(|(count, mcpu, mem_mib, spread)| {
+            let mut g = format!(
+                "image = \"x:1\"\ncount = {count}\nresources = {{ cpus = {}, memory = \"{mem_mib}MiB\" }}\n",
+                f64::from(mcpu) / 1000.0
+            );
+            if spread {
+                g += "spread = \"zone\"\n";
+            }
+            g
+        })
+    }
+
+    fn roomy_host() -> impl Strategy<Value = HostCapacity> {
+        (8u64..=16, 16u64..=32, 0usize..3).prop_map(|(cpus, mem, zone)| HostCapacity {
+            id: "h".parse().unwrap(),
+            labels: Labels::new([format!("zone={}", ["a", "b", "c"][zone])
+                .parse::<Label>()
+                .unwrap()])
+            .unwrap(),
+            backends: SB.to_vec(),
+            millicpus: cpus * 1000,
+            memory_bytes: mem * GIB,
+            reserved: Allocation::default(),
+        })
+    }
+
     proptest! {
+        /// When every host has room for everything, every instance is placed, and a group
+        /// spread over zones has as many instances in each zone as in any other, give or take one.
+        #[test]
+        fn places_a_spec_that_fits_whole_and_balances_its_spread(
+            mut hosts in prop::collection::vec(roomy_host(), 1..12),
+            groups in prop::collection::vec(small_group(), 1..5),
+        ) {
+            for (i, h) in hosts.iter_mut().enumerate() {
+                h.id = format!("h{i:02}").parse().unwrap();
+            }
+            let text: String = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!("[group.g{i}]\n{g}"))
+                .collect();
+            let fleet = spec(&text);
+            let p = plan(&hosts, &fleet).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (name, g) in &fleet.group {
+                prop_assert_eq!(p.instances(name), u64::from(g.count.unwrap_or(0)));
+                if g.spread.is_none() {
+                    continue;
+                }
+                let mut per_zone: BTreeMap<&str, u64> = hosts
+                    .iter()
+                    .filter_map(|h| h.labels.get("zone"))
+                    .map(|z| (z, 0))
+                    .collect();
+                for h in &hosts {
+                    let n = p.hosts.get(&h.id).and_then(|a| a.get(name)).map_or(0, |a| u64::from(a.size));
+                    *per_zone.entry(h.labels.get("zone").unwrap_or("")).or_default() += n;
+                }
+                let (lo, hi) = (per_zone.values().min(), per_zone.values().max());
+                prop_assert!(hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 1), "group {} per zone: {:?}", name, per_zone);
+            }
+        }
+
         #[test]
         fn never_over_allocates_and_honours_counts_when_they_fit(
             mut hosts in prop::collection::vec(arb_host(), 1..12),
