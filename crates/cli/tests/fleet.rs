@@ -417,18 +417,26 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
     // dead host's assignments are deleted.
     until(jl, &etcd, limit, |h| h.len() == 1);
     std::fs::write(file, FLEET.replace("count = 2", "count = 1")).unwrap();
-    jl.ok(&[
+    let out = jl.ok(&[
         "fleet",
         "apply",
         "-f",
         file,
+        "-o",
+        "json",
         "--endpoints",
         &etcd.endpoint(),
     ]);
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        applied["revision"].as_i64() > leader["revision"].as_i64(),
+        "{applied}"
+    );
     let only = [(survivor.clone(), 1)].into_iter().collect();
-    until_get(jl, &etcd, "assignments", Duration::from_secs(5), |a| {
+    let (_, assigned) = until_get(jl, &etcd, "assignments", Duration::from_secs(5), |a| {
         sizes(a, "web") == only && sizes(a, "agent") == only
     });
+    assert_eq!(assigned["hosts"], applied["plan"]["hosts"]);
 }
 
 #[test]
