@@ -414,6 +414,39 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_role_needs_a_fleet_and_plan_and_apply_need_a_file() {
+        match parse(&["daemon", "--fleet", "http://a:2379", "--fleet-controller"])
+            .map(|c| c.command)
+        {
+            Ok(Command::Daemon { fleet, .. }) => assert!(fleet.controller),
+            _ => panic!("`juice daemon --fleet ... --fleet-controller` should parse"),
+        }
+        let e = parse(&["daemon", "--fleet-controller"])
+            .err()
+            .expect("--fleet-controller without --fleet is refused");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        for verb in ["plan", "apply"] {
+            let e = parse(&["fleet", verb])
+                .err()
+                .expect("plan and apply need -f");
+            assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+            assert!(parse(&["fleet", verb, "-f", "fleet.toml"]).is_ok());
+        }
+        for (word, kind) in [
+            ("controller", fleet::FleetGetKind::Controller),
+            ("assignments", fleet::FleetGetKind::Assignments),
+            ("assignment", fleet::FleetGetKind::Assignments),
+        ] {
+            assert!(matches!(
+                parse(&["fleet", "get", word]).map(|c| c.command),
+                Ok(Command::Fleet {
+                    command: fleet::FleetCommand::Get { what, .. }
+                }) if what == kind
+            ));
+        }
+    }
+
+    #[test]
     fn output_formats_and_shells_are_closed_sets_too() {
         let e = refused(&["images", "-o", "yaml"]);
         assert!(e.contains("[possible values: table, json]"), "{e}");
