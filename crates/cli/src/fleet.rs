@@ -1,12 +1,17 @@
-//! The fleet commands: `juice daemon --fleet` (this host's registration, started beside
-//! the agent) and `juice fleet get hosts`. The records and their rules are in
+//! The fleet commands: `juice daemon --fleet` (this host's registration, and with
+//! `--fleet-controller` its candidacy as the fleet's controller, started beside the agent),
+//! `juice fleet get hosts|controller` and `juice fleet plan|apply -f fleet.toml`. The records and their rules are in
 //! `juice-fleet`; this module reads the host's facts and flags and prints the answers.
 
 use std::path::Path;
 use std::time::Duration;
 
 use juice_agent::doctor;
-use juice_fleet::{Backend, Endpoints, HostRecord, Label, Labels, Registration, Status};
+use juice_fleet::controller::Event;
+use juice_fleet::{
+    Backend, Controller, Endpoints, FleetSpec, HostRecord, Label, Labels, Plan, Registration,
+    Status,
+};
 
 use crate::output::{self, Format};
 
@@ -27,11 +32,21 @@ pub struct JoinArgs {
     /// The time to live of this host's lease: it disappears from the fleet this long after it dies.
     #[arg(long = "fleet-lease", value_name = "SECONDS", default_value_t = juice_fleet::registration::DEFAULT_TTL.as_secs(), requires = "endpoints")]
     pub lease_secs: u64,
+    /// Stand as the fleet's controller: one of the daemons started so is elected, and it
+    /// alone places the fleet's groups on hosts.
+    #[arg(long = "fleet-controller", requires = "endpoints")]
+    pub controller: bool,
+}
+
+/// What a daemon does in the fleet: its registration, and maybe its candidacy as controller.
+pub struct Member {
+    pub registration: Registration,
+    pub controller: Option<Controller>,
 }
 
 /// This host's registration, when `--fleet` was given: the record is read and checked
 /// now, so a bad label or lease is refused before the daemon starts anything.
-pub fn registration(home: &Path, args: &JoinArgs) -> Result<Option<Registration>> {
+pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     let Some(endpoints) = args.endpoints.clone() else {
         return Ok(None);
     };
@@ -61,7 +76,43 @@ pub fn registration(home: &Path, args: &JoinArgs) -> Result<Option<Registration>
         kernel: facts.kernel,
         started_ms,
     };
-    Ok(Some(Registration::new(endpoints, record, args.lease_secs)?))
+    let registration = Registration::new(endpoints.clone(), record, args.lease_secs)?;
+    let controller = args.controller.then(|| Controller {
+        endpoints,
+        host: registration.record.id.clone(),
+        ttl: registration.ttl(),
+    });
+    Ok(Some(Member {
+        registration,
+        controller,
+    }))
+}
+
+/// Runs `controller` for as long as the runtime it is spawned on, logging each change as
+/// a JSON line.
+pub async fn keep_controlling(controller: Controller) {
+    let host = controller.host.clone();
+    controller
+        .run(move |event| {
+            let line = match event {
+                Event::Elected { revision } => serde_json::json!({
+                    "level": "info", "msg": "elected fleet controller", "host": host, "revision": revision,
+                }),
+                Event::Placed { revision, writes } => serde_json::json!({
+                    "level": "info", "msg": "fleet spec placed", "spec_revision": revision, "writes": writes,
+                }),
+                Event::Unplaceable { revision, error } => serde_json::json!({
+                    "level": "error", "msg": "fleet spec cannot be placed; assignments unchanged",
+                    "spec_revision": revision, "error": error.to_string(),
+                }),
+                Event::Lost { error, retry } => serde_json::json!({
+                    "level": "warn", "msg": "not leading the fleet; campaigning again", "host": host,
+                    "error": error.to_string(), "retry_ms": u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+                }),
+            };
+            eprintln!("{line}");
+        })
+        .await;
 }
 
 /// Runs `registration` for as long as the runtime it is spawned on, logging each change
@@ -89,10 +140,28 @@ pub async fn keep_registered(registration: Registration) {
 /// `juice fleet` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum FleetCommand {
-    /// List what the fleet knows: the hosts registered now.
+    /// List what the fleet knows: the hosts registered now, or the controller leading it.
     Get {
         #[arg(value_enum)]
         what: FleetGetKind,
+        /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
+        #[arg(long, value_name = "ENDPOINTS")]
+        endpoints: Option<Endpoints>,
+    },
+    /// Show where the groups of a fleet file would run on the hosts registered now; changes nothing.
+    Plan {
+        /// The fleet file.
+        #[arg(short = 'f', long = "file", value_name = "FLEET.TOML")]
+        file: std::path::PathBuf,
+        /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
+        #[arg(long, value_name = "ENDPOINTS")]
+        endpoints: Option<Endpoints>,
+    },
+    /// Store a fleet file as the fleet's declared state; the controller places it.
+    Apply {
+        /// The fleet file.
+        #[arg(short = 'f', long = "file", value_name = "FLEET.TOML")]
+        file: std::path::PathBuf,
         /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
@@ -104,15 +173,120 @@ pub enum FleetCommand {
 pub enum FleetGetKind {
     #[value(alias = "host")]
     Hosts,
+    /// The elected controller.
+    Controller,
+    /// The assignments the controller wrote, by host and group.
+    #[value(alias = "assignment")]
+    Assignments,
 }
 
 pub fn run(command: FleetCommand, format: Format) -> Result {
     match command {
         FleetCommand::Get { what, endpoints } => {
-            let FleetGetKind::Hosts = what;
-            get_hosts(&endpoints_or_env(endpoints)?, format)
+            let endpoints = endpoints_or_env(endpoints)?;
+            match what {
+                FleetGetKind::Hosts => get_hosts(&endpoints, format),
+                FleetGetKind::Controller => get_controller(&endpoints, format),
+                FleetGetKind::Assignments => get_assignments(&endpoints, format),
+            }
+        }
+        FleetCommand::Plan { file, endpoints } => {
+            let spec = FleetSpec::load(&file)?;
+            let endpoints = endpoints_or_env(endpoints)?;
+            let plan = block_on(async {
+                let store = juice_fleet::Store::connect(&endpoints, QUERY_TIMEOUT).await?;
+                Ok::<_, juice_fleet::Error>(store.plan(&spec).await??)
+            })??;
+            print_plan(&plan, format)
+        }
+        FleetCommand::Apply { file, endpoints } => {
+            let spec = FleetSpec::load(&file)?;
+            let endpoints = endpoints_or_env(endpoints)?;
+            let (plan, revision) = block_on(async {
+                let store = juice_fleet::Store::connect(&endpoints, QUERY_TIMEOUT).await?;
+                // A spec that cannot be placed now is refused before it is stored.
+                let plan = store.plan(&spec).await??;
+                let revision = store.apply_spec(&spec).await?;
+                Ok::<_, juice_fleet::Error>((plan, revision))
+            })??;
+            if format == Format::Json {
+                return output::json(&serde_json::json!({ "revision": revision, "plan": plan }));
+            }
+            println!(
+                "fleet spec stored at revision {revision}; the controller places it as planned:"
+            );
+            print_plan(&plan, format)
         }
     }
+}
+
+fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(f))
+}
+
+fn print_plan(plan: &Plan, format: Format) -> Result {
+    if format == Format::Json {
+        return output::json(plan);
+    }
+    let mut t = output::table([
+        "HOST",
+        "GROUP",
+        "SIZE",
+        "REVISION",
+        "IMAGE",
+        "ISOLATION",
+        "CPUS",
+        "MEMORY",
+        "PORTS",
+    ]);
+    for (host, groups) in &plan.hosts {
+        for (group, a) in groups {
+            let ports: Vec<String> = a.ports.iter().map(ToString::to_string).collect();
+            t.add_row([
+                host.to_string(),
+                group.to_string(),
+                a.size.to_string(),
+                a.revision.clone(),
+                a.image.clone(),
+                a.isolation.to_string(),
+                format!("{}", a.millicpus as f64 / 1000.0),
+                output::size(a.memory_bytes),
+                if ports.is_empty() {
+                    "-".into()
+                } else {
+                    ports.join(",")
+                },
+            ]);
+        }
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn get_controller(endpoints: &Endpoints, format: Format) -> Result {
+    let leader = block_on(async {
+        let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
+        store.leader().await
+    })??;
+    if format == Format::Json {
+        return output::json(&leader);
+    }
+    match leader {
+        Some(l) => println!("{} (elected at revision {})", l.host, l.revision),
+        None => println!("no controller leads the fleet"),
+    }
+    Ok(())
+}
+
+fn get_assignments(endpoints: &Endpoints, format: Format) -> Result {
+    let plan = block_on(async {
+        let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
+        store.assignments().await
+    })??;
+    print_plan(&plan, format)
 }
 
 /// `--endpoints`, else `$JUICE_FLEET`.

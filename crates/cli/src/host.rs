@@ -286,7 +286,7 @@ type Remote = Option<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>;
 fn start_agent(
     home: &Path,
     remote: Remote,
-    fleet: Option<juice_fleet::Registration>,
+    fleet: Option<crate::fleet::Member>,
 ) -> Result<(
     Arc<Agent>,
     std::sync::mpsc::Sender<()>,
@@ -314,8 +314,11 @@ fn start_agent(
                 let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
             };
             // Ends with the runtime; the lease then lapses by itself.
-            if let Some(registration) = fleet {
-                tokio::spawn(crate::fleet::keep_registered(registration));
+            if let Some(member) = fleet {
+                tokio::spawn(crate::fleet::keep_registered(member.registration));
+                if let Some(controller) = member.controller {
+                    tokio::spawn(crate::fleet::keep_controlling(controller));
+                }
             }
             if let Err(e) = juice_agent::serve(served, remote, shutdown).await {
                 eprintln!("juice: the API stopped: {e}");
@@ -371,7 +374,7 @@ pub fn daemon(
     // Before anything is made: a host that lacks a prerequisite gets one sentence, not a
     // daemon that says it serves and then fails every start.
     doctor::preflight(&doctor::Host::current(&home), false)?;
-    let registration = crate::fleet::registration(&home, fleet)?;
+    let member = crate::fleet::member(&home, fleet)?;
     let signals = block_signals()?;
     let remote = match listen {
         Some(addr) => {
@@ -386,7 +389,7 @@ pub fn daemon(
         }
         None => None,
     };
-    let (agent, stop, server) = start_agent(&home, remote, registration)?;
+    let (agent, stop, server) = start_agent(&home, remote, member)?;
     eprintln!(
         "{}",
         serde_json::json!({"level": "info", "msg": "juice daemon started", "socket": juice_agent::socket(&home), "pid": std::process::id()})

@@ -179,7 +179,7 @@ enum Command {
     Top,
     /// Run one instance of an image in the foreground, outside any group.
     Run(run::RunArgs),
-    /// The fleet in etcd: the hosts registered now.
+    /// The fleet in etcd: its hosts and controller, and its groups' placement from a fleet file.
     Fleet {
         #[command(subcommand)]
         command: fleet::FleetCommand,
@@ -409,6 +409,39 @@ mod tests {
                         endpoints: None
                     }
                 })
+            ));
+        }
+    }
+
+    #[test]
+    fn the_controller_role_needs_a_fleet_and_plan_and_apply_need_a_file() {
+        match parse(&["daemon", "--fleet", "http://a:2379", "--fleet-controller"])
+            .map(|c| c.command)
+        {
+            Ok(Command::Daemon { fleet, .. }) => assert!(fleet.controller),
+            _ => panic!("`juice daemon --fleet ... --fleet-controller` should parse"),
+        }
+        let e = parse(&["daemon", "--fleet-controller"])
+            .err()
+            .expect("--fleet-controller without --fleet is refused");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        for verb in ["plan", "apply"] {
+            let e = parse(&["fleet", verb])
+                .err()
+                .expect("plan and apply need -f");
+            assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+            assert!(parse(&["fleet", verb, "-f", "fleet.toml"]).is_ok());
+        }
+        for (word, kind) in [
+            ("controller", fleet::FleetGetKind::Controller),
+            ("assignments", fleet::FleetGetKind::Assignments),
+            ("assignment", fleet::FleetGetKind::Assignments),
+        ] {
+            assert!(matches!(
+                parse(&["fleet", "get", word]).map(|c| c.command),
+                Ok(Command::Fleet {
+                    command: fleet::FleetCommand::Get { what, .. }
+                }) if what == kind
             ));
         }
     }

@@ -248,3 +248,366 @@ fn a_daemon_keeps_running_without_etcd_and_registers_again_when_it_is_back() {
         "{log}"
     );
 }
+
+/// A daemon for `j` in the fleet of `etcd` that also stands as the fleet's controller.
+fn controller_daemon(j: &Juice, etcd: &Etcd, labels: &[&str]) -> ChildGuard {
+    let (endpoint, lease) = (etcd.endpoint(), LEASE_SECS.to_string());
+    let mut args = vec![
+        "--fleet",
+        &endpoint,
+        "--fleet-lease",
+        &lease,
+        "--fleet-controller",
+    ];
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    common::daemon_with(j, &args, &[], &j.home.path().join("daemon.log"))
+}
+
+/// `juice fleet get WHAT -o json` against `etcd`.
+fn get(j: &Juice, etcd: &Etcd, what: &str) -> serde_json::Value {
+    let out = j.ok(&[
+        "fleet",
+        "get",
+        what,
+        "-o",
+        "json",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// Polls `juice fleet get WHAT` until `done`, for at most `limit`; how long it took and the answer.
+fn until_get(
+    j: &Juice,
+    etcd: &Etcd,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (Duration, serde_json::Value) {
+    let start = Instant::now();
+    loop {
+        let now = get(j, etcd, what);
+        if done(&now) {
+            return (start.elapsed(), now);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not so after {limit:?}: {what} is {now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Instances of `group` per host in a plan printed as JSON.
+fn sizes(plan: &serde_json::Value, group: &str) -> std::collections::BTreeMap<String, u64> {
+    plan["hosts"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(h, groups)| groups[group]["size"].as_u64().map(|n| (h.clone(), n)))
+        .collect()
+}
+
+const FLEET: &str = r#"
+[group.web]
+image = "hello-web:1.2.0"
+count = 2
+spread = "zone"
+publish = ["8080:8080"]
+resources = { cpus = 0.1, memory = "16MiB" }
+
+[group.agent]
+image = "node-agent:3"
+per_host = true
+resources = { cpus = 0.1, memory = "16MiB" }
+"#;
+
+#[test]
+fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_over_when_it_is_sigkilled()
+ {
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let (j1, j2) = (Juice::new(), Juice::new());
+    let _sweepers = (
+        InstanceSweeper(j1.home.path().to_owned()),
+        InstanceSweeper(j2.home.path().to_owned()),
+    );
+    let mut d1 = Some(controller_daemon(&j1, &etcd, &["zone=a"]));
+    let mut d2 = Some(controller_daemon(&j2, &etcd, &["zone=b"]));
+    let (id1, id2) = (host_id(&j1), host_id(&j2));
+    until(&j1, &etcd, Duration::from_secs(5), |h| h.len() == 2);
+    let (_, leader) = until_get(&j1, &etcd, "controller", Duration::from_secs(5), |l| {
+        l["host"].is_string()
+    });
+    let first = leader["host"].as_str().unwrap().to_owned();
+    assert!(first == id1 || first == id2, "{leader}");
+
+    // plan shows the placement and changes nothing.
+    let file = scratch.path().join("fleet.toml");
+    std::fs::write(&file, FLEET).unwrap();
+    let file = file.to_str().unwrap();
+    let out = j1.ok(&[
+        "fleet",
+        "plan",
+        "-f",
+        file,
+        "-o",
+        "json",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let both = [(id1.clone(), 1), (id2.clone(), 1)].into_iter().collect();
+    assert_eq!(
+        sizes(&plan, "web"),
+        both,
+        "web is spread over the zones: {plan}"
+    );
+    assert_eq!(sizes(&plan, "agent"), both, "one agent per host: {plan}");
+    let table = j1.ok(&["fleet", "plan", "-f", file, "--endpoints", &etcd.endpoint()]);
+    assert!(
+        table.starts_with("HOST") && table.contains("8080:8080"),
+        "{table}"
+    );
+    assert_eq!(
+        get(&j1, &etcd, "assignments"),
+        serde_json::json!({"hosts": {}})
+    );
+
+    // apply stores the spec; the leader writes what plan showed.
+    let out = j1.ok(&[
+        "fleet",
+        "apply",
+        "-f",
+        file,
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert!(out.starts_with("fleet spec stored at revision "), "{out}");
+    let (took, assigned) = until_get(&j1, &etcd, "assignments", Duration::from_secs(5), |a| {
+        sizes(a, "web").len() == 2
+    });
+    eprintln!("the leader placed the applied spec {took:?} after apply returned");
+    assert_eq!(assigned["hosts"], plan["hosts"]);
+
+    // The leader dies; the other is elected within the lease, and places the next spec.
+    let (leader_guard, survivor, jl) = if first == id1 {
+        (&mut d1, id2.clone(), &j2)
+    } else {
+        (&mut d2, id1.clone(), &j1)
+    };
+    let mut dead = leader_guard.take().unwrap();
+    dead.0.kill().unwrap();
+    dead.0.wait().unwrap();
+    let limit = Duration::from_secs(LEASE_SECS + 2);
+    let (took, leader) = until_get(jl, &etcd, "controller", limit, |l| {
+        l["host"] == survivor.as_str()
+    });
+    eprintln!(
+        "the standby led {took:?} after the leader's SIGKILL (lease {LEASE_SECS} s, limit {limit:?})"
+    );
+    assert!(leader["revision"].as_i64() > Some(0), "{leader}");
+    let log = std::fs::read_to_string(jl.home.path().join("daemon.log")).unwrap();
+    assert!(log.contains("elected fleet controller"), "{log}");
+
+    // Once the dead host's record is gone, a new spec lands only on the survivor, and the
+    // dead host's assignments are deleted.
+    until(jl, &etcd, limit, |h| h.len() == 1);
+    std::fs::write(file, FLEET.replace("count = 2", "count = 1")).unwrap();
+    let out = jl.ok(&[
+        "fleet",
+        "apply",
+        "-f",
+        file,
+        "-o",
+        "json",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        applied["revision"].as_i64() > leader["revision"].as_i64(),
+        "{applied}"
+    );
+    let only = [(survivor.clone(), 1)].into_iter().collect();
+    let (_, assigned) = until_get(jl, &etcd, "assignments", Duration::from_secs(5), |a| {
+        sizes(a, "web") == only && sizes(a, "agent") == only
+    });
+    assert_eq!(assigned["hosts"], applied["plan"]["hosts"]);
+}
+
+#[test]
+fn a_write_fenced_on_a_stale_leadership_is_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = juice_fleet::Store::connect(&endpoints, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let mut etcd_client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let (a, b): (juice_fleet::HostId, juice_fleet::HostId) =
+            ("host-a".parse().unwrap(), "host-b".parse().unwrap());
+        let lease_a = etcd_client.lease_grant(60, None).await.unwrap().id();
+        let lease_b = etcd_client.lease_grant(60, None).await.unwrap().id();
+
+        let old = store.campaign(&a, lease_a).await.unwrap().expect("a leads");
+        assert_eq!(
+            store.campaign(&b, lease_b).await.unwrap(),
+            None,
+            "one leader at a time"
+        );
+        assert_eq!(
+            store.campaign(&a, lease_a).await.unwrap(),
+            Some(old),
+            "a still leads"
+        );
+        let put = |k: &str| vec![etcd_client::TxnOp::put(k, "x", None)];
+        store
+            .fenced(old, put("/juice/v1/assign/h/one"))
+            .await
+            .unwrap();
+
+        // a's lease ends (as when it is paused past its time to live); b is elected.
+        etcd_client.lease_revoke(lease_a).await.unwrap();
+        let new = store.campaign(&b, lease_b).await.unwrap().expect("b leads");
+        assert!(new.revision > old.revision);
+        let e = store
+            .fenced(old, put("/juice/v1/assign/h/two"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, juice_fleet::Error::Deposed { .. }), "{e}");
+        assert!(e.to_string().contains("no longer leads the fleet"), "{e}");
+        let two = etcd_client
+            .get("/juice/v1/assign/h/two", None)
+            .await
+            .unwrap();
+        assert!(
+            two.kvs().is_empty(),
+            "the deposed leader's write was applied"
+        );
+        store
+            .fenced(new, put("/juice/v1/assign/h/two"))
+            .await
+            .unwrap();
+        let leader = store.leader().await.unwrap().unwrap();
+        assert_eq!((leader.host, leader.lease), (b, lease_b));
+    });
+}
+
+#[test]
+fn a_bad_or_impossible_fleet_file_is_an_error_naming_the_field_and_nothing_is_stored() {
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let j = Juice::new();
+    let _sweeper = InstanceSweeper(j.home.path().to_owned());
+    let _daemon = fleet_daemon(&j, &etcd, &["zone=a"]);
+    until(&j, &etcd, Duration::from_secs(5), |h| h.len() == 1);
+    let file = scratch.path().join("fleet.toml");
+    let path = file.to_str().unwrap();
+    let endpoint = etcd.endpoint();
+
+    std::fs::write(&file, FLEET.replace("count = 2", "cont = 2")).unwrap();
+    let e = j.fails(&["fleet", "plan", "-f", path, "--endpoints", &endpoint]);
+    assert!(
+        e.contains("fleet.toml:4:1: field `group.web.cont`") && e.contains("did you mean `count`"),
+        "{e}"
+    );
+    std::fs::write(
+        &file,
+        FLEET.replace("spread = \"zone\"", "constraints = { zone = \"z\" }"),
+    )
+    .unwrap();
+    for verb in ["plan", "apply"] {
+        let e = j.fails(&["fleet", verb, "-f", path, "--endpoints", &endpoint]);
+        assert!(e.contains("group web: field `constraints`: no host"), "{e}");
+    }
+    // Two web instances with a published port need two hosts; there is one.
+    std::fs::write(&file, FLEET).unwrap();
+    let e = j.fails(&["fleet", "apply", "-f", path, "--endpoints", &endpoint]);
+    assert!(
+        e.contains("group web: field `publish`: 2 instances asked for, 1 fit"),
+        "{e}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stored = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([endpoint.as_str()], None)
+            .await
+            .unwrap();
+        c.get("/juice/v1/spec", None).await.unwrap().kvs().len()
+    });
+    assert_eq!(stored, 0, "a refused spec was stored");
+}
+
+/// The controller's next event, within the lease + 2 s.
+async fn next(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<juice_fleet::controller::Event>,
+) -> Result<Option<juice_fleet::controller::Event>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(LEASE_SECS + 2), events.recv()).await
+}
+
+#[test]
+fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let controller = juice_fleet::Controller {
+            endpoints: endpoints.clone(),
+            host: "host-a".parse().unwrap(),
+            ttl: Duration::from_secs(LEASE_SECS),
+        };
+        let task = tokio::spawn(controller.run(move |e| {
+            let _ = tx.send(e);
+        }));
+        let Ok(Some(juice_fleet::controller::Event::Elected { revision: first })) =
+            next(&mut events).await
+        else {
+            panic!("the only candidate was not elected");
+        };
+        let store = juice_fleet::Store::connect(&endpoints, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let lease = store.leader().await.unwrap().unwrap().lease;
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        c.lease_revoke(lease).await.unwrap();
+        let revoked = Instant::now();
+        match next(&mut events).await {
+            Ok(Some(juice_fleet::controller::Event::Lost { error, .. })) => {
+                eprintln!(
+                    "the controller saw its loss in {:?}: {error}",
+                    revoked.elapsed()
+                );
+            }
+            other => panic!("expected the loss to be reported, got {other:?}"),
+        }
+        match next(&mut events).await {
+            Ok(Some(juice_fleet::controller::Event::Elected { revision })) => {
+                assert!(revision > first);
+                eprintln!("elected again {:?} after the revocation", revoked.elapsed());
+            }
+            other => panic!("expected a new election, got {other:?}"),
+        }
+        task.abort();
+    });
+}

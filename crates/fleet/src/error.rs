@@ -30,12 +30,24 @@ pub enum Error {
     /// A record read from etcd that is not a valid one.
     #[error("fleet record {key}: {reason}")]
     Record { key: String, reason: String },
-    /// etcd no longer knows the host's lease: it heard nothing for the lease's time to live.
-    #[error("the host's lease {lease:x} expired before it was renewed")]
+    /// etcd no longer knows a lease (the host's, or a controller's): it heard nothing for
+    /// the lease's time to live, or the lease was revoked.
+    #[error("the lease {lease:x} expired before it was renewed")]
     LeaseExpired { lease: i64 },
     /// A lease time to live out of range.
     #[error("a fleet lease of {secs} s is out of range: it must be 2 to 600 s")]
     LeaseTtl { secs: u64 },
+    /// A `fleet.toml` that does not parse or breaks a rule (file, line and field).
+    #[error(transparent)]
+    Spec(#[from] juice_image::manifest::ManifestError),
+    /// A spec that cannot be placed on the hosts there are.
+    #[error("the fleet cannot be placed: {0}")]
+    Plan(#[from] crate::plan::PlanError),
+    /// A write fenced on a leadership that is no longer held: another controller leads now.
+    #[error(
+        "this controller no longer leads the fleet (its leadership of revision {revision} is gone); the write was refused"
+    )]
+    Deposed { revision: i64 },
     /// A local file (the host id) could not be read or written.
     #[error("{}: {source}", .path.display())]
     File {

@@ -7,8 +7,11 @@
 //! runs out, and a host that loses etcd goes on running what it has and registers
 //! again when etcd is back. [`Store`] reads the records, with a deadline on every call.
 //!
-//! The controller, placements, health reports and rollouts of the fleet design
-//! (docs/fleet.md) build on these records; they are not here yet.
+//! The fleet's declared state is a `fleet.toml` ([`spec`]); [`plan()`] places its groups on
+//! the registered hosts, purely and deterministically; a [`Controller`] elected through
+//! etcd among the daemons started with `--fleet-controller` is the only writer of the
+//! hosts' assignments, every write fenced on its leadership ([`controller`]). Hosts acting
+//! on their assignments, health reports and rollouts (docs/fleet.md) are not here yet.
 //!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
@@ -21,15 +24,21 @@
 //! # Ok(()) }
 //! ```
 
+pub mod controller;
 pub mod endpoints;
 pub mod error;
 pub mod facts;
+pub mod plan;
 pub mod record;
 pub mod registration;
+pub mod spec;
 pub mod store;
 
+pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
 pub use error::{Error, Result};
+pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
 pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};
+pub use spec::{FleetSpec, GroupName, GroupSpec};
 pub use store::{Listing, Store};

@@ -1,0 +1,397 @@
+//! The fleet controller: one leader among the daemons started with `--fleet-controller`,
+//! elected through etcd, and the only writer of `assign/<host>/<group>`.
+//!
+//! **Election**: a candidate grants itself a lease and, in one transaction, creates
+//! `controller/leader` under it if the key does not exist. The key's `create_revision`
+//! names this leadership: a later leader's key is a new key with a larger one.
+//! **Fencing**: every write of the leader is a transaction that first compares the key's
+//! `create_revision` with its own, so a leader that was deposed (its lease expired while
+//! it was paused or cut off, and another took over) has its writes refused, never applied.
+//! **Work**: the leader reads `spec`, plans it on the registered hosts ([`crate::plan`])
+//! whenever the spec's revision changes (and once when it is elected), and writes only the
+//! assignments that differ, deleting the ones no longer planned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use crate::endpoints::Endpoints;
+use crate::error::{Error, Result};
+use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan};
+use crate::record::HostId;
+use crate::spec::{FleetSpec, GroupName};
+use crate::store::Store;
+
+/// The leader's key, held under the leader's lease.
+pub const LEADER: &str = "/juice/v1/controller/leader";
+/// The fleet's declared state, as JSON of a [`FleetSpec`]; written by `juice fleet apply`.
+pub const SPEC: &str = "/juice/v1/spec";
+/// Assignments: `assign/<host>/<group>`, written only by the leader.
+pub const ASSIGN: &str = "/juice/v1/assign/";
+
+/// etcd refuses a transaction of more than 128 operations; one is the leadership's compare.
+const OPS_PER_TXN: usize = 100;
+
+/// The value of the leader's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    pub host: HostId,
+}
+
+/// A leadership held: the lease it is held under and the leader key's `create_revision`,
+/// which fences every write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub lease: i64,
+    pub revision: i64,
+}
+
+/// Who leads now, as read from etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leader {
+    pub host: HostId,
+    /// The leader key's create_revision: a new leader has a larger one.
+    pub revision: i64,
+    pub lease: i64,
+}
+
+/// The stored spec and the etcd revision it was written at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSpec {
+    pub spec: FleetSpec,
+    pub revision: i64,
+}
+
+/// The key of the assignment of `group` to `host`.
+pub fn assign_key(host: &HostId, group: &GroupName) -> String {
+    format!("{ASSIGN}{host}/{group}")
+}
+
+impl Store {
+    /// One attempt to lead under `lease`: the leadership if this candidate holds it (now or
+    /// already), `None` if another does.
+    pub async fn campaign(&self, me: &HostId, lease: i64) -> Result<Option<Leadership>> {
+        let value = serde_json::to_vec(&LeaderRecord { host: me.clone() }).unwrap_or_default();
+        let txn = Txn::new()
+            .when([Compare::create_revision(LEADER, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                LEADER,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut client = self.client();
+        let answer = self
+            .call("the controller election", client.txn(txn))
+            .await?;
+        if answer.succeeded() {
+            let revision = answer.header().map_or(0, |h| h.revision());
+            return Ok(Some(Leadership { lease, revision }));
+        }
+        // Held already: by this candidate under this lease (it won before), or by another.
+        Ok(self
+            .leader()
+            .await?
+            .filter(|l| l.lease == lease && &l.host == me)
+            .map(|l| Leadership {
+                lease,
+                revision: l.revision,
+            }))
+    }
+
+    /// The leader now, if any.
+    pub async fn leader(&self) -> Result<Option<Leader>> {
+        let mut client = self.client();
+        let answer = self
+            .call("the controller's key", client.get(LEADER, None))
+            .await?;
+        let Some(kv) = answer.kvs().first() else {
+            return Ok(None);
+        };
+        let record: LeaderRecord =
+            serde_json::from_slice(kv.value()).map_err(|e| Error::Record {
+                key: LEADER.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(Leader {
+            host: record.host,
+            revision: kv.create_revision(),
+            lease: kv.lease(),
+        }))
+    }
+
+    /// Applies `ops` only if `leadership` still holds; [`Error::Deposed`] if it does not
+    /// (and then nothing of `ops` is applied). Large batches go in several transactions,
+    /// each fenced.
+    pub async fn fenced(&self, leadership: Leadership, ops: Vec<TxnOp>) -> Result<()> {
+        let mut ops = ops;
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(OPS_PER_TXN));
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    LEADER,
+                    CompareOp::Equal,
+                    leadership.revision,
+                )])
+                .and_then(ops);
+            let mut client = self.client();
+            let answer = self.call("a fenced write", client.txn(txn)).await?;
+            if !answer.succeeded() {
+                return Err(Error::Deposed {
+                    revision: leadership.revision,
+                });
+            }
+            ops = rest;
+        }
+        Ok(())
+    }
+
+    /// The stored spec, if one was applied.
+    pub async fn spec(&self) -> Result<Option<StoredSpec>> {
+        let mut client = self.client();
+        let answer = self
+            .call("the fleet's spec", client.get(SPEC, None))
+            .await?;
+        let Some(kv) = answer.kvs().first() else {
+            return Ok(None);
+        };
+        let spec = serde_json::from_slice(kv.value()).map_err(|e| Error::Record {
+            key: SPEC.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(StoredSpec {
+            spec,
+            revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Stores `spec` as the fleet's declared state, in one write; returns its revision.
+    pub async fn apply_spec(&self, spec: &FleetSpec) -> Result<i64> {
+        // A spec is strings, numbers, lists and maps with string keys: this cannot fail.
+        let value = serde_json::to_vec(spec).unwrap_or_default();
+        let mut client = self.client();
+        let answer = self
+            .call(
+                "the fleet's spec",
+                client.txn(Txn::new().and_then([TxnOp::put(SPEC, value, None)])),
+            )
+            .await?;
+        Ok(answer.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Every assignment stored, by host and group. Records that do not parse are errors
+    /// naming their key.
+    pub async fn assignments(&self) -> Result<Plan> {
+        let mut client = self.client();
+        let answer = self
+            .call(
+                "the assignments",
+                client.get(ASSIGN, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut plan = Plan::default();
+        for kv in answer.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let bad = |reason: String| Error::Record {
+                key: key.clone(),
+                reason,
+            };
+            let rest = key.strip_prefix(ASSIGN).unwrap_or("");
+            let (host, group) = rest
+                .split_once('/')
+                .ok_or_else(|| bad("the key is not assign/<host>/<group>".into()))?;
+            let host: HostId = host.parse().map_err(|e: Error| bad(e.to_string()))?;
+            let group: GroupName = group.parse().map_err(bad)?;
+            let a: Assignment =
+                serde_json::from_slice(kv.value()).map_err(|e| bad(e.to_string()))?;
+            plan.hosts.entry(host).or_default().insert(group, a);
+        }
+        Ok(plan)
+    }
+
+    /// The plan of `spec` on the hosts registered now.
+    pub async fn plan(&self, spec: &FleetSpec) -> Result<std::result::Result<Plan, PlanError>> {
+        let hosts: Vec<HostCapacity> = self
+            .hosts()
+            .await?
+            .hosts
+            .iter()
+            .map(HostCapacity::from_record)
+            .collect();
+        Ok(plan(&hosts, spec))
+    }
+
+    /// Makes the stored assignments those of `want`, with writes fenced on `leadership`;
+    /// returns how many records were written or deleted.
+    pub async fn write_plan(&self, leadership: Leadership, want: &Plan) -> Result<usize> {
+        let have = self.assignments().await?;
+        let flat = |p: &Plan| -> BTreeMap<String, Assignment> {
+            p.hosts
+                .iter()
+                .flat_map(|(h, groups)| {
+                    groups
+                        .iter()
+                        .map(move |(g, a)| (assign_key(h, g), a.clone()))
+                })
+                .collect()
+        };
+        let (have, want) = (flat(&have), flat(want));
+        let mut ops = Vec::new();
+        for (key, a) in &want {
+            if have.get(key) != Some(a) {
+                let value = serde_json::to_vec(a).unwrap_or_default();
+                ops.push(TxnOp::put(key.as_str(), value, None));
+            }
+        }
+        for key in have.keys().filter(|k| !want.contains_key(*k)) {
+            ops.push(TxnOp::delete(key.as_str(), None));
+        }
+        let n = ops.len();
+        self.fenced(leadership, ops).await?;
+        Ok(n)
+    }
+}
+
+/// What a controller reports as it goes, for the daemon's log.
+#[derive(Debug)]
+pub enum Event {
+    /// This daemon leads the fleet now.
+    Elected { revision: i64 },
+    /// The spec of `revision` was placed: `writes` assignments written or deleted.
+    Placed { revision: i64, writes: usize },
+    /// The spec of `revision` cannot be placed; the assignments stay as they were.
+    Unplaceable { revision: i64, error: PlanError },
+    /// Leadership lost, or etcd lost: campaigning again after `retry`.
+    Lost { error: Error, retry: Duration },
+}
+
+/// A candidate controller; [`Controller::run`] campaigns, leads, and campaigns again.
+pub struct Controller {
+    pub endpoints: Endpoints,
+    pub host: HostId,
+    pub ttl: Duration,
+}
+
+impl Controller {
+    fn beat(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Runs until the task running it is dropped.
+    pub async fn run(self, mut report: impl FnMut(Event) + Send) {
+        let retry = Duration::from_millis(500);
+        loop {
+            let mut held = None;
+            let error = self.session(&mut report, &mut held).await;
+            // Give the lease back at once (when etcd answers), so a leadership this
+            // candidate gave up does not block the next election until the lease runs out.
+            if let Some((store, lease)) = held {
+                let mut client = store.client();
+                let _ = store
+                    .call("the lease's revocation", client.lease_revoke(lease))
+                    .await;
+            }
+            report(Event::Lost { error, retry });
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    /// One lease: campaigns every tick until elected, then leads until something fails.
+    /// `held` is the lease while it exists, for [`Controller::run`] to revoke.
+    async fn session(
+        &self,
+        report: &mut impl FnMut(Event),
+        held: &mut Option<(Store, i64)>,
+    ) -> Error {
+        let store = match Store::connect(&self.endpoints, self.beat()).await {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let mut client = store.client();
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = match store.call("a lease", client.lease_grant(ttl, None)).await {
+            Ok(l) => l.id(),
+            Err(e) => return e,
+        };
+        *held = Some((store.clone(), lease));
+        let (mut keeper, mut answers) = match store
+            .call("the lease's renewal", client.lease_keep_alive(lease))
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        // A standby polls the leader key this often: a dead leader's successor is elected
+        // within the lease plus this.
+        let tick = Duration::from_millis(250).min(self.beat());
+        let mut renewed = tokio::time::Instant::now();
+        let mut leading: Option<Leadership> = None;
+        let mut placed: Option<i64> = None;
+        loop {
+            if renewed.elapsed() >= self.beat() {
+                if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
+                    return e;
+                }
+                match store.call("the lease's renewal", answers.message()).await {
+                    Ok(Some(a)) if a.ttl() > 0 => renewed = tokio::time::Instant::now(),
+                    Ok(Some(_)) => return Error::LeaseExpired { lease },
+                    Ok(None) => {
+                        return store.unreachable("etcd closed the lease's renewal stream".into());
+                    }
+                    Err(e) => return e,
+                }
+            }
+            match leading {
+                None => match store.campaign(&self.host, lease).await {
+                    Ok(Some(l)) => {
+                        report(Event::Elected {
+                            revision: l.revision,
+                        });
+                        leading = Some(l);
+                        placed = None;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return e,
+                },
+                Some(l) => {
+                    if let Err(e) = self.lead(&store, l, &mut placed, report).await {
+                        return e;
+                    }
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    /// One round of the leader's work: place the spec if it changed since it was placed.
+    async fn lead(
+        &self,
+        store: &Store,
+        leadership: Leadership,
+        placed: &mut Option<i64>,
+        report: &mut impl FnMut(Event),
+    ) -> Result<()> {
+        let Some(stored) = store.spec().await? else {
+            return Ok(());
+        };
+        if *placed == Some(stored.revision) {
+            return Ok(());
+        }
+        match store.plan(&stored.spec).await? {
+            Ok(want) => {
+                let writes = store.write_plan(leadership, &want).await?;
+                report(Event::Placed {
+                    revision: stored.revision,
+                    writes,
+                });
+            }
+            Err(error) => report(Event::Unplaceable {
+                revision: stored.revision,
+                error,
+            }),
+        }
+        *placed = Some(stored.revision);
+        Ok(())
+    }
+}

@@ -1,0 +1,675 @@
+//! Placement: which host runs how many instances of which group. Pure and deterministic
+//! (the same hosts and spec give the same plan, byte for byte), so the controller can
+//! recompute it at any time and write only what changed.
+//!
+//! Groups are placed in name order. For each instance the hosts are **filtered** (the
+//! group's isolation backend, its label constraints, enough free CPU and memory, its
+//! published ports free), then **scored**: fewest instances of the group on hosts with the
+//! same value of the `spread` label, then least allocated (the larger of the CPU and memory
+//! shares in use once the instance is there), then host id. A placement that cannot be
+//! made is a [`PlanError`] naming the group and the field that stops it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::record::{Backend, HostId, HostRecord, Labels};
+use crate::spec::{FleetSpec, GroupName, GroupSpec, Publish};
+
+/// A host as the planner sees it: what it has, and what is already taken on it by
+/// work the plan does not place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub id: HostId,
+    pub labels: Labels,
+    pub backends: Vec<Backend>,
+    pub millicpus: u64,
+    pub memory_bytes: u64,
+    pub reserved: Allocation,
+}
+
+impl HostCapacity {
+    /// A registered host, with nothing reserved.
+    pub fn from_record(h: &HostRecord) -> HostCapacity {
+        HostCapacity {
+            id: h.id.clone(),
+            labels: h.labels.clone(),
+            backends: h.backends.clone(),
+            millicpus: u64::from(h.cpus) * 1000,
+            memory_bytes: h.memory_bytes,
+            reserved: Allocation::default(),
+        }
+    }
+}
+
+/// CPU, memory and host ports in use on a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub millicpus: u64,
+    pub memory_bytes: u64,
+    pub ports: BTreeSet<u16>,
+}
+
+/// What one host runs of one group: `assign/<host>/<group>` holds this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The group's revision: a digest of its spec, so it changes exactly when the spec does.
+    pub revision: String,
+    pub image: String,
+    pub isolation: Backend,
+    /// Instances on this host.
+    pub size: u32,
+    /// Each instance's reservation.
+    pub millicpus: u64,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub ports: Vec<Publish>,
+}
+
+/// Assignments by host, then group. Hosts with nothing to run are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub hosts: BTreeMap<HostId, BTreeMap<GroupName, Assignment>>,
+}
+
+impl Plan {
+    /// Instances of `group` in the plan, over all hosts.
+    pub fn instances(&self, group: &GroupName) -> u64 {
+        self.hosts
+            .values()
+            .filter_map(|g| g.get(group))
+            .map(|a| u64::from(a.size))
+            .sum()
+    }
+}
+
+/// A placement that cannot be made: the group, the field of `fleet.toml` that stops it
+/// (`isolation`, `constraints`, `resources.cpus`, `resources.memory`, `publish`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("group {group}: field `{field}`: {reason}")]
+pub struct PlanError {
+    pub group: GroupName,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// The revision of a group: the first 12 hex digits of the SHA-256 of its spec's JSON.
+pub fn revision(spec: &GroupSpec) -> String {
+    // A GroupSpec is strings, numbers, lists and maps with string keys: this cannot fail.
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..6])
+}
+
+/// A host during planning: its capacity and what the plan has put on it so far.
+struct Bin<'a> {
+    host: &'a HostCapacity,
+    used: Allocation,
+}
+
+impl Bin<'_> {
+    fn free_cpu(&self) -> u64 {
+        self.host.millicpus.saturating_sub(self.used.millicpus)
+    }
+    fn free_memory(&self) -> u64 {
+        self.host
+            .memory_bytes
+            .saturating_sub(self.used.memory_bytes)
+    }
+    fn ports_free(&self, g: &GroupSpec) -> bool {
+        g.publish
+            .iter()
+            .all(|p| !self.used.ports.contains(&p.host_port()))
+    }
+    fn fits(&self, g: &GroupSpec) -> bool {
+        self.free_cpu() >= g.resources.millicpus()
+            && self.free_memory() >= g.resources.memory.0
+            && self.ports_free(g)
+    }
+    fn take(&mut self, g: &GroupSpec) {
+        self.used.millicpus += g.resources.millicpus();
+        self.used.memory_bytes += g.resources.memory.0;
+        self.used
+            .ports
+            .extend(g.publish.iter().map(Publish::host_port));
+    }
+    /// The larger of the CPU and memory shares in use once `g` is added, in millionths.
+    fn load_after(&self, g: &GroupSpec) -> u64 {
+        let share = |used: u64, cap: u64| {
+            if cap == 0 {
+                return u64::MAX;
+            }
+            let ppm = u128::from(used) * 1_000_000 / u128::from(cap);
+            u64::try_from(ppm).unwrap_or(u64::MAX)
+        };
+        share(
+            self.used.millicpus + g.resources.millicpus(),
+            self.host.millicpus,
+        )
+        .max(share(
+            self.used.memory_bytes + g.resources.memory.0,
+            self.host.memory_bytes,
+        ))
+    }
+}
+
+/// Places every group of `spec` on `hosts`.
+pub fn plan(hosts: &[HostCapacity], spec: &FleetSpec) -> Result<Plan, PlanError> {
+    let mut sorted: Vec<&HostCapacity> = hosts.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut bins: Vec<Bin> = sorted
+        .into_iter()
+        .map(|host| Bin {
+            host,
+            used: host.reserved.clone(),
+        })
+        .collect();
+    let mut out = Plan::default();
+    for (name, group) in &spec.group {
+        let per_host = place_group(&mut bins, name, group)?;
+        let revision = revision(group);
+        for (i, size) in per_host {
+            out.hosts
+                .entry(bins[i].host.id.clone())
+                .or_default()
+                .insert(
+                    name.clone(),
+                    Assignment {
+                        revision: revision.clone(),
+                        image: group.image.clone(),
+                        isolation: group.isolation,
+                        size,
+                        millicpus: group.resources.millicpus(),
+                        memory_bytes: group.resources.memory.0,
+                        ports: group.publish.clone(),
+                    },
+                );
+        }
+    }
+    Ok(out)
+}
+
+/// Places one group; returns instances per bin index.
+fn place_group(
+    bins: &mut [Bin],
+    name: &GroupName,
+    g: &GroupSpec,
+) -> Result<BTreeMap<usize, u32>, PlanError> {
+    let fail = |field, reason: String| PlanError {
+        group: name.clone(),
+        field,
+        reason,
+    };
+    let with_backend: Vec<usize> = (0..bins.len())
+        .filter(|&i| bins[i].host.backends.contains(&g.isolation))
+        .collect();
+    if with_backend.is_empty() {
+        return Err(fail(
+            "isolation",
+            format!("no host can run the {} backend", g.isolation),
+        ));
+    }
+    let matching: Vec<usize> = with_backend
+        .into_iter()
+        .filter(|&i| {
+            g.constraints
+                .iter()
+                .all(|(k, v)| bins[i].host.labels.get(k) == Some(v))
+        })
+        .collect();
+    if matching.is_empty() {
+        return Err(fail(
+            "constraints",
+            format!(
+                "no host with the {} backend has the labels {}",
+                g.isolation, g.constraints
+            ),
+        ));
+    }
+    let mut placed: BTreeMap<usize, u32> = BTreeMap::new();
+    if g.per_host {
+        for &i in &matching {
+            if !bins[i].fits(g) {
+                return Err(fail(
+                    blocking_field(bins, &[i], g),
+                    format!(
+                        "one instance per matching host, and host {} has no room for it",
+                        bins[i].host.id
+                    ),
+                ));
+            }
+            bins[i].take(g);
+            placed.insert(i, 1);
+        }
+        return Ok(placed);
+    }
+    let count = g.count.unwrap_or(0);
+    // Instances of this group per value of the spread label (a host without the label
+    // counts as the value "").
+    let mut per_value: BTreeMap<&str, u32> = BTreeMap::new();
+    let value = |i: usize, bins: &[Bin]| -> String {
+        g.spread
+            .as_deref()
+            .and_then(|k| bins[i].host.labels.get(k))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let values: Vec<String> = (0..bins.len()).map(|i| value(i, bins)).collect();
+    for n in 0..count {
+        let best = matching
+            .iter()
+            .copied()
+            // Published ports are host ports: one instance per host.
+            .filter(|&i| bins[i].fits(g) && (g.publish.is_empty() || !placed.contains_key(&i)))
+            .min_by_key(|&i| {
+                (
+                    per_value.get(values[i].as_str()).copied().unwrap_or(0),
+                    bins[i].load_after(g),
+                    &bins[i].host.id,
+                )
+            });
+        let Some(i) = best else {
+            return Err(fail(
+                blocking_field(bins, &matching, g),
+                format!(
+                    "{count} instances asked for, {n} fit on the {} matching host(s)",
+                    matching.len()
+                ),
+            ));
+        };
+        bins[i].take(g);
+        *placed.entry(i).or_default() += 1;
+        *per_value.entry(values[i].as_str()).or_default() += 1;
+    }
+    Ok(placed)
+}
+
+/// Which field stops one more instance on `candidates`: CPU if none has the CPU, memory
+/// if none has the memory, else the published ports.
+fn blocking_field(bins: &[Bin], candidates: &[usize], g: &GroupSpec) -> &'static str {
+    if candidates
+        .iter()
+        .all(|&i| bins[i].free_cpu() < g.resources.millicpus())
+    {
+        "resources.cpus"
+    } else if candidates
+        .iter()
+        .all(|&i| bins[i].free_memory() < g.resources.memory.0)
+    {
+        "resources.memory"
+    } else if candidates.iter().all(|&i| {
+        bins[i].free_cpu() < g.resources.millicpus() || bins[i].free_memory() < g.resources.memory.0
+    }) {
+        "resources"
+    } else {
+        "publish"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::Label;
+
+    const GIB: u64 = 1 << 30;
+
+    fn host(
+        id: &str,
+        cpus: u64,
+        mem_gib: u64,
+        labels: &[&str],
+        backends: &[Backend],
+    ) -> HostCapacity {
+        HostCapacity {
+            id: id.parse().unwrap(),
+            labels: Labels::new(labels.iter().map(|l| l.parse::<Label>().unwrap())).unwrap(),
+            backends: backends.to_vec(),
+            millicpus: cpus * 1000,
+            memory_bytes: mem_gib * GIB,
+            reserved: Allocation::default(),
+        }
+    }
+
+    fn spec(text: &str) -> FleetSpec {
+        FleetSpec::parse(text, Path::new("fleet.toml")).unwrap()
+    }
+
+    fn sizes(p: &Plan, group: &str) -> BTreeMap<String, u32> {
+        let g: GroupName = group.parse().unwrap();
+        p.hosts
+            .iter()
+            .filter_map(|(h, a)| a.get(&g).map(|a| (h.to_string(), a.size)))
+            .collect()
+    }
+
+    const SB: &[Backend] = &[Backend::Sandbox];
+    const BOTH: &[Backend] = &[Backend::Sandbox, Backend::Microvm];
+
+    fn three_zones() -> Vec<HostCapacity> {
+        vec![
+            host("a1", 4, 8, &["zone=a"], SB),
+            host("a2", 4, 8, &["zone=a"], SB),
+            host("b1", 4, 8, &["zone=b"], BOTH),
+            host("c1", 4, 8, &["zone=c"], SB),
+        ]
+    }
+
+    #[test]
+    fn placement_table() {
+        struct Case {
+            what: &'static str,
+            fleet: &'static str,
+            group: &'static str,
+            want: &'static [(&'static str, u32)],
+        }
+        let cases = [
+            Case {
+                what: "spread over zones first: each zone gets one before any gets two",
+                fleet: "[group.web]\nimage = \"w:1\"\ncount = 3\nspread = \"zone\"\n",
+                group: "web",
+                want: &[("a1", 1), ("b1", 1), ("c1", 1)],
+            },
+            Case {
+                what: "without spread, least allocated: one per host, then the id breaks ties",
+                fleet: "[group.web]\nimage = \"w:1\"\ncount = 5\n",
+                group: "web",
+                want: &[("a1", 2), ("a2", 1), ("b1", 1), ("c1", 1)],
+            },
+            Case {
+                what: "constraints keep the group to its zone",
+                fleet: "[group.web]\nimage = \"w:1\"\ncount = 4\nconstraints = { zone = \"a\" }\n",
+                group: "web",
+                want: &[("a1", 2), ("a2", 2)],
+            },
+            Case {
+                what: "microvm only where the backend is",
+                fleet: "[group.vm]\nimage = \"v:1\"\ncount = 2\nisolation = \"microvm\"\n",
+                group: "vm",
+                want: &[("b1", 2)],
+            },
+            Case {
+                what: "per_host: one on every matching host",
+                fleet: "[group.agent]\nimage = \"n:1\"\nper_host = true\nconstraints = { zone = \"a\" }\n",
+                group: "agent",
+                want: &[("a1", 1), ("a2", 1)],
+            },
+            Case {
+                what: "published ports: at most one per host",
+                fleet: "[group.web]\nimage = \"w:1\"\ncount = 4\npublish = [\"80:8080\"]\n",
+                group: "web",
+                want: &[("a1", 1), ("a2", 1), ("b1", 1), ("c1", 1)],
+            },
+        ];
+        for c in cases {
+            let p =
+                plan(&three_zones(), &spec(c.fleet)).unwrap_or_else(|e| panic!("{}: {e}", c.what));
+            let want: BTreeMap<String, u32> =
+                c.want.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect();
+            assert_eq!(sizes(&p, c.group), want, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn impossible_placements_name_the_group_and_field() {
+        let cases = [
+            (
+                "[group.web]\nimage = \"w:1\"\ncount = 1\nconstraints = { zone = \"z\" }\n",
+                "constraints",
+                "has the labels zone=z",
+            ),
+            (
+                "[group.web]\nimage = \"w:1\"\ncount = 17\nresources = { cpus = 1, memory = \"1GiB\" }\n",
+                "resources.cpus",
+                "17 instances asked for, 16 fit",
+            ),
+            (
+                "[group.web]\nimage = \"w:1\"\ncount = 5\nresources = { cpus = 0.1, memory = \"7GiB\" }\n",
+                "resources.memory",
+                "5 instances asked for, 4 fit",
+            ),
+            (
+                "[group.web]\nimage = \"w:1\"\ncount = 5\npublish = [\"80:80\"]\n",
+                "publish",
+                "5 instances asked for, 4 fit",
+            ),
+            (
+                "[group.big]\nimage = \"b:1\"\nper_host = true\nresources = { cpus = 5 }\n",
+                "resources.cpus",
+                "host a1 has no room",
+            ),
+        ];
+        for (fleet, field, reason) in cases {
+            let e = plan(&three_zones(), &spec(fleet)).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.to_string().contains(reason), "{e}");
+            assert!(e.to_string().starts_with("group "), "{e}");
+        }
+        // No microVM host at all.
+        let one = vec![host("a1", 4, 8, &[], SB)];
+        let fleet = "[group.vm]\nimage = \"v:1\"\ncount = 1\nisolation = \"microvm\"\n";
+        let e = plan(&one, &spec(fleet)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "group vm: field `isolation`: no host can run the microvm backend"
+        );
+        // A port clash between two groups on the only host.
+        let fleet = "[group.api]\nimage = \"a:1\"\ncount = 1\npublish = [\"80:80\"]\n\
+                     [group.web]\nimage = \"w:1\"\ncount = 1\npublish = [\"80:8080\"]\n";
+        let e = plan(&one, &spec(fleet)).unwrap_err();
+        assert_eq!((e.group.as_str(), e.field), ("web", "publish"), "{e}");
+    }
+
+    #[test]
+    fn reserved_work_counts_and_the_plan_is_deterministic() {
+        let mut hosts = three_zones();
+        hosts[0].reserved = Allocation {
+            millicpus: 4000,
+            memory_bytes: 0,
+            ports: BTreeSet::new(),
+        };
+        hosts.reverse();
+        let fleet = spec("[group.web]\nimage = \"w:1\"\ncount = 3\n");
+        let p = plan(&hosts, &fleet).unwrap();
+        assert!(!sizes(&p, "web").contains_key("a1"));
+        assert_eq!(p, plan(&three_zones()[1..], &fleet).unwrap());
+        let g: GroupName = "web".parse().unwrap();
+        let a = &p.hosts[&"a2".parse::<HostId>().unwrap()][&g];
+        assert_eq!(a.revision, revision(&fleet.group[&g]));
+        assert_eq!(a.revision.len(), 12);
+    }
+
+    /// Random fleets: a host is never given more than it has, ports never clash on a
+    /// host, and a spec that fits on every matching host at once is always placed whole.
+    fn arb_host() -> impl Strategy<Value = HostCapacity> {
+        (1u64..16, 1u64..32, 0usize..3, any::<bool>(), 0u64..2000).prop_map(
+            |(cpus, mem, zone, vm, reserved)| HostCapacity {
+                id: "h".parse().unwrap(),
+                labels: Labels::new([format!("zone={}", ["a", "b", "c"][zone])
+                    .parse::<Label>()
+                    .unwrap()])
+                .unwrap(),
+                backends: if vm { BOTH.to_vec() } else { SB.to_vec() },
+                millicpus: cpus * 1000,
+                memory_bytes: mem * GIB,
+                reserved: Allocation {
+                    millicpus: reserved.min(cpus * 1000),
+                    memory_bytes: 0,
+                    ports: BTreeSet::new(),
+                },
+            },
+        )
+    }
+
+    fn arb_group() -> impl Strategy<Value = String> {
+        (
+            1u32..20,
+            any::<bool>(),
+            1u32..2000,
+            1u64..4096,
+            0usize..4,
+            any::<bool>(),
+            any::<bool>(),
+            0u16..3,
+        )
+            .prop_map(|(count, per_host, mcpu, mem_mib, zone, spread, vm, port)| {
+                let mut g = format!(
+                    "image = \"x:1\"\nresources = {{ cpus = {}, memory = \"{mem_mib}MiB\" }}\n",
+                    f64::from(mcpu) / 1000.0
+                );
+                g += &if per_host {
+                    "per_host = true\n".to_owned()
+                } else {
+                    format!("count = {count}\n")
+                };
+                if zone < 3 {
+                    g += &format!("constraints = {{ zone = \"{}\" }}\n", ["a", "b", "c"][zone]);
+                }
+                if spread {
+                    g += "spread = \"zone\"\n";
+                }
+                if vm {
+                    g += "isolation = \"microvm\"\n";
+                }
+                if port > 0 {
+                    g += &format!("publish = [\"{}:80\"]\n", 8000 + port);
+                }
+                g
+            })
+    }
+
+    /// A group small enough that all of them fit on any one host of [`roomy_host`].
+    fn small_group() -> impl Strategy<Value = String> {
+        (1u32..=10, 1u32..=200, 1u64..=256, any::<bool>()).prop_map(|(count, mcpu, mem_mib, spread)| {
+            let mut g = format!(
+                "image = \"x:1\"\ncount = {count}\nresources = {{ cpus = {}, memory = \"{mem_mib}MiB\" }}\n",
+                f64::from(mcpu) / 1000.0
+            );
+            if spread {
+                g += "spread = \"zone\"\n";
+            }
+            g
+        })
+    }
+
+    fn roomy_host() -> impl Strategy<Value = HostCapacity> {
+        (8u64..=16, 16u64..=32, 0usize..3).prop_map(|(cpus, mem, zone)| HostCapacity {
+            id: "h".parse().unwrap(),
+            labels: Labels::new([format!("zone={}", ["a", "b", "c"][zone])
+                .parse::<Label>()
+                .unwrap()])
+            .unwrap(),
+            backends: SB.to_vec(),
+            millicpus: cpus * 1000,
+            memory_bytes: mem * GIB,
+            reserved: Allocation::default(),
+        })
+    }
+
+    proptest! {
+        /// When every host has room for everything, every instance is placed, and a group
+        /// spread over zones has as many instances in each zone as in any other, give or take one.
+        #[test]
+        fn places_a_spec_that_fits_whole_and_balances_its_spread(
+            mut hosts in prop::collection::vec(roomy_host(), 1..12),
+            groups in prop::collection::vec(small_group(), 1..5),
+        ) {
+            for (i, h) in hosts.iter_mut().enumerate() {
+                h.id = format!("h{i:02}").parse().unwrap();
+            }
+            let text: String = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!("[group.g{i}]\n{g}"))
+                .collect();
+            let fleet = spec(&text);
+            let p = plan(&hosts, &fleet).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (name, g) in &fleet.group {
+                prop_assert_eq!(p.instances(name), u64::from(g.count.unwrap_or(0)));
+                if g.spread.is_none() {
+                    continue;
+                }
+                let mut per_zone: BTreeMap<&str, u64> = hosts
+                    .iter()
+                    .filter_map(|h| h.labels.get("zone"))
+                    .map(|z| (z, 0))
+                    .collect();
+                for h in &hosts {
+                    let n = p.hosts.get(&h.id).and_then(|a| a.get(name)).map_or(0, |a| u64::from(a.size));
+                    *per_zone.entry(h.labels.get("zone").unwrap_or("")).or_default() += n;
+                }
+                let (lo, hi) = (per_zone.values().min(), per_zone.values().max());
+                prop_assert!(hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 1), "group {} per zone: {:?}", name, per_zone);
+            }
+        }
+
+        #[test]
+        fn never_over_allocates_and_honours_counts_when_they_fit(
+            mut hosts in prop::collection::vec(arb_host(), 1..12),
+            groups in prop::collection::vec(arb_group(), 1..5),
+        ) {
+            for (i, h) in hosts.iter_mut().enumerate() {
+                h.id = format!("h{i:02}").parse().unwrap();
+            }
+            let text: String = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!("[group.g{i}]\n{g}"))
+                .collect();
+            let fleet = spec(&text);
+            let matches = |h: &HostCapacity, g: &GroupSpec| {
+                h.backends.contains(&g.isolation)
+                    && g.constraints.iter().all(|(k, v)| h.labels.get(k) == Some(v))
+            };
+            match plan(&hosts, &fleet) {
+                Ok(p) => {
+                    for h in &hosts {
+                        let Some(on) = p.hosts.get(&h.id) else { continue };
+                        let (mut cpu, mut mem) = (h.reserved.millicpus, h.reserved.memory_bytes);
+                        let mut ports = BTreeSet::new();
+                        for (name, a) in on {
+                            prop_assert!(matches(h, &fleet.group[name]));
+                            cpu += a.millicpus * u64::from(a.size);
+                            mem += a.memory_bytes * u64::from(a.size);
+                            for port in &a.ports {
+                                prop_assert!(a.size == 1 && ports.insert(port.host_port()));
+                            }
+                        }
+                        prop_assert!(cpu <= h.millicpus && mem <= h.memory_bytes, "{} over-allocated", h.id);
+                    }
+                    for (name, g) in &fleet.group {
+                        let want = match g.count {
+                            Some(n) => u64::from(n),
+                            None => u64::try_from(hosts.iter().filter(|h| matches(h, g)).count()).unwrap(),
+                        };
+                        prop_assert_eq!(p.instances(name), want, "group {}", name);
+                    }
+                }
+                Err(e) => {
+                    // Only a spec that does not fit whole on every matching host may fail.
+                    let fits_everywhere = fleet
+                        .group
+                        .values()
+                        .all(|g| hosts.iter().any(|h| matches(h, g))) && hosts.iter().all(|h| {
+                        let (mut cpu, mut mem) = (h.reserved.millicpus, 0u64);
+                        let mut ports = BTreeSet::new();
+                        let mut ok = true;
+                        for g in fleet.group.values().filter(|g| matches(h, g)) {
+                            let n = u64::from(g.count.unwrap_or(1));
+                            cpu += g.resources.millicpus() * n;
+                            mem += g.resources.memory.0 * n;
+                            for p in &g.publish {
+                                ok &= n == 1 && ports.insert(p.host_port());
+                            }
+                        }
+                        ok && cpu <= h.millicpus && mem <= h.memory_bytes
+                    });
+                    prop_assert!(!fits_everywhere, "a feasible spec was refused: {}", e);
+                }
+            }
+        }
+    }
+}
