@@ -17,6 +17,8 @@ pub mod grub;
 pub mod grubenv;
 pub mod select;
 pub mod settings;
+pub mod trial;
+pub mod version;
 
 /// The GPT name of the partition with GRUB, its state and the kept versions (FAT).
 pub const BOOT_PARTITION: &str = "juice-boot";

@@ -1,0 +1,420 @@
+//! An OS version as an OCI image in the local store, so that `juice push`, `juice pull`,
+//! signatures and the trust policy treat it exactly as they treat an appliance.
+//!
+//! The image has one reproducible layer holding two files, `vmlinuz` and `initrd`, and
+//! its config carries the label [`LABEL`]: an [`OsConfig`] naming the version, the
+//! kernel command line and the sha256 of both files. [`OsVersion::extract`] reads the
+//! layer back, taking only those two names as regular files of bounded size, and checks
+//! both against the label before anything is written beside the kept versions: a
+//! version pulled from a registry is untrusted until then.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use juice_image::build::layer::write_layer;
+use juice_image::build::tree::{Node, Source, Tree};
+use juice_image::digest::Digest;
+use juice_image::store::{
+    ImageRecord, Store, StoreError, canonical_json, from_oci, oci_digest, open_layer,
+};
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
+    Os, RootFsBuilder,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The config label holding an OS version's [`OsConfig`] as JSON.
+pub const LABEL: &str = "org.juice.os";
+
+/// The largest kernel or initramfs a version may carry: a boot partition keeps several.
+pub const FILE_MAX: u64 = 256 << 20;
+
+/// What an OS version is: everything the boot loader and the host need besides the two files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsConfig {
+    /// The operator's name for the version, such as `1.4.0`.
+    pub version: String,
+    /// The kernel command line (the boot loader adds the slot and trial flags).
+    pub cmdline: String,
+    /// The kernel's release, as `uname -r` will print it.
+    pub kernel_release: String,
+    /// sha256 of `vmlinuz`, hex.
+    pub kernel_sha256: String,
+    /// sha256 of `initrd`, hex.
+    pub initrd_sha256: String,
+    /// The juice version inside.
+    pub juice: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] juice_image::PathError),
+    #[error("{image} is not an OS version (its config has no {LABEL} label)")]
+    NotOs { image: String },
+    #[error("{image} is not a valid OS version: {reason}")]
+    Invalid { image: String, reason: String },
+    #[error("the OS version name {name:?} is not valid: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error(
+        "the kernel command line has {found:?} at byte {at}: only letters, digits, space and ._-=,:/+ are allowed"
+    )]
+    BadCmdline { found: char, at: usize },
+}
+
+/// Checks an OS version name: it names directories and appears in boot records.
+pub fn check_name(name: &str) -> Result<(), VersionError> {
+    let bad = |reason| VersionError::BadName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("it must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+    {
+        return Err(bad("only letters, digits and ._-+ are allowed"));
+    }
+    if name.starts_with(['.', '-']) {
+        return Err(bad("it must start with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// Checks a kernel command line: it is written into a GRUB script between quotes.
+pub fn check_cmdline(cmdline: &str) -> Result<(), VersionError> {
+    match cmdline.char_indices().find(|(_, c)| {
+        !(c.is_ascii_alphanumeric()
+            || matches!(c, ' ' | '.' | '_' | '-' | '=' | ',' | ':' | '/' | '+'))
+    }) {
+        Some((at, found)) => Err(VersionError::BadCmdline { found, at }),
+        None => Ok(()),
+    }
+}
+
+/// sha256 of a file, hex, reading it in pieces.
+pub fn file_sha256(path: &Path) -> Result<String, juice_image::PathError> {
+    let mut f = std::fs::File::open(path).map_err(juice_image::PathError::at("open", path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(juice_image::PathError::at("read", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Writes an OS version into `store` as `reference`, from a kernel and an initramfs on disk.
+/// The same files and config give the same manifest digest.
+pub fn pack(
+    store: &Store,
+    reference: &str,
+    config: &OsConfig,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<ImageRecord, VersionError> {
+    check_name(&config.version)?;
+    check_cmdline(&config.cmdline)?;
+    let invalid = |reason: String| VersionError::Invalid {
+        image: reference.to_owned(),
+        reason,
+    };
+    let mut tree = Tree::new();
+    for (name, path) in [("vmlinuz", kernel), ("initrd", initrd)] {
+        tree.insert(
+            Path::new("/").join(name).as_path(),
+            Node::File {
+                source: Source::Host(path.to_owned()),
+                mode: 0o644,
+            },
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+    }
+    let _writing = store.lock_for_writing()?;
+    let mut blob = store.blob_writer()?;
+    let (_, layer) = write_layer(&tree, &mut blob).map_err(|e| invalid(e.to_string()))?;
+    let (layer_digest, layer_size) = blob.commit()?;
+
+    let label = String::from_utf8(canonical_json(config).map_err(invalid)?)
+        .map_err(|e| invalid(e.to_string()))?;
+    let image_config = ImageConfigurationBuilder::default()
+        .architecture(Arch::Amd64)
+        .os(Os::Linux)
+        .config(
+            ConfigBuilder::default()
+                .labels(
+                    [(LABEL.to_owned(), label)]
+                        .into_iter()
+                        .collect::<HashMap<_, _>>(),
+                )
+                .build()
+                .map_err(|e| invalid(e.to_string()))?,
+        )
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(vec![layer.diff_id.to_string()])
+                .build()
+                .map_err(|e| invalid(e.to_string()))?,
+        )
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let config_bytes = canonical_json(&image_config).map_err(invalid)?;
+    let (config_digest, config_size) = store.put_blob(&config_bytes)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(Descriptor::new(
+            MediaType::ImageConfig,
+            config_size,
+            oci_digest(&config_digest),
+        ))
+        .layers(vec![Descriptor::new(
+            MediaType::ImageLayerGzip,
+            layer_size,
+            oci_digest(&layer_digest),
+        )])
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let manifest_bytes = canonical_json(&manifest).map_err(invalid)?;
+    let (digest, size) = store.put_blob(&manifest_bytes)?;
+    store.tag(reference, &digest, size)?;
+    Ok(store.resolve(reference)?)
+}
+
+/// An OS version found in the store, its blobs checked against their digests.
+#[derive(Debug, Clone)]
+pub struct OsVersion {
+    pub record: ImageRecord,
+    pub config: OsConfig,
+    layer: Digest,
+    layer_media: MediaType,
+}
+
+/// The two files of an extracted version.
+#[derive(Debug, Clone)]
+pub struct Extracted {
+    pub vmlinuz: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl OsVersion {
+    /// Opens `reference`, re-hashing its blobs; refuses an image that is not an OS version.
+    pub fn open(store: &Store, reference: &str) -> Result<OsVersion, VersionError> {
+        let record = store.verify_image(reference)?;
+        let image = store.image(&record.digest.to_string())?;
+        let name = record.reference.clone();
+        let invalid = |reason: String| VersionError::Invalid {
+            image: name.clone(),
+            reason,
+        };
+        let label = image
+            .config
+            .config()
+            .as_ref()
+            .and_then(|c| c.labels().as_ref())
+            .and_then(|l| l.get(LABEL))
+            .ok_or_else(|| VersionError::NotOs {
+                image: name.clone(),
+            })?;
+        let config: OsConfig = serde_json::from_str(label)
+            .map_err(|e| invalid(format!("its label {LABEL} is not valid: {e}")))?;
+        check_name(&config.version)?;
+        check_cmdline(&config.cmdline)?;
+        let [layer] = image.manifest.layers().as_slice() else {
+            return Err(invalid(format!(
+                "it has {} layers, and an OS version has one",
+                image.manifest.layers().len()
+            )));
+        };
+        Ok(OsVersion {
+            layer: from_oci(layer.digest()).map_err(&invalid)?,
+            layer_media: layer.media_type().clone(),
+            record,
+            config,
+        })
+    }
+
+    /// Writes `vmlinuz` and `initrd` into `dir` (which must exist), checking each against
+    /// the config's digest. Any other entry in the layer, a link, or a file over
+    /// [`FILE_MAX`] is refused; names in the layer never choose where anything is written.
+    pub fn extract(&self, store: &Store, dir: &Path) -> Result<Extracted, VersionError> {
+        let image = self.record.reference.clone();
+        let invalid = |reason: String| VersionError::Invalid {
+            image: image.clone(),
+            reason,
+        };
+        let path = store.blob_path(&self.layer);
+        let file = std::fs::File::open(&path).map_err(juice_image::PathError::at("open", &path))?;
+        let reader = open_layer(std::io::BufReader::new(file), &self.layer_media)
+            .map_err(|e| invalid(format!("its layer cannot be read: {e}")))?;
+        let mut archive = tar::Archive::new(reader);
+        let mut seen: Vec<&'static str> = Vec::new();
+        let entries = archive
+            .entries()
+            .map_err(|e| invalid(format!("its layer is not a tar archive: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| invalid(format!("its layer is damaged: {e}")))?;
+            let name = entry
+                .path()
+                .map_err(|e| invalid(format!("its layer has a bad name: {e}")))?
+                .into_owned();
+            let (which, expected) = match name.to_str() {
+                Some("vmlinuz") => ("vmlinuz", &self.config.kernel_sha256),
+                Some("initrd") => ("initrd", &self.config.initrd_sha256),
+                _ => {
+                    return Err(invalid(format!(
+                        "its layer holds {}, and an OS version holds only vmlinuz and initrd",
+                        name.display()
+                    )));
+                }
+            };
+            if !entry.header().entry_type().is_file() {
+                return Err(invalid(format!(
+                    "{which} in its layer is not a regular file"
+                )));
+            }
+            if seen.contains(&which) {
+                return Err(invalid(format!("its layer holds {which} twice")));
+            }
+            seen.push(which);
+            let size = entry.size();
+            if size > FILE_MAX {
+                return Err(invalid(format!(
+                    "{which} is {size} bytes, over the limit of {FILE_MAX}"
+                )));
+            }
+            let dest = dir.join(which);
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dest)
+                .map_err(juice_image::PathError::at("create", &dest))?;
+            let mut out = HashWriter {
+                inner: std::io::BufWriter::new(out),
+                hash: Sha256::new(),
+            };
+            std::io::copy(&mut (&mut entry).take(FILE_MAX), &mut out)
+                .map_err(juice_image::PathError::at("write", &dest))?;
+            let HashWriter { inner, hash } = out;
+            let file = inner
+                .into_inner()
+                .map_err(|e| juice_image::PathError::at("write", &dest)(e.into_error()))?;
+            file.sync_all()
+                .map_err(juice_image::PathError::at("sync", &dest))?;
+            let actual = hex::encode(hash.finalize());
+            if &actual != expected {
+                return Err(invalid(format!(
+                    "{which} has sha256 {actual}, and its config says {expected}"
+                )));
+            }
+        }
+        for which in ["vmlinuz", "initrd"] {
+            if !seen.contains(&which) {
+                return Err(invalid(format!("its layer has no {which}")));
+            }
+        }
+        Ok(Extracted {
+            vmlinuz: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
+        })
+    }
+}
+
+struct HashWriter<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(kernel: &Path, initrd: &Path) -> OsConfig {
+        OsConfig {
+            version: "1.0.0".into(),
+            cmdline: "console=ttyS0 panic=10".into(),
+            kernel_release: "6.1.0-test".into(),
+            kernel_sha256: file_sha256(kernel).unwrap(),
+            initrd_sha256: file_sha256(initrd).unwrap(),
+            juice: "0.1.0".into(),
+        }
+    }
+
+    fn files(dir: &Path) -> (PathBuf, PathBuf) {
+        let k = dir.join("k");
+        let i = dir.join("i");
+        std::fs::write(&k, b"a kernel").unwrap();
+        std::fs::write(&i, b"an initramfs").unwrap();
+        (k, i)
+    }
+
+    #[test]
+    fn a_packed_version_opens_and_extracts_the_same_files_and_packs_reproducibly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = files(dir.path());
+        let store = Store::open(&dir.path().join("home")).unwrap();
+        let c = config(&k, &i);
+        let one = pack(&store, "juice-os:1", &c, &k, &i).unwrap();
+        let two = pack(&store, "juice-os:again", &c, &k, &i).unwrap();
+        assert_eq!(one.digest, two.digest);
+        let v = OsVersion::open(&store, "juice-os:1").unwrap();
+        assert_eq!(v.config, c);
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let x = v.extract(&store, &out).unwrap();
+        assert_eq!(std::fs::read(x.vmlinuz).unwrap(), b"a kernel");
+        assert_eq!(std::fs::read(x.initrd).unwrap(), b"an initramfs");
+    }
+
+    #[test]
+    fn a_config_that_does_not_match_the_files_is_refused_at_extraction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = files(dir.path());
+        let store = Store::open(&dir.path().join("home")).unwrap();
+        let mut c = config(&k, &i);
+        c.initrd_sha256 = "00".repeat(32);
+        pack(&store, "juice-os:lie", &c, &k, &i).unwrap();
+        let v = OsVersion::open(&store, "juice-os:lie").unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let e = v.extract(&store, &out).unwrap_err().to_string();
+        assert!(e.contains("initrd has sha256"), "{e}");
+    }
+
+    #[test]
+    fn names_and_command_lines_that_could_escape_are_refused() {
+        for bad in ["", "../x", "-v", "a b", "a\"b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        check_name("1.4.0+build-7").unwrap();
+        for bad in ["a\"b", "a;b", "a$x", "a\nb", "a\\b", "a'b", "a`b"] {
+            let e = check_cmdline(bad).unwrap_err().to_string();
+            assert!(e.contains("at byte 1"), "{bad:?}: {e}");
+        }
+        check_cmdline("console=ttyS0,115200 panic=10 juice.x=a/b:c").unwrap();
+    }
+}
