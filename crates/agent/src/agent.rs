@@ -457,6 +457,7 @@ impl Agent {
                 failures: 0,
                 backoff_until_ms: 0,
                 start_failures: 0,
+                critical: spec.critical,
             };
             let c = change(
                 Action::Create,
@@ -522,6 +523,14 @@ impl Agent {
         if g.update != spec.update {
             changes.push(change(Action::Update, "update policy changed".into()));
             g.update = spec.update.clone();
+        }
+        if g.critical != spec.critical {
+            let what = if spec.critical { "now" } else { "no longer" };
+            changes.push(change(
+                Action::Update,
+                format!("{what} critical to an OS trial"),
+            ));
+            g.critical = spec.critical;
         }
         if changes.is_empty() {
             return Ok((
@@ -1195,6 +1204,7 @@ impl Agent {
                 rollout: g.rollout.clone(),
                 restarts: g.restarts,
                 status,
+                critical: g.critical,
             });
         }
         Ok(out)

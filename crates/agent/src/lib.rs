@@ -31,6 +31,7 @@ pub mod doctor;
 pub mod health;
 pub use juice_runtime::limits;
 pub mod metrics;
+pub mod os;
 pub mod planner;
 mod releaser;
 pub mod site;

@@ -512,6 +512,7 @@ mod tests {
             failures: 0,
             backoff_until_ms: 0,
             start_failures: 0,
+            critical: false,
         }
     }
 

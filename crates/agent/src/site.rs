@@ -34,6 +34,9 @@ pub struct GroupSpec {
     pub links: Vec<GroupName>,
     #[serde(default)]
     pub update: UpdatePolicy,
+    /// On Juice OS, a trial of a new OS version commits only once this group is healthy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
 }
 
 fn one() -> u32 {

@@ -94,6 +94,9 @@ pub struct GroupRecord {
     /// an image that cannot be unpacked): they back off too, from 250 ms.
     #[serde(default)]
     pub start_failures: u32,
+    /// Gates the commit of a trial OS version (site.toml's `critical`).
+    #[serde(default)]
+    pub critical: bool,
 }
 
 impl GroupRecord {
@@ -342,6 +345,7 @@ mod tests {
             failures: 0,
             backoff_until_ms: 0,
             start_failures: 0,
+            critical: false,
         }
     }
 

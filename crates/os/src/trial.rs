@@ -231,7 +231,10 @@ mod tests {
         let Some(Verdict::Fail(why)) = v.last() else {
             panic!("{v:?}")
         };
-        assert!(why.contains("group web restarted 1 time(s) since the last look"), "{why}");
+        assert!(
+            why.contains("group web restarted 1 time(s) since the last look"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! `GET /healthz` answers `ok`; `GET /` answers a greeting with the
 //! appliance's hostname; `GET /visits` counts visits in `--data DIR`
 //! (durably: the count survives a crash of the instance); other paths are
-//! served from `--root` if given.
+//! served from `--root` if given. With `--data`, every start appends a line
+//! naming the kernel's boot id to `DIR/starts`, and `GET /starts` shows them:
+//! a record of which boots of the host the volume has seen.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -59,6 +61,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(dir) = &config.data {
+        if let Err(e) = record_start(dir) {
+            eprintln!(
+                "hello-web: cannot record this start in {}: {e}",
+                dir.display()
+            );
+            std::process::exit(1);
+        }
+    }
     println!("hello-web: listening on port {}", config.port);
     let dirs = std::sync::Arc::new((config.root, config.data));
     for stream in listener.incoming().flatten() {
@@ -102,6 +113,14 @@ fn serve(stream: TcpStream, root: Option<&Path>, data: Option<&Path>) -> std::io
             ),
             None => ("404 Not Found", b"no --data directory\n".to_vec()),
         },
+        ("GET", "/starts") => match data.map(|d| std::fs::read(d.join("starts"))) {
+            Some(Ok(body)) => ("200 OK", body),
+            Some(Err(e)) => (
+                "500 Internal Server Error",
+                format!("cannot read the starts: {e}\n").into_bytes(),
+            ),
+            None => ("404 Not Found", b"no --data directory\n".to_vec()),
+        },
         ("GET", p) => match root.and_then(|r| static_file(r, p)) {
             Some(body) => ("200 OK", body),
             None => ("404 Not Found", b"not found\n".to_vec()),
@@ -131,6 +150,18 @@ fn static_file(root: &Path, url_path: &str) -> Option<Vec<u8>> {
         return None;
     }
     std::fs::read(root.join(rel)).ok()
+}
+
+/// Appends `start BOOT_ID` to `starts` in `dir`, durably, before serving.
+fn record_start(dir: &Path) -> std::io::Result<()> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("starts"))?;
+    file.lock()?;
+    writeln!(file, "start {}", boot.trim())?;
+    file.sync_all()
 }
 
 /// Adds one to `visits` in `dir` and returns the new count. The file is locked

@@ -97,6 +97,9 @@ pub struct GroupView {
         pattern = r"^(ok|rolling-out|paused|crash-loop \([0-9]+ failures\)|cannot-start \([0-9]+ tries; see events\)|rolled-back \(revision [0-9]+ failed\))$"
     )]
     pub status: GroupStatus,
+    /// Whether a trial OS version waits for this group to be healthy before it commits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
 }
 
 /// An instance's health as queries show it; in JSON and tables, the lowercase word.
