@@ -75,6 +75,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Os(#[from] crate::os::OsError),
 }
 
 fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
@@ -120,6 +122,8 @@ pub struct Agent {
     /// The reconciler's time in milliseconds (the system clock; tests move a fake one).
     clock: Clock,
     pub metrics: crate::metrics::Metrics,
+    /// The host's own OS versions, when it runs Juice OS.
+    os: Option<Arc<crate::os::OsControl>>,
 }
 
 /// What a query shows of a live instance: its fixed facts and a handle on its
@@ -242,6 +246,7 @@ impl Agent {
             wake,
             clock,
             metrics: crate::metrics::Metrics::new(),
+            os: crate::os::OsControl::detect(home).map(Arc::new),
         }))
     }
 
@@ -252,6 +257,11 @@ impl Agent {
 
     pub fn home(&self) -> &Path {
         &self.home
+    }
+
+    /// The host's OS versions, when this daemon runs on Juice OS.
+    pub fn os(&self) -> Option<&Arc<crate::os::OsControl>> {
+        self.os.as_ref()
     }
 
     pub fn state(&self) -> &State {

@@ -24,7 +24,9 @@ use utoipa_axum::routes;
 use crate::agent::{
     Agent, AgentError, Change, DebugRequest, GroupDescription, GroupView, InstanceView, Stats,
 };
+use crate::os::{Installed, OsError, TrialEnd};
 use crate::site::Site;
+use juice_os::slots::OsStatus;
 use crate::state::Event;
 
 /// The checked-in copy of the OpenAPI document (a test keeps it equal to [`document`]).
@@ -57,6 +59,8 @@ enum Failure {
     ReadLog(std::io::Error),
     #[error("bad debug request: {0}")]
     BadDebug(String),
+    #[error("bad OS request: {0}")]
+    BadOs(serde_json::Error),
     /// The blocking task running agent work panicked or was cancelled.
     #[error("{0}")]
     Task(tokio::task::JoinError),
@@ -71,7 +75,8 @@ impl Failure {
             | Failure::BadName(_)
             | Failure::NotASite(_)
             | Failure::BadRollback(_)
-            | Failure::BadDebug(_) => StatusCode::BAD_REQUEST,
+            | Failure::BadDebug(_)
+            | Failure::BadOs(_) => StatusCode::BAD_REQUEST,
             Failure::NoLogs(_) => StatusCode::NOT_FOUND,
             Failure::ReadLog(_) | Failure::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Failure::Agent(e) => match e {
@@ -88,8 +93,26 @@ impl Failure {
                 } => StatusCode::SERVICE_UNAVAILABLE,
                 AgentError::Start { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 AgentError::State(_) | AgentError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                AgentError::Os(e) => os_status(e),
             },
         }
+    }
+}
+
+fn os_status(e: &OsError) -> StatusCode {
+    use juice_os::slots::SlotsError;
+    match e {
+        OsError::NotJuiceOs | OsError::Slots(SlotsError::NoVersion(_)) => StatusCode::NOT_FOUND,
+        OsError::TrialNeedsChoice
+        | OsError::Slots(
+            SlotsError::NotCommitted { .. }
+            | SlotsError::NothingToRollBackTo
+            | SlotsError::NotTrial(_)
+            | SlotsError::AlreadyRunning(_)
+            | SlotsError::NotJuiceOs,
+        ) => StatusCode::CONFLICT,
+        OsError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        OsError::Slots(_) | OsError::Reboot(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -259,6 +282,119 @@ async fn rollback(
     let req: RollbackRequest = serde_json::from_slice(&body).map_err(Failure::BadRollback)?;
     let revision = blocking(agent, move |a| a.rollback(&name, req.to)).await?;
     Ok(axum::Json(RollbackAnswer { revision }))
+}
+
+fn os_of(a: &Agent) -> Result<&crate::os::OsControl, AgentError> {
+    a.os().map(|o| &**o).ok_or(AgentError::Os(OsError::NotJuiceOs))
+}
+
+/// The host's OS versions: kept, booted, committed, trial, the next boot, the last failure.
+#[utoipa::path(
+    get,
+    path = "/v1/os",
+    responses(
+        (status = 200, description = "The OS versions", body = OsStatus),
+        (status = 404, description = "This host does not run Juice OS", body = ApiError),
+    )
+)]
+async fn os_status(State(agent): Shared) -> Result<axum::Json<OsStatus>, Failure> {
+    Ok(axum::Json(
+        blocking(agent, |a| Ok(os_of(a)?.status()?)).await?,
+    ))
+}
+
+/// `POST /v1/os/update`'s body.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsUpdateRequest {
+    /// A local OS version (name or digest) or a registry reference, pulled first.
+    pub reference: String,
+    /// How many versions to keep, this one included (default 3).
+    #[serde(default)]
+    pub keep: Option<usize>,
+}
+
+/// Pull, verify (signature and policy) and write an OS version beside the kept ones,
+/// as the next boot's trial.
+#[utoipa::path(
+    post,
+    path = "/v1/os/update",
+    request_body = OsUpdateRequest,
+    responses(
+        (status = 200, description = "Written; the next boot is its trial", body = Installed),
+        (status = 400, description = "Not an update request", body = ApiError),
+        (status = 404, description = "This host does not run Juice OS", body = ApiError),
+        (status = 422, description = "Refused: unsigned, untrusted, damaged or not an OS version", body = ApiError),
+    )
+)]
+async fn os_update(State(agent): Shared, body: Bytes) -> Result<axum::Json<Installed>, Failure> {
+    let req: OsUpdateRequest = serde_json::from_slice(&body).map_err(Failure::BadOs)?;
+    let keep = req.keep.unwrap_or(juice_os::slots::KEEP).max(2);
+    Ok(axum::Json(
+        blocking(agent, move |a| Ok(os_of(a)?.update(&req.reference, keep)?)).await?,
+    ))
+}
+
+/// `POST /v1/os/rollback`'s body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsRollbackRequest {
+    /// The kept, committed version to boot next; the one before the current by default.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// `POST /v1/os/rollback`'s answer.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct OsRollbackAnswer {
+    /// The slot that boots next.
+    pub slot: String,
+}
+
+/// Make a kept, committed OS version the one the next boot starts.
+#[utoipa::path(
+    post,
+    path = "/v1/os/rollback",
+    request_body = OsRollbackRequest,
+    responses(
+        (status = 200, description = "The slot that boots next", body = OsRollbackAnswer),
+        (status = 404, description = "Not Juice OS, or no such kept version", body = ApiError),
+        (status = 409, description = "That version never committed, or nothing to go back to", body = ApiError),
+    )
+)]
+async fn os_rollback(
+    State(agent): Shared,
+    body: Bytes,
+) -> Result<axum::Json<OsRollbackAnswer>, Failure> {
+    let req: OsRollbackRequest = serde_json::from_slice(&body).map_err(Failure::BadOs)?;
+    let slot = blocking(agent, move |a| Ok(os_of(a)?.rollback(req.to.as_deref())?)).await?;
+    Ok(axum::Json(OsRollbackAnswer { slot }))
+}
+
+/// `POST /v1/os/reboot`'s body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsRebootRequest {
+    /// During a trial: whether the reboot commits it or abandons it.
+    #[serde(default)]
+    pub trial: Option<TrialEnd>,
+}
+
+/// Reboot the host through its PID 1 (during a trial, saying how the trial ends).
+#[utoipa::path(
+    post,
+    path = "/v1/os/reboot",
+    request_body = OsRebootRequest,
+    responses(
+        (status = 202, description = "PID 1 is rebooting the host"),
+        (status = 404, description = "This host does not run Juice OS", body = ApiError),
+        (status = 409, description = "A trial is undecided: say commit or abort", body = ApiError),
+    )
+)]
+async fn os_reboot(State(agent): Shared, body: Bytes) -> Result<StatusCode, Failure> {
+    let req: OsRebootRequest = serde_json::from_slice(&body).map_err(Failure::BadOs)?;
+    blocking(agent, move |a| Ok(os_of(a)?.reboot(req.trial)?)).await?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 /// Instances with their health.
@@ -582,6 +718,10 @@ fn routes() -> OpenApiRouter<Arc<Agent>> {
         .routes(routes!(logs))
         .routes(routes!(events))
         .routes(routes!(debug))
+        .routes(routes!(os_status))
+        .routes(routes!(os_update))
+        .routes(routes!(os_rollback))
+        .routes(routes!(os_reboot))
 }
 
 /// The OpenAPI document of [`router`]'s routes.

@@ -198,6 +198,44 @@ impl Client {
         Ok(answer.revision)
     }
 
+    /// The host's OS versions (`GET /v1/os`).
+    pub fn os_status(&self) -> Result<juice_os::slots::OsStatus, ClientError> {
+        self.send(Method::GET, "/v1/os", None)?.json()
+    }
+
+    /// Pulls, verifies and writes an OS version as the next boot's trial.
+    pub fn os_update(
+        &self,
+        reference: &str,
+        keep: Option<usize>,
+    ) -> Result<crate::os::Installed, ClientError> {
+        let body = crate::api::OsUpdateRequest {
+            reference: reference.to_owned(),
+            keep,
+        };
+        self.send(Method::POST, "/v1/os/update", Some(encode(&body)?))?
+            .json()
+    }
+
+    /// Makes a kept committed version boot next; the slot that will.
+    pub fn os_rollback(&self, to: Option<&str>) -> Result<String, ClientError> {
+        let body = crate::api::OsRollbackRequest {
+            to: to.map(str::to_owned),
+        };
+        let answer: crate::api::OsRollbackAnswer = self
+            .send(Method::POST, "/v1/os/rollback", Some(encode(&body)?))?
+            .json()?;
+        Ok(answer.slot)
+    }
+
+    /// Asks the host to reboot, saying how an undecided trial ends.
+    pub fn os_reboot(&self, trial: Option<crate::os::TrialEnd>) -> Result<(), ClientError> {
+        let body = crate::api::OsRebootRequest { trial };
+        self.send(Method::POST, "/v1/os/reboot", Some(encode(&body)?))?
+            .success()
+            .map(drop)
+    }
+
     pub fn instances(&self) -> Result<Vec<InstanceView>, ClientError> {
         self.send(Method::GET, "/v1/instances", None)?.json()
     }

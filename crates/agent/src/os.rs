@@ -1,16 +1,241 @@
-//! The daemon's side of Juice OS: judging a trial boot by what the API answers.
+//! The daemon's side of Juice OS: the kept versions behind `/v1/os` ([`OsControl`]), and
+//! judging a trial boot by what the API answers.
 //!
-//! The rule is [`juice_os::trial`]'s; this module only takes the samples. Each one is a
-//! real request to the daemon's own socket, so "the API answers" means what it says,
-//! and the groups come from that same answer.
+//! The trial's rule is [`juice_os::trial`]'s; this module only takes the samples. Each
+//! one is a real request to the daemon's own socket, so "the API answers" means what it
+//! says, and the groups come from that same answer.
+//!
+//! An OS update must be signed by a key this host's trust policy names: unlike an
+//! appliance, which a policy-less host may run unsigned, the OS replaces everything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use juice_image::store::Store;
+use juice_os::slots::{Booted, OsStatus, Slots, SlotsError};
 use juice_os::trial::{GroupSample, Sample, Trial, Verdict};
+use juice_os::version::OsVersion;
+use juice_registry::policy::Verdict as Trust;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::agent::{GroupStatus, GroupView};
 use crate::client::Client;
+
+/// Where PID 1 and the daemon meet: the daemon writes its verdict on a trial here, and
+/// PID 1 reboots a trial that has none by its deadline.
+pub const VERDICT: &str = "/run/juice/os/verdict";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OsError {
+    #[error("this host does not run Juice OS (it was not booted with juice.os.slot= by Juice's GRUB)")]
+    NotJuiceOs,
+    #[error(transparent)]
+    Slots(#[from] SlotsError),
+    #[error("OS version {reference} refused: {reason}")]
+    Refused { reference: String, reason: String },
+    #[error("this boot is a trial: say whether the reboot commits it (--commit) or abandons it (--abort)")]
+    TrialNeedsChoice,
+    #[error("cannot ask PID 1 to reboot: {0}")]
+    Reboot(String),
+}
+
+/// How an operator's reboot ends a trial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TrialEnd {
+    Commit,
+    Abort,
+}
+
+/// What an update wrote.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Installed {
+    pub slot: String,
+    pub version: String,
+    pub digest: String,
+    /// Who signed it, as the policy saw it.
+    pub signed_by: Vec<String>,
+}
+
+/// The OS versions of the host this daemon runs on, when it runs on Juice OS.
+pub struct OsControl {
+    slots: Slots,
+    home: PathBuf,
+    /// One change at a time: updates, rollbacks and verdicts each read and write grubenv.
+    lock: Mutex<()>,
+}
+
+impl OsControl {
+    /// The host's OS, if it was booted by Juice OS (its GRUB put `juice.os.slot=` on the
+    /// kernel command line, and its boot partition is at `/boot`).
+    pub fn detect(home: &Path) -> Option<OsControl> {
+        let booted = Booted::current()?;
+        let boot = Path::new("/boot");
+        if !boot.join("grub/grubenv").is_file() {
+            return None;
+        }
+        Some(OsControl {
+            slots: Slots::new(boot, &home.join("os"), Some(booted)),
+            home: home.to_owned(),
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn booted(&self) -> Option<&Booted> {
+        self.slots.booted.as_ref()
+    }
+
+    pub fn status(&self) -> Result<OsStatus, OsError> {
+        let _l = self.locked();
+        Ok(self.slots.status()?)
+    }
+
+    /// Pulls (for a registry reference), checks the signature against the policy, and
+    /// writes the version beside the kept ones as the next boot's trial. Nothing is
+    /// written on the boot partition before the version passed every check.
+    pub fn update(&self, reference: &str, keep: usize) -> Result<Installed, OsError> {
+        let refused = |reason: String| OsError::Refused {
+            reference: reference.to_owned(),
+            reason,
+        };
+        let store = Store::open(&self.home).map_err(|e| refused(e.to_string()))?;
+        if juice_registry::reference::looks_remote(reference) {
+            juice_registry::remote::RemoteOptions::from_env(&self.home)
+                .and_then(|o| juice_registry::remote::Remote::new(&o))
+                .and_then(|r| r.pull(&store, reference))
+                .map_err(|e| refused(format!("pulling it: {e}")))?;
+        }
+        let admitted = juice_registry::policy::admit(&store, reference)
+            .map_err(|e| refused(e.to_string()))?;
+        let signed_by = match admitted.verdict {
+            Trust::SignedBy(keys) => keys,
+            Trust::NoPolicy => {
+                return Err(refused(format!(
+                    "an OS version must be signed by a key this host trusts, and there is no {}",
+                    juice_registry::policy::policy_path(&self.home).display()
+                )));
+            }
+            Trust::Unsigned => {
+                return Err(refused(format!(
+                    "it is not signed, and an OS version must be signed by a key {} trusts",
+                    juice_registry::policy::policy_path(&self.home).display()
+                )));
+            }
+        };
+        let version = OsVersion::open(&store, &admitted.digest.to_string())
+            .map_err(|e| refused(e.to_string()))?;
+        let _l = self.locked();
+        let work = self.home.join("tmp");
+        std::fs::create_dir_all(&work).map_err(|e| refused(format!("{}: {e}", work.display())))?;
+        let slot = self.slots.install(&store, &version, keep, &work)?;
+        Ok(Installed {
+            slot,
+            version: version.config.version.clone(),
+            digest: admitted.digest.to_string(),
+            signed_by,
+        })
+    }
+
+    /// Makes a kept committed version the next boot's (default: the one before).
+    pub fn rollback(&self, to: Option<&str>) -> Result<String, OsError> {
+        let _l = self.locked();
+        Ok(self.slots.rollback(to)?)
+    }
+
+    /// Whether this boot's trial already has a verdict (or is no trial).
+    pub fn decided(&self) -> bool {
+        !self.booted().is_some_and(|b| b.trial) || Path::new(VERDICT).exists()
+    }
+
+    /// Records a verdict on the trial: in grubenv and the history, then for PID 1.
+    pub fn verdict(&self, verdict: &Verdict) -> Result<(), OsError> {
+        let _l = self.locked();
+        let line = match verdict {
+            Verdict::Pending => return Ok(()),
+            Verdict::Commit => {
+                self.slots.commit()?;
+                "committed\n".to_owned()
+            }
+            Verdict::Fail(reason) => {
+                self.slots.fail(reason)?;
+                format!("failed: {reason}\n")
+            }
+        };
+        let path = Path::new(VERDICT);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(path, line).map_err(|e| OsError::Reboot(format!("{}: {e}", path.display())))
+    }
+
+    /// An operator's reboot. During an undecided trial it must say how the trial ends.
+    pub fn reboot(&self, trial: Option<TrialEnd>) -> Result<(), OsError> {
+        if !self.decided() {
+            match trial {
+                None => return Err(OsError::TrialNeedsChoice),
+                Some(TrialEnd::Commit) => self.verdict(&Verdict::Commit)?,
+                Some(TrialEnd::Abort) => self.verdict(&Verdict::Fail(
+                    "abandoned by an operator's reboot".into(),
+                ))?,
+            }
+        }
+        request_reboot()
+    }
+}
+
+/// Asks PID 1 (`juice-host`) to reboot: SIGUSR1 is its reboot request.
+pub fn request_reboot() -> Result<(), OsError> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(1),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .map_err(|e| OsError::Reboot(e.to_string()))
+}
+
+/// Judges this boot's trial in a thread of its own, then records the verdict, and on a
+/// failure asks PID 1 to reboot (GRUB then boots the committed version). The clock starts
+/// at the kernel's boot; the daemon's deadline comes `margin` before PID 1's own.
+pub fn spawn_trial_judge(
+    os: std::sync::Arc<OsControl>,
+    socket: PathBuf,
+    stability: Duration,
+    deadline: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("os-trial".into())
+        .spawn(move || {
+            let uptime = std::fs::read_to_string("/proc/uptime")
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(Duration::ZERO, Duration::from_secs_f64);
+            let began = Instant::now().checked_sub(uptime).unwrap_or_else(Instant::now);
+            let verdict = judge(
+                &socket,
+                Trial::new(stability, deadline),
+                began,
+                Duration::from_secs(1),
+            );
+            let (line, failed) = match &verdict {
+                Verdict::Fail(reason) => (format!("trial failed: {reason}"), true),
+                _ => ("trial committed".to_owned(), false),
+            };
+            eprintln!("{}", serde_json::json!({"level": "info", "msg": line}));
+            if let Err(e) = os.verdict(&verdict) {
+                eprintln!("{}", serde_json::json!({"level": "error", "msg": format!("cannot record the trial's verdict: {e}")}));
+            }
+            if failed && let Err(e) = request_reboot() {
+                eprintln!("{}", serde_json::json!({"level": "error", "msg": e.to_string()}));
+            }
+        })
+}
 
 /// Whether a group counts as healthy for a trial, and if not, why.
 fn group_sample(g: &GroupView) -> GroupSample {

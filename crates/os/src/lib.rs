@@ -17,6 +17,7 @@ pub mod grub;
 pub mod grubenv;
 pub mod select;
 pub mod settings;
+pub mod slots;
 pub mod trial;
 pub mod version;
 
