@@ -26,8 +26,8 @@ use crate::agent::{
 };
 use crate::os::{Installed, OsError, TrialEnd};
 use crate::site::Site;
-use juice_os::slots::OsStatus;
 use crate::state::Event;
+use juice_os::slots::OsStatus;
 
 /// The checked-in copy of the OpenAPI document (a test keeps it equal to [`document`]).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -93,13 +93,13 @@ impl Failure {
                 } => StatusCode::SERVICE_UNAVAILABLE,
                 AgentError::Start { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 AgentError::State(_) | AgentError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                AgentError::Os(e) => os_status(e),
+                AgentError::Os(e) => os_error_status(e),
             },
         }
     }
 }
 
-fn os_status(e: &OsError) -> StatusCode {
+fn os_error_status(e: &OsError) -> StatusCode {
     use juice_os::slots::SlotsError;
     match e {
         OsError::NotJuiceOs | OsError::Slots(SlotsError::NoVersion(_)) => StatusCode::NOT_FOUND,
@@ -285,7 +285,9 @@ async fn rollback(
 }
 
 fn os_of(a: &Agent) -> Result<&crate::os::OsControl, AgentError> {
-    a.os().map(|o| &**o).ok_or(AgentError::Os(OsError::NotJuiceOs))
+    a.os()
+        .map(|o| &**o)
+        .ok_or(AgentError::Os(OsError::NotJuiceOs))
 }
 
 /// The host's OS versions: kept, booted, committed, trial, the next boot, the last failure.

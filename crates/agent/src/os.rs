@@ -29,13 +29,17 @@ pub const VERDICT: &str = "/run/juice/os/verdict";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OsError {
-    #[error("this host does not run Juice OS (it was not booted with juice.os.slot= by Juice's GRUB)")]
+    #[error(
+        "this host does not run Juice OS (it was not booted with juice.os.slot= by Juice's GRUB)"
+    )]
     NotJuiceOs,
     #[error(transparent)]
     Slots(#[from] SlotsError),
     #[error("OS version {reference} refused: {reason}")]
     Refused { reference: String, reason: String },
-    #[error("this boot is a trial: say whether the reboot commits it (--commit) or abandons it (--abort)")]
+    #[error(
+        "this boot is a trial: say whether the reboot commits it (--commit) or abandons it (--abort)"
+    )]
     TrialNeedsChoice,
     #[error("cannot ask PID 1 to reboot: {0}")]
     Reboot(String),
@@ -113,8 +117,8 @@ impl OsControl {
                 .and_then(|r| r.pull(&store, reference))
                 .map_err(|e| refused(format!("pulling it: {e}")))?;
         }
-        let admitted = juice_registry::policy::admit(&store, reference)
-            .map_err(|e| refused(e.to_string()))?;
+        let admitted =
+            juice_registry::policy::admit(&store, reference).map_err(|e| refused(e.to_string()))?;
         let signed_by = match admitted.verdict {
             Trust::SignedBy(keys) => keys,
             Trust::NoPolicy => {
@@ -182,9 +186,9 @@ impl OsControl {
             match trial {
                 None => return Err(OsError::TrialNeedsChoice),
                 Some(TrialEnd::Commit) => self.verdict(&Verdict::Commit)?,
-                Some(TrialEnd::Abort) => self.verdict(&Verdict::Fail(
-                    "abandoned by an operator's reboot".into(),
-                ))?,
+                Some(TrialEnd::Abort) => {
+                    self.verdict(&Verdict::Fail("abandoned by an operator's reboot".into()))?
+                }
             }
         }
         request_reboot()

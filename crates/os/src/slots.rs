@@ -189,7 +189,10 @@ impl Slots {
             f.sync_all()
         });
         if let Err(e) = result {
-            eprintln!("juice: cannot record {event} of slot {slot} in {}: {e}", path.display());
+            eprintln!(
+                "juice: cannot record {event} of slot {slot} in {}: {e}",
+                path.display()
+            );
         }
     }
 
@@ -228,7 +231,11 @@ impl Slots {
         let versions = slots
             .into_iter()
             .map(|slot| {
-                let f = state.slots.get(slot).copied().unwrap_or(SlotFlags::default());
+                let f = state
+                    .slots
+                    .get(slot)
+                    .copied()
+                    .unwrap_or(SlotFlags::default());
                 let info = self.info(slot);
                 SlotStatus {
                     slot: slot.clone(),
@@ -241,7 +248,11 @@ impl Slots {
                 }
             })
             .collect();
-        let last_failure = self.history().into_iter().rev().find(|e| e.event == "failed");
+        let last_failure = self
+            .history()
+            .into_iter()
+            .rev()
+            .find(|e| e.event == "failed");
         Ok(OsStatus {
             booted: self.booted.clone(),
             versions,
@@ -273,7 +284,12 @@ impl Slots {
             for s in &evict {
                 let info = self.info(s);
                 self.boot.remove_version(s)?;
-                self.record("evicted", s, info.as_ref().map(|i| i.version.as_str()), None);
+                self.record(
+                    "evicted",
+                    s,
+                    info.as_ref().map(|i| i.version.as_str()),
+                    None,
+                );
             }
         }
         let dir = work.join(format!("os-{slot}-{}", std::process::id()));
@@ -385,6 +401,200 @@ impl Slots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grubenv::Env;
+    use crate::version::{file_sha256, pack};
+    use juice_image::store::Store;
+
+    struct Host {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        store: Store,
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        std::fs::create_dir_all(root.join("boot/grub")).unwrap();
+        std::fs::write(
+            root.join("boot/grub/grubenv"),
+            Env::default().to_block().unwrap(),
+        )
+        .unwrap();
+        let store = Store::open(&root.join("home")).unwrap();
+        Host {
+            _dir: dir,
+            root,
+            store,
+        }
+    }
+
+    impl Host {
+        fn slots(&self, booted: Option<(&str, bool)>) -> Slots {
+            Slots::new(
+                &self.root.join("boot"),
+                &self.root.join("home/os"),
+                booted.map(|(slot, trial)| Booted {
+                    slot: slot.into(),
+                    trial,
+                }),
+            )
+        }
+
+        fn version(&self, name: &str) -> OsVersion {
+            let k = self.root.join(format!("k-{name}"));
+            let i = self.root.join(format!("i-{name}"));
+            std::fs::write(&k, format!("kernel {name}")).unwrap();
+            std::fs::write(&i, format!("initrd {name}")).unwrap();
+            let config = OsConfig {
+                version: name.into(),
+                cmdline: "console=ttyS0".into(),
+                kernel_release: "6.1".into(),
+                kernel_sha256: file_sha256(&k).unwrap(),
+                initrd_sha256: file_sha256(&i).unwrap(),
+                juice: "0.1.0".into(),
+            };
+            let reference = format!("juice-os:{name}");
+            pack(&self.store, &reference, &config, &k, &i).unwrap();
+            OsVersion::open(&self.store, &reference).unwrap()
+        }
+
+        fn install(&self, slots: &Slots, name: &str) -> String {
+            let work = self.root.join("work");
+            std::fs::create_dir_all(&work).unwrap();
+            slots
+                .install(&self.store, &self.version(name), KEEP, &work)
+                .unwrap()
+        }
+    }
+
+    fn summary(s: &OsStatus) -> Vec<String> {
+        s.versions
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}={}{}{}{}",
+                    v.slot,
+                    v.version.as_deref().unwrap_or("?"),
+                    if v.ok { "" } else { " bad" },
+                    if v.committed { " committed" } else { "" },
+                    if v.tried { " tried" } else { "" }
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_update_is_the_next_trial_and_a_commit_keeps_it() {
+        let h = host();
+        let first = h.slots(None);
+        assert_eq!(h.install(&first, "1"), "s1");
+        // As `juice os disk` leaves it: the first version committed.
+        let mut st = first.boot.read_state().unwrap();
+        st.commit("s1").unwrap();
+        first.boot.write_state(&st).unwrap();
+
+        let running = h.slots(Some(("s1", false)));
+        assert_eq!(h.install(&running, "2"), "s2");
+        let status = running.status().unwrap();
+        assert_eq!(summary(&status), ["s2=2", "s1=1 committed"]);
+        assert_eq!(
+            status.next,
+            Some(NextBoot {
+                slot: "s2".into(),
+                trial: true
+            })
+        );
+        assert_eq!(
+            std::fs::read(h.root.join("boot/os/s2/vmlinuz")).unwrap(),
+            b"kernel 2"
+        );
+
+        // GRUB marks the try and boots s2 as a trial; the daemon commits it.
+        let mut st = running.boot.read_state().unwrap();
+        st.begin();
+        running.boot.write_state(&st).unwrap();
+        let trial = h.slots(Some(("s2", true)));
+        trial.commit().unwrap();
+        let status = trial.status().unwrap();
+        assert_eq!(summary(&status), ["s2=2 committed tried", "s1=1 committed"]);
+        assert_eq!(status.next.unwrap().slot, "s2");
+        let events: Vec<String> = trial.history().into_iter().map(|e| e.event).collect();
+        assert_eq!(events, ["installed", "installed", "committed"]);
+    }
+
+    #[test]
+    fn a_failed_trial_is_marked_bad_with_its_reason_and_the_old_version_boots() {
+        let h = host();
+        let s = h.slots(None);
+        h.install(&s, "1");
+        let mut st = s.boot.read_state().unwrap();
+        st.commit("s1").unwrap();
+        s.boot.write_state(&st).unwrap();
+        h.install(&h.slots(Some(("s1", false))), "2");
+        let trial = h.slots(Some(("s2", true)));
+        trial.fail("critical group web is not healthy").unwrap();
+        let status = trial.status().unwrap();
+        assert_eq!(summary(&status), ["s2=2 bad", "s1=1 committed"]);
+        assert_eq!(status.next.unwrap().slot, "s1");
+        let last = status.last_failure.unwrap();
+        assert_eq!(last.slot, "s2");
+        assert_eq!(
+            last.reason.as_deref(),
+            Some("critical group web is not healthy")
+        );
+        // Not a trial: nothing to commit or fail.
+        assert!(matches!(
+            h.slots(Some(("s1", false))).commit(),
+            Err(SlotsError::NotTrial(_))
+        ));
+    }
+
+    #[test]
+    fn a_rollback_goes_to_any_kept_committed_version_and_eviction_spares_the_running_one() {
+        let h = host();
+        let mut booted = "s1".to_owned();
+        for name in ["1", "2", "3"] {
+            let s = h.slots(Some((&booted, false)));
+            let slot = h.install(&s, name);
+            let mut st = s.boot.read_state().unwrap();
+            st.begin();
+            st.commit(&slot).unwrap();
+            s.boot.write_state(&st).unwrap();
+            booted = slot;
+        }
+        let s = h.slots(Some((&booted, false)));
+        assert_eq!(
+            summary(&s.status().unwrap()),
+            [
+                "s3=3 committed tried",
+                "s2=2 committed tried",
+                "s1=1 committed tried"
+            ]
+        );
+        // Default: the committed version before the current one.
+        assert_eq!(s.rollback(None).unwrap(), "s2");
+        // Any kept committed version, by name.
+        assert_eq!(s.rollback(Some("1")).unwrap(), "s1");
+        assert_eq!(s.status().unwrap().next.unwrap().slot, "s1");
+        assert!(matches!(
+            s.rollback(Some("9")),
+            Err(SlotsError::NoVersion(_))
+        ));
+        // A fourth version evicts the least preferred that is neither booted (s3) nor
+        // the committed one that boots next (s1).
+        let slot = h.install(&s, "4");
+        let names = summary(&s.status().unwrap());
+        assert_eq!(names.len(), KEEP, "{names:?}");
+        assert!(names[0].starts_with(&format!("{slot}=4")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("s3=3")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("s1=1")), "{names:?}");
+        assert!(!h.root.join("boot/os/s2").exists());
+        assert!(
+            s.history()
+                .iter()
+                .any(|e| e.event == "evicted" && e.slot == "s2")
+        );
+    }
 
     #[test]
     fn the_command_line_names_the_slot_and_the_trial() {
