@@ -354,6 +354,59 @@ impl Slots {
         Ok(())
     }
 
+    /// After a fallback: every trial preferred before the booted version that was tried
+    /// and never committed failed before anyone could judge it (a kernel that panicked,
+    /// a PID 1 that gave up at its deadline). Each is marked bad, and unless PID 1 already
+    /// recorded why, the history says so. Returns the slots settled.
+    pub fn settle_unjudged(&self) -> Result<Vec<String>, SlotsError> {
+        let Some(booted) = &self.booted else {
+            return Ok(Vec::new());
+        };
+        let mut state = self.state()?;
+        let ahead: Vec<String> = state
+            .order
+            .iter()
+            .take_while(|s| **s != booted.slot)
+            .filter(|s| {
+                state
+                    .slots
+                    .get(*s)
+                    .is_some_and(|f| f.ok && f.tried && !f.good)
+            })
+            .cloned()
+            .collect();
+        if ahead.is_empty() {
+            return Ok(ahead);
+        }
+        let history = self.history();
+        for slot in &ahead {
+            state.mark_bad(slot)?;
+        }
+        self.save(&state)?;
+        for slot in &ahead {
+            let since_install = history
+                .iter()
+                .rev()
+                .take_while(|e| !(e.slot == *slot && e.event == "installed"));
+            let explained = since_install
+                .into_iter()
+                .any(|e| e.slot == *slot && e.event == "failed");
+            if !explained {
+                let v = self.info(slot).map(|i| i.version);
+                self.record(
+                    "failed",
+                    slot,
+                    v.as_deref(),
+                    Some(
+                        "its trial boot never reached the daemon's verdict: the kernel or PID 1 \
+                         failed first, and the boot loader fell back",
+                    ),
+                );
+            }
+        }
+        Ok(ahead)
+    }
+
     /// Makes a kept, committed version the one that boots next: `to` names a version,
     /// or by default the committed version preferred after the one that boots now.
     pub fn rollback(&self, to: Option<&str>) -> Result<String, SlotsError> {
@@ -547,6 +600,29 @@ mod tests {
             h.slots(Some(("s1", false))).commit(),
             Err(SlotsError::NotTrial(_))
         ));
+    }
+
+    #[test]
+    fn a_trial_that_never_reached_a_verdict_is_marked_bad_once_the_old_version_runs() {
+        let h = host();
+        let s = h.slots(None);
+        h.install(&s, "1");
+        let mut st = s.boot.read_state().unwrap();
+        st.commit("s1").unwrap();
+        s.boot.write_state(&st).unwrap();
+        h.install(&h.slots(Some(("s1", false))), "2");
+        // GRUB tried s2; its kernel panicked; GRUB fell back to s1.
+        let mut st = s.boot.read_state().unwrap();
+        assert_eq!(st.begin().unwrap().slot, "s2");
+        s.boot.write_state(&st).unwrap();
+        let after = h.slots(Some(("s1", false)));
+        assert_eq!(after.settle_unjudged().unwrap(), ["s2"]);
+        let status = after.status().unwrap();
+        assert_eq!(summary(&status), ["s2=2 bad tried", "s1=1 committed"]);
+        let why = status.last_failure.unwrap().reason.unwrap();
+        assert!(why.contains("never reached the daemon's verdict"), "{why}");
+        // Settled once: a second start finds nothing.
+        assert!(after.settle_unjudged().unwrap().is_empty());
     }
 
     #[test]
