@@ -8,6 +8,7 @@ mod docs;
 mod fleet;
 mod host;
 mod images;
+mod os;
 mod output;
 mod progress;
 mod run;
@@ -184,6 +185,11 @@ enum Command {
         #[command(subcommand)]
         command: fleet::FleetCommand,
     },
+    /// The host's own OS as an immutable image: build, write a disk, update, roll back, status.
+    Os {
+        #[command(subcommand)]
+        command: os::OsCommand,
+    },
     /// Print the completion script for a shell (e.g. `juice completions bash > /etc/bash_completion.d/juice`).
     Completions {
         #[arg(value_enum)]
@@ -256,6 +262,7 @@ fn main() -> ExitCode {
         Command::Top => top::top(format).map(|()| 0),
         Command::Run(args) => run::run(args),
         Command::Fleet { command } => fleet::run(command, format).map(|()| 0),
+        Command::Os { command } => os::run(command, format).map(|()| 0),
         Command::Completions { shell } => docs::completions(Cli::command(), shell)
             .map(|()| 0)
             .map_err(Into::into),

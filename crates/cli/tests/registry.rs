@@ -8,88 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, InstanceSweeper, Juice, free_port};
+use common::{InstanceSweeper, Juice, Registry};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A `docker-registry` of our own on loopback, stopped by PID when dropped.
-struct Registry {
-    _guard: ChildGuard,
-    port: u16,
-    dir: tempfile::TempDir,
-    /// The CA that signed its certificate, when it speaks TLS.
-    ca: Option<PathBuf>,
-}
-
-impl Registry {
-    /// `secure`: TLS with a certificate from `juice certs`, and basic auth (user `ci`, password `s3cret`).
-    fn start(j: &Juice, secure: bool) -> Registry {
-        common::require("docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().display()
-        );
-        let mut ca = None;
-        if secure {
-            common::require("htpasswd");
-            let certs = dir.path().join("certs");
-            j.ok(&["certs", certs.to_str().unwrap(), "--host", "127.0.0.1"]);
-            config.push_str(&format!(
-                "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server-key.pem\nauth:\n  htpasswd:\n    realm: juice-test\n    path: {1}/htpasswd\n",
-                certs.display(),
-                dir.path().display()
-            ));
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", "ci", "s3cret"])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
-            ca = Some(certs.join("ca.pem"));
-        }
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let guard = ChildGuard::spawn(
-            Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config_path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry {
-            _guard: guard,
-            port,
-            dir,
-            ca,
-        }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn reference(&self, repo: &str) -> String {
-        format!("{}/{repo}", self.host())
-    }
-
-    /// The registry's own copy of a blob.
-    fn blob_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
 
 /// A hello-web appliance directory whose version (and so digest) is `version`.
 fn app(j: &Juice, version: &str) -> String {

@@ -480,3 +480,83 @@ impl Etcd {
         Etcd::start_on(&data, client_port, peer_port)
     }
 }
+
+/// A `docker-registry` of our own on loopback, stopped by PID when dropped.
+pub struct Registry {
+    _guard: ChildGuard,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    /// The CA that signed its certificate, when it speaks TLS.
+    pub ca: Option<PathBuf>,
+}
+
+impl Registry {
+    /// `secure`: TLS with a certificate from `juice certs`, and basic auth (user `ci`, password `s3cret`).
+    pub fn start(j: &Juice, secure: bool) -> Registry {
+        require("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().display()
+        );
+        let mut ca = None;
+        if secure {
+            require("htpasswd");
+            let certs = dir.path().join("certs");
+            j.ok(&["certs", certs.to_str().unwrap(), "--host", "127.0.0.1"]);
+            config.push_str(&format!(
+                "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server-key.pem\nauth:\n  htpasswd:\n    realm: juice-test\n    path: {1}/htpasswd\n",
+                certs.display(),
+                dir.path().display()
+            ));
+            let out = std::process::Command::new("htpasswd")
+                .args(["-Bbn", "ci", "s3cret"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            ca = Some(certs.join("ca.pem"));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let guard = ChildGuard::spawn(
+            std::process::Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry {
+            _guard: guard,
+            port,
+            dir,
+            ca,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn reference(&self, repo: &str) -> String {
+        format!("{}/{repo}", self.host())
+    }
+
+    /// The registry's own copy of a blob.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
