@@ -368,6 +368,7 @@ pub fn doctor(format: Format) -> Result<i32> {
 pub fn daemon(
     listen: Option<std::net::SocketAddr>,
     tls: Option<PathBuf>,
+    site: Option<PathBuf>,
     fleet: &crate::fleet::JoinArgs,
 ) -> Result {
     let home = crate::juice_home();
@@ -400,6 +401,25 @@ pub fn daemon(
         .ok()
         .and_then(|e| e.last().map(|e| e.seq))
         .unwrap_or(0);
+    // The site is applied beside the API, not before it: a site that takes long to pull,
+    // or is invalid, must not keep the host's API from answering (a Juice OS host has no
+    // other way in). An error becomes an event, which the loop below logs.
+    if let Some(file) = site {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let result = load_site(&file)
+                .and_then(|site| agent.apply(&site, true).map_err(Into::into));
+            let msg = match result {
+                Ok(changes) => format!(
+                    "site {} applied at start: {} change(s)",
+                    file.display(),
+                    changes.len()
+                ),
+                Err(e) => format!("site {} not applied at start: {e}", file.display()),
+            };
+            let _ = agent.state().event(None, None, &msg);
+        });
+    }
     loop {
         if signalled(&signals, Duration::from_millis(200)) {
             break;
