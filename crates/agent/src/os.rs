@@ -23,9 +23,7 @@ use utoipa::ToSchema;
 use crate::agent::{GroupStatus, GroupView};
 use crate::client::Client;
 
-/// Where PID 1 and the daemon meet: the daemon writes its verdict on a trial here, and
-/// PID 1 reboots a trial that has none by its deadline.
-pub const VERDICT: &str = "/run/juice/os/verdict";
+pub use juice_os::slots::VERDICT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OsError {
@@ -152,6 +150,12 @@ impl OsControl {
     pub fn rollback(&self, to: Option<&str>) -> Result<String, OsError> {
         let _l = self.locked();
         Ok(self.slots.rollback(to)?)
+    }
+
+    /// Trials that fell back before a verdict, now marked bad (see [`Slots::settle_unjudged`]).
+    pub fn settle_unjudged(&self) -> Result<Vec<String>, OsError> {
+        let _l = self.locked();
+        Ok(self.slots.settle_unjudged()?)
     }
 
     /// Whether this boot's trial already has a verdict (or is no trial).

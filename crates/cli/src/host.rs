@@ -365,9 +365,57 @@ pub fn doctor(format: Format) -> Result<i32> {
 
 /// `juice daemon`: runs until SIGINT/SIGTERM; instances keep running after it.
 /// With `listen`, the API is also served over TCP to mutual-TLS clients only.
+/// On Juice OS: settles trials that fell back before a verdict, and judges this boot's
+/// trial in the background. The trial's timing is host.toml's (`[os]`), the deadline
+/// overridden by `juice.os.deadline=` on the kernel command line; the daemon decides
+/// before PID 1's own deadline, so its verdict (and reason) comes first.
+fn judge_os_trial(agent: &Arc<Agent>, os: Arc<juice_agent::os::OsControl>) {
+    let event = |msg: String| {
+        let _ = agent.state().event(None, None, &msg);
+    };
+    match os.settle_unjudged() {
+        Ok(settled) => {
+            for slot in settled {
+                event(format!(
+                    "OS slot {slot} fell back before its trial's verdict: marked bad"
+                ));
+            }
+        }
+        Err(e) => event(format!("cannot settle earlier OS trials: {e}")),
+    }
+    if os.decided() {
+        return;
+    }
+    let settings =
+        juice_os::settings::Settings::load_if_present(&agent.home().join(juice_os::settings::FILE))
+            .ok()
+            .flatten()
+            .map(|l| l.settings.os)
+            .unwrap_or_default();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let deadline =
+        juice_os::slots::deadline_from_cmdline(&cmdline).unwrap_or(settings.trial_deadline);
+    let margin = (deadline / 4).min(Duration::from_secs(15));
+    let ours = deadline.saturating_sub(margin);
+    event(format!(
+        "OS trial: commits after {} healthy, or fails at {} after the boot",
+        humantime::format_duration(settings.stability),
+        humantime::format_duration(ours)
+    ));
+    if let Err(e) = juice_agent::os::spawn_trial_judge(
+        os,
+        juice_agent::socket(agent.home()),
+        settings.stability,
+        ours,
+    ) {
+        event(format!("cannot judge the OS trial: {e}"));
+    }
+}
+
 pub fn daemon(
     listen: Option<std::net::SocketAddr>,
     tls: Option<PathBuf>,
+    site: Option<PathBuf>,
     fleet: &crate::fleet::JoinArgs,
 ) -> Result {
     let home = crate::juice_home();
@@ -400,6 +448,28 @@ pub fn daemon(
         .ok()
         .and_then(|e| e.last().map(|e| e.seq))
         .unwrap_or(0);
+    // The site is applied beside the API, not before it: a site that takes long to pull,
+    // or is invalid, must not keep the host's API from answering (a Juice OS host has no
+    // other way in). An error becomes an event, which the loop below logs.
+    if let Some(file) = site {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let result =
+                load_site(&file).and_then(|site| agent.apply(&site, true).map_err(Into::into));
+            let msg = match result {
+                Ok(changes) => format!(
+                    "site {} applied at start: {} change(s)",
+                    file.display(),
+                    changes.len()
+                ),
+                Err(e) => format!("site {} not applied at start: {e}", file.display()),
+            };
+            let _ = agent.state().event(None, None, &msg);
+        });
+    }
+    if let Some(os) = agent.os().cloned() {
+        judge_os_trial(&agent, os);
+    }
     loop {
         if signalled(&signals, Duration::from_millis(200)) {
             break;

@@ -115,6 +115,10 @@ enum Command {
         /// Certificates for --listen (default: $JUICE_HOME/tls, made by `juice certs`).
         #[arg(long, value_name = "DIR")]
         tls: Option<PathBuf>,
+        /// Apply this site file at start (as `juice apply`); an invalid site is reported as
+        /// an event and the daemon keeps serving its API.
+        #[arg(long, value_name = "FILE")]
+        site: Option<PathBuf>,
         #[command(flatten)]
         fleet: fleet::JoinArgs,
     },
@@ -244,7 +248,12 @@ fn main() -> ExitCode {
         }
         Command::Import(args) => dist::import_cmd(&args, format).map(|()| 0),
         Command::Export { image, file } => dist::export(&image, &file).map(|()| 0),
-        Command::Daemon { listen, tls, fleet } => host::daemon(listen, tls, &fleet).map(|()| 0),
+        Command::Daemon {
+            listen,
+            tls,
+            site,
+            fleet,
+        } => host::daemon(listen, tls, site, &fleet).map(|()| 0),
         Command::Doctor => host::doctor(format),
         Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
         Command::Up { file } => host::up(&file).map(|()| 0),
@@ -428,6 +437,16 @@ mod tests {
             Ok(Command::Daemon { fleet, .. }) => assert!(fleet.controller),
             _ => panic!("`juice daemon --fleet ... --fleet-controller` should parse"),
         }
+        match parse(&["daemon", "--site", "/var/lib/juice/site.toml"]).map(|c| c.command) {
+            Ok(Command::Daemon { site, .. }) => {
+                assert_eq!(site, Some(PathBuf::from("/var/lib/juice/site.toml")));
+            }
+            _ => panic!("`juice daemon --site FILE` should parse"),
+        }
+        let e = parse(&["daemon", "--site"])
+            .err()
+            .expect("--site needs a file");
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
         let e = parse(&["daemon", "--fleet-controller"])
             .err()
             .expect("--fleet-controller without --fleet is refused");

@@ -48,9 +48,8 @@ pub enum OsCommand {
     Disk {
         /// The OS version in the local store.
         version: String,
-        /// The image file to write.
-        #[arg(short = 'o', long = "output")]
-        output: PathBuf,
+        /// The disk image file to write.
+        image: PathBuf,
         /// The disk's size.
         #[arg(long, default_value = "2GiB")]
         size: bytesize::ByteSize,
@@ -122,11 +121,11 @@ pub fn run(command: OsCommand, format: Format) -> Result {
         ),
         OsCommand::Disk {
             version,
-            output,
+            image,
             size,
             boot_size,
             data,
-        } => disk(&version, &output, size.as_u64(), boot_size.as_u64(), data),
+        } => disk(&version, &image, size.as_u64(), boot_size.as_u64(), data),
         OsCommand::Status { disk: Some(image) } => print_status(&offline_status(&image)?, format),
         OsCommand::Status { disk: None } => print_status(&client()?.os_status()?, format),
         OsCommand::Update {
@@ -285,10 +284,23 @@ fn disk(version: &str, output: &Path, size: u64, boot_size: u64, data: Option<Pa
             juice_os::settings::Settings::load(&host)?;
         }
     }
-    let work = tempfile::Builder::new()
-        .prefix("juice-os-disk")
-        .tempdir_in(store.tmp_dir())?;
-    let files = v.extract(&store, work.path())?;
+    let work = store.temp_path("os-disk");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let result = write_disk(&v, &store, &work, output, size, boot_size, data);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn write_disk(
+    v: &OsVersion,
+    store: &Store,
+    work: &Path,
+    output: &Path,
+    size: u64,
+    boot_size: u64,
+    data: Option<PathBuf>,
+) -> Result {
+    let files = v.extract(store, work)?;
     let info = SlotInfo {
         version: v.config.version.clone(),
         digest: v.record.digest.to_string(),

@@ -17,6 +17,7 @@
 use std::path::PathBuf;
 
 pub mod exec;
+pub mod net;
 pub mod root;
 pub mod session;
 pub mod view;

@@ -58,8 +58,15 @@ impl Kernel {
         })
     }
 
-    /// The modules to load, dependencies first, as (name, file).
+    /// The modules a Juice guest loads ([`NEEDED_MODULES`]), dependencies first, as (name, file).
     pub fn module_closure(&self) -> Result<Vec<(String, PathBuf)>, VmError> {
+        self.module_closure_of(NEEDED_MODULES)
+    }
+
+    /// `wanted` and their dependencies from `modules.dep`, dependencies first, as
+    /// (name, file). A module built into the kernel is skipped; one that is neither a
+    /// module nor built in is an error.
+    pub fn module_closure_of(&self, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, VmError> {
         let Some(dir) = &self.modules else {
             return Ok(Vec::new());
         };
@@ -69,7 +76,7 @@ impl Kernel {
         let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         let deps = parse_modules_dep(&text);
         let mut order = Vec::new();
-        for m in NEEDED_MODULES {
+        for m in wanted {
             if deps.contains_key(*m) {
                 visit(m, &deps, &mut order, 0)?;
             } else if !builtin.lines().any(|l| module_name(l) == *m) {

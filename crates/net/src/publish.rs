@@ -15,6 +15,11 @@
 //! - No target (no instance ready): no rule, so the connection reaches the
 //!   host itself, where Juice holds nothing: refused (a TCP reset), unless a
 //!   host process listens on that port.
+//! - Clients on other hosts need the kernel to forward their DNATed packets to
+//!   the bridge and the replies back: publishing turns `net.ipv4.ip_forward` on
+//!   where it is off, as Docker does (a Juice OS host, or a fresh Debian, has it
+//!   off). Instances still cannot use the host as a gateway: `table inet juice`
+//!   drops anything forwarded from the bridge that is not a reply.
 //! - Clients from the host's loopback need `route_localnet` on the bridge and
 //!   a masquerade of 127.0.0.0/8 sources leaving it (chain `post_<bridge>`),
 //!   as Docker does without its userland proxy. Instances cannot forge such a
@@ -169,6 +174,19 @@ fn route_localnet(bridge: &str) -> Result<(), NetworkError> {
     })
 }
 
+/// Turns IPv4 forwarding on, for clients on other hosts (see the module's notes).
+fn ip_forward() -> Result<(), NetworkError> {
+    let path = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
+    if std::fs::read(&path).is_ok_and(|v| v.starts_with(b"1")) {
+        return Ok(());
+    }
+    std::fs::write(&path, "1").map_err(|source| NetworkError::Io {
+        action: "write",
+        path,
+        source,
+    })
+}
+
 /// Makes the kernel's rules for the owners in `changes` match them, in one
 /// transaction, and records them. Owners not named are left as they are.
 pub fn apply(
@@ -182,6 +200,9 @@ pub fn apply(
     let mut all = current(home);
     for p in changes.values().flatten() {
         route_localnet(&p.bridge)?;
+        if !p.ports.is_empty() {
+            ip_forward()?;
+        }
     }
     super::nft::run(&script(home, changes))?;
     for (owner, p) in changes {

@@ -157,7 +157,7 @@ struct Layout {
 impl Layout {
     fn of(spec: &DiskSpec) -> Result<Layout, DiskError> {
         let spec_err = |field, reason: String| DiskError::Spec { field, reason };
-        if spec.size % MIB != 0 || spec.boot_size % MIB != 0 {
+        if !spec.size.is_multiple_of(MIB) || !spec.boot_size.is_multiple_of(MIB) {
             return Err(spec_err(
                 "size",
                 "the disk and boot sizes must be multiples of 1 MiB".into(),

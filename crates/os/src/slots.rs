@@ -16,6 +16,10 @@ use crate::disk::{BootDir, DiskError, VersionFiles};
 use crate::select::{BootState, Choice, SelectError, SlotFlags};
 use crate::version::{OsConfig, OsVersion, VersionError};
 
+/// Where PID 1 and the daemon meet: the daemon writes its verdict on a trial boot here
+/// (`committed`, or `failed: REASON`), and PID 1 reboots a trial that has none by its deadline.
+pub const VERDICT: &str = "/run/juice/os/verdict";
+
 /// How many versions a host keeps by default, the booted one included.
 pub const KEEP: usize = 3;
 
@@ -60,6 +64,16 @@ impl Booted {
     pub fn current() -> Option<Booted> {
         Booted::from_cmdline(&std::fs::read_to_string("/proc/cmdline").ok()?)
     }
+}
+
+/// `juice.os.deadline=SECONDS` on a kernel command line: the trial's deadline, when a
+/// version sets its own.
+pub fn deadline_from_cmdline(cmdline: &str) -> Option<std::time::Duration> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("juice.os.deadline="))
+        .and_then(|s| s.parse().ok())
+        .map(std::time::Duration::from_secs)
 }
 
 /// One entry of `os/history.jsonl`.

@@ -529,7 +529,10 @@ impl Registry {
         );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not start"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Registry {
@@ -559,4 +562,3 @@ impl Registry {
             .join("data")
     }
 }
-

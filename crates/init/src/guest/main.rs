@@ -17,14 +17,13 @@
 //!    as signals, reports `started`, `exit` or `failed` on `juice.status`,
 //!    syncs, and powers the VM off when the appliance ends.
 
-mod net;
-
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use juice_init::exec::{Failure, Step, Streams, prepare_and_exec};
+use juice_init::net;
 use juice_init::{
     Bind, ExitRecord, GUEST_CONFIG_SERIAL, GUEST_CONTROL_PORT, GUEST_DEBUG_PORT, GUEST_LOG_PORT,
     GUEST_ROOT_SERIAL, GUEST_STATUS_PORT, GUEST_TOOLBOX_SERIAL, GuestConfig,

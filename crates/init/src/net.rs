@@ -1,7 +1,10 @@
-//! `lo` and `eth0` over rtnetlink, synchronously: the messages come from
+//! `lo` and one interface over rtnetlink, synchronously: the messages come from
 //! `netlink-packet-route`, the socket from `netlink-sys` (no async runtime in PID 1).
+//! Shared by the microVM guest's init (`eth0`) and a Juice OS host's PID 1.
 
-use juice_init::GuestNetwork;
+use std::net::Ipv4Addr;
+
+use crate::GuestNetwork;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
@@ -18,38 +21,59 @@ pub fn loopback_only() -> Result<(), String> {
     link_up(&socket, index("lo")?)
 }
 
+/// A guest's `eth0`: one address and the default route.
 pub fn configure(n: &GuestNetwork) -> Result<(), String> {
+    configure_interface("eth0", &[(n.address, n.prefix)], Some(n.gateway))
+}
+
+/// Brings up `lo` and `interface` with `addresses` (address, prefix length) and,
+/// if given, a default route through `gateway`.
+pub fn configure_interface(
+    interface: &str,
+    addresses: &[(Ipv4Addr, u8)],
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), String> {
     let socket = open()?;
     link_up(&socket, index("lo")?)?;
-    let eth0 = index("eth0")?;
-    let mut addr = AddressMessage::default();
-    addr.header.family = AddressFamily::Inet;
-    addr.header.prefix_len = n.prefix;
-    addr.header.index = eth0;
-    addr.attributes = vec![
-        AddressAttribute::Local(n.address.into()),
-        AddressAttribute::Address(n.address.into()),
-    ];
-    request(
-        &socket,
-        RouteNetlinkMessage::NewAddress(addr),
-        NLM_F_CREATE | NLM_F_EXCL,
-        "add the address",
-    )?;
-    link_up(&socket, eth0)?;
+    let link = index(interface)?;
+    for (address, prefix) in addresses {
+        let mut addr = AddressMessage::default();
+        addr.header.family = AddressFamily::Inet;
+        addr.header.prefix_len = *prefix;
+        addr.header.index = link;
+        addr.attributes = vec![
+            AddressAttribute::Local((*address).into()),
+            AddressAttribute::Address((*address).into()),
+        ];
+        request(
+            &socket,
+            RouteNetlinkMessage::NewAddress(addr),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &format!("add the address {address}/{prefix} to {interface}"),
+        )?;
+    }
+    link_up(&socket, link)?;
+    let Some(gateway) = gateway else {
+        return Ok(());
+    };
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
     route.header.table = RouteHeader::RT_TABLE_MAIN;
     route.header.protocol = RouteProtocol::Boot;
     route.header.scope = RouteScope::Universe;
     route.header.kind = RouteType::Unicast;
-    route.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(n.gateway))];
+    route.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(gateway))];
     request(
         &socket,
         RouteNetlinkMessage::NewRoute(route),
         NLM_F_CREATE | NLM_F_EXCL,
-        "add the default route",
+        &format!("add the default route via {gateway}"),
     )
+}
+
+/// Whether an interface called `name` exists (a driver may still be probing it).
+pub fn exists(name: &str) -> bool {
+    index(name).is_ok()
 }
 
 fn open() -> Result<Socket, String> {
