@@ -66,7 +66,7 @@ pub struct GrubImages {
 /// parser runs it, so it holds plain commands only.
 pub fn early_config() -> String {
     format!(
-        "search --no-floppy --fs-label {label} --set=root\nset prefix=($root)/grub\n",
+        "search --no-floppy --label {label} --set=root\nset prefix=($root)/grub\n",
         label = crate::BOOT_LABEL
     )
 }
