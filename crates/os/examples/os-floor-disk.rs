@@ -10,7 +10,11 @@ mod support;
 use juice_os::disk::{self, DiskSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::path::PathBuf::from(std::env::args_os().nth(1).ok_or("usage: os-floor-disk DIR")?);
+    let dir = std::path::PathBuf::from(
+        std::env::args_os()
+            .nth(1)
+            .ok_or("usage: os-floor-disk DIR")?,
+    );
     support::require_all();
     let version = support::version(&dir, "s1", support::Init::Report);
     std::fs::copy(&version.initrd, dir.join("initrd.cpio"))?;

@@ -54,19 +54,38 @@ pub enum DiskError {
     Spec { field: &'static str, reason: String },
     /// Reading or writing a file failed.
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     /// Writing or reading the GPT failed.
     #[error("GPT of {path}: {source}")]
-    Gpt { path: PathBuf, source: gpt::GptError },
+    Gpt {
+        path: PathBuf,
+        source: gpt::GptError,
+    },
     /// The disk has no partition with this GPT name.
     #[error("{path} has no partition named {name}")]
     NoPartition { path: PathBuf, name: &'static str },
     /// Reading or writing the FAT boot partition failed.
     #[error("FAT boot partition of {image}, {what} {file}: {source}")]
-    Fat { image: PathBuf, what: &'static str, file: String, source: io::Error },
+    Fat {
+        image: PathBuf,
+        what: &'static str,
+        file: String,
+        source: io::Error,
+    },
     /// A file written in place must keep its size (GRUB writes `grubenv` by its sectors).
-    #[error("{file} on {image} is {have} bytes; it can only be overwritten with as many, not {want}")]
-    SizeChange { image: PathBuf, file: String, have: u64, want: u64 },
+    #[error(
+        "{file} on {image} is {have} bytes; it can only be overwritten with as many, not {want}"
+    )]
+    SizeChange {
+        image: PathBuf,
+        file: String,
+        have: u64,
+        want: u64,
+    },
     /// GRUB's images, a tool, or a command line.
     #[error(transparent)]
     Grub(#[from] GrubError),
@@ -130,6 +149,7 @@ impl DiskSpec {
 
 /// Where the three partitions lie, in sectors.
 struct Layout {
+    sectors: u64,
     bios: (u64, u64),
     boot: (u64, u64),
     data: (u64, u64),
@@ -138,11 +158,17 @@ struct Layout {
 impl Layout {
     fn of(spec: &DiskSpec) -> Result<Layout, DiskError> {
         let spec_err = |field, reason: String| DiskError::Spec { field, reason };
-        if spec.size % MIB != 0 || spec.boot_size % MIB != 0 {
-            return Err(spec_err("size", "the disk and boot sizes must be multiples of 1 MiB".into()));
+        if !spec.size.is_multiple_of(MIB) || !spec.boot_size.is_multiple_of(MIB) {
+            return Err(spec_err(
+                "size",
+                "the disk and boot sizes must be multiples of 1 MiB".into(),
+            ));
         }
         if spec.boot_size < 32 * MIB {
-            return Err(spec_err("boot_size", format!("{} bytes is below the 32 MiB minimum", spec.boot_size)));
+            return Err(spec_err(
+                "boot_size",
+                format!("{} bytes is below the 32 MiB minimum", spec.boot_size),
+            ));
         }
         let per_mib = MIB / SECTOR;
         let bios = (per_mib, per_mib);
@@ -153,10 +179,18 @@ impl Layout {
         if data_end < data_start + 16 * per_mib {
             return Err(spec_err(
                 "size",
-                format!("{} bytes leaves under 16 MiB for the data partition after a {} byte boot partition", spec.size, spec.boot_size),
+                format!(
+                    "{} bytes leaves under 16 MiB for the data partition after a {} byte boot partition",
+                    spec.size, spec.boot_size
+                ),
             ));
         }
-        Ok(Layout { bios, boot, data: (data_start, data_end - data_start) })
+        Ok(Layout {
+            sectors: spec.size / SECTOR,
+            bios,
+            boot,
+            data: (data_start, data_end - data_start),
+        })
     }
 }
 
@@ -189,7 +223,10 @@ impl Write for Region<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.room(buf.len());
         if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "past the end of the partition"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "past the end of the partition",
+            ));
         }
         let n = self.file.write_at(&buf[..n], self.start + self.pos)?;
         self.pos += n as u64;
@@ -207,7 +244,9 @@ impl Seek for Region<'_> {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = pos.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the partition"))?;
+        self.pos = pos.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "seek before the partition")
+        })?;
         Ok(self.pos)
     }
 }
@@ -216,7 +255,10 @@ impl Seek for Region<'_> {
 pub fn write(spec: &DiskSpec) -> Result<(), DiskError> {
     let layout = Layout::of(spec)?;
     if spec.versions.is_empty() {
-        return Err(DiskError::Spec { field: "versions", reason: "a disk needs at least one OS version".into() });
+        return Err(DiskError::Spec {
+            field: "versions",
+            reason: "a disk needs at least one OS version".into(),
+        });
     }
     let mut boot_cfgs = Vec::new();
     for v in &spec.versions {
@@ -228,7 +270,13 @@ pub fn write(spec: &DiskSpec) -> Result<(), DiskError> {
     let mkfs = find_mkfs()?;
     let seed = seed_of(spec);
     let path = &spec.path;
-    let io_err = |what| move |source| DiskError::Io { what, path: path.clone(), source };
+    let io_err = |what| {
+        move |source| DiskError::Io {
+            what,
+            path: path.clone(),
+            source,
+        }
+    };
 
     let file = OpenOptions::new()
         .read(true)
@@ -281,8 +329,17 @@ fn derived_uuid(seed: &[u8; 32], what: &str) -> uuid::Uuid {
     uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
-fn write_gpt(file: &File, path: &Path, layout: &Layout, seed: &[u8; 32], images: &grub::GrubImages) -> Result<(), DiskError> {
-    let gpt_err = |source| DiskError::Gpt { path: path.to_path_buf(), source };
+fn write_gpt(
+    file: &File,
+    path: &Path,
+    layout: &Layout,
+    seed: &[u8; 32],
+    images: &grub::GrubImages,
+) -> Result<(), DiskError> {
+    let gpt_err = |source| DiskError::Gpt {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut disk = gpt::GptConfig::new()
         .writable(true)
         .create_from_device(file, Some(derived_uuid(seed, "disk")))
@@ -296,11 +353,33 @@ fn write_gpt(file: &File, path: &Path, layout: &Layout, seed: &[u8; 32], images:
         name: n.to_string(),
     };
     let parts = [
-        (1, part(crate::BIOS_PARTITION, gpt::partition_types::BIOS, layout.bios)),
-        (2, part(crate::BOOT_PARTITION, gpt::partition_types::EFI, layout.boot)),
-        (3, part(crate::DATA_PARTITION, gpt::partition_types::LINUX_FS, layout.data)),
+        (
+            1,
+            part(
+                crate::BIOS_PARTITION,
+                gpt::partition_types::BIOS,
+                layout.bios,
+            ),
+        ),
+        (
+            2,
+            part(
+                crate::BOOT_PARTITION,
+                gpt::partition_types::EFI,
+                layout.boot,
+            ),
+        ),
+        (
+            3,
+            part(
+                crate::DATA_PARTITION,
+                gpt::partition_types::LINUX_FS,
+                layout.data,
+            ),
+        ),
     ];
-    disk.update_partitions(parts.into_iter().collect()).map_err(gpt_err)?;
+    disk.update_partitions(parts.into_iter().collect())
+        .map_err(gpt_err)?;
     let mut file = disk.write().map_err(gpt_err)?;
 
     // The protective MBR, carrying GRUB's boot code: boot.img up to the disk signature,
@@ -310,15 +389,22 @@ fn write_gpt(file: &File, path: &Path, layout: &Layout, seed: &[u8; 32], images:
     let mut code = [0u8; 440];
     let boot_img = images.boot_img.get(..440).ok_or_else(|| DiskError::Spec {
         field: "boot.img",
-        reason: format!("GRUB's boot.img is {} bytes, not 512", images.boot_img.len()),
+        reason: format!(
+            "GRUB's boot.img is {} bytes, not 512",
+            images.boot_img.len()
+        ),
     })?;
     code.copy_from_slice(boot_img);
     code[0x5c..0x64].copy_from_slice(&layout.bios.0.to_le_bytes());
     code[0x66..0x68].copy_from_slice(&[0x90, 0x90]);
-    let total = u32::try_from(file.seek(SeekFrom::End(0)).unwrap_or(0) / SECTOR - 1).unwrap_or(u32::MAX);
+    let total = u32::try_from(layout.sectors - 1).unwrap_or(u32::MAX);
     let mut mbr = gpt::mbr::ProtectiveMBR::with_lb_size(total);
     mbr.set_bootcode(code);
-    mbr.set_disk_signature(derived_uuid(seed, "mbr").as_bytes()[..4].try_into().unwrap_or([0; 4]));
+    mbr.set_disk_signature(
+        derived_uuid(seed, "mbr").as_bytes()[..4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
     mbr.overwrite_lba0(&mut file).map_err(|e| DiskError::Io {
         what: "write the protective MBR of",
         path: path.to_path_buf(),
@@ -330,13 +416,21 @@ fn write_gpt(file: &File, path: &Path, layout: &Layout, seed: &[u8; 32], images:
 /// core.img goes at the start of the BIOS boot partition. Its first sector (diskboot)
 /// loads the rest from the block list at its offset 0x1f4: start LBA (u64), sector
 /// count (u16), load segment (u16, kept), terminated by the zero-length entry below it.
-fn write_bios_boot(file: &File, path: &Path, layout: &Layout, images: &grub::GrubImages) -> Result<(), DiskError> {
+fn write_bios_boot(
+    file: &File,
+    path: &Path,
+    layout: &Layout,
+    images: &grub::GrubImages,
+) -> Result<(), DiskError> {
     let mut core = images.core_img.clone();
     let sectors = u64::try_from(core.len()).unwrap_or(u64::MAX) / SECTOR;
     if sectors < 2 || sectors > layout.bios.1 {
         return Err(DiskError::Spec {
             field: "core.img",
-            reason: format!("GRUB's core image is {} bytes; it must fit the 1 MiB BIOS boot partition", core.len()),
+            reason: format!(
+                "GRUB's core image is {} bytes; it must fit the 1 MiB BIOS boot partition",
+                core.len()
+            ),
         });
     }
     let rest = u16::try_from(sectors - 1).map_err(|_| DiskError::Spec {
@@ -345,11 +439,12 @@ fn write_bios_boot(file: &File, path: &Path, layout: &Layout, images: &grub::Gru
     })?;
     core[0x1f4..0x1fc].copy_from_slice(&(layout.bios.0 + 1).to_le_bytes());
     core[0x1fc..0x1fe].copy_from_slice(&rest.to_le_bytes());
-    file.write_all_at(&core, layout.bios.0 * SECTOR).map_err(|source| DiskError::Io {
-        what: "write GRUB's core image into",
-        path: path.to_path_buf(),
-        source,
-    })
+    file.write_all_at(&core, layout.bios.0 * SECTOR)
+        .map_err(|source| DiskError::Io {
+            what: "write GRUB's core image into",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn write_boot_partition(
@@ -363,26 +458,51 @@ fn write_boot_partition(
     let image = &spec.path;
     let fat_err = |what, file: &str| {
         let file = file.to_string();
-        move |source| DiskError::Fat { image: image.clone(), what, file, source }
+        move |source| DiskError::Fat {
+            image: image.clone(),
+            what,
+            file,
+            source,
+        }
     };
-    let region = || Region { file, start: layout.boot.0 * SECTOR, len: layout.boot.1 * SECTOR, pos: 0 };
+    let region = || Region {
+        file,
+        start: layout.boot.0 * SECTOR,
+        len: layout.boot.1 * SECTOR,
+        pos: 0,
+    };
     let mut label = [b' '; 11];
     label[..crate::BOOT_LABEL.len()].copy_from_slice(crate::BOOT_LABEL.as_bytes());
-    let volume_id = u32::from_le_bytes(derived_uuid(seed, "fat").as_bytes()[..4].try_into().unwrap_or([0; 4]));
-    fatfs::format_volume(region(), fatfs::FormatVolumeOptions::new().volume_label(label).volume_id(volume_id))
-        .map_err(fat_err("format", "/"))?;
+    let volume_id = u32::from_le_bytes(
+        derived_uuid(seed, "fat").as_bytes()[..4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
+    fatfs::format_volume(
+        region(),
+        fatfs::FormatVolumeOptions::new()
+            .volume_label(label)
+            .volume_id(volume_id),
+    )
+    .map_err(fat_err("format", "/"))?;
     write_label_entry(file, layout, &label).map_err(fat_err("write the volume label", "/"))?;
 
-    let fs = fatfs::FileSystem::new(region(), fatfs::FsOptions::new()).map_err(fat_err("open", "/"))?;
+    let fs =
+        fatfs::FileSystem::new(region(), fatfs::FsOptions::new()).map_err(fat_err("open", "/"))?;
     let root = fs.root_dir();
     let put = |path: &str, data: &[u8]| -> Result<(), DiskError> {
         let rel = path.trim_start_matches('/');
         if let Some((dirs, _)) = rel.rsplit_once('/') {
             let mut at = String::new();
             for d in dirs.split('/') {
-                at = if at.is_empty() { d.to_string() } else { format!("{at}/{d}") };
+                at = if at.is_empty() {
+                    d.to_string()
+                } else {
+                    format!("{at}/{d}")
+                };
                 if root.open_dir(&at).is_err() {
-                    root.create_dir(&at).map_err(fat_err("create directory", &at))?;
+                    root.create_dir(&at)
+                        .map_err(fat_err("create directory", &at))?;
                 }
             }
         }
@@ -401,14 +521,21 @@ fn write_boot_partition(
         state.commit(&spec.versions[0].slot)?;
     }
     state.write_to(&mut env)?;
-    let block = env.to_block().map_err(|source| DiskError::Env { path: image.clone(), source })?;
+    let block = env.to_block().map_err(|source| DiskError::Env {
+        path: image.clone(),
+        source,
+    })?;
     put(GRUBENV_PATH, &block)?;
     put("/grub/grub.cfg", grub::config().as_bytes())?;
     put("/EFI/BOOT/BOOTX64.EFI", &images.bootx64_efi)?;
     for (v, boot_cfg) in spec.versions.iter().zip(boot_cfgs) {
         let dir = format!("/os/{}", v.slot);
         let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| DiskError::Io { what: "read", path: p.clone(), source })
+            std::fs::read(p).map_err(|source| DiskError::Io {
+                what: "read",
+                path: p.clone(),
+                source,
+            })
         };
         put(&format!("{dir}/vmlinuz"), &read(&v.vmlinuz)?)?;
         put(&format!("{dir}/initrd"), &read(&v.initrd)?)?;
@@ -444,21 +571,46 @@ fn write_label_entry(file: &File, layout: &Layout, label: &[u8; 11]) -> io::Resu
     file.write_all_at(&entry, base + root_sector * bytes_per_sector)
 }
 
-fn write_data_partition(mkfs: &Path, spec: &DiskSpec, layout: &Layout, seed: &[u8; 32]) -> Result<(), DiskError> {
+fn write_data_partition(
+    mkfs: &Path,
+    spec: &DiskSpec,
+    layout: &Layout,
+    seed: &[u8; 32],
+) -> Result<(), DiskError> {
     let uuid = derived_uuid(seed, "ext4").hyphenated().to_string();
     let hash_seed = derived_uuid(seed, "ext4-hash").hyphenated().to_string();
     let mut cmd = Command::new(mkfs);
     cmd.env("E2FSPROGS_FAKE_TIME", "1")
-        .args(["-q", "-F", "-t", "ext4", "-L", crate::DATA_PARTITION, "-U", &uuid])
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            crate::DATA_PARTITION,
+            "-U",
+            &uuid,
+        ])
         .arg("-E")
-        .arg(format!("offset={},nodiscard,hash_seed={hash_seed}", layout.data.0 * SECTOR));
+        .arg(format!(
+            "offset={},nodiscard,hash_seed={hash_seed}",
+            layout.data.0 * SECTOR
+        ));
     if let Some(dir) = &spec.data_dir {
         cmd.arg("-d").arg(dir);
     }
-    cmd.arg(&spec.path).arg(format!("{}k", layout.data.1 * SECTOR / 1024));
-    let out = cmd.output().map_err(|source| DiskError::Io { what: "run", path: mkfs.to_path_buf(), source })?;
+    cmd.arg(&spec.path)
+        .arg(format!("{}k", layout.data.1 * SECTOR / 1024));
+    let out = cmd.output().map_err(|source| DiskError::Io {
+        what: "run",
+        path: mkfs.to_path_buf(),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(DiskError::Mkfs { path: spec.path.clone(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() });
+        return Err(DiskError::Mkfs {
+            path: spec.path.clone(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     Ok(())
 }
@@ -469,42 +621,69 @@ fn with_boot_fs<T>(
     writable: bool,
     f: impl FnOnce(&fatfs::FileSystem<Region<'_>>) -> Result<T, DiskError>,
 ) -> Result<T, DiskError> {
-    let file = OpenOptions::new().read(true).write(writable).open(image).map_err(|source| DiskError::Io {
-        what: "open",
-        path: image.to_path_buf(),
-        source,
-    })?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(image)
+        .map_err(|source| DiskError::Io {
+            what: "open",
+            path: image.to_path_buf(),
+            source,
+        })?;
     let disk = gpt::GptConfig::new()
         .writable(false)
         .open_from_device(&file)
-        .map_err(|source| DiskError::Gpt { path: image.to_path_buf(), source })?;
+        .map_err(|source| DiskError::Gpt {
+            path: image.to_path_buf(),
+            source,
+        })?;
     let boot = disk
         .partitions()
         .values()
         .find(|p| p.name == crate::BOOT_PARTITION)
-        .ok_or(DiskError::NoPartition { path: image.to_path_buf(), name: crate::BOOT_PARTITION })?;
+        .ok_or(DiskError::NoPartition {
+            path: image.to_path_buf(),
+            name: crate::BOOT_PARTITION,
+        })?;
     let region = Region {
         file: &file,
         start: boot.first_lba * SECTOR,
         len: (boot.last_lba + 1 - boot.first_lba) * SECTOR,
         pos: 0,
     };
-    let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).map_err(|source| DiskError::Fat {
+    let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).map_err(|source| {
+        DiskError::Fat {
+            image: image.to_path_buf(),
+            what: "open",
+            file: "/".into(),
+            source,
+        }
+    })?;
+    let result = f(&fs)?;
+    fs.unmount().map_err(|source| DiskError::Fat {
         image: image.to_path_buf(),
-        what: "open",
+        what: "unmount",
         file: "/".into(),
         source,
     })?;
-    let result = f(&fs)?;
-    fs.unmount().map_err(|source| DiskError::Fat { image: image.to_path_buf(), what: "unmount", file: "/".into(), source })?;
     Ok(result)
 }
 
 /// Reads a file of the boot partition of an offline disk image, e.g. [`GRUBENV_PATH`].
 pub fn read_boot_file(image: &Path, path: &str) -> Result<Vec<u8>, DiskError> {
     with_boot_fs(image, false, |fs| {
-        let err = |what| move |source| DiskError::Fat { image: image.to_path_buf(), what, file: path.to_string(), source };
-        let mut f = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err("open"))?;
+        let err = |what| {
+            move |source| DiskError::Fat {
+                image: image.to_path_buf(),
+                what,
+                file: path.to_string(),
+                source,
+            }
+        };
+        let mut f = fs
+            .root_dir()
+            .open_file(path.trim_start_matches('/'))
+            .map_err(err("open"))?;
         let mut data = Vec::new();
         f.read_to_end(&mut data).map_err(err("read"))?;
         Ok(data)
@@ -515,12 +694,27 @@ pub fn read_boot_file(image: &Path, path: &str) -> Result<Vec<u8>, DiskError> {
 /// data of the same size (as GRUB's `save_env` does to `grubenv`).
 pub fn overwrite_boot_file(image: &Path, path: &str, data: &[u8]) -> Result<(), DiskError> {
     with_boot_fs(image, true, |fs| {
-        let err = |what| move |source| DiskError::Fat { image: image.to_path_buf(), what, file: path.to_string(), source };
-        let mut f = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err("open"))?;
+        let err = |what| {
+            move |source| DiskError::Fat {
+                image: image.to_path_buf(),
+                what,
+                file: path.to_string(),
+                source,
+            }
+        };
+        let mut f = fs
+            .root_dir()
+            .open_file(path.trim_start_matches('/'))
+            .map_err(err("open"))?;
         let have = f.seek(SeekFrom::End(0)).map_err(err("seek"))?;
         let want = u64::try_from(data.len()).unwrap_or(u64::MAX);
         if have != want {
-            return Err(DiskError::SizeChange { image: image.to_path_buf(), file: path.to_string(), have, want });
+            return Err(DiskError::SizeChange {
+                image: image.to_path_buf(),
+                file: path.to_string(),
+                have,
+                want,
+            });
         }
         f.seek(SeekFrom::Start(0)).map_err(err("seek"))?;
         f.write_all(data).map_err(err("write"))?;
@@ -531,14 +725,20 @@ pub fn overwrite_boot_file(image: &Path, path: &str, data: &[u8]) -> Result<(), 
 /// Reads the boot state of an offline disk image.
 pub fn read_state(image: &Path) -> Result<BootState, DiskError> {
     let block = read_boot_file(image, GRUBENV_PATH)?;
-    let env = Env::parse(&block).map_err(|source| DiskError::Env { path: image.join(GRUBENV_PATH), source })?;
+    let env = Env::parse(&block).map_err(|source| DiskError::Env {
+        path: image.join(GRUBENV_PATH),
+        source,
+    })?;
     Ok(BootState::from_env(&env)?)
 }
 
 /// Replaces the boot state of an offline disk image (other variables are kept).
 pub fn write_state(image: &Path, state: &BootState) -> Result<(), DiskError> {
     let block = read_boot_file(image, GRUBENV_PATH)?;
-    let env_err = |source| DiskError::Env { path: image.join(GRUBENV_PATH), source };
+    let env_err = |source| DiskError::Env {
+        path: image.join(GRUBENV_PATH),
+        source,
+    };
     let mut env = Env::parse(&block).map_err(env_err)?;
     state.write_to(&mut env)?;
     overwrite_boot_file(image, GRUBENV_PATH, &env.to_block().map_err(env_err)?)
@@ -586,7 +786,9 @@ impl BootDir {
         let copy = |name: &str, from: &Path| -> Result<(), DiskError> {
             let p = tmp.join(name);
             std::fs::copy(from, &p).map_err(Self::io("copy to", &p))?;
-            File::open(&p).and_then(|f| f.sync_all()).map_err(Self::io("sync", &p))
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(Self::io("sync", &p))
         };
         copy("vmlinuz", &files.vmlinuz)?;
         copy("initrd", &files.initrd)?;
@@ -596,7 +798,9 @@ impl BootDir {
             std::fs::remove_dir_all(&dest).map_err(Self::io("remove", &dest))?;
         }
         std::fs::rename(&tmp, &dest).map_err(Self::io("rename into place", &dest))?;
-        File::open(&os).and_then(|d| d.sync_all()).map_err(Self::io("sync", &os))
+        File::open(&os)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io("sync", &os))
     }
 
     /// Removes the files of a slot (after it left the boot state).
@@ -607,10 +811,14 @@ impl BootDir {
         let os = self.root.join("os");
         let dir = os.join(slot);
         match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Self::io("remove", &dir)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(Self::io("remove", &dir)(e));
+            }
             _ => {}
         }
-        File::open(&os).and_then(|d| d.sync_all()).map_err(Self::io("sync", &os))
+        File::open(&os)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io("sync", &os))
     }
 
     /// Reads `/grub/grubenv`.
@@ -625,8 +833,14 @@ impl BootDir {
     /// file's existing sectors and a new file could lie elsewhere.
     pub fn write_env(&self, env: &Env) -> Result<(), DiskError> {
         let p = self.env_path();
-        let block = env.to_block().map_err(|source| DiskError::Env { path: p.clone(), source })?;
-        let f = OpenOptions::new().write(true).open(&p).map_err(Self::io("open", &p))?;
+        let block = env.to_block().map_err(|source| DiskError::Env {
+            path: p.clone(),
+            source,
+        })?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(Self::io("open", &p))?;
         let len = f.metadata().map_err(Self::io("stat", &p))?.len();
         if len != grubenv::BLOCK_SIZE as u64 {
             return Err(DiskError::SizeChange {
@@ -666,7 +880,13 @@ mod tests {
         let i = dir.join(format!("{slot}-initrd"));
         std::fs::write(&k, format!("kernel {slot}").repeat(1000)).unwrap();
         std::fs::write(&i, format!("initrd {slot}")).unwrap();
-        VersionFiles { slot: slot.into(), vmlinuz: k, initrd: i, os_json: b"{}".to_vec(), cmdline: "console=ttyS0".into() }
+        VersionFiles {
+            slot: slot.into(),
+            vmlinuz: k,
+            initrd: i,
+            os_json: b"{}".to_vec(),
+            cmdline: "console=ttyS0".into(),
+        }
     }
 
     #[test]
@@ -684,13 +904,23 @@ mod tests {
         state.install("s1").unwrap();
         boot.write_state(&state).unwrap();
         assert_eq!(boot.read_state().unwrap(), state);
-        assert_eq!(ino(&boot.env_path()), before, "grubenv must be written in place");
-        assert_eq!(std::fs::read_to_string(tmp.path().join("boot/os/s1/boot.cfg")).unwrap(), "set juice_cmdline=\"console=ttyS0\"\n");
+        assert_eq!(
+            ino(&boot.env_path()),
+            before,
+            "grubenv must be written in place"
+        );
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("boot/os/s1/boot.cfg")).unwrap(),
+            "set juice_cmdline=\"console=ttyS0\"\n"
+        );
         assert!(!tmp.path().join("boot/os/s1.tmp").exists());
 
         let mut bad = version(tmp.path(), "s2");
         bad.cmdline = "x\"; reboot".into();
-        assert!(matches!(boot.write_version(&bad), Err(DiskError::Grub(GrubError::BadCmdline { ch: '"', .. }))));
+        assert!(matches!(
+            boot.write_version(&bad),
+            Err(DiskError::Grub(GrubError::BadCmdline { ch: '"', .. }))
+        ));
         boot.remove_version("s1").unwrap();
         boot.remove_version("s1").unwrap();
         assert!(!tmp.path().join("boot/os/s1").exists());
@@ -711,15 +941,29 @@ mod tests {
         write(&spec).unwrap();
 
         let disk = gpt::GptConfig::new().open(&img).unwrap();
-        let names: Vec<_> = disk.partitions().values().map(|p| (p.name.clone(), p.first_lba)).collect();
-        assert_eq!(names, [("juice-bios".into(), 2048), ("juice-boot".into(), 4096), ("juice-data".into(), 4096 + 131072)]);
+        let names: Vec<_> = disk
+            .partitions()
+            .values()
+            .map(|p| (p.name.clone(), p.first_lba))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("juice-bios".into(), 2048),
+                ("juice-boot".into(), 4096),
+                ("juice-data".into(), 4096 + 131072)
+            ]
+        );
         let block = read_boot_file(&img, GRUBENV_PATH).unwrap();
         assert_eq!(block.len(), 1024);
         let state = read_state(&img).unwrap();
         assert_eq!(state.order, ["s1", "s2"]);
         assert!(state.slots["s1"].good && !state.slots["s2"].good);
         assert_eq!(read_boot_file(&img, "/os/s2/initrd").unwrap(), b"initrd s2");
-        assert_eq!(read_boot_file(&img, "/grub/grub.cfg").unwrap(), grub::config().as_bytes());
+        assert_eq!(
+            read_boot_file(&img, "/grub/grub.cfg").unwrap(),
+            grub::config().as_bytes()
+        );
 
         let mut state = state;
         state.prefer("s1").unwrap();
@@ -731,15 +975,26 @@ mod tests {
         let first = std::fs::read(&img).unwrap();
         write(&spec).unwrap();
         write_state(&img, &state).unwrap();
-        assert!(std::fs::read(&img).unwrap() == first, "two writes of one spec differ");
+        assert!(
+            std::fs::read(&img).unwrap() == first,
+            "two writes of one spec differ"
+        );
 
         // The label GRUB searches for is in the root directory.
-        let label = with_boot_fs(&img, false, |fs| Ok(fs.read_volume_label_from_root_dir().unwrap())).unwrap();
+        let label = with_boot_fs(&img, false, |fs| {
+            Ok(fs.read_volume_label_from_root_dir().unwrap())
+        })
+        .unwrap();
         assert_eq!(label.as_deref(), Some(crate::BOOT_LABEL));
 
         // Errors name the field or file.
         spec.boot_size = 16 * MIB;
         assert!(write(&spec).unwrap_err().to_string().contains("boot_size"));
-        assert!(read_boot_file(&img, "/nope").unwrap_err().to_string().contains("/nope"));
+        assert!(
+            read_boot_file(&img, "/nope")
+                .unwrap_err()
+                .to_string()
+                .contains("/nope")
+        );
     }
 }

@@ -17,8 +17,22 @@ use std::process::Command;
 
 /// The modules both images embed (GRUB cannot load more: the partition has no module dir).
 const MODULES: &[&str] = &[
-    "part_gpt", "fat", "search", "search_label", "configfile", "normal", "loadenv", "echo", "linux", "gzio",
-    "test", "reboot", "sleep", "serial", "terminal", "eval",
+    "part_gpt",
+    "fat",
+    "search",
+    "search_label",
+    "configfile",
+    "normal",
+    "loadenv",
+    "echo",
+    "linux",
+    "gzio",
+    "test",
+    "reboot",
+    "sleep",
+    "serial",
+    "terminal",
+    "eval",
 ];
 
 /// Why GRUB's images could not be made.
@@ -26,18 +40,33 @@ const MODULES: &[&str] = &[
 pub enum GrubError {
     /// A program the disk needs is not installed.
     #[error("{tool} is not installed (Debian package {package})")]
-    ToolMissing { tool: &'static str, package: &'static str },
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     /// A file from GRUB's packages is missing.
     #[error("cannot read {path} (Debian package {package}): {source}")]
-    MissingFile { path: PathBuf, package: &'static str, source: std::io::Error },
+    MissingFile {
+        path: PathBuf,
+        package: &'static str,
+        source: std::io::Error,
+    },
     /// Writing or reading a file in the work directory failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// grub-mkimage failed.
     #[error("grub-mkimage -O {format} failed: {stderr}")]
-    Mkimage { format: &'static str, stderr: String },
+    Mkimage {
+        format: &'static str,
+        stderr: String,
+    },
     /// A command line has a character that could break out of GRUB's quotes.
-    #[error("kernel command line {cmdline:?}: character {ch:?} is not allowed (letters, digits, space and ._,:=/+@- only)")]
+    #[error(
+        "kernel command line {cmdline:?}: character {ch:?} is not allowed (letters, digits, space and ._,:=/+@- only)"
+    )]
     BadCmdline { cmdline: String, ch: char },
 }
 
@@ -75,7 +104,10 @@ pub fn early_config() -> String {
 pub fn images(workdir: &Path) -> Result<GrubImages, GrubError> {
     let mkimage = find_tool("grub-mkimage", "grub-common")?;
     let early = workdir.join("early.cfg");
-    std::fs::write(&early, early_config()).map_err(|source| GrubError::Io { path: early.clone(), source })?;
+    std::fs::write(&early, early_config()).map_err(|source| GrubError::Io {
+        path: early.clone(),
+        source,
+    })?;
     let build = |format: &'static str, dir: &str, package: &'static str, extra: &[&str]| {
         let dir = Path::new("/usr/lib/grub").join(dir);
         if !dir.join("kernel.img").is_file() {
@@ -96,9 +128,15 @@ pub fn images(workdir: &Path) -> Result<GrubImages, GrubError> {
             .args(MODULES)
             .args(extra)
             .output()
-            .map_err(|source| GrubError::Io { path: mkimage.clone(), source })?;
+            .map_err(|source| GrubError::Io {
+                path: mkimage.clone(),
+                source,
+            })?;
         if !result.status.success() {
-            return Err(GrubError::Mkimage { format, stderr: String::from_utf8_lossy(&result.stderr).into_owned() });
+            return Err(GrubError::Mkimage {
+                format,
+                stderr: String::from_utf8_lossy(&result.stderr).into_owned(),
+            });
         }
         std::fs::read(&out).map_err(|source| GrubError::Io { path: out, source })
     };
@@ -111,13 +149,23 @@ pub fn images(workdir: &Path) -> Result<GrubImages, GrubError> {
         package: "grub-pc-bin",
         source,
     })?;
-    Ok(GrubImages { core_img, bootx64_efi, boot_img })
+    Ok(GrubImages {
+        core_img,
+        bootx64_efi,
+        boot_img,
+    })
 }
 
 /// Checks a kernel command line against the characters `boot.cfg` can quote safely.
 pub fn check_cmdline(cmdline: &str) -> Result<(), GrubError> {
-    match cmdline.chars().find(|c| !(c.is_ascii_alphanumeric() || " ._,:=/+@-".contains(*c))) {
-        Some(ch) => Err(GrubError::BadCmdline { cmdline: cmdline.to_string(), ch }),
+    match cmdline
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || " ._,:=/+@-".contains(*c)))
+    {
+        Some(ch) => Err(GrubError::BadCmdline {
+            cmdline: cmdline.to_string(),
+            ch,
+        }),
         None => Ok(()),
     }
 }
@@ -203,8 +251,18 @@ mod tests {
 
     #[test]
     fn command_lines_that_could_leave_the_quotes_are_refused_by_character() {
-        assert_eq!(boot_cfg("console=ttyS0 panic=1").unwrap(), "set juice_cmdline=\"console=ttyS0 panic=1\"\n");
-        for (cmdline, ch) in [("a\"b", '"'), ("a$b", '$'), ("a\\b", '\\'), ("a;b", ';'), ("a\nb", '\n'), ("é", 'é')] {
+        assert_eq!(
+            boot_cfg("console=ttyS0 panic=1").unwrap(),
+            "set juice_cmdline=\"console=ttyS0 panic=1\"\n"
+        );
+        for (cmdline, ch) in [
+            ("a\"b", '"'),
+            ("a$b", '$'),
+            ("a\\b", '\\'),
+            ("a;b", ';'),
+            ("a\nb", '\n'),
+            ("é", 'é'),
+        ] {
             match boot_cfg(cmdline) {
                 Err(GrubError::BadCmdline { ch: got, .. }) => assert_eq!(got, ch, "{cmdline:?}"),
                 other => panic!("{cmdline:?}: {other:?}"),
@@ -215,6 +273,9 @@ mod tests {
     #[test]
     fn a_missing_tool_names_its_package() {
         let err = find_tool("juice-no-such-tool", "juice-pkg").unwrap_err();
-        assert_eq!(err.to_string(), "juice-no-such-tool is not installed (Debian package juice-pkg)");
+        assert_eq!(
+            err.to_string(),
+            "juice-no-such-tool is not installed (Debian package juice-pkg)"
+        );
     }
 }

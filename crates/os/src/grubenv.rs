@@ -38,7 +38,9 @@ pub enum GrubenvError {
     #[error("GRUB environment block, line {line}: {reason}")]
     BadLine { line: usize, reason: &'static str },
     /// A variable name has a character GRUB scripts cannot use.
-    #[error("GRUB environment variable name {0:?}: only letters, digits and '_' (not first) are allowed")]
+    #[error(
+        "GRUB environment variable name {0:?}: only letters, digits and '_' (not first) are allowed"
+    )]
     BadName(String),
     /// A value has a NUL byte, which GRUB cannot store.
     #[error("GRUB environment variable {0}: the value has a NUL byte")]
@@ -71,7 +73,9 @@ impl Env {
         if block.len() != BLOCK_SIZE {
             return Err(GrubenvError::WrongSize(block.len()));
         }
-        let body = block.strip_prefix(SIGNATURE).ok_or(GrubenvError::NoSignature)?;
+        let body = block
+            .strip_prefix(SIGNATURE)
+            .ok_or(GrubenvError::NoSignature)?;
         let mut vars = BTreeMap::new();
         let mut pos = 0;
         let mut line = 1;
@@ -93,7 +97,8 @@ impl Env {
             if body[eq] != b'=' {
                 return Err(bad("no '=' in the line"));
             }
-            let name = std::str::from_utf8(&body[pos..eq]).map_err(|_| bad("the name is not UTF-8"))?;
+            let name =
+                std::str::from_utf8(&body[pos..eq]).map_err(|_| bad("the name is not UTF-8"))?;
             if !valid_name(name) {
                 return Err(bad("the name is not letters, digits and '_'"));
             }
@@ -221,12 +226,19 @@ mod tests {
             (b"a=1\na=2\n", 3, "the variable is set twice"),
             (b"a=x\0y\n", 2, "the value has a NUL byte"),
             (b"a=\xff\n", 2, "the value is not UTF-8"),
-            (b"a=1\n##b=2\n", 3, "padding '#' must run to the end of the block"),
+            (
+                b"a=1\n##b=2\n",
+                3,
+                "padding '#' must run to the end of the block",
+            ),
         ];
         for (body, line, reason) in lines {
             assert_eq!(
                 Env::parse(&block(body)).unwrap_err(),
-                GrubenvError::BadLine { line: *line, reason },
+                GrubenvError::BadLine {
+                    line: *line,
+                    reason
+                },
                 "{}",
                 String::from_utf8_lossy(body)
             );
@@ -237,19 +249,28 @@ mod tests {
         long.resize(BLOCK_SIZE, b'x');
         assert_eq!(
             Env::parse(&long).unwrap_err(),
-            GrubenvError::BadLine { line: 2, reason: "the value does not end with a newline" }
+            GrubenvError::BadLine {
+                line: 2,
+                reason: "the value does not end with a newline"
+            }
         );
         long[BLOCK_SIZE - 1] = b'\\';
         assert_eq!(
             Env::parse(&long).unwrap_err(),
-            GrubenvError::BadLine { line: 2, reason: "a backslash ends the block" }
+            GrubenvError::BadLine {
+                line: 2,
+                reason: "a backslash ends the block"
+            }
         );
     }
 
     #[test]
     fn names_grub_cannot_use_and_blocks_that_overflow_are_refused() {
         let mut env = Env::default();
-        assert_eq!(env.set("a-b", "1"), Err(GrubenvError::BadName("a-b".into())));
+        assert_eq!(
+            env.set("a-b", "1"),
+            Err(GrubenvError::BadName("a-b".into()))
+        );
         assert_eq!(env.set("", "1"), Err(GrubenvError::BadName(String::new())));
         assert_eq!(env.set("a", "x\0"), Err(GrubenvError::BadValue("a".into())));
         env.set("big", &"x".repeat(BLOCK_SIZE)).unwrap();

@@ -86,7 +86,11 @@ pub fn valid_slot(name: &str) -> bool {
 }
 
 fn check_slot(name: &str) -> Result<(), SelectError> {
-    if valid_slot(name) { Ok(()) } else { Err(SelectError::BadSlot(name.to_string())) }
+    if valid_slot(name) {
+        Ok(())
+    } else {
+        Err(SelectError::BadSlot(name.to_string()))
+    }
 }
 
 const FLAGS: [&str; 3] = ["ok", "try", "good"];
@@ -106,11 +110,20 @@ impl BootState {
             let (slot, flag) = name.rsplit_once('_')?;
             (valid_slot(slot) && FLAGS.contains(&flag)).then_some(slot)
         });
-        for slot in state.order.iter().map(String::as_str).chain(slots_with_flags) {
+        for slot in state
+            .order
+            .iter()
+            .map(String::as_str)
+            .chain(slots_with_flags)
+        {
             let flag = |f: &str| env.get(&format!("{slot}_{f}")) == Some("1");
             state.slots.insert(
                 slot.to_string(),
-                SlotFlags { ok: flag("ok"), tried: flag("try"), good: flag("good") },
+                SlotFlags {
+                    ok: flag("ok"),
+                    tried: flag("try"),
+                    good: flag("good"),
+                },
             );
         }
         Ok(state)
@@ -145,7 +158,10 @@ impl BootState {
     pub fn choose(&self) -> Option<Choice> {
         self.order.iter().find_map(|slot| {
             let f = self.slots.get(slot)?;
-            (f.ok && (f.good || !f.tried)).then(|| Choice { slot: slot.clone(), trial: !f.good })
+            (f.ok && (f.good || !f.tried)).then(|| Choice {
+                slot: slot.clone(),
+                trial: !f.good,
+            })
         })
     }
 
@@ -166,7 +182,14 @@ impl BootState {
         check_slot(slot)?;
         self.order.retain(|s| s != slot);
         self.order.insert(0, slot.to_string());
-        self.slots.insert(slot.to_string(), SlotFlags { ok: true, tried: false, good: false });
+        self.slots.insert(
+            slot.to_string(),
+            SlotFlags {
+                ok: true,
+                tried: false,
+                good: false,
+            },
+        );
         Ok(())
     }
 
@@ -228,7 +251,12 @@ impl BootState {
             .iter()
             .find(|s| self.slots.get(*s).is_some_and(|f| f.ok && f.good))
             .map(String::as_str);
-        let position = |slot: &str| self.order.iter().position(|s| s == slot).unwrap_or(usize::MAX);
+        let position = |slot: &str| {
+            self.order
+                .iter()
+                .position(|s| s == slot)
+                .unwrap_or(usize::MAX)
+        };
         let mut candidates: Vec<(&str, SlotFlags)> = self
             .slots
             .iter()
@@ -236,15 +264,26 @@ impl BootState {
             .filter(|(s, _)| Some(*s) != protected && Some(*s) != booted)
             .collect();
         // Worst first: not ok, then ok but uncommitted, then committed; each least preferred first.
-        candidates.sort_by_key(|(s, f)| (u8::from(f.ok) + u8::from(f.ok && f.good), std::cmp::Reverse(position(s))));
+        candidates.sort_by_key(|(s, f)| {
+            (
+                u8::from(f.ok) + u8::from(f.ok && f.good),
+                std::cmp::Reverse(position(s)),
+            )
+        });
         let excess = (self.slots.len() + 1).saturating_sub(keep.max(1));
-        let evict = candidates.into_iter().take(excess).map(|(s, _)| s.to_string()).collect();
+        let evict = candidates
+            .into_iter()
+            .take(excess)
+            .map(|(s, _)| s.to_string())
+            .collect();
         (new, evict)
     }
 
     fn flags_mut(&mut self, slot: &str) -> Result<&mut SlotFlags, SelectError> {
         check_slot(slot)?;
-        self.slots.get_mut(slot).ok_or_else(|| SelectError::UnknownSlot(slot.to_string()))
+        self.slots
+            .get_mut(slot)
+            .ok_or_else(|| SelectError::UnknownSlot(slot.to_string()))
     }
 }
 
@@ -261,14 +300,21 @@ mod tests {
             st.order.push(slot.to_string());
             st.slots.insert(
                 slot.to_string(),
-                SlotFlags { ok: flags.contains("ok"), tried: flags.contains("try"), good: flags.contains("good") },
+                SlotFlags {
+                    ok: flags.contains("ok"),
+                    tried: flags.contains("try"),
+                    good: flags.contains("good"),
+                },
             );
         }
         st
     }
 
     fn choice(slot: &str, trial: bool) -> Option<Choice> {
-        Some(Choice { slot: slot.into(), trial })
+        Some(Choice {
+            slot: slot.into(),
+            trial,
+        })
     }
 
     #[test]
@@ -314,28 +360,56 @@ mod tests {
         assert_eq!(st.commit("s1"), Err(SelectError::NotOk("s1".into())));
         assert_eq!(st.prefer("s1"), Err(SelectError::NotCommitted("s1".into())));
         assert_eq!(st.commit("s9"), Err(SelectError::UnknownSlot("s9".into())));
-        assert_eq!(st.install("a;reboot"), Err(SelectError::BadSlot("a;reboot".into())));
+        assert_eq!(
+            st.install("a;reboot"),
+            Err(SelectError::BadSlot("a;reboot".into()))
+        );
         // Reinstalling a slot resets it to a fresh trial.
         st.install("s1").unwrap();
-        assert_eq!(st.slots["s1"], SlotFlags { ok: true, tried: false, good: false });
+        assert_eq!(
+            st.slots["s1"],
+            SlotFlags {
+                ok: true,
+                tried: false,
+                good: false
+            }
+        );
         assert_eq!(st.order, ["s1", "s2"]);
     }
 
     #[test]
     fn free_slot_evicts_the_worst_and_never_the_running_or_committed_version() {
-        let cases: [(&str, usize, Option<&str>, &str, &[&str]); 7] = [
+        /// (state, keep, booted, new slot, evicted)
+        type Case<'a> = (&'a str, usize, Option<&'a str>, &'a str, &'a [&'a str]);
+        let cases: [Case; 7] = [
             ("", 3, None, "s1", &[]),
             ("s1:ok,good", 3, None, "s2", &[]),
             ("s2:ok,good s1:ok,good", 2, Some("s2"), "s3", &["s1"]),
-            ("s3:ok,try s2:ok,good s1:ok,good", 2, Some("s2"), "s4", &["s3", "s1"]),
-            ("s3:ok,good s2 s1:ok,good", 2, Some("s3"), "s4", &["s2", "s1"]),
+            (
+                "s3:ok,try s2:ok,good s1:ok,good",
+                2,
+                Some("s2"),
+                "s4",
+                &["s3", "s1"],
+            ),
+            (
+                "s3:ok,good s2 s1:ok,good",
+                2,
+                Some("s3"),
+                "s4",
+                &["s2", "s1"],
+            ),
             // The booted slot (a trial) and the committed preferred one both stay.
             ("s2:ok,try s1:ok,good", 1, Some("s2"), "s3", &[]),
             ("s1:ok,good s3:ok,good", 3, None, "s2", &[]),
         ];
         for (desc, keep, booted, new, evict) in cases {
             let (n, e) = state(desc).free_slot(keep, booted);
-            assert_eq!((n.as_str(), e.iter().map(String::as_str).collect::<Vec<_>>()), (new, evict.to_vec()), "{desc}");
+            assert_eq!(
+                (n.as_str(), e.iter().map(String::as_str).collect::<Vec<_>>()),
+                (new, evict.to_vec()),
+                "{desc}"
+            );
         }
     }
 
@@ -355,21 +429,25 @@ mod tests {
 
         let mut bad = Env::default();
         bad.set(ORDER_VAR, "s1 ${reboot}").unwrap();
-        assert_eq!(BootState::from_env(&bad), Err(SelectError::BadSlot("${reboot}".into())));
+        assert_eq!(
+            BootState::from_env(&bad),
+            Err(SelectError::BadSlot("${reboot}".into()))
+        );
     }
 
     fn arb_state() -> impl Strategy<Value = BootState> {
-        proptest::collection::vec((1u32..8, any::<bool>(), any::<bool>(), any::<bool>()), 0..7).prop_map(|v| {
-            let mut st = BootState::default();
-            for (n, ok, tried, good) in v {
-                let slot = format!("s{n}");
-                if !st.slots.contains_key(&slot) {
-                    st.order.push(slot.clone());
-                    st.slots.insert(slot, SlotFlags { ok, tried, good });
+        proptest::collection::vec((1u32..8, any::<bool>(), any::<bool>(), any::<bool>()), 0..7)
+            .prop_map(|v| {
+                let mut st = BootState::default();
+                for (n, ok, tried, good) in v {
+                    let slot = format!("s{n}");
+                    if !st.slots.contains_key(&slot) {
+                        st.order.push(slot.clone());
+                        st.slots.insert(slot, SlotFlags { ok, tried, good });
+                    }
                 }
-            }
-            st
-        })
+                st
+            })
     }
 
     proptest! {

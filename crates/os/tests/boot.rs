@@ -21,7 +21,10 @@ const MIB: u64 = 1 << 20;
 fn make_disk(dir: &Path, versions: &[(&str, Init)]) -> std::path::PathBuf {
     support::require_all();
     let img = dir.join("disk.img");
-    let files: Vec<_> = versions.iter().map(|(slot, init)| support::version(dir, slot, *init)).collect();
+    let files: Vec<_> = versions
+        .iter()
+        .map(|(slot, init)| support::version(dir, slot, *init))
+        .collect();
     let mut spec = DiskSpec::new(&img, files[0].clone());
     spec.versions = files;
     spec.size = 256 * MIB;
@@ -35,7 +38,10 @@ fn boot(img: &Path, firmware: Firmware, name: &str) -> (String, Vec<String>) {
     let t = Instant::now();
     let mut q = Qemu::start(img, firmware, &img.with_file_name(format!("{name}.log")));
     let console = q.wait(BOOT_TIMEOUT, |_| false);
-    eprintln!("{name}: {firmware:?} run took {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "{name}: {firmware:?} run took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let lines = booted(&console);
     (console, lines)
 }
@@ -84,7 +90,10 @@ fn a_new_version_boots_once_as_a_trial_and_grub_records_the_try() {
     let (console, lines) = boot(&img, Firmware::SeaBios, "trial");
     assert_eq!(lines, ["slot=s2 trial=1"], "console:\n{console}");
     let after = disk::read_state(&img).unwrap();
-    assert!(after.slots["s2"].tried, "GRUB did not save s2_try=1: {after:?}");
+    assert!(
+        after.slots["s2"].tried,
+        "GRUB did not save s2_try=1: {after:?}"
+    );
     assert!(!after.slots["s2"].good);
     // The daemon never committed it: the next boot is the committed version.
     assert_eq!(after.choose().map(|c| c.slot).as_deref(), Some("s1"));
@@ -100,8 +109,14 @@ fn a_panicking_trial_kernel_falls_back_to_the_committed_version_by_itself() {
 
     // One QEMU run: s2 panics, the kernel reboots (panic=1), GRUB boots s1, s1 powers off.
     let (console, lines) = boot(&img, Firmware::SeaBios, "fallback");
-    assert!(console.contains("Juice OS: booting slot s2 (trial=1)"), "console:\n{console}");
-    assert!(console.contains("Kernel panic"), "s2 did not panic; console:\n{console}");
+    assert!(
+        console.contains("Juice OS: booting slot s2 (trial=1)"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("Kernel panic"),
+        "s2 did not panic; console:\n{console}"
+    );
     assert_eq!(lines, ["slot=s1 trial=0"], "console:\n{console}");
     let after = disk::read_state(&img).unwrap();
     assert_eq!(after, state("s2:ok,try s1:ok,good"));
@@ -124,7 +139,14 @@ fn prefer_rolls_back_to_an_older_committed_version() {
 #[test]
 fn grub_and_the_rust_twin_choose_the_same_slot() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = make_disk(tmp.path(), &[("s1", Init::Report), ("s2", Init::Report), ("s3", Init::Report)]);
+    let img = make_disk(
+        tmp.path(),
+        &[
+            ("s1", Init::Report),
+            ("s2", Init::Report),
+            ("s3", Init::Report),
+        ],
+    );
     let cases = [
         // A committed slot behind a bad one and a burnt trial.
         "s3:ok,try s2 s1:ok,good",
@@ -140,7 +162,11 @@ fn grub_and_the_rust_twin_choose_the_same_slot() {
         disk::write_state(&img, &st).unwrap();
         let want = st.choose();
         let name = format!("twin{i}");
-        let mut q = Qemu::start(&img, Firmware::SeaBios, &img.with_file_name(format!("{name}.log")));
+        let mut q = Qemu::start(
+            &img,
+            Firmware::SeaBios,
+            &img.with_file_name(format!("{name}.log")),
+        );
         let t = Instant::now();
         let console = q.wait(BOOT_TIMEOUT, |c| c.contains("Juice OS: rebooting in 5 s"));
         drop(q);
@@ -148,7 +174,10 @@ fn grub_and_the_rust_twin_choose_the_same_slot() {
         match want {
             Some(c) => assert_eq!(booted(&console), [line(&c)], "{desc}; console:\n{console}"),
             None => {
-                assert!(console.contains("no bootable OS version"), "{desc}; console:\n{console}");
+                assert!(
+                    console.contains("no bootable OS version"),
+                    "{desc}; console:\n{console}"
+                );
                 assert!(booted(&console).is_empty(), "{desc}; console:\n{console}");
             }
         }

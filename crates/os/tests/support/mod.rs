@@ -31,7 +31,11 @@ pub fn kernel() -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
-    found.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")));
+    found.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("vmlinuz-"))
+    });
     found.sort();
     found.pop().expect(
         "no kernel to boot: set JUICE_TEST_KERNEL or install one (Debian package linux-image-cloud-amd64)",
@@ -44,9 +48,14 @@ pub fn require(path: &str, package: &str) {
         Path::new(path).exists()
     } else {
         let dirs = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&dirs).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(path).is_file())
+        std::env::split_paths(&dirs)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .any(|d| d.join(path).is_file())
     };
-    assert!(found, "{path} is missing: the OS boot tests need Debian package {package}");
+    assert!(
+        found,
+        "{path} is missing: the OS boot tests need Debian package {package}"
+    );
 }
 
 /// Checks every tool the boot tests use.
@@ -74,15 +83,26 @@ pub fn initramfs(path: &Path, init: Init) {
         ),
         Init::Exit => "#!/bin/busybox sh\necho JUICE-TEST init exits\nexit 1\n",
     };
-    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox (Debian package busybox-static)");
+    let busybox =
+        std::fs::read("/bin/busybox").expect("read /bin/busybox (Debian package busybox-static)");
     let entries: Vec<(Builder, Vec<u8>)> = vec![
         (Builder::new("bin").mode(0o040755).nlink(2), Vec::new()),
         (Builder::new("proc").mode(0o040755).nlink(2), Vec::new()),
         (Builder::new("dev").mode(0o040755).nlink(2), Vec::new()),
         // The kernel gives init /dev/console as stdout only if the node exists.
-        (Builder::new("dev/console").mode(0o020600).nlink(1).rdev_major(5).rdev_minor(1), Vec::new()),
+        (
+            Builder::new("dev/console")
+                .mode(0o020600)
+                .nlink(1)
+                .rdev_major(5)
+                .rdev_minor(1),
+            Vec::new(),
+        ),
         (Builder::new("bin/busybox").mode(0o100755).nlink(1), busybox),
-        (Builder::new("init").mode(0o100755).nlink(1), script.as_bytes().to_vec()),
+        (
+            Builder::new("init").mode(0o100755).nlink(1),
+            script.as_bytes().to_vec(),
+        ),
     ];
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create initramfs"));
     for (i, (b, data)) in entries.into_iter().enumerate() {
@@ -157,22 +177,35 @@ impl Qemu {
     /// No `-no-reboot`: a panicking kernel reboots into GRUB, as on a real host.
     pub fn start(disk: &Path, firmware: Firmware, log: &Path) -> Qemu {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(accel_args()).args(["-m", "512", "-nographic", "-monitor", "none"])
+        cmd.args(accel_args())
+            .args(["-m", "512", "-nographic", "-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", log.display()))
             .arg("-drive")
             .arg(format!("file={},format=raw,if=virtio", disk.display()));
         if firmware == Firmware::Ovmf {
             let vars = disk.with_extension("ovmf-vars.fd");
-            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("copy OVMF_VARS_4M.fd (Debian package ovmf)");
-            cmd.args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"])
-                .arg("-drive")
-                .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+                .expect("copy OVMF_VARS_4M.fd (Debian package ovmf)");
+            cmd.args([
+                "-drive",
+                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()));
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let started = Instant::now();
-        let child = cmd.spawn().expect("start qemu-system-x86_64 (Debian package qemu-system-x86)");
-        Qemu { child, log: log.to_path_buf(), started }
+        let child = cmd
+            .spawn()
+            .expect("start qemu-system-x86_64 (Debian package qemu-system-x86)");
+        Qemu {
+            child,
+            log: log.to_path_buf(),
+            started,
+        }
     }
 
     /// The serial console so far.
@@ -195,7 +228,14 @@ impl Qemu {
                 panic!("GRUB stopped at its shell; console:\n{console}");
             }
             if Instant::now() > deadline {
-                let tail: String = console.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String = console
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 panic!("QEMU did not finish within {timeout:?}; console tail:\n{tail}");
             }
             std::thread::sleep(Duration::from_millis(50));
