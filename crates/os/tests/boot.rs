@@ -87,7 +87,8 @@ fn a_new_version_boots_once_as_a_trial_and_grub_records_the_try() {
     st.install("s2").unwrap();
     disk::write_state(&img, &st).unwrap();
 
-    let (console, lines) = boot(&img, Firmware::SeaBios, "trial");
+    // Under OVMF: GRUB's save_env must work under UEFI too (the fallback test covers SeaBIOS).
+    let (console, lines) = boot(&img, Firmware::Ovmf, "trial");
     assert_eq!(lines, ["slot=s2 trial=1"], "console:\n{console}");
     let after = disk::read_state(&img).unwrap();
     assert!(
