@@ -149,6 +149,7 @@ impl DiskSpec {
 
 /// Where the three partitions lie, in sectors.
 struct Layout {
+    sectors: u64,
     bios: (u64, u64),
     boot: (u64, u64),
     data: (u64, u64),
@@ -185,6 +186,7 @@ impl Layout {
             ));
         }
         Ok(Layout {
+            sectors: spec.size / SECTOR,
             bios,
             boot,
             data: (data_start, data_end - data_start),
@@ -395,8 +397,7 @@ fn write_gpt(
     code.copy_from_slice(boot_img);
     code[0x5c..0x64].copy_from_slice(&layout.bios.0.to_le_bytes());
     code[0x66..0x68].copy_from_slice(&[0x90, 0x90]);
-    let total =
-        u32::try_from(file.seek(SeekFrom::End(0)).unwrap_or(0) / SECTOR - 1).unwrap_or(u32::MAX);
+    let total = u32::try_from(layout.sectors - 1).unwrap_or(u32::MAX);
     let mut mbr = gpt::mbr::ProtectiveMBR::with_lb_size(total);
     mbr.set_bootcode(code);
     mbr.set_disk_signature(

@@ -110,6 +110,9 @@ impl Env {
                     Some(b'\n') => break,
                     Some(b'\\') => {
                         let escaped = *body.get(i + 1).ok_or(bad("a backslash ends the block"))?;
+                        if escaped == 0 {
+                            return Err(bad("the value has a NUL byte"));
+                        }
                         value.push(escaped);
                         i += 2;
                     }
@@ -225,6 +228,8 @@ mod tests {
             (b"a b=1\n", 2, "the name is not letters, digits and '_'"),
             (b"a=1\na=2\n", 3, "the variable is set twice"),
             (b"a=x\0y\n", 2, "the value has a NUL byte"),
+            // Found by the fuzz target: an escaped NUL is still a NUL.
+            (b"a=\\\0\n", 2, "the value has a NUL byte"),
             (b"a=\xff\n", 2, "the value is not UTF-8"),
             (
                 b"a=1\n##b=2\n",

@@ -377,12 +377,11 @@ mod tests {
         assert_eq!(st.order, ["s1", "s2"]);
     }
 
-    /// (state, keep, booted, the new slot, the evicted)
-    type FreeSlotCase<'a> = (&'a str, usize, Option<&'a str>, &'a str, &'a [&'a str]);
-
     #[test]
     fn free_slot_evicts_the_worst_and_never_the_running_or_committed_version() {
-        let cases: [FreeSlotCase; 7] = [
+        /// (state, keep, booted, new slot, evicted)
+        type Case<'a> = (&'a str, usize, Option<&'a str>, &'a str, &'a [&'a str]);
+        let cases: [Case; 7] = [
             ("", 3, None, "s1", &[]),
             ("s1:ok,good", 3, None, "s2", &[]),
             ("s2:ok,good s1:ok,good", 2, Some("s2"), "s3", &["s1"]),
