@@ -250,6 +250,12 @@ fn configure_host(settings: &Settings) {
         Ok(what) => log(&format!("network: {what}")),
         Err(e) => log(&format!("network: {e}")),
     }
+    // Published ports are DNAT to instances on the bridge: the host routes for them.
+    // Juice's own rules (juice_net::nft) keep everything else from being forwarded.
+    match std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        Ok(()) => log("IPv4 forwarding on, for published ports"),
+        Err(e) => log(&format!("cannot turn IPv4 forwarding on: {e}")),
+    }
     if let Some(resolv) = settings.resolv_conf() {
         match std::fs::write("/etc/resolv.conf", resolv) {
             Ok(()) => log("wrote /etc/resolv.conf"),
