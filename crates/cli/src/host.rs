@@ -407,8 +407,8 @@ pub fn daemon(
     if let Some(file) = site {
         let agent = agent.clone();
         std::thread::spawn(move || {
-            let result = load_site(&file)
-                .and_then(|site| agent.apply(&site, true).map_err(Into::into));
+            let result =
+                load_site(&file).and_then(|site| agent.apply(&site, true).map_err(Into::into));
             let msg = match result {
                 Ok(changes) => format!(
                     "site {} applied at start: {} change(s)",

@@ -216,13 +216,12 @@ fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
 
 /// A gzip-compressed cpio newc of `entries`, in their (sorted) order; inode numbers
 /// follow that order, times are 0 and the gzip header has no name and no time.
-pub fn write_cpio_gz(
-    entries: &BTreeMap<String, Entry>,
-    out: impl Write,
-) -> Result<(), BuildError> {
+pub fn write_cpio_gz(entries: &BTreeMap<String, Entry>, out: impl Write) -> Result<(), BuildError> {
     use cpio::newc::Builder;
     let err = |e: std::io::Error| {
-        BuildError::Io(juice_image::PathError::at("write", Path::new("initramfs"))(e))
+        BuildError::Io(juice_image::PathError::at("write", Path::new("initramfs"))(
+            e,
+        ))
     };
     let mut gz = flate2::GzBuilder::new()
         .mtime(0)

@@ -69,8 +69,9 @@ pub enum SettingsError {
     Invalid(#[from] ManifestError),
 }
 
-/// The host's settings, at the current schema version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The host's settings, at the current schema version. The default is a host with
+/// loopback only, no remote API and no site.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     pub hostname: Option<String>,
     pub network: Option<Network>,
@@ -146,18 +147,6 @@ impl Default for OsSettings {
         OsSettings {
             trial_deadline: default_deadline(),
             stability: default_stability(),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
-            hostname: None,
-            network: None,
-            daemon: Daemon::default(),
-            site: None,
-            os: OsSettings::default(),
         }
     }
 }
@@ -385,12 +374,7 @@ impl Settings {
         if n.dns.is_empty() {
             return None;
         }
-        Some(
-            n.dns
-                .iter()
-                .map(|d| format!("nameserver {d}\n"))
-                .collect(),
-        )
+        Some(n.dns.iter().map(|d| format!("nameserver {d}\n")).collect())
     }
 }
 
@@ -510,9 +494,10 @@ trial_deadline = "2m"
 
     #[test]
     fn version_1_migrates_its_single_address_in_memory() {
-        let v1 = V2
-            .replace("version = 2", "version = 1")
-            .replace("addresses = [\"10.0.2.15/24\"]", "address = \"10.0.2.15/24\"");
+        let v1 = V2.replace("version = 2", "version = 1").replace(
+            "addresses = [\"10.0.2.15/24\"]",
+            "address = \"10.0.2.15/24\"",
+        );
         let l = parse(&v1).unwrap();
         assert_eq!(l.migrated_from, Some(1));
         assert_eq!(l.settings, parse(V2).unwrap().settings);
@@ -528,7 +513,10 @@ trial_deadline = "2m"
         let msg = err(&V2.replace("edge-1", "edge 1"));
         assert!(msg.starts_with("host.toml:2:1: field `hostname`"), "{msg}");
         let msg = err(&V2.replace("addresses = [\"10.0.2.15/24\"]", ""));
-        assert!(msg.contains("a gateway needs at least one address"), "{msg}");
+        assert!(
+            msg.contains("a gateway needs at least one address"),
+            "{msg}"
+        );
         let msg = err(&V2.replace("0.0.0.0:7443", "nowhere"));
         assert!(msg.starts_with("host.toml:10:"), "{msg}");
     }

@@ -83,9 +83,9 @@ impl Qemu {
 }
 
 fn require(tool: &str) {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(tool).is_file())
-    }) || Path::new("/usr/sbin").join(tool).is_file()
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        || Path::new("/usr/sbin").join(tool).is_file()
         || Path::new("/sbin").join(tool).is_file();
     assert!(found, "{tool} is needed for this test and is not installed");
 }
@@ -271,7 +271,10 @@ fn boot(dir: &Path, initrd: &Path, disk: &Path, port: u16) -> Qemu {
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 loglevel=4{}", if kvm() { "" } else { " tsc_early_khz=1000000" }))
+        .arg(format!(
+            "console=ttyS0 panic=-1 loglevel=4{}",
+            if kvm() { "" } else { " tsc_early_khz=1000000" }
+        ))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=raw", disk.display()))
         .arg("-netdev")
@@ -361,7 +364,9 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
     eprintln!(
         "initramfs {} bytes (gzip), kernel {} bytes; made with the disk in {:?}",
         std::fs::metadata(&initrd).unwrap().len(),
-        std::fs::metadata(Kernel::find().unwrap().image).unwrap().len(),
+        std::fs::metadata(Kernel::find().unwrap().image)
+            .unwrap()
+            .len(),
         t0.elapsed()
     );
     let port = free_port();
@@ -376,7 +381,10 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
             break text;
         }
         if let Ok(Some(status)) = vm.child.try_wait() {
-            panic!("QEMU ended ({status}) before hello-web answered:\n{}", vm.serial());
+            panic!(
+                "QEMU ended ({status}) before hello-web answered:\n{}",
+                vm.serial()
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -399,7 +407,10 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
         "juice-host: watchdog /dev/watchdog armed",
         "juice-host: started the daemon",
     ] {
-        assert!(console.contains(step), "the console shows {step:?}:\n{console}");
+        assert!(
+            console.contains(step),
+            "the console shows {step:?}:\n{console}"
+        );
     }
     assert!(
         !console.contains("not loaded"),
@@ -409,7 +420,10 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
     vm.monitor("sendkey ctrl-alt-delete");
     let status = vm.wait_exit(Duration::from_secs(120));
     let console = vm.serial();
-    eprintln!("QEMU exited ({status}) {:?} after start", vm.started.elapsed());
+    eprintln!(
+        "QEMU exited ({status}) {:?} after start",
+        vm.started.elapsed()
+    );
     for step in [
         "juice-host: SIGINT: rebooting",
         "juice-host: stopping the daemon",
@@ -421,7 +435,10 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
         "juice-host: watchdog disarmed",
         "juice-host: rebooting",
     ] {
-        assert!(console.contains(step), "the console shows {step:?}:\n{console}");
+        assert!(
+            console.contains(step),
+            "the console shows {step:?}:\n{console}"
+        );
     }
     let part = data_partition(&disk, dir.path());
     let out = sbin("dumpe2fs").arg("-h").arg(&part).output().unwrap();
@@ -458,7 +475,11 @@ fn an_invalid_host_toml_is_shown_on_the_console_with_its_line_and_field() {
         Duration::from_secs(30),
     );
     vm.wait_for_console("juice-host: started the daemon", Duration::from_secs(30));
-    assert!(vm.serial().contains("did you mean `gateway`"), "{}", vm.serial());
+    assert!(
+        vm.serial().contains("did you mean `gateway`"),
+        "{}",
+        vm.serial()
+    );
     eprintln!("the error was on the console {at:?} after QEMU started");
     vm.monitor("sendkey ctrl-alt-delete");
     vm.wait_exit(Duration::from_secs(120));

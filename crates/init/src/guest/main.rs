@@ -17,7 +17,6 @@
 //!    as signals, reports `started`, `exit` or `failed` on `juice.status`,
 //!    syncs, and powers the VM off when the appliance ends.
 
-
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

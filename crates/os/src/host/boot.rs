@@ -58,6 +58,7 @@ pub fn on_initramfs() -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()
+        .rev()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             let _dev = w.next()?;
@@ -65,7 +66,7 @@ pub fn on_initramfs() -> bool {
             let kind = w.next()?;
             (target == "/").then_some(kind)
         })
-        .last()
+        .next()
         .is_some_and(|kind| kind == "rootfs")
 }
 
@@ -105,14 +106,8 @@ pub fn switch_root() -> Result<std::convert::Infallible, Failed> {
         .map_err(|e| Failed(format!("move {from} to {to}: {e}")))?;
     }
     nix::unistd::chdir("/newroot").map_err(|e| Failed(format!("chdir /newroot: {e}")))?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(|e| Failed(format!("move the new root onto /: {e}")))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| Failed(format!("move the new root onto /: {e}")))?;
     nix::unistd::chroot(".").map_err(|e| Failed(format!("chroot: {e}")))?;
     nix::unistd::chdir("/").map_err(|e| Failed(format!("chdir /: {e}")))?;
     let init = c"/init";
@@ -126,7 +121,10 @@ fn move_tree(from: &Path, to: &Path) -> Result<(), Failed> {
     if meta.is_dir() {
         std::fs::create_dir_all(to).map_err(|e| fail("create", e))?;
         std::fs::set_permissions(to, meta.permissions()).map_err(|e| fail("chmod", e))?;
-        for e in std::fs::read_dir(from).map_err(|e| fail("read", e))?.flatten() {
+        for e in std::fs::read_dir(from)
+            .map_err(|e| fail("read", e))?
+            .flatten()
+        {
             move_tree(&e.path(), &to.join(e.file_name()))?;
         }
         let _ = std::fs::remove_dir(from);
@@ -208,9 +206,8 @@ pub fn load_modules(log: &impl Fn(&str)) -> Vec<String> {
         let result = std::fs::File::open(&path).and_then(|file| {
             // SAFETY: finit_module with an open module file, a NUL-terminated (empty)
             // parameter string and no flags; the kernel reads both during the call.
-            let rc = unsafe {
-                libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), 0)
-            };
+            let rc =
+                unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), 0) };
             match rc {
                 0 => Ok(()),
                 _ => match std::io::Error::last_os_error() {
@@ -297,6 +294,9 @@ mod tests {
             Some("vda2")
         );
         assert_eq!(partition_named(uevent, "juice-boot"), None);
-        assert_eq!(partition_named("DEVNAME=vda\nDEVTYPE=disk\n", "juice-data"), None);
+        assert_eq!(
+            partition_named("DEVNAME=vda\nDEVTYPE=disk\n", "juice-data"),
+            None
+        );
     }
 }

@@ -139,11 +139,11 @@ fn run() -> Result<std::convert::Infallible, Failed> {
     let mut last_pet = Instant::now();
     loop {
         supervisor.start_if_due(&log);
-        if let Some(signal) = shutdown::wait_signal(&signals, Duration::from_secs(1)) {
-            if let Some(halt) = Halt::for_signal(signal) {
-                log(&format!("{signal:?}: {}", halt.describe()));
-                shutdown::shutdown(halt, &mut supervisor, &mut watchdog);
-            }
+        if let Some(signal) = shutdown::wait_signal(&signals, Duration::from_secs(1))
+            && let Some(halt) = Halt::for_signal(signal)
+        {
+            log(&format!("{signal:?}: {}", halt.describe()));
+            shutdown::shutdown(halt, &mut supervisor, &mut watchdog);
         }
         reap(&mut supervisor);
         if last_pet.elapsed() >= PET_EVERY {
@@ -152,7 +152,10 @@ fn run() -> Result<std::convert::Infallible, Failed> {
         }
         if let Some(t) = &trial {
             if t.verdict_given() {
-                log(&format!("the daemon gave the trial's verdict: {}", t.verdict()));
+                log(&format!(
+                    "the daemon gave the trial's verdict: {}",
+                    t.verdict()
+                ));
                 trial = None;
             } else if t.expired() {
                 let reason = t.record_failure(home);
@@ -197,10 +200,7 @@ fn read_settings(path: &Path) -> Settings {
             loaded.settings
         }
         Ok(None) => {
-            log(&format!(
-                "no {}: defaults, loopback only",
-                path.display()
-            ));
+            log(&format!("no {}: defaults, loopback only", path.display()));
             Settings::default()
         }
         Err(e) => {

@@ -80,7 +80,10 @@ impl Watchdog {
     pub fn open(log: &impl Fn(&str)) -> Watchdog {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            match std::fs::OpenOptions::new().write(true).open("/dev/watchdog") {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/watchdog")
+            {
                 Ok(f) => {
                     log("watchdog /dev/watchdog armed");
                     return Watchdog(Some(f));

@@ -80,7 +80,10 @@ impl Trial {
                 f.sync_all()
             });
         if let Err(e) = written {
-            crate::log(&format!("cannot record the failure in {}: {e}", path.display()));
+            crate::log(&format!(
+                "cannot record the failure in {}: {e}",
+                path.display()
+            ));
         }
         reason
     }
@@ -104,13 +107,18 @@ mod tests {
     #[test]
     fn a_failure_is_one_json_line_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Trial::from_cmdline("juice.os.trial=1 juice.os.slot=a juice.os.deadline=5", Duration::ZERO)
-            .unwrap();
+        let t = Trial::from_cmdline(
+            "juice.os.trial=1 juice.os.slot=a juice.os.deadline=5",
+            Duration::ZERO,
+        )
+        .unwrap();
         assert_eq!(t.record_failure(dir.path()), "no verdict within 5 s");
         t.record_failure(dir.path());
         let text = std::fs::read_to_string(dir.path().join(FAILURES)).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["slot"], "a");
         assert_eq!(lines[0]["reason"], "no verdict within 5 s");
