@@ -153,7 +153,7 @@ const DATA_SIZE: u64 = 768 * MIB;
 
 /// A GPT disk with `juice-boot` (FAT) and `juice-data` (ext4 made from `home`).
 fn disk(dir: &Path, home: &Path) -> PathBuf {
-    for t in ["sfdisk", "mkfs.vfat", "mkfs.ext4", "dumpe2fs"] {
+    for t in ["sfdisk", "mkfs.vfat", "mkfs.ext4", "dumpe2fs", "debugfs"] {
         require(t);
     }
     let disk = dir.join("disk.img");
@@ -256,7 +256,7 @@ fn accel() -> Vec<&'static str> {
     }
 }
 
-fn boot(dir: &Path, initrd: &Path, disk: &Path, port: u16) -> Qemu {
+fn boot(dir: &Path, initrd: &Path, disk: &Path, port: u16, append: &str) -> Qemu {
     require("qemu-system-x86_64");
     let serial = dir.join("serial.log");
     let monitor = dir.join("monitor.sock");
@@ -272,7 +272,7 @@ fn boot(dir: &Path, initrd: &Path, disk: &Path, port: u16) -> Qemu {
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 loglevel=4{}",
+            "console=ttyS0 panic=-1 loglevel=4{}{append}",
             if kvm() { "" } else { " tsc_early_khz=1000000" }
         ))
         .arg("-drive")
@@ -370,7 +370,7 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
         t0.elapsed()
     );
     let port = free_port();
-    let mut vm = boot(dir.path(), &initrd, &disk, port);
+    let mut vm = boot(dir.path(), &initrd, &disk, port, "");
 
     let limit = Duration::from_secs(300);
     let deadline = Instant::now() + limit;
@@ -454,7 +454,8 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
 }
 
 #[test]
-fn an_invalid_host_toml_is_shown_on_the_console_with_its_line_and_field() {
+fn an_invalid_host_toml_is_shown_on_the_console_and_a_trial_without_verdict_is_recorded_and_rebooted()
+ {
     let dir = tempfile::tempdir().unwrap();
     let initrd = initramfs(dir.path());
     let home = dir.path().join("home");
@@ -465,7 +466,14 @@ fn an_invalid_host_toml_is_shown_on_the_console_with_its_line_and_field() {
     )
     .unwrap();
     let disk = disk(dir.path(), &home);
-    let mut vm = boot(dir.path(), &initrd, &disk, free_port());
+    // A trial boot too: no daemon here gives a verdict, so PID 1 records why and reboots.
+    let mut vm = boot(
+        dir.path(),
+        &initrd,
+        &disk,
+        free_port(),
+        " juice.os.trial=1 juice.os.slot=b juice.os.deadline=20",
+    );
     vm.wait_for_console(
         "juice-host: /var/lib/juice/host.toml:6:1: field `network.gatway`",
         Duration::from_secs(180),
@@ -481,6 +489,25 @@ fn an_invalid_host_toml_is_shown_on_the_console_with_its_line_and_field() {
         vm.serial()
     );
     eprintln!("the error was on the console {at:?} after QEMU started");
-    vm.monitor("sendkey ctrl-alt-delete");
+    vm.wait_for_console(
+        "juice-host: trial of slot b failed: no verdict within 20 s",
+        Duration::from_secs(120),
+    );
     vm.wait_exit(Duration::from_secs(120));
+    assert!(
+        vm.serial().contains("juice-host: rebooting"),
+        "{}",
+        vm.serial()
+    );
+    let part = data_partition(&disk, dir.path());
+    let out = sbin("debugfs")
+        .args(["-R", "cat /os/failures.jsonl"])
+        .arg(&part)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let record: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("one JSON line in failures.jsonl ({e}): {text:?}"));
+    assert_eq!(record["slot"], "b");
+    assert_eq!(record["reason"], "no verdict within 20 s");
 }
