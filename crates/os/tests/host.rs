@@ -372,6 +372,8 @@ fn a_host_boots_from_its_initramfs_serves_its_site_and_shuts_down_clean_on_ctrl_
     let port = free_port();
     let mut vm = boot(dir.path(), &initrd, &disk, port, "");
 
+    let api = vm.wait_for_console("\"msg\":\"juice daemon started\"", Duration::from_secs(240));
+    eprintln!("the daemon's API was up {api:?} after QEMU started");
     let limit = Duration::from_secs(300);
     let deadline = Instant::now() + limit;
     let answer = loop {
