@@ -1066,3 +1066,33 @@ fn walk_cgroups(dir: &Path, depth: usize) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn a_daemon_started_with_an_invalid_site_reports_it_and_keeps_serving_its_api() {
+    let _serial = serial();
+    let j = Juice::new();
+    let site = j.home.path().join("site.toml");
+    std::fs::write(
+        &site,
+        "[group.web]\nimage = \"hello-web:0.1.0\"\nsise = 2\n",
+    )
+    .unwrap();
+    let log = j.home.path().join("daemon.log");
+    let _daemon = common::daemon_with(&j, &["--site", site.to_str().unwrap()], &[], &log);
+    wait_for(
+        "the site's error in the log",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("not applied at start")
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("site.toml:3:1: field `group.web.sise`"),
+        "the event names the file, line and field: {text}"
+    );
+    // The API still answers.
+    j.ok(&["get", "groups"]);
+}

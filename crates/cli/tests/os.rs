@@ -104,7 +104,8 @@ impl Host {
     }
 }
 
-/// `juice` talking to the booted host's daemon over mutual TLS.
+/// `juice` talking to the booted host's daemon over mutual TLS: whether it succeeded,
+/// and what it printed (stdout, then stderr).
 fn remote(j: &Juice, host: &Host, tls: &Path, args: &[&str]) -> (bool, String) {
     let out = j
         .cmd()
@@ -113,17 +114,28 @@ fn remote(j: &Juice, host: &Host, tls: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    (out.status.success(), common::text(&out))
+    let (stdout, stderr, _) = common::outcome(&out);
+    (out.status.success(), format!("{stdout}{stderr}"))
 }
 
 /// `juice -o json os status` on the host, once its API answers.
 fn status(j: &Juice, host: &Host, tls: &Path) -> serde_json::Value {
     let deadline = Instant::now() + BOOT;
     loop {
-        let (ok, out) = remote(j, host, tls, &["-o", "json", "os", "status"]);
-        if ok && let Ok(v) = serde_json::from_str::<serde_json::Value>(out.trim()) {
+        let out = j
+            .cmd()
+            .env("JUICE_REMOTE", format!("127.0.0.1:{}", host.api))
+            .env("JUICE_TLS", tls)
+            .args(["-o", "json", "os", "status"])
+            .output()
+            .unwrap();
+        let (stdout, stderr, _) = common::outcome(&out);
+        if out.status.success()
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(stdout.trim())
+        {
             return v;
         }
+        let out = format!("{stdout}{stderr}");
         if Instant::now() > deadline {
             host.fail(&format!("os status never answered: {out}"));
         }

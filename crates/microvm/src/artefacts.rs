@@ -116,45 +116,89 @@ pub fn initramfs(dir: &Path, kernel: &Kernel, guest_init: &Path) -> Result<PathB
 }
 
 fn write_initramfs(path: &Path, init: &[u8], modules: &[(String, PathBuf)]) -> Result<(), VmError> {
-    use cpio::newc::Builder;
-    let mut entries: Vec<(Builder, Vec<u8>)> = Vec::new();
-    let dir = |name: &str| (Builder::new(name).mode(0o040755).nlink(2), Vec::new());
+    let mut entries: Vec<(String, CpioEntry)> = Vec::new();
     for d in ["dev", "proc", "sys", "lib", "lib/modules"] {
-        entries.push(dir(d));
+        entries.push((d.to_owned(), CpioEntry::Dir));
     }
-    entries.push((Builder::new("init").mode(0o100755).nlink(1), init.to_vec()));
+    entries.push((
+        "init".to_owned(),
+        CpioEntry::File {
+            mode: 0o755,
+            data: init.to_vec(),
+        },
+    ));
     let mut order = String::new();
     for (name, path) in modules {
-        let bytes = std::fs::read(path).map_err(io("read", path))?;
+        let data = std::fs::read(path).map_err(io("read", path))?;
         entries.push((
-            Builder::new(&format!("lib/modules/{name}.ko"))
-                .mode(0o100644)
-                .nlink(1),
-            bytes,
+            format!("lib/modules/{name}.ko"),
+            CpioEntry::File { mode: 0o644, data },
         ));
         order.push_str(name);
         order.push('\n');
     }
     entries.push((
-        Builder::new("lib/modules/order").mode(0o100644).nlink(1),
-        order.into_bytes(),
+        "lib/modules/order".to_owned(),
+        CpioEntry::File {
+            mode: 0o644,
+            data: order.into_bytes(),
+        },
     ));
     let file = std::fs::File::create(path).map_err(io("create", path))?;
     let mut out = std::io::BufWriter::new(file);
-    for (i, (builder, data)) in entries.into_iter().enumerate() {
-        // cpio newc has 32-bit inode numbers and sizes.
-        let (Ok(ino), Ok(len)) = (u32::try_from(i + 1), u32::try_from(data.len())) else {
-            return Err(io("write", path)(std::io::Error::new(
-                std::io::ErrorKind::FileTooLarge,
-                "over 2^32 entries, or one of 4 GiB or more, does not fit a cpio newc archive",
-            )));
-        };
-        let mut w = builder.ino(ino).write(&mut out, len);
-        w.write_all(&data).map_err(io("write", path))?;
-        w.finish().map_err(io("write", path))?;
-    }
-    cpio::newc::trailer(&mut out).map_err(io("write", path))?;
+    write_newc(entries.iter().map(|(p, e)| (p.as_str(), e)), &mut out)
+        .map_err(io("write", path))?;
     out.flush().map_err(io("write", path))
+}
+
+/// One entry of a cpio archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpioEntry {
+    Dir,
+    /// A regular file with its permission bits.
+    File {
+        mode: u32,
+        data: Vec<u8>,
+    },
+}
+
+/// Writes `entries` (paths without the leading `/`), in the order given, as a cpio newc
+/// archive with its trailer: inode numbers follow that order, and mtime, uid and gid
+/// are 0, so the same entries give the same bytes. Shared by the guest's initramfs and
+/// a Juice OS host's.
+pub fn write_newc<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a CpioEntry)>,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    use cpio::newc::Builder;
+    // cpio newc has 32-bit inode numbers and sizes.
+    let too_large = || {
+        std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            "over 2^32 entries, or one of 4 GiB or more, does not fit a cpio newc archive",
+        )
+    };
+    for (i, (path, entry)) in entries.into_iter().enumerate() {
+        let ino = u32::try_from(i + 1).map_err(|_| too_large())?;
+        let (builder, data): (Builder, &[u8]) = match entry {
+            CpioEntry::Dir => (Builder::new(path).mode(0o040755).nlink(2), &[]),
+            CpioEntry::File { mode, data } => (
+                Builder::new(path).mode(0o100000 | mode).nlink(1),
+                data.as_slice(),
+            ),
+        };
+        let len = u32::try_from(data.len()).map_err(|_| too_large())?;
+        let mut w = builder
+            .ino(ino)
+            .uid(0)
+            .gid(0)
+            .mtime(0)
+            .write(&mut *out, len);
+        w.write_all(data)?;
+        w.finish()?;
+    }
+    cpio::newc::trailer(&mut *out)?;
+    Ok(())
 }
 
 /// The root disk for the unpacked image at `rootfs`, made if missing.

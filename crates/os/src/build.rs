@@ -62,8 +62,6 @@ pub enum BuildError {
         program: PathBuf,
         source: juice_image::closure::ClosureError,
     },
-    #[error("{0} does not fit a cpio newc archive (4 GiB or more, or over 2^32 entries)")]
-    TooLarge(String),
 }
 
 /// What goes into an OS version's initramfs.
@@ -87,12 +85,8 @@ pub struct Initramfs {
     pub ca_certificates: Option<PathBuf>,
 }
 
-/// One entry of the archive, by path without the leading `/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    Dir,
-    File { mode: u32, data: Vec<u8> },
-}
+/// One entry of the archive (the cpio writer is shared with the microVM guest's initramfs).
+pub use juice_microvm::artefacts::CpioEntry as Entry;
 
 /// The empty directories of the root; the host mounts onto most of them.
 const DIRS: &[&str] = &[
@@ -217,7 +211,6 @@ fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
 /// A gzip-compressed cpio newc of `entries`, in their (sorted) order; inode numbers
 /// follow that order, times are 0 and the gzip header has no name and no time.
 pub fn write_cpio_gz(entries: &BTreeMap<String, Entry>, out: impl Write) -> Result<(), BuildError> {
-    use cpio::newc::Builder;
     let err = |e: std::io::Error| {
         BuildError::Io(juice_image::PathError::at("write", Path::new("initramfs"))(
             e,
@@ -226,21 +219,8 @@ pub fn write_cpio_gz(entries: &BTreeMap<String, Entry>, out: impl Write) -> Resu
     let mut gz = flate2::GzBuilder::new()
         .mtime(0)
         .write(out, flate2::Compression::default());
-    for (i, (path, entry)) in entries.iter().enumerate() {
-        let ino = u32::try_from(i + 1).map_err(|_| BuildError::TooLarge("the archive".into()))?;
-        let (builder, data): (Builder, &[u8]) = match entry {
-            Entry::Dir => (Builder::new(path).mode(0o040755).nlink(2), &[]),
-            Entry::File { mode, data } => (
-                Builder::new(path).mode(0o100000 | mode).nlink(1),
-                data.as_slice(),
-            ),
-        };
-        let len = u32::try_from(data.len()).map_err(|_| BuildError::TooLarge(path.clone()))?;
-        let mut w = builder.ino(ino).uid(0).gid(0).mtime(0).write(&mut gz, len);
-        w.write_all(data).map_err(err)?;
-        w.finish().map_err(err)?;
-    }
-    cpio::newc::trailer(&mut gz).map_err(err)?;
+    juice_microvm::artefacts::write_newc(entries.iter().map(|(p, e)| (p.as_str(), e)), &mut gz)
+        .map_err(err)?;
     gz.finish().map_err(err)?;
     Ok(())
 }

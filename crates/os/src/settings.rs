@@ -73,7 +73,8 @@ pub enum SettingsError {
     Invalid(#[from] ManifestError),
 }
 
-/// The host's settings, at the current schema version.
+/// The host's settings, at the current schema version. The default is a host with
+/// loopback only, no remote API and no site.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     pub hostname: Option<String>,
@@ -166,7 +167,6 @@ impl Default for OsSettings {
         }
     }
 }
-
 
 /// An IPv4 address with its prefix length, written `10.0.2.15/24`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,6 +58,7 @@ pub fn on_initramfs() -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()
+        .rev()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             let _dev = w.next()?;
@@ -65,7 +66,7 @@ pub fn on_initramfs() -> bool {
             let kind = w.next()?;
             (target == "/").then_some(kind)
         })
-        .last()
+        .next()
         .is_some_and(|kind| kind == "rootfs")
 }
 

@@ -143,11 +143,11 @@ fn run() -> Result<std::convert::Infallible, Failed> {
     let mut last_pet = Instant::now();
     loop {
         supervisor.start_if_due(&log);
-        if let Some(signal) = shutdown::wait_signal(&signals, Duration::from_secs(1)) {
-            if let Some(halt) = Halt::for_signal(signal) {
-                log(&format!("{signal:?}: {}", halt.describe()));
-                shutdown::shutdown(halt, &mut supervisor, &mut watchdog);
-            }
+        if let Some(signal) = shutdown::wait_signal(&signals, Duration::from_secs(1))
+            && let Some(halt) = Halt::for_signal(signal)
+        {
+            log(&format!("{signal:?}: {}", halt.describe()));
+            shutdown::shutdown(halt, &mut supervisor, &mut watchdog);
         }
         reap(&mut supervisor);
         if last_pet.elapsed() >= PET_EVERY {
@@ -253,6 +253,12 @@ fn configure_host(settings: &Settings) {
     match result {
         Ok(what) => log(&format!("network: {what}")),
         Err(e) => log(&format!("network: {e}")),
+    }
+    // Published ports are DNAT to instances on the bridge: the host routes for them.
+    // Juice's own rules (juice_net::nft) keep everything else from being forwarded.
+    match std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        Ok(()) => log("IPv4 forwarding on, for published ports"),
+        Err(e) => log(&format!("cannot turn IPv4 forwarding on: {e}")),
     }
     if let Some(resolv) = settings.resolv_conf() {
         match std::fs::write("/etc/resolv.conf", resolv) {
