@@ -277,7 +277,7 @@ fn the_host_os_updates_commits_only_when_healthy_falls_back_and_rolls_back() {
     std::fs::write(
         host_home.home.path().join("host.toml"),
         format!(
-            "version = 2\nhostname = \"juice-os-test\"\n\n[network]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\n[daemon]\nlisten = \"0.0.0.0:7443\"\ntls = \"tls\"\n\n[registries]\ninsecure = [\"{guest_registry}\"]\n\n[site]\nfile = \"site.toml\"\n\n[os]\nstability = \"5s\"\ntrial_deadline = \"45s\"\n"
+            "version = 2\nhostname = \"juice-os-test\"\n\n[network]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\n[daemon]\nlisten = \"0.0.0.0:7443\"\ntls = \"tls\"\n\n[registries]\ninsecure = [\"{guest_registry}\"]\n\n[site]\nfile = \"site.toml\"\n\n[os]\nstability = \"5s\"\ntrial_deadline = \"60s\"\n"
         ),
     )
     .unwrap();
