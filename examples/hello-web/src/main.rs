@@ -61,14 +61,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Some(dir) = &config.data {
-        if let Err(e) = record_start(dir) {
-            eprintln!(
-                "hello-web: cannot record this start in {}: {e}",
-                dir.display()
-            );
-            std::process::exit(1);
-        }
+    if let Some(dir) = &config.data
+        && let Err(e) = record_start(dir)
+    {
+        eprintln!(
+            "hello-web: cannot record this start in {}: {e}",
+            dir.display()
+        );
+        std::process::exit(1);
     }
     println!("hello-web: listening on port {}", config.port);
     let dirs = std::sync::Arc::new((config.root, config.data));
