@@ -65,6 +65,8 @@ pub struct Installed {
 pub struct OsControl {
     slots: Slots,
     home: PathBuf,
+    /// Where the verdict on a trial goes ([`VERDICT`] on a real host).
+    verdict: PathBuf,
     /// One change at a time: updates, rollbacks and verdicts each read and write grubenv.
     lock: Mutex<()>,
 }
@@ -81,8 +83,20 @@ impl OsControl {
         Some(OsControl {
             slots: Slots::new(boot, &home.join("os"), Some(booted)),
             home: home.to_owned(),
+            verdict: PathBuf::from(VERDICT),
             lock: Mutex::new(()),
         })
+    }
+
+    /// The OS versions of a host whose boot partition is at `boot`, its trial's verdict
+    /// kept at `verdict` (for tests; a real daemon uses [`OsControl::detect`]).
+    pub fn new(home: &Path, boot: &Path, booted: Booted, verdict: &Path) -> OsControl {
+        OsControl {
+            slots: Slots::new(boot, &home.join("os"), Some(booted)),
+            home: home.to_owned(),
+            verdict: verdict.to_owned(),
+            lock: Mutex::new(()),
+        }
     }
 
     fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -160,7 +174,7 @@ impl OsControl {
 
     /// Whether this boot's trial already has a verdict (or is no trial).
     pub fn decided(&self) -> bool {
-        !self.booted().is_some_and(|b| b.trial) || Path::new(VERDICT).exists()
+        !self.booted().is_some_and(|b| b.trial) || self.verdict.exists()
     }
 
     /// Records a verdict on the trial: in grubenv and the history, then for PID 1.
@@ -177,7 +191,7 @@ impl OsControl {
                 format!("failed: {reason}\n")
             }
         };
-        let path = Path::new(VERDICT);
+        let path = self.verdict.as_path();
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -325,6 +339,37 @@ mod tests {
         let stuck = group_sample(&view(2, 2, GroupStatus::CrashLoop { failures: 3 }));
         assert!(!stuck.healthy, "{stuck:?}");
         assert_eq!(stuck.restarts, 2);
+    }
+
+    #[test]
+    fn a_reboot_during_an_undecided_trial_must_say_commit_or_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let verdict = dir.path().join("verdict");
+        let os = OsControl::new(
+            dir.path(),
+            &dir.path().join("boot"),
+            Booted {
+                slot: "s2".into(),
+                trial: true,
+            },
+            &verdict,
+        );
+        assert!(!os.decided());
+        // Refused before anything is written or any signal is sent.
+        assert!(matches!(os.reboot(None), Err(OsError::TrialNeedsChoice)));
+        assert!(!verdict.exists());
+        std::fs::write(&verdict, "committed\n").unwrap();
+        assert!(os.decided(), "a verdict was given: a plain reboot is fine");
+        let committed = OsControl::new(
+            dir.path(),
+            &dir.path().join("boot"),
+            Booted {
+                slot: "s1".into(),
+                trial: false,
+            },
+            &dir.path().join("none"),
+        );
+        assert!(committed.decided(), "no trial: nothing to decide");
     }
 
     #[test]
