@@ -118,6 +118,23 @@ fn remote(j: &Juice, host: &Host, tls: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{stdout}{stderr}"))
 }
 
+/// `juice os update REGISTRY/juice-os:VERSION [--reboot]` on the host.
+fn update(
+    j: &Juice,
+    host: &Host,
+    tls: &Path,
+    registry: &str,
+    version: &str,
+    reboot: bool,
+) -> (bool, String) {
+    let reference = format!("{registry}/juice-os:{version}");
+    let mut args = vec!["os", "update", reference.as_str()];
+    if reboot {
+        args.push("--reboot");
+    }
+    remote(j, host, tls, &args)
+}
+
 /// `juice -o json os status` on the host, once its API answers.
 fn status(j: &Juice, host: &Host, tls: &Path) -> serde_json::Value {
     let deadline = Instant::now() + BOOT;
@@ -301,42 +318,18 @@ fn the_host_os_updates_commits_only_when_healthy_falls_back_and_rolls_back() {
     assert_eq!(slot_of(&s, "1")["committed"], true);
 
     // (f) Refused before anything is written: unsigned, then tampered.
-    let (ok, out) = remote(
-        &j,
-        &host,
-        &tls,
-        &[
-            "os",
-            "update",
-            &format!("{guest_registry}/juice-os:unsigned"),
-        ],
-    );
+    let (ok, out) = update(&j, &host, &tls, &guest_registry, "unsigned", false);
     assert!(!ok && out.contains("refused"), "{out}");
     assert!(out.contains("signature"), "{out}");
     let layer = tampered_layer(&j, &reg, "juice-os:4");
-    let (ok, out) = remote(
-        &j,
-        &host,
-        &tls,
-        &["os", "update", &format!("{guest_registry}/juice-os:4")],
-    );
+    let (ok, out) = update(&j, &host, &tls, &guest_registry, "4", false);
     assert!(!ok && out.contains("refused"), "{out}");
     restore(&layer);
     let s = status(&j, &host, &tls);
     assert_eq!(s["versions"].as_array().unwrap().len(), 1, "{s:#}");
 
     // (a) A good update: a trial that commits, and stays committed across a reboot.
-    let (ok, out) = remote(
-        &j,
-        &host,
-        &tls,
-        &[
-            "os",
-            "update",
-            &format!("{guest_registry}/juice-os:2"),
-            "--reboot",
-        ],
-    );
+    let (ok, out) = update(&j, &host, &tls, &guest_registry, "2", true);
     assert!(ok, "{out}");
     host.serving(2);
     let s = wait_status(&j, &host, &tls, "version 2 commits", |s| {
@@ -354,17 +347,7 @@ fn the_host_os_updates_commits_only_when_healthy_falls_back_and_rolls_back() {
     );
 
     // (b) A kernel that panics falls back by itself.
-    let (ok, out) = remote(
-        &j,
-        &host,
-        &tls,
-        &[
-            "os",
-            "update",
-            &format!("{guest_registry}/juice-os:3"),
-            "--reboot",
-        ],
-    );
+    let (ok, out) = update(&j, &host, &tls, &guest_registry, "3", true);
     assert!(ok, "{out}");
     host.serving(5);
     let s = wait_status(&j, &host, &tls, "version 3 is settled as bad", |s| {
@@ -377,17 +360,7 @@ fn the_host_os_updates_commits_only_when_healthy_falls_back_and_rolls_back() {
     );
 
     // (c) A userspace that boots but never gets healthy falls back by itself, and says why.
-    let (ok, out) = remote(
-        &j,
-        &host,
-        &tls,
-        &[
-            "os",
-            "update",
-            &format!("{guest_registry}/juice-os:4"),
-            "--reboot",
-        ],
-    );
+    let (ok, out) = update(&j, &host, &tls, &guest_registry, "4", true);
     assert!(ok, "{out}");
     let s = wait_status(&j, &host, &tls, "version 4 fails its trial", |s| {
         booted_version(s) == "2" && slot_of(s, "4")["ok"] == false

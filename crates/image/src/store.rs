@@ -391,6 +391,40 @@ impl Store {
         }
     }
 
+    /// Writes an image's config and its manifest over one gzip'd layer already in the
+    /// store, and tags it `reference`: the last steps of every image Juice makes.
+    pub fn put_image(
+        &self,
+        reference: &str,
+        config: &[u8],
+        layer: (&Digest, u64),
+    ) -> Result<(Digest, u64), StoreError> {
+        let invalid = |reason: String| StoreError::Invalid {
+            image: reference.to_owned(),
+            reason,
+        };
+        let (config_digest, config_size) = self.put_blob(config)?;
+        let manifest = oci_spec::image::ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(oci_spec::image::Descriptor::new(
+                MediaType::ImageConfig,
+                config_size,
+                oci_digest(&config_digest),
+            ))
+            .layers(vec![oci_spec::image::Descriptor::new(
+                MediaType::ImageLayerGzip,
+                layer.1,
+                oci_digest(layer.0),
+            )])
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        let bytes = canonical_json(&manifest).map_err(invalid)?;
+        let (digest, size) = self.put_blob(&bytes)?;
+        self.tag(reference, &digest, size)?;
+        Ok((digest, size))
+    }
+
     /// Reads an image's manifest and config, checking both against their digests.
     pub fn image(&self, reference: &str) -> Result<Image, StoreError> {
         let record = self.resolve(reference)?;

@@ -13,16 +13,13 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
-    Os, RootFsBuilder,
-};
+use oci_spec::image::{Arch, ConfigBuilder, ImageConfigurationBuilder, Os, RootFsBuilder};
 
 use crate::appliance::{ApplianceConfig, LABEL, SizeBreakdown};
 use crate::closure::{ClosureError, Resolver};
 use crate::digest::Digest;
 use crate::manifest::{Binary, Manifest, ManifestError};
-use crate::store::{Store, StoreError, canonical_json, oci_digest};
+use crate::store::{Store, StoreError, canonical_json};
 use tree::{Node, Source, Tree, TreeError};
 
 /// Bumped whenever the layout of a built image changes, so old build caches are not reused.
@@ -85,7 +82,7 @@ pub fn build(
             message,
         })?;
 
-    commit(store, &plan, config, &manifest_path, reference)
+    commit(store, &plan, config, reference)
 }
 
 /// An image tree put together elsewhere (by `juice import`), with the manifest
@@ -153,7 +150,7 @@ pub fn build_assembled(
     let config = plan
         .config_json(&manifest)
         .map_err(|message| invalid("run", message))?;
-    commit(store, &plan, config, source, reference.to_owned())
+    commit(store, &plan, config, reference.to_owned())
 }
 
 /// Writes the layer, config and manifest of a plan (or reuses an identical earlier build) and tags it.
@@ -161,10 +158,8 @@ fn commit(
     store: &Store,
     plan: &Plan,
     config: ConfigJson,
-    manifest_path: &Path,
     reference: String,
 ) -> Result<BuildOutcome, BuildError> {
-    let manifest_path = manifest_path.to_owned();
     let _writing = store.lock_for_writing()?;
     let inputs = plan.input_digest(&config)?;
     if let Some((digest, size)) = store.recall_build(&inputs) {
@@ -177,36 +172,9 @@ fn commit(
     let (layer_digest, layer_size) = blob.commit()?;
 
     let config_bytes = config.with_rootfs(&layer.diff_id)?;
-    let (config_digest, config_size) = store.put_blob(&config_bytes)?;
-
-    let manifest_doc = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(Descriptor::new(
-            MediaType::ImageConfig,
-            config_size,
-            oci_digest(&config_digest),
-        ))
-        .layers(vec![Descriptor::new(
-            MediaType::ImageLayerGzip,
-            layer_size,
-            oci_digest(&layer_digest),
-        )])
-        .build()
-        .map_err(|e| internal(&manifest_path, e))?;
-    let manifest_bytes = canonical_json(&manifest_doc).map_err(|e| internal(&manifest_path, e))?;
-    let (digest, size) = store.put_blob(&manifest_bytes)?;
-    store.tag(&reference, &digest, size)?;
+    let (digest, _) = store.put_image(&reference, &config_bytes, (&layer_digest, layer_size))?;
     store.remember_build(&inputs, &digest)?;
     Ok(plan.outcome(reference, digest, false))
-}
-
-fn internal(manifest: &Path, e: impl std::fmt::Display) -> BuildError {
-    BuildError::Invalid {
-        manifest: manifest.to_owned(),
-        field: "(image)",
-        message: format!("cannot encode the image: {e}"),
-    }
 }
 
 /// The resolved contents of an image, before anything is written.
