@@ -395,7 +395,14 @@ pub struct OsRebootRequest {
 )]
 async fn os_reboot(State(agent): Shared, body: Bytes) -> Result<StatusCode, Failure> {
     let req: OsRebootRequest = serde_json::from_slice(&body).map_err(Failure::BadOs)?;
-    blocking(agent, move |a| Ok(os_of(a)?.reboot(req.trial)?)).await?;
+    blocking(agent, move |a| Ok(os_of(a)?.prepare_reboot(req.trial)?)).await?;
+    // PID 1 stops the daemon first thing: ask it once this answer is on its way.
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if let Err(e) = crate::os::request_reboot() {
+            eprintln!("juice: {e}");
+        }
+    });
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -356,7 +356,10 @@ mod tests {
         );
         assert!(!os.decided());
         // Refused before anything is written or any signal is sent.
-        assert!(matches!(os.reboot(None), Err(OsError::TrialNeedsChoice)));
+        assert!(matches!(
+            os.prepare_reboot(None),
+            Err(OsError::TrialNeedsChoice)
+        ));
         assert!(!verdict.exists());
         std::fs::write(&verdict, "committed\n").unwrap();
         assert!(os.decided(), "a verdict was given: a plain reboot is fine");
