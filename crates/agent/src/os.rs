@@ -198,8 +198,10 @@ impl OsControl {
         std::fs::write(path, line).map_err(|e| OsError::Reboot(format!("{}: {e}", path.display())))
     }
 
-    /// An operator's reboot. During an undecided trial it must say how the trial ends.
-    pub fn reboot(&self, trial: Option<TrialEnd>) -> Result<(), OsError> {
+    /// Readies an operator's reboot: during an undecided trial it must say how the trial
+    /// ends, and that verdict is recorded now. The caller then asks PID 1
+    /// ([`request_reboot`]), once its answer has left: PID 1 stops the daemon first.
+    pub fn prepare_reboot(&self, trial: Option<TrialEnd>) -> Result<(), OsError> {
         if !self.decided() {
             match trial {
                 None => return Err(OsError::TrialNeedsChoice),
@@ -209,7 +211,7 @@ impl OsControl {
                 }
             }
         }
-        request_reboot()
+        Ok(())
     }
 }
 
