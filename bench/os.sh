@@ -74,7 +74,7 @@ EOF
 boot() {
   web=$(free_port); api=$(free_port)
   : >"$work/serial.log"
-  qemu-system-x86_64 -accel tcg -m 1024 -smp 2 -nographic -monitor none \
+  qemu-system-x86_64 -accel tcg -m 1024 -smp 1 -nographic -monitor none \
     -serial "file:$work/serial.log" -drive "file=$1,format=raw,if=virtio" \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$web-10.0.2.15:8080,hostfwd=tcp:127.0.0.1:$api-10.0.2.15:7443" \
     -device virtio-net-pci,netdev=n0 </dev/null >/dev/null 2>&1 &

@@ -453,7 +453,16 @@ pub fn daemon(
     // other way in). An error becomes an event, which the loop below logs.
     if let Some(file) = site {
         let agent = agent.clone();
+        let socket = juice_agent::socket(&home);
         std::thread::spawn(move || {
+            // After the adoption of what is still running, as a `juice apply` would come:
+            // the API answers once the earlier daemon's instances are adopted.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::os::unix::net::UnixStream::connect(&socket).is_err()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let result =
                 load_site(&file).and_then(|site| agent.apply(&site, true).map_err(Into::into));
             let msg = match result {

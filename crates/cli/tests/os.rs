@@ -33,7 +33,8 @@ impl Host {
         let mut cmd = Command::new("qemu-system-x86_64");
         // TCG even where KVM exists: the `pc` machine under KVM on these (nested) hosts
         // hangs the cloud kernel before its first line, and CI may have no KVM at all.
-        cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "2"])
+        // One vCPU: multi-threaded TCG on QEMU 7.2 stalled a guest once here.
+        cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "1"])
             .args(["-nographic", "-monitor", "none", "-serial"])
             .arg(format!("file:{}", serial.display()))
             .arg("-drive")
@@ -64,6 +65,20 @@ impl Host {
     }
 
     fn fail(&self, what: &str) -> ! {
+        // Whether the daemon still answers tells a stuck daemon from a stuck guest.
+        let api = match std::net::TcpStream::connect(("127.0.0.1", self.api)) {
+            Ok(mut s) => {
+                use std::io::Read;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.write_all(b"\x16\x03\x01\x00\x00");
+                let mut b = [0u8; 1];
+                match s.read(&mut b) {
+                    Ok(n) => format!("the API port answered ({n} byte(s) to a bad hello)"),
+                    Err(e) => format!("the API port accepted but said nothing: {e}"),
+                }
+            }
+            Err(e) => format!("the API port refused: {e}"),
+        };
         let log = self.log();
         let tail: String = log
             .lines()
@@ -74,7 +89,7 @@ impl Host {
             .rev()
             .collect::<Vec<_>>()
             .join("\n");
-        panic!("{what}\n--- the last of the serial console ---\n{tail}");
+        panic!("{what}; {api}\n--- the last of the serial console ---\n{tail}");
     }
 
     /// Waits until `boots` kernels have started and hello-web answers.
