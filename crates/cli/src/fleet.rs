@@ -469,8 +469,16 @@ fn groups_table(groups: &[GroupSummary]) -> output::Table {
             format!("{}/{}", g.ready_now, g.desired),
             g.placed.to_string(),
             g.hosts.len().to_string(),
-            if by.is_empty() { "-".into() } else { by.join(",") },
-            if silent.is_empty() { "-".into() } else { silent.join(",") },
+            if by.is_empty() {
+                "-".into()
+            } else {
+                by.join(",")
+            },
+            if silent.is_empty() {
+                "-".into()
+            } else {
+                silent.join(",")
+            },
         ]);
     }
     t
@@ -494,7 +502,10 @@ fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {
         let message = if known.is_empty() {
             format!("no fleet group `{name}`: the fleet has no groups (see `juice fleet apply`)")
         } else {
-            format!("no fleet group `{name}`: the fleet's groups are {}", known.join(", "))
+            format!(
+                "no fleet group `{name}`: the fleet's groups are {}",
+                known.join(", ")
+            )
         };
         return Err(message.into());
     };
@@ -525,7 +536,10 @@ fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {
     println!("Group:      {}", summary.name);
     println!(
         "Revision:   {}",
-        summary.revision.as_deref().unwrap_or("(removed from the spec)")
+        summary
+            .revision
+            .as_deref()
+            .unwrap_or("(removed from the spec)")
     );
     if let Some(g) = o.spec.group.get(group) {
         println!("Image:      {}", g.image);
@@ -563,7 +577,9 @@ fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {
         };
         t.add_row([
             p.host.to_string(),
-            p.hostname.clone().unwrap_or_else(|| "(not registered)".into()),
+            p.hostname
+                .clone()
+                .unwrap_or_else(|| "(not registered)".into()),
             p.labels.as_ref().map_or("-".into(), ToString::to_string),
             p.assignment
                 .as_ref()

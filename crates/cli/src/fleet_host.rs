@@ -75,12 +75,9 @@ impl LocalHost for AgentHost {
     }
 
     fn groups(&self) -> juice_fleet::Result<BTreeMap<GroupName, LocalGroup>> {
-        let groups = self
-            .0
-            .groups()
-            .map_err(|e| juice_fleet::Error::Host {
-                reason: e.to_string(),
-            })?;
+        let groups = self.0.groups().map_err(|e| juice_fleet::Error::Host {
+            reason: e.to_string(),
+        })?;
         Ok(local_groups(&groups))
     }
 }
@@ -107,7 +104,10 @@ mod tests {
     #[test]
     fn an_assignment_becomes_a_fleet_group_of_the_host_with_its_image_size_and_ports() {
         let assigned = [
-            ("web".parse().unwrap(), assignment(2, &["127.0.0.1:8080:80"])),
+            (
+                "web".parse().unwrap(),
+                assignment(2, &["127.0.0.1:8080:80"]),
+            ),
             (
                 "a-name-of-18-chars".parse().unwrap(),
                 Assignment {

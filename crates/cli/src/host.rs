@@ -325,7 +325,10 @@ fn start_agent(
                     local,
                     lease,
                 };
-                tokio::spawn(crate::fleet::keep_registered(member.registration, lease_now));
+                tokio::spawn(crate::fleet::keep_registered(
+                    member.registration,
+                    lease_now,
+                ));
                 tokio::spawn(crate::fleet::keep_working(work));
                 if let Some(controller) = member.controller {
                     tokio::spawn(crate::fleet::keep_controlling(controller));

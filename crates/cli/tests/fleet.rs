@@ -668,12 +668,7 @@ fn until_local(j: &Juice, size: u64, limit: Duration) -> Duration {
         let groups = local_groups(j);
         let done = match groups.get("fleet-web") {
             None => size == 0,
-            Some(g) => {
-                size > 0
-                    && g["size"] == size
-                    && g["ready"] == size
-                    && g["running"] == size
-            }
+            Some(g) => size > 0 && g["size"] == size && g["ready"] == size && g["running"] == size,
         };
         if done {
             return start.elapsed();
@@ -745,7 +740,7 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
         &["--fleet", &e2, "--fleet-lease", &lease, "--label", "zone=b"],
         &j2.home.path().join("daemon.log"),
     );
-    let (id1, id2) = (host_id(&j1), host_id(&j2));
+    let id1 = host_id(&j1);
     until(&j1, &etcd, Duration::from_secs(10), |h| h.len() == 2);
     until_get(&j1, &etcd, "controller", Duration::from_secs(10), |l| {
         l["host"] == id1.as_str()
@@ -765,7 +760,14 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let path = file.to_str().unwrap().to_owned();
     let apply = |etcd: &Etcd, text: &str| {
         std::fs::write(&file, text).unwrap();
-        j1.ok(&["fleet", "apply", "-f", &path, "--endpoints", &etcd.endpoint()]);
+        j1.ok(&[
+            "fleet",
+            "apply",
+            "-f",
+            &path,
+            "--endpoints",
+            &etcd.endpoint(),
+        ]);
         Instant::now()
     };
     let applied = apply(&etcd, HELLO_FLEET);
@@ -774,15 +776,25 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let (_, web) = until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
         fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 2)
     });
-    eprintln!(
-        "apply to 2/2 ready and reported: {:?}",
-        applied.elapsed()
+    eprintln!("apply to 2/2 ready and reported: {:?}", applied.elapsed());
+    let web = web
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (web["desired"].clone(), web["placed"].clone()),
+        (2.into(), 2.into()),
+        "{web}"
     );
-    let web = web.as_array().unwrap().iter().find(|g| g["name"] == "web").unwrap().clone();
-    assert_eq!((web["desired"].clone(), web["placed"].clone()), (2.into(), 2.into()), "{web}");
     assert_eq!(web["not_reporting"], serde_json::json!([]), "{web}");
     let table = j1.ok(&["fleet", "get", "groups", "--endpoints", &etcd.endpoint()]);
-    assert!(table.starts_with("GROUP") && table.contains("2/2"), "{table}");
+    assert!(
+        table.starts_with("GROUP") && table.contains("2/2"),
+        "{table}"
+    );
     // The operator's group is untouched by the fleet's.
     assert_eq!(local_groups(&j1)["mine"]["ready"], 1);
     assert!(!local_groups(&j2).contains_key("mine"));
@@ -803,9 +815,15 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     )
     .unwrap();
     let e = j1.fails(&["apply", "-f", mine.to_str().unwrap()]);
-    assert!(e.contains("fleet-web") && e.contains("belong to groups the fleet assigns"), "{e}");
+    assert!(
+        e.contains("fleet-web") && e.contains("belong to groups the fleet assigns"),
+        "{e}"
+    );
     let groups = local_groups(&j1);
-    assert!(groups.contains_key("other") && !groups.contains_key("mine"), "{groups:?}");
+    assert!(
+        groups.contains_key("other") && !groups.contains_key("mine"),
+        "{groups:?}"
+    );
     assert_eq!(local_instances(&j1, "fleet-web"), before);
 
     // Applying the same fleet file again changes nothing on the hosts.
@@ -815,8 +833,42 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     assert_eq!(local_groups(&j1)["fleet-web"]["revision"], 1);
 
     // describe: each host with its assignment, report and labels; an unknown group is one sentence.
-    let out = j1.ok(&["fleet", "describe", "group", "web", "-o", "json", "--endpoints", &etcd.endpoint()]);
-    let described: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // A new group is `rolling-out` until its health gate (10 s) passes, then `ok`: the
+    // reports follow the change.
+    let describe = || -> serde_json::Value {
+        let out = j1.ok(&[
+            "fleet",
+            "describe",
+            "group",
+            "web",
+            "-o",
+            "json",
+            "--endpoints",
+            &etcd.endpoint(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let start = Instant::now();
+    let described = loop {
+        let d = describe();
+        if d["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["report"]["status"] == "ok")
+        {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not ok after 30 s: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "both reports said ok {:?} after the first apply",
+        applied.elapsed()
+    );
     let hosts = described["hosts"].as_array().unwrap();
     assert_eq!(hosts.len(), 2, "{described}");
     for h in hosts {
@@ -827,11 +879,31 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
         assert_eq!(h["report"]["status"], "ok", "{h}");
         assert_eq!(h["report"]["revision"], h["assignment"]["revision"], "{h}");
     }
-    let table = j1.ok(&["fleet", "describe", "group", "web", "--endpoints", &etcd.endpoint()]);
-    assert!(table.contains("zone=a") && table.contains("zone=b"), "{table}");
-    let e = j1.fails(&["fleet", "describe", "group", "nope", "--endpoints", &etcd.endpoint()]);
+    let table = j1.ok(&[
+        "fleet",
+        "describe",
+        "group",
+        "web",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert!(
+        table.contains("zone=a") && table.contains("zone=b"),
+        "{table}"
+    );
+    let e = j1.fails(&[
+        "fleet",
+        "describe",
+        "group",
+        "nope",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
     assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains("no fleet group `nope`: the fleet's groups are web"), "{e}");
+    assert!(
+        e.contains("no fleet group `nope`: the fleet's groups are web"),
+        "{e}"
+    );
 
     // Twice as many: each host converges on two.
     let applied = apply(&etcd, &HELLO_FLEET.replace("count = 2", "count = 4"));
@@ -840,20 +912,34 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
         fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 4 && w["desired"] == 4)
     });
-    eprintln!("count 2 -> 4, to 4/4 ready and reported: {:?}", applied.elapsed());
+    eprintln!(
+        "count 2 -> 4, to 4/4 ready and reported: {:?}",
+        applied.elapsed()
+    );
 
     // etcd goes for longer than the lease: the hosts keep their instances, the same ones.
-    let running = (local_instances(&j1, "fleet-web"), local_instances(&j2, "fleet-web"));
+    let running = (
+        local_instances(&j1, "fleet-web"),
+        local_instances(&j2, "fleet-web"),
+    );
     let stopped = etcd.kill();
     std::thread::sleep(Duration::from_secs(LEASE_SECS + 3));
     until_local(&j1, 2, Duration::from_secs(1));
     until_local(&j2, 2, Duration::from_secs(1));
     assert_eq!(
-        (local_instances(&j1, "fleet-web"), local_instances(&j2, "fleet-web")),
+        (
+            local_instances(&j1, "fleet-web"),
+            local_instances(&j2, "fleet-web")
+        ),
         running,
         "instances changed while etcd was away"
     );
-    for (pid, j) in running.0.iter().map(|i| (i.1, &j1)).chain(running.1.iter().map(|i| (i.1, &j2))) {
+    for (pid, j) in running
+        .0
+        .iter()
+        .map(|i| (i.1, &j1))
+        .chain(running.1.iter().map(|i| (i.1, &j2)))
+    {
         assert!(
             std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "instance {pid} of {} died",
@@ -868,16 +954,23 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     until(&j1, &etcd, Duration::from_secs(15), |h| h.len() == 2);
     std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
     until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
-        fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([]))
+        fleet_web(&j1, &etcd)
+            .is_some_and(|w| w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([]))
     });
-    eprintln!("etcd back to 4/4 reported (past the old leases): {:?}", back.elapsed());
+    eprintln!(
+        "etcd back to 4/4 reported (past the old leases): {:?}",
+        back.elapsed()
+    );
     let applied = apply(&etcd, HELLO_FLEET);
     until_local(&j1, 1, Duration::from_secs(60));
     until_local(&j2, 1, Duration::from_secs(60));
     until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
         fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 2 && w["desired"] == 2)
     });
-    eprintln!("after etcd's return, count 4 -> 2 converged in {:?}", applied.elapsed());
+    eprintln!(
+        "after etcd's return, count 4 -> 2 converged in {:?}",
+        applied.elapsed()
+    );
 
     // A spec without web: the hosts delete their fleet-web, and its reports go.
     let applied = apply(&etcd, "");
@@ -886,8 +979,17 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     until_get(&j1, &etcd, "groups", Duration::from_secs(20), |g| {
         g.as_array().is_some_and(Vec::is_empty)
     });
-    eprintln!("web removed from the spec, gone from both hosts in {:?}", applied.elapsed());
-    assert!(local_groups(&j1).contains_key("other"), "the operator's group went too");
+    eprintln!(
+        "web removed from the spec, gone from both hosts in {:?}",
+        applied.elapsed()
+    );
+    assert!(
+        local_groups(&j1).contains_key("other"),
+        "the operator's group went too"
+    );
     let log = std::fs::read_to_string(j2.home.path().join("daemon.log")).unwrap();
-    assert!(log.contains("fleet assignments not watched; groups keep running as they are"), "{log}");
+    assert!(
+        log.contains("fleet assignments not watched; groups keep running as they are"),
+        "{log}"
+    );
 }

@@ -328,10 +328,7 @@ impl<L: LocalHost> HostWork<L> {
             let failed = match failed {
                 Ok(f) => f,
                 // The agent itself failed: every group is tried again later.
-                Err(e) => groups
-                    .keys()
-                    .map(|g| (g.clone(), e.to_string()))
-                    .collect(),
+                Err(e) => groups.keys().map(|g| (g.clone(), e.to_string())).collect(),
             };
             p.applied.retain(|g, _| groups.contains_key(g));
             for (g, a) in &groups {

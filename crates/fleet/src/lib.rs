@@ -40,8 +40,8 @@ pub mod store;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
-pub use host::{HostWork, LocalHost};
 pub use error::{Error, Result};
+pub use host::{HostWork, LocalHost};
 pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
 pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};

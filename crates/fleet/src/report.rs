@@ -194,7 +194,9 @@ pub fn summarise(
                 if groups.contains_key(name) {
                     hosts.push(host.clone());
                     match reported.get(host).and_then(|r| r.get(name)) {
-                        Some(r) => *ready.entry(r.revision.clone()).or_default() += u64::from(r.ready),
+                        Some(r) => {
+                            *ready.entry(r.revision.clone()).or_default() += u64::from(r.ready)
+                        }
                         None => not_reporting.push(host.clone()),
                     }
                 }
@@ -272,7 +274,12 @@ mod tests {
         assert_eq!(r.len(), 3, "one per assigned group, none for `gone`: {r:?}");
         let web = &r[&name("web")];
         assert_eq!(
-            (web.revision.as_str(), web.size, web.ready, web.status.as_str()),
+            (
+                web.revision.as_str(),
+                web.size,
+                web.ready,
+                web.status.as_str()
+            ),
             ("aaaaaaaaaaaa", 2, 1, "rolling-out")
         );
         assert_eq!((r[&name("api")].ready, r[&name("api")].restarts), (1, 1));
@@ -312,7 +319,10 @@ mod tests {
             ]
         );
         // Nothing changed at all: nothing is written (no heartbeat; the lease is one).
-        let same: BTreeMap<_, _> = have.iter().map(|(n, (r, _))| (n.clone(), r.clone())).collect();
+        let same: BTreeMap<_, _> = have
+            .iter()
+            .map(|(n, (r, _))| (n.clone(), r.clone()))
+            .collect();
         assert!(diff(&have, &same, 5).is_empty());
         // Under a new lease every report is put again, so the old lease takes none with it.
         let writes = diff(&have, &same, 6);
@@ -328,8 +338,11 @@ mod tests {
         )
         .unwrap();
         let now = crate::plan::revision(&spec.group[&name("web")]);
-        let (h1, h2, h3): (HostId, HostId, HostId) =
-            ("h1".parse().unwrap(), "h2".parse().unwrap(), "h3".parse().unwrap());
+        let (h1, h2, h3): (HostId, HostId, HostId) = (
+            "h1".parse().unwrap(),
+            "h2".parse().unwrap(),
+            "h3".parse().unwrap(),
+        );
         let mut plan = crate::plan::Plan::default();
         for (h, size) in [(&h1, 2), (&h2, 1), (&h3, 1)] {
             plan.hosts
@@ -352,13 +365,19 @@ mod tests {
         };
         let reported = [
             (h1.clone(), [(name("web"), report(&now, 2))].into()),
-            (h2.clone(), [(name("web"), report("aaaaaaaaaaaa", 1))].into()),
+            (
+                h2.clone(),
+                [(name("web"), report("aaaaaaaaaaaa", 1))].into(),
+            ),
         ]
         .into();
         let s = summarise(&spec, &plan, &reported);
         assert_eq!(s.len(), 2, "web, and old still assigned: {s:?}");
         let (old, web) = (&s[0], &s[1]);
-        assert_eq!((old.revision.as_deref(), old.desired, old.placed), (None, 0, 1));
+        assert_eq!(
+            (old.revision.as_deref(), old.desired, old.placed),
+            (None, 0, 1)
+        );
         assert_eq!((web.desired, web.placed, web.ready_now), (4, 4, 2));
         assert_eq!(web.ready.get("aaaaaaaaaaaa"), Some(&1));
         assert_eq!(web.hosts, [h1, h2, h3.clone()]);

@@ -481,7 +481,11 @@ fn the_operators_groups_and_the_fleets_neither_change_nor_delete_each_other() {
             "[group.fleet-web]\nimage = \"t:1\"\nsize = 2\n[group.fleet-bad]\nimage = \"no-such:1\"\n",
         ))
         .unwrap();
-    assert_eq!(names(&h), ["fleet-web", "web"], "the fleet's apply kept web");
+    assert_eq!(
+        names(&h),
+        ["fleet-web", "web"],
+        "the fleet's apply kept web"
+    );
     assert!(
         fleet.failed[&GroupName::try_from("fleet-bad".to_owned()).unwrap()].contains("no-such"),
         "{fleet:?}"
@@ -491,7 +495,10 @@ fn the_operators_groups_and_the_fleets_neither_change_nor_delete_each_other() {
         .agent
         .apply(&site("[group.api]\nimage = \"t:1\"\n"), true)
         .unwrap();
-    assert!(changes.iter().all(|c| c.group != "fleet-web"), "{changes:?}");
+    assert!(
+        changes.iter().all(|c| c.group != "fleet-web"),
+        "{changes:?}"
+    );
     assert_eq!(names(&h), ["api", "fleet-web"]);
     // A site may not name a fleet group.
     let e = h
@@ -512,5 +519,9 @@ fn the_operators_groups_and_the_fleets_neither_change_nor_delete_each_other() {
     h.agent.apply_fleet(&Site::default()).unwrap();
     assert_eq!(names(&h), ["api"]);
     // The fleet's apply takes only fleet groups.
-    assert!(h.agent.apply_fleet(&site("[group.web]\nimage = \"t:1\"\n")).is_err());
+    assert!(
+        h.agent
+            .apply_fleet(&site("[group.web]\nimage = \"t:1\"\n"))
+            .is_err()
+    );
 }

@@ -530,7 +530,10 @@ impl NetnsHost {
             std::net::Ipv4Addr::from(base + 1),
             std::net::Ipv4Addr::from(base + 2),
         );
-        let (host_end, ns_end) = (format!("jth{}", block % 100_000), format!("jtn{}", block % 100_000));
+        let (host_end, ns_end) = (
+            format!("jth{}", block % 100_000),
+            format!("jtn{}", block % 100_000),
+        );
         let host = NetnsHost {
             name: name.clone(),
             outside,
@@ -546,7 +549,15 @@ impl NetnsHost {
         ]);
         ip(&["addr", "add", &format!("{outside}/30"), "dev", &host_end]);
         ip(&["link", "set", &host_end, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("{inside}/30"), "dev", &ns_end]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{inside}/30"),
+            "dev",
+            &ns_end,
+        ]);
         ip(&["-n", &name, "link", "set", &ns_end, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         host
