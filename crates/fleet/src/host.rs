@@ -99,6 +99,9 @@ pub struct Assigned {
     pub revision: i64,
 }
 
+/// Reports by group, each with the lease it is held under.
+type Held = BTreeMap<GroupName, (Report, i64)>;
+
 /// What outlives a session (one connection to etcd).
 #[derive(Default)]
 struct Progress {
@@ -111,7 +114,7 @@ struct Progress {
     failed: BTreeMap<GroupName, String>,
     tried: Option<tokio::time::Instant>,
     /// The reports as written, and the lease they were written under.
-    written: Option<(i64, BTreeMap<GroupName, (Report, i64)>)>,
+    written: Option<(i64, Held)>,
     last_read: Option<tokio::time::Instant>,
 }
 
@@ -242,10 +245,10 @@ impl<L: LocalHost> HostWork<L> {
                     };
                     if answer.events().is_empty() {
                         // A progress notice: every event up to its revision was sent.
-                        if !answer.created() {
-                            if let Some(h) = answer.header() {
-                                known.revision = known.revision.max(h.revision());
-                            }
+                        if !answer.created()
+                            && let Some(h) = answer.header()
+                        {
+                            known.revision = known.revision.max(h.revision());
                         }
                         continue;
                     }
@@ -445,10 +448,7 @@ impl Store {
 
     /// `host`'s reports as stored, each with the lease it is held under. Records that
     /// cannot be read count as absent, so they are written over.
-    pub(crate) async fn reports_of(
-        &self,
-        host: &HostId,
-    ) -> Result<BTreeMap<GroupName, (Report, i64)>> {
+    pub(crate) async fn reports_of(&self, host: &HostId) -> Result<Held> {
         let prefix = format!("{REPORTS}{host}/");
         let mut client = self.client();
         let answer = self
