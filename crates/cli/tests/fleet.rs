@@ -692,6 +692,28 @@ fn fleet_web(j: &Juice, etcd: &Etcd) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// Polls `juice fleet get groups` until web's summary satisfies `done`, for at most
+/// `limit`; how long it took and that summary.
+fn until_web(
+    j: &Juice,
+    etcd: &Etcd,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (Duration, serde_json::Value) {
+    let start = Instant::now();
+    loop {
+        let web = fleet_web(j, etcd).unwrap_or_default();
+        if done(&web) {
+            return (start.elapsed(), web);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not so after {limit:?}: web is {web}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 const HELLO_FLEET: &str = r#"
 [group.web]
 image = "hello-web:0.1.0"
@@ -773,17 +795,8 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let applied = apply(&etcd, HELLO_FLEET);
     until_local(&j1, 1, Duration::from_secs(60));
     until_local(&j2, 1, Duration::from_secs(60));
-    let (_, web) = until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
-        fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 2)
-    });
+    let (_, web) = until_web(&j1, &etcd, Duration::from_secs(20), |w| w["ready_now"] == 2);
     eprintln!("apply to 2/2 ready and reported: {:?}", applied.elapsed());
-    let web = web
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["name"] == "web")
-        .unwrap()
-        .clone();
     assert_eq!(
         (web["desired"].clone(), web["placed"].clone()),
         (2.into(), 2.into()),
@@ -909,8 +922,8 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let applied = apply(&etcd, &HELLO_FLEET.replace("count = 2", "count = 4"));
     until_local(&j1, 2, Duration::from_secs(60));
     until_local(&j2, 2, Duration::from_secs(60));
-    until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
-        fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 4 && w["desired"] == 4)
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 4 && w["desired"] == 4
     });
     eprintln!(
         "count 2 -> 4, to 4/4 ready and reported: {:?}",
@@ -953,9 +966,8 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let back = Instant::now();
     until(&j1, &etcd, Duration::from_secs(15), |h| h.len() == 2);
     std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
-    until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
-        fleet_web(&j1, &etcd)
-            .is_some_and(|w| w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([]))
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([])
     });
     eprintln!(
         "etcd back to 4/4 reported (past the old leases): {:?}",
@@ -964,8 +976,8 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     let applied = apply(&etcd, HELLO_FLEET);
     until_local(&j1, 1, Duration::from_secs(60));
     until_local(&j2, 1, Duration::from_secs(60));
-    until_get(&j1, &etcd, "groups", Duration::from_secs(20), |_| {
-        fleet_web(&j1, &etcd).is_some_and(|w| w["ready_now"] == 2 && w["desired"] == 2)
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 2 && w["desired"] == 2
     });
     eprintln!(
         "after etcd's return, count 4 -> 2 converged in {:?}",
