@@ -970,7 +970,8 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
         w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([])
     });
     eprintln!(
-        "etcd back to 4/4 reported (past the old leases): {:?}",
+        "etcd back, the old leases run out (a {} s wait), 4/4 reported under the new ones: {:?}",
+        LEASE_SECS + 1,
         back.elapsed()
     );
     let applied = apply(&etcd, HELLO_FLEET);
@@ -999,6 +1000,33 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
         local_groups(&j1).contains_key("other"),
         "the operator's group went too"
     );
+    // The hosts' reports on web are deleted with their assignments.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let left = rt.block_on(async {
+            let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+                .await
+                .unwrap();
+            let prefix = etcd_client::GetOptions::new().with_prefix();
+            c.get("/juice/v1/reports/", Some(prefix))
+                .await
+                .unwrap()
+                .kvs()
+                .len()
+        });
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{left} reports left after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let log = std::fs::read_to_string(j2.home.path().join("daemon.log")).unwrap();
     assert!(
         log.contains("fleet assignments not watched; groups keep running as they are"),
