@@ -839,6 +839,11 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
     );
     assert_eq!(local_instances(&j1, "fleet-web"), before);
 
+    // A fleet group deleted by hand is made again: the fleet owns it.
+    j2.ok(&["delete", "fleet-web"]);
+    let took = until_local(&j2, 1, Duration::from_secs(30));
+    eprintln!("fleet-web deleted by hand on host 2, back and ready in {took:?}");
+
     // Applying the same fleet file again changes nothing on the hosts.
     apply(&etcd, HELLO_FLEET);
     std::thread::sleep(Duration::from_secs(2));

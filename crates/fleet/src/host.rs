@@ -363,6 +363,15 @@ impl<L: LocalHost> HostWork<L> {
         let Some(known) = &p.known else {
             return Ok(());
         };
+        // A group applied here that the agent no longer has (deleted by hand) is made
+        // again at the next round: the fleet owns its groups.
+        if known
+            .groups
+            .keys()
+            .any(|g| p.applied.contains_key(g) && !here.contains_key(g))
+        {
+            p.applied_to = None;
+        }
         let want = report::reports(&known.groups, &p.applied, &p.failed, &here, now_ms());
         let have = match &p.written {
             Some((l, have)) if *l == lease => have.clone(),
