@@ -86,6 +86,23 @@ fn group_err(group: &str, reason: impl std::fmt::Display) -> AgentError {
     }
 }
 
+/// Which of the host's groups an apply manages; it neither changes nor deletes the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The operator's groups (`juice apply`, `--site`, `juice up`).
+    Local,
+    /// The fleet's groups, named `fleet-...`.
+    Fleet,
+}
+
+/// What [`Agent::apply_fleet`] did: the changes, and the groups it could not apply (left
+/// as they were), each with why.
+#[derive(Debug, Clone, Default)]
+pub struct FleetApplied {
+    pub changes: Vec<Change>,
+    pub failed: BTreeMap<GroupName, String>,
+}
+
 /// An instance the agent holds.
 struct Live {
     instance: Box<dyn Handle>,
@@ -347,45 +364,71 @@ impl Agent {
         Ok(admitted.digest.to_string())
     }
 
-    /// What applying `site` would change, and (if `apply`) does it.
+    /// What applying `site` would change, and (if `apply`) does it. The site holds the
+    /// operator's groups: the fleet's (named `fleet-...`, see [`crate::site::FLEET_PREFIX`])
+    /// are neither changed nor deleted by it, and a site may not name one.
     pub fn apply(&self, site: &Site, apply: bool) -> Result<Vec<Change>, AgentError> {
+        if let Some(name) = site.group.keys().find(|n| n.is_fleet()) {
+            return Err(group_err(
+                name.as_str(),
+                format!(
+                    "names starting with `{}` belong to groups the fleet assigns to this host",
+                    crate::site::FLEET_PREFIX
+                ),
+            ));
+        }
+        let (changes, _) = self.apply_in(site, apply, Scope::Local)?;
+        Ok(changes)
+    }
+
+    /// Makes this host's fleet groups (named `fleet-...`) exactly those of `site`, leaving
+    /// the operator's groups alone. A group whose image cannot be had (not built here, a
+    /// pull refused) is left as it is and returned with why; the others are applied.
+    pub fn apply_fleet(&self, site: &Site) -> Result<FleetApplied, AgentError> {
+        if let Some(name) = site.group.keys().find(|n| !n.is_fleet()) {
+            return Err(group_err(
+                name.as_str(),
+                format!(
+                    "a fleet group's name starts with `{}`",
+                    crate::site::FLEET_PREFIX
+                ),
+            ));
+        }
+        let (changes, failed) = self.apply_in(site, true, Scope::Fleet)?;
+        Ok(FleetApplied { changes, failed })
+    }
+
+    fn apply_in(
+        &self,
+        site: &Site,
+        apply: bool,
+        scope: Scope,
+    ) -> Result<(Vec<Change>, BTreeMap<GroupName, String>), AgentError> {
         // The slow work first, without the lock: builds, pulls, unpacking and the
         // microVM probe boot. The reconciler and every query go on meanwhile, and
         // get the CPU first: this thread runs at a lower priority until it is done.
         let background = Background::lower();
         let mut digests = Vec::new();
+        let mut failed = BTreeMap::new();
+        let mut site = std::borrow::Cow::Borrowed(site);
         for (name, spec) in &site.group {
-            let digest = self.resolve_image(name.as_str(), &spec.image)?;
-            // Unpacked now, the reconciler's start finds it cached.
-            materialise(&self.store, &digest).map_err(|e| group_err(name.as_str(), e))?;
-            if spec.isolation == Isolation::Microvm {
-                // What the microVM backend needs, in one sentence naming the packages,
-                // before the runtime is made (which may boot a probe guest).
-                crate::doctor::require(crate::doctor::microvm(&crate::doctor::Host::current(
-                    &self.home,
-                )))
-                .map_err(|e| {
-                    group_err(
-                        name.as_str(),
-                        format!("isolation \"microvm\" cannot run on this host: {e}"),
-                    )
-                })?;
-                self.backend(Isolation::Microvm)
-                    .map_err(|e| group_err(name.as_str(), e))?;
-                let volumes = self
-                    .appliance(&digest)
-                    .map(|a| a.manifest.volumes.len())
-                    .unwrap_or(0);
-                if volumes > 0 && spec.size > 1 {
-                    return Err(group_err(
-                        name.as_str(),
-                        "size: the image declares volumes, and under isolation \"microvm\" a volume is a disk that one VM uses at a time; use size = 1 or isolation = \"sandbox\"",
-                    ));
+            let digest = match (self.prepare(name, spec), scope) {
+                (Ok(d), _) => d,
+                (Err(e), Scope::Fleet) => {
+                    failed.insert(name.clone(), e.to_string());
+                    continue;
                 }
-            }
+                (Err(e), Scope::Local) => return Err(e),
+            };
             digests.push(digest);
         }
         drop(background);
+        if !failed.is_empty() {
+            // Applied without them; they are kept as they are (not deleted) below.
+            let mut rest = site.into_owned();
+            rest.group.retain(|n, _| !failed.contains_key(n));
+            site = std::borrow::Cow::Owned(rest);
+        }
         let _w = self.world();
         let mut changes = Vec::new();
         let mut updates = Vec::new();
@@ -405,11 +448,18 @@ impl Agent {
         }
         let mut deletes = Vec::new();
         for g in self.state.groups()? {
-            if !site.group.contains_key(&g.name) {
+            let mine = match scope {
+                Scope::Local => !g.name.is_fleet(),
+                Scope::Fleet => g.name.is_fleet(),
+            };
+            if mine && !site.group.contains_key(&g.name) && !failed.contains_key(&g.name) {
                 changes.push(Change {
                     group: g.name.to_string(),
                     action: Action::Delete,
-                    reason: "not in the site file".into(),
+                    reason: match scope {
+                        Scope::Local => "not in the site file".into(),
+                        Scope::Fleet => "no longer assigned to this host".into(),
+                    },
                 });
                 deletes.push(g.name.to_string());
             }
@@ -432,7 +482,41 @@ impl Agent {
             }
             self.nudge();
         }
-        Ok(changes)
+        Ok((changes, failed))
+    }
+
+    /// A group's image resolved (built, pulled, admitted) and unpacked, and what its
+    /// isolation needs checked: the slow part of an apply, done without the lock.
+    fn prepare(&self, name: &GroupName, spec: &GroupSpec) -> Result<String, AgentError> {
+        let digest = self.resolve_image(name.as_str(), &spec.image)?;
+        // Unpacked now, the reconciler's start finds it cached.
+        materialise(&self.store, &digest).map_err(|e| group_err(name.as_str(), e))?;
+        if spec.isolation == Isolation::Microvm {
+            // What the microVM backend needs, in one sentence naming the packages,
+            // before the runtime is made (which may boot a probe guest).
+            crate::doctor::require(crate::doctor::microvm(&crate::doctor::Host::current(
+                &self.home,
+            )))
+            .map_err(|e| {
+                group_err(
+                    name.as_str(),
+                    format!("isolation \"microvm\" cannot run on this host: {e}"),
+                )
+            })?;
+            self.backend(Isolation::Microvm)
+                .map_err(|e| group_err(name.as_str(), e))?;
+            let volumes = self
+                .appliance(&digest)
+                .map(|a| a.manifest.volumes.len())
+                .unwrap_or(0);
+            if volumes > 0 && spec.size > 1 {
+                return Err(group_err(
+                    name.as_str(),
+                    "size: the image declares volumes, and under isolation \"microvm\" a volume is a disk that one VM uses at a time; use size = 1 or isolation = \"sandbox\"",
+                ));
+            }
+        }
+        Ok(digest)
     }
 
     fn plan_group(

@@ -115,9 +115,19 @@ mod duration {
 #[serde(try_from = "String", into = "String")]
 pub struct GroupName(String);
 
+/// The start of the name of every group the fleet assigns to this host (`fleet-web` runs
+/// the fleet's group `web`). A site file may not use it, and `juice apply` neither changes
+/// nor deletes such groups; the fleet's own apply touches nothing else.
+pub const FLEET_PREFIX: &str = "fleet-";
+
 impl GroupName {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether the fleet manages this group (its name starts with [`FLEET_PREFIX`]).
+    pub fn is_fleet(&self) -> bool {
+        self.0.starts_with(FLEET_PREFIX)
     }
 }
 impl TryFrom<String> for GroupName {

@@ -1,16 +1,22 @@
-//! The fleet commands: `juice daemon --fleet` (this host's registration, and with
-//! `--fleet-controller` its candidacy as the fleet's controller, started beside the agent),
-//! `juice fleet get hosts|controller` and `juice fleet plan|apply -f fleet.toml`. The records and their rules are in
-//! `juice-fleet`; this module reads the host's facts and flags and prints the answers.
+//! The fleet commands: `juice daemon --fleet` (this host's registration and its work on its
+//! assignments, and with `--fleet-controller` its candidacy as the fleet's controller, all
+//! started beside the agent), `juice fleet get hosts|controller|assignments|groups`,
+//! `juice fleet describe group NAME` and `juice fleet plan|apply -f fleet.toml`. The records
+//! and their rules are in `juice-fleet`; this module reads the host's facts and flags and
+//! prints the answers.
 
 use std::path::Path;
 use std::time::Duration;
 
 use juice_agent::doctor;
+use std::collections::BTreeMap;
+
 use juice_fleet::controller::Event;
+use juice_fleet::host::Event as HostEvent;
+use juice_fleet::report::GroupSummary;
 use juice_fleet::{
-    Backend, Controller, Endpoints, FleetSpec, HostRecord, Label, Labels, Plan, Registration,
-    Status,
+    Backend, Controller, Endpoints, FleetSpec, HostRecord, HostWork, Label, Labels, Plan,
+    Registration, Status,
 };
 
 use crate::output::{self, Format};
@@ -38,7 +44,8 @@ pub struct JoinArgs {
     pub controller: bool,
 }
 
-/// What a daemon does in the fleet: its registration, and maybe its candidacy as controller.
+/// What a daemon does in the fleet: its registration (and its work on its assignments,
+/// started beside the agent), and maybe its candidacy as controller.
 pub struct Member {
     pub registration: Registration,
     pub controller: Option<Controller>,
@@ -116,31 +123,74 @@ pub async fn keep_controlling(controller: Controller) {
 }
 
 /// Runs `registration` for as long as the runtime it is spawned on, logging each change
-/// as a JSON line like the daemon's other logs.
-pub async fn keep_registered(registration: Registration) {
+/// as a JSON line like the daemon's other logs; `lease` says the host's lease to the
+/// host's work (its reports are written under it).
+pub async fn keep_registered(
+    registration: Registration,
+    lease_now: tokio::sync::watch::Sender<Option<i64>>,
+) {
     let host = registration.record.id.clone();
     let endpoints = registration.endpoints.to_string();
     registration
         .run(move |status| {
             let line = match status {
-                Status::Registered { lease, ttl } => serde_json::json!({
-                    "level": "info", "msg": "registered in the fleet", "host": host,
-                    "endpoints": endpoints, "lease": format!("{lease:x}"), "ttl_s": ttl.as_secs(),
-                }),
-                Status::Lost { error, retry } => serde_json::json!({
+                Status::Registered { lease, ttl } => {
+                    lease_now.send_replace(Some(lease));
+                    serde_json::json!({
+                        "level": "info", "msg": "registered in the fleet", "host": host,
+                        "endpoints": endpoints, "lease": format!("{lease:x}"), "ttl_s": ttl.as_secs(),
+                    })
+                }
+                Status::Lost { error, retry } => {
+                    lease_now.send_replace(None);
+                    serde_json::json!({
                     "level": "warn", "msg": "fleet registration lost; instances keep running",
                     "host": host, "error": error.to_string(), "retry_ms": u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
-                }),
+                    })
+                }
             };
             eprintln!("{line}");
         })
         .await;
 }
 
+/// Runs this host's fleet work (applying its assignments, writing its reports) for as
+/// long as the runtime it is spawned on, logging each change as a JSON line.
+pub async fn keep_working(work: HostWork<crate::fleet_host::AgentHost>) {
+    let host = work.host.clone();
+    work.run(move |event| {
+        let line = match event {
+            HostEvent::Applied { groups, failed } => {
+                let failed: BTreeMap<String, String> =
+                    failed.into_iter().map(|(g, e)| (g.to_string(), e)).collect();
+                serde_json::json!({
+                    "level": if failed.is_empty() { "info" } else { "error" },
+                    "msg": "fleet assignments applied", "host": host, "groups": groups, "failed": failed,
+                })
+            }
+            HostEvent::Reported { writes } => serde_json::json!({
+                "level": "info", "msg": "fleet reports written", "host": host, "writes": writes,
+            }),
+            HostEvent::Malformed { error } => serde_json::json!({
+                "level": "warn", "msg": "fleet assignment ignored", "host": host, "error": error.to_string(),
+            }),
+            HostEvent::Compacted { revision } => serde_json::json!({
+                "level": "info", "msg": "fleet assignments compacted away; reading them again", "host": host, "revision": revision,
+            }),
+            HostEvent::Lost { error, retry } => serde_json::json!({
+                "level": "warn", "msg": "fleet assignments not watched; groups keep running as they are",
+                "host": host, "error": error.to_string(), "retry_ms": u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+            }),
+        };
+        eprintln!("{line}");
+    })
+    .await;
+}
+
 /// `juice fleet` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum FleetCommand {
-    /// List what the fleet knows: the hosts registered now, or the controller leading it.
+    /// List what the fleet knows: its hosts, controller, assignments, or groups and their health.
     Get {
         #[arg(value_enum)]
         what: FleetGetKind,
@@ -153,6 +203,16 @@ pub enum FleetCommand {
         /// The fleet file.
         #[arg(short = 'f', long = "file", value_name = "FLEET.TOML")]
         file: std::path::PathBuf,
+        /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
+        #[arg(long, value_name = "ENDPOINTS")]
+        endpoints: Option<Endpoints>,
+    },
+    /// Show one fleet group host by host: its assignment, report and labels.
+    Describe {
+        #[arg(value_enum)]
+        kind: FleetDescribeKind,
+        /// The group's name (as in the fleet file).
+        name: String,
         /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
@@ -178,6 +238,15 @@ pub enum FleetGetKind {
     /// The assignments the controller wrote, by host and group.
     #[value(alias = "assignment")]
     Assignments,
+    /// Each group: desired, placed and ready instances, and the hosts not reporting.
+    #[value(alias = "group")]
+    Groups,
+}
+
+/// What `juice fleet describe` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FleetDescribeKind {
+    Group,
 }
 
 pub fn run(command: FleetCommand, format: Format) -> Result {
@@ -188,8 +257,14 @@ pub fn run(command: FleetCommand, format: Format) -> Result {
                 FleetGetKind::Hosts => get_hosts(&endpoints, format),
                 FleetGetKind::Controller => get_controller(&endpoints, format),
                 FleetGetKind::Assignments => get_assignments(&endpoints, format),
+                FleetGetKind::Groups => get_groups(&endpoints, format),
             }
         }
+        FleetCommand::Describe {
+            kind: FleetDescribeKind::Group,
+            name,
+            endpoints,
+        } => describe_group(&endpoints_or_env(endpoints)?, &name, format),
         FleetCommand::Plan { file, endpoints } => {
             let spec = FleetSpec::load(&file)?;
             let endpoints = endpoints_or_env(endpoints)?;
@@ -339,4 +414,183 @@ fn hosts_table(hosts: &[HostRecord]) -> output::Table {
         ]);
     }
     t
+}
+
+/// Everything `get groups` and `describe group` read, in one connection.
+struct Overview {
+    spec: FleetSpec,
+    assigned: Plan,
+    reports: juice_fleet::host::Reports,
+    hosts: juice_fleet::Listing,
+}
+
+fn overview(endpoints: &Endpoints) -> Result<Overview> {
+    let o = block_on(async {
+        let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
+        Ok::<_, juice_fleet::Error>(Overview {
+            spec: store.spec().await?.map(|s| s.spec).unwrap_or_default(),
+            assigned: store.assignments().await?,
+            reports: store.reports().await?,
+            hosts: store.hosts().await?,
+        })
+    })??;
+    for e in o.reports.malformed.iter().chain(&o.hosts.malformed) {
+        eprintln!("juice: warning: {e}");
+    }
+    Ok(o)
+}
+
+fn get_groups(endpoints: &Endpoints, format: Format) -> Result {
+    let o = overview(endpoints)?;
+    let groups = juice_fleet::report::summarise(&o.spec, &o.assigned, &o.reports.hosts);
+    if format == Format::Json {
+        return output::json(&groups);
+    }
+    println!("{}", groups_table(&groups));
+    Ok(())
+}
+
+fn groups_table(groups: &[GroupSummary]) -> output::Table {
+    let mut t = output::table([
+        "GROUP",
+        "REVISION",
+        "READY",
+        "PLACED",
+        "HOSTS",
+        "BY REVISION",
+        "NOT REPORTING",
+    ]);
+    for g in groups {
+        let by: Vec<String> = g.ready.iter().map(|(r, n)| format!("{r}:{n}")).collect();
+        let silent: Vec<String> = g.not_reporting.iter().map(ToString::to_string).collect();
+        t.add_row([
+            g.name.to_string(),
+            g.revision.clone().unwrap_or_else(|| "(removed)".into()),
+            format!("{}/{}", g.ready_now, g.desired),
+            g.placed.to_string(),
+            g.hosts.len().to_string(),
+            if by.is_empty() {
+                "-".into()
+            } else {
+                by.join(",")
+            },
+            if silent.is_empty() {
+                "-".into()
+            } else {
+                silent.join(",")
+            },
+        ]);
+    }
+    t
+}
+
+/// One host's part in a group, as `describe group` shows it.
+#[derive(Debug, serde::Serialize)]
+struct HostPart {
+    host: juice_fleet::HostId,
+    hostname: Option<String>,
+    labels: Option<juice_fleet::Labels>,
+    assignment: Option<juice_fleet::Assignment>,
+    report: Option<juice_fleet::Report>,
+}
+
+fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {
+    let o = overview(endpoints)?;
+    let groups = juice_fleet::report::summarise(&o.spec, &o.assigned, &o.reports.hosts);
+    let Some(summary) = groups.iter().find(|g| g.name.as_str() == name) else {
+        let known: Vec<String> = groups.iter().map(|g| g.name.to_string()).collect();
+        let message = if known.is_empty() {
+            format!("no fleet group `{name}`: the fleet has no groups (see `juice fleet apply`)")
+        } else {
+            format!(
+                "no fleet group `{name}`: the fleet's groups are {}",
+                known.join(", ")
+            )
+        };
+        return Err(message.into());
+    };
+    let group = &summary.name;
+    let mut hosts: Vec<&juice_fleet::HostId> = summary.hosts.iter().collect();
+    // Hosts that still report on it without an assignment (it moved away a moment ago).
+    for (h, reports) in &o.reports.hosts {
+        if reports.contains_key(group) && !hosts.contains(&h) {
+            hosts.push(h);
+        }
+    }
+    let parts: Vec<HostPart> = hosts
+        .into_iter()
+        .map(|h| {
+            let record = o.hosts.hosts.iter().find(|r| &r.id == h);
+            HostPart {
+                host: h.clone(),
+                hostname: record.map(|r| r.hostname.clone()),
+                labels: record.map(|r| r.labels.clone()),
+                assignment: o.assigned.hosts.get(h).and_then(|g| g.get(group)).cloned(),
+                report: o.reports.hosts.get(h).and_then(|g| g.get(group)).cloned(),
+            }
+        })
+        .collect();
+    if format == Format::Json {
+        return output::json(&serde_json::json!({ "group": summary, "hosts": parts }));
+    }
+    println!("Group:      {}", summary.name);
+    println!(
+        "Revision:   {}",
+        summary
+            .revision
+            .as_deref()
+            .unwrap_or("(removed from the spec)")
+    );
+    if let Some(g) = o.spec.group.get(group) {
+        println!("Image:      {}", g.image);
+    }
+    println!(
+        "Ready:      {}/{} at this revision ({} placed)\n",
+        summary.ready_now, summary.desired, summary.placed
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut t = output::table([
+        "HOST", "HOSTNAME", "LABELS", "ASSIGNED", "REVISION", "READY", "STATUS", "RESTARTS",
+        "REPORTED",
+    ]);
+    for p in &parts {
+        let (revision, ready, status, restarts, age) = match &p.report {
+            Some(r) => (
+                r.revision.clone(),
+                format!("{}/{}", r.ready, r.size),
+                match &r.error {
+                    Some(e) => format!("{}: {e}", r.status),
+                    None => r.status.clone(),
+                },
+                r.restarts.to_string(),
+                format!("{}s ago", now.saturating_sub(r.written_ms) / 1000),
+            ),
+            None => (
+                "-".into(),
+                "-".into(),
+                "not reporting".into(),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        t.add_row([
+            p.host.to_string(),
+            p.hostname
+                .clone()
+                .unwrap_or_else(|| "(not registered)".into()),
+            p.labels.as_ref().map_or("-".into(), ToString::to_string),
+            p.assignment
+                .as_ref()
+                .map_or("-".into(), |a| format!("{} @ {}", a.size, a.revision)),
+            revision,
+            ready,
+            status,
+            restarts,
+            age,
+        ]);
+    }
+    println!("{t}");
+    Ok(())
 }

@@ -308,14 +308,28 @@ fn start_agent(
         )
         .into());
     }
+    let local = Arc::new(crate::fleet_host::AgentHost(agent.clone()));
     let server = std::thread::spawn(move || {
         rt.block_on(async move {
             let shutdown = async move {
                 let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
             };
-            // Ends with the runtime; the lease then lapses by itself.
+            // Ends with the runtime; the lease then lapses by itself, and the fleet's
+            // groups go on running as they are.
             if let Some(member) = fleet {
-                tokio::spawn(crate::fleet::keep_registered(member.registration));
+                let (lease_now, lease) = tokio::sync::watch::channel(None);
+                let work = juice_fleet::HostWork {
+                    endpoints: member.registration.endpoints.clone(),
+                    host: member.registration.record.id.clone(),
+                    ttl: member.registration.ttl(),
+                    local,
+                    lease,
+                };
+                tokio::spawn(crate::fleet::keep_registered(
+                    member.registration,
+                    lease_now,
+                ));
+                tokio::spawn(crate::fleet::keep_working(work));
                 if let Some(controller) = member.controller {
                     tokio::spawn(crate::fleet::keep_controlling(controller));
                 }

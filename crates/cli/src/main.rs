@@ -6,6 +6,7 @@ mod debug;
 mod dist;
 mod docs;
 mod fleet;
+mod fleet_host;
 mod host;
 mod images;
 mod os;

@@ -1,12 +1,23 @@
 //! The fleet against a real etcd (Debian's etcd-server, started here on loopback and
 //! killed by PID): a daemon started with `--fleet` registers its capabilities under a
-//! lease, disappears by itself when it dies, and registers again when etcd comes back.
+//! lease, disappears by itself when it dies, and registers again when etcd comes back;
+//! hosts run what the controller assigns them and report it.
+//!
+//! The tests take turns (SERIAL): daemons on one machine share its `juice0` bridge and
+//! nftables tables, so the ones that run instances each get a network namespace.
 
 mod common;
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Etcd, InstanceSweeper, Juice};
+use common::{ChildGuard, Etcd, InstanceSweeper, Juice, NetnsHost};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A short lease, so death is seen in seconds (the default is 10 s).
 const LEASE_SECS: u64 = 3;
@@ -66,6 +77,7 @@ fn host_id(j: &Juice) -> String {
 
 #[test]
 fn a_daemon_started_with_fleet_appears_in_fleet_get_hosts_with_its_capabilities_and_labels() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let j = Juice::new();
@@ -109,6 +121,7 @@ fn a_daemon_started_with_fleet_appears_in_fleet_get_hosts_with_its_capabilities_
 
 #[test]
 fn bad_labels_and_an_unreachable_etcd_get_one_sentence_each() {
+    let _turn = serial();
     let j = Juice::new();
     let e = j.fails(&[
         "daemon",
@@ -155,6 +168,7 @@ fn bad_labels_and_an_unreachable_etcd_get_one_sentence_each() {
 
 #[test]
 fn a_sigkilled_daemon_disappears_within_its_lease_and_comes_back_with_the_same_id() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let j = Juice::new();
@@ -181,6 +195,7 @@ fn a_sigkilled_daemon_disappears_within_its_lease_and_comes_back_with_the_same_i
 
 #[test]
 fn a_daemon_keeps_running_without_etcd_and_registers_again_when_it_is_back() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let j = Juice::new();
@@ -328,6 +343,7 @@ resources = { cpus = 0.1, memory = "16MiB" }
 #[test]
 fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_over_when_it_is_sigkilled()
  {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let (j1, j2) = (Juice::new(), Juice::new());
@@ -441,6 +457,7 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
 
 #[test]
 fn a_write_fenced_on_a_stale_leadership_is_refused() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
@@ -506,6 +523,7 @@ fn a_write_fenced_on_a_stale_leadership_is_refused() {
 
 #[test]
 fn a_bad_or_impossible_fleet_file_is_an_error_naming_the_field_and_nothing_is_stored() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let j = Juice::new();
@@ -560,6 +578,7 @@ async fn next(
 
 #[test]
 fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
+    let _turn = serial();
     let scratch = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&scratch.path().join("etcd"));
     let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
@@ -610,4 +629,412 @@ fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
         }
         task.abort();
     });
+}
+
+/// `juice get groups -o json` against `j`'s daemon: the groups by name.
+fn local_groups(j: &Juice) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = j.ok(&["get", "groups", "-o", "json"]);
+    let groups: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    groups
+        .into_iter()
+        .map(|g| (g["name"].as_str().unwrap_or_default().to_owned(), g))
+        .collect()
+}
+
+/// `juice get instances -o json` against `j`'s daemon: (name, pid) of `group`'s instances.
+fn local_instances(j: &Juice, group: &str) -> Vec<(String, i64)> {
+    let out = j.ok(&["get", "instances", "-o", "json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mut mine: Vec<(String, i64)> = all
+        .iter()
+        .filter(|i| i["group"] == group)
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_owned(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    mine.sort();
+    mine
+}
+
+/// Waits until `j` runs `size` ready instances of `fleet-web` (and no other size), or
+/// none at all when `size` is 0.
+fn until_local(j: &Juice, size: u64, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let groups = local_groups(j);
+        let done = match groups.get("fleet-web") {
+            None => size == 0,
+            Some(g) => size > 0 && g["size"] == size && g["ready"] == size && g["running"] == size,
+        };
+        if done {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} does not run {size} ready fleet-web after {limit:?}: {groups:?}",
+            j.home.path().display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `juice fleet get groups -o json`: the group `web`'s summary, if listed.
+fn fleet_web(j: &Juice, etcd: &Etcd) -> Option<serde_json::Value> {
+    get(j, etcd, "groups")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "web")
+        .cloned()
+}
+
+/// Polls `juice fleet get groups` until web's summary satisfies `done`, for at most
+/// `limit`; how long it took and that summary.
+fn until_web(
+    j: &Juice,
+    etcd: &Etcd,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (Duration, serde_json::Value) {
+    let start = Instant::now();
+    loop {
+        let web = fleet_web(j, etcd).unwrap_or_default();
+        if done(&web) {
+            return (start.elapsed(), web);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not so after {limit:?}: web is {web}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const HELLO_FLEET: &str = r#"
+[group.web]
+image = "hello-web:0.1.0"
+count = 2
+spread = "zone"
+resources = { cpus = 0.1, memory = "64MiB" }
+"#;
+
+#[test]
+fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
+    let _turn = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    // Each daemon in a network namespace of its own, reaching etcd through a veth.
+    let (n1, n2) = (NetnsHost::new(1), NetnsHost::new(2));
+    let etcd = Etcd::start_also_on(&scratch.path().join("etcd"), &[n1.outside, n2.outside]);
+    let (j1, j2) = (Juice::new(), Juice::new());
+    let _sweepers = (
+        InstanceSweeper(j1.home.path().to_owned()),
+        InstanceSweeper(j2.home.path().to_owned()),
+    );
+    // hello-web:0.1.0 is built into each host's home before its daemon starts.
+    let app = common::write_appliance(
+        &scratch.path().join("hello-web"),
+        &common::hello_web_manifest(),
+    );
+    for j in [&j1, &j2] {
+        j.ok(&["build", &app]);
+    }
+    let lease = LEASE_SECS.to_string();
+    let (e1, e2) = (etcd.endpoint_at(n1.outside), etcd.endpoint_at(n2.outside));
+    let _d1 = n1.daemon(
+        &j1,
+        &[
+            "--fleet",
+            &e1,
+            "--fleet-lease",
+            &lease,
+            "--fleet-controller",
+            "--label",
+            "zone=a",
+        ],
+        &j1.home.path().join("daemon.log"),
+    );
+    let _d2 = n2.daemon(
+        &j2,
+        &["--fleet", &e2, "--fleet-lease", &lease, "--label", "zone=b"],
+        &j2.home.path().join("daemon.log"),
+    );
+    let id1 = host_id(&j1);
+    until(&j1, &etcd, Duration::from_secs(10), |h| h.len() == 2);
+    until_get(&j1, &etcd, "controller", Duration::from_secs(10), |l| {
+        l["host"] == id1.as_str()
+    });
+
+    // The operator's own group on host 1, applied locally.
+    let mine = scratch.path().join("mine.toml");
+    std::fs::write(
+        &mine,
+        "[group.mine]\nimage = \"hello-web:0.1.0\"\nsize = 1\n",
+    )
+    .unwrap();
+    j1.ok(&["apply", "-f", mine.to_str().unwrap()]);
+
+    // The fleet's web: one instance in each zone.
+    let file = scratch.path().join("fleet.toml");
+    let path = file.to_str().unwrap().to_owned();
+    let apply = |etcd: &Etcd, text: &str| {
+        std::fs::write(&file, text).unwrap();
+        j1.ok(&[
+            "fleet",
+            "apply",
+            "-f",
+            &path,
+            "--endpoints",
+            &etcd.endpoint(),
+        ]);
+        Instant::now()
+    };
+    let applied = apply(&etcd, HELLO_FLEET);
+    until_local(&j1, 1, Duration::from_secs(60));
+    until_local(&j2, 1, Duration::from_secs(60));
+    let (_, web) = until_web(&j1, &etcd, Duration::from_secs(20), |w| w["ready_now"] == 2);
+    eprintln!("apply to 2/2 ready and reported: {:?}", applied.elapsed());
+    assert_eq!(
+        (web["desired"].clone(), web["placed"].clone()),
+        (2.into(), 2.into()),
+        "{web}"
+    );
+    assert_eq!(web["not_reporting"], serde_json::json!([]), "{web}");
+    let table = j1.ok(&["fleet", "get", "groups", "--endpoints", &etcd.endpoint()]);
+    assert!(
+        table.starts_with("GROUP") && table.contains("2/2"),
+        "{table}"
+    );
+    // The operator's group is untouched by the fleet's.
+    assert_eq!(local_groups(&j1)["mine"]["ready"], 1);
+    assert!(!local_groups(&j2).contains_key("mine"));
+
+    // A local apply of other groups neither deletes nor is deleted by the fleet's; a
+    // site that names a fleet group is refused.
+    let before = local_instances(&j1, "fleet-web");
+    std::fs::write(
+        &mine,
+        "[group.other]\nimage = \"hello-web:0.1.0\"\nsize = 1\n",
+    )
+    .unwrap();
+    let out = j1.ok(&["apply", "-f", mine.to_str().unwrap()]);
+    assert!(out.contains("mine") && !out.contains("fleet-web"), "{out}");
+    std::fs::write(
+        &mine,
+        "[group.fleet-web]\nimage = \"hello-web:0.1.0\"\nsize = 3\n",
+    )
+    .unwrap();
+    let e = j1.fails(&["apply", "-f", mine.to_str().unwrap()]);
+    assert!(
+        e.contains("fleet-web") && e.contains("belong to groups the fleet assigns"),
+        "{e}"
+    );
+    let groups = local_groups(&j1);
+    assert!(
+        groups.contains_key("other") && !groups.contains_key("mine"),
+        "{groups:?}"
+    );
+    assert_eq!(local_instances(&j1, "fleet-web"), before);
+
+    // A fleet group deleted by hand is made again: the fleet owns it.
+    j2.ok(&["delete", "fleet-web"]);
+    let took = until_local(&j2, 1, Duration::from_secs(30));
+    eprintln!("fleet-web deleted by hand on host 2, back and ready in {took:?}");
+
+    // Applying the same fleet file again changes nothing on the hosts.
+    apply(&etcd, HELLO_FLEET);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(local_instances(&j1, "fleet-web"), before);
+    assert_eq!(local_groups(&j1)["fleet-web"]["revision"], 1);
+
+    // describe: each host with its assignment, report and labels; an unknown group is one sentence.
+    // A new group is `rolling-out` until its health gate (10 s) passes, then `ok`: the
+    // reports follow the change.
+    let describe = || -> serde_json::Value {
+        let out = j1.ok(&[
+            "fleet",
+            "describe",
+            "group",
+            "web",
+            "-o",
+            "json",
+            "--endpoints",
+            &etcd.endpoint(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let start = Instant::now();
+    let described = loop {
+        let d = describe();
+        if d["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["report"]["status"] == "ok")
+        {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not ok after 30 s: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "both reports said ok {:?} after the first apply",
+        applied.elapsed()
+    );
+    let hosts = described["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{described}");
+    for h in hosts {
+        let zone = if h["host"] == id1.as_str() { "a" } else { "b" };
+        assert_eq!(h["labels"]["zone"], zone, "{h}");
+        assert_eq!(h["assignment"]["size"], 1, "{h}");
+        assert_eq!(h["report"]["ready"], 1, "{h}");
+        assert_eq!(h["report"]["status"], "ok", "{h}");
+        assert_eq!(h["report"]["revision"], h["assignment"]["revision"], "{h}");
+    }
+    let table = j1.ok(&[
+        "fleet",
+        "describe",
+        "group",
+        "web",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert!(
+        table.contains("zone=a") && table.contains("zone=b"),
+        "{table}"
+    );
+    let e = j1.fails(&[
+        "fleet",
+        "describe",
+        "group",
+        "nope",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("no fleet group `nope`: the fleet's groups are web"),
+        "{e}"
+    );
+
+    // Twice as many: each host converges on two.
+    let applied = apply(&etcd, &HELLO_FLEET.replace("count = 2", "count = 4"));
+    until_local(&j1, 2, Duration::from_secs(60));
+    until_local(&j2, 2, Duration::from_secs(60));
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 4 && w["desired"] == 4
+    });
+    eprintln!(
+        "count 2 -> 4, to 4/4 ready and reported: {:?}",
+        applied.elapsed()
+    );
+
+    // etcd goes for longer than the lease: the hosts keep their instances, the same ones.
+    let running = (
+        local_instances(&j1, "fleet-web"),
+        local_instances(&j2, "fleet-web"),
+    );
+    let stopped = etcd.kill();
+    std::thread::sleep(Duration::from_secs(LEASE_SECS + 3));
+    until_local(&j1, 2, Duration::from_secs(1));
+    until_local(&j2, 2, Duration::from_secs(1));
+    assert_eq!(
+        (
+            local_instances(&j1, "fleet-web"),
+            local_instances(&j2, "fleet-web")
+        ),
+        running,
+        "instances changed while etcd was away"
+    );
+    for (pid, j) in running
+        .0
+        .iter()
+        .map(|i| (i.1, &j1))
+        .chain(running.1.iter().map(|i| (i.1, &j2)))
+    {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "instance {pid} of {} died",
+            j.home.path().display()
+        );
+    }
+
+    // etcd is back: the reports come back under the hosts' new leases, and a new count
+    // is applied.
+    let etcd = Etcd::restart(stopped);
+    let back = Instant::now();
+    until(&j1, &etcd, Duration::from_secs(15), |h| h.len() == 2);
+    std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 4 && w["not_reporting"] == serde_json::json!([])
+    });
+    eprintln!(
+        "etcd back, the old leases run out (a {} s wait), 4/4 reported under the new ones: {:?}",
+        LEASE_SECS + 1,
+        back.elapsed()
+    );
+    let applied = apply(&etcd, HELLO_FLEET);
+    until_local(&j1, 1, Duration::from_secs(60));
+    until_local(&j2, 1, Duration::from_secs(60));
+    until_web(&j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 2 && w["desired"] == 2
+    });
+    eprintln!(
+        "after etcd's return, count 4 -> 2 converged in {:?}",
+        applied.elapsed()
+    );
+
+    // A spec without web: the hosts delete their fleet-web, and its reports go.
+    let applied = apply(&etcd, "");
+    until_local(&j1, 0, Duration::from_secs(60));
+    until_local(&j2, 0, Duration::from_secs(60));
+    until_get(&j1, &etcd, "groups", Duration::from_secs(20), |g| {
+        g.as_array().is_some_and(Vec::is_empty)
+    });
+    eprintln!(
+        "web removed from the spec, gone from both hosts in {:?}",
+        applied.elapsed()
+    );
+    assert!(
+        local_groups(&j1).contains_key("other"),
+        "the operator's group went too"
+    );
+    // The hosts' reports on web are deleted with their assignments.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let left = rt.block_on(async {
+            let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+                .await
+                .unwrap();
+            let prefix = etcd_client::GetOptions::new().with_prefix();
+            c.get("/juice/v1/reports/", Some(prefix))
+                .await
+                .unwrap()
+                .kvs()
+                .len()
+        });
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{left} reports left after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(j2.home.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("fleet assignments not watched; groups keep running as they are"),
+        "{log}"
+    );
 }

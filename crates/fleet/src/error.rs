@@ -48,6 +48,9 @@ pub enum Error {
         "this controller no longer leads the fleet (its leadership of revision {revision} is gone); the write was refused"
     )]
     Deposed { revision: i64 },
+    /// This host's agent failed to apply its assignments or to say how its groups run.
+    #[error("this host's agent: {reason}")]
+    Host { reason: String },
     /// A local file (the host id) could not be read or written.
     #[error("{}: {source}", .path.display())]
     File {

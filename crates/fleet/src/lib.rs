@@ -10,8 +10,10 @@
 //! The fleet's declared state is a `fleet.toml` ([`spec`]); [`plan()`] places its groups on
 //! the registered hosts, purely and deterministically; a [`Controller`] elected through
 //! etcd among the daemons started with `--fleet-controller` is the only writer of the
-//! hosts' assignments, every write fenced on its leadership ([`controller`]). Hosts acting
-//! on their assignments, health reports and rollouts (docs/fleet.md) are not here yet.
+//! hosts' assignments, every write fenced on its leadership ([`controller`]). Each host
+//! watches its own assignments, applies them to its agent as groups named `fleet-NAME`,
+//! and reports how they run under its lease ([`host`], [`report`]). Rollouts in waves
+//! (docs/fleet.md) are not here yet.
 //!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
@@ -28,17 +30,21 @@ pub mod controller;
 pub mod endpoints;
 pub mod error;
 pub mod facts;
+pub mod host;
 pub mod plan;
 pub mod record;
 pub mod registration;
+pub mod report;
 pub mod spec;
 pub mod store;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
 pub use error::{Error, Result};
+pub use host::{HostWork, LocalHost};
 pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
 pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};
+pub use report::{LocalGroup, Report};
 pub use spec::{FleetSpec, GroupName, GroupSpec};
 pub use store::{Listing, Store};

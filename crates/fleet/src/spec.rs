@@ -231,8 +231,9 @@ impl fmt::Display for Publish {
     }
 }
 
-/// A group name: lowercase letters, digits and '-', starting with a letter, at most 24
-/// (the same rule as a host's `site.toml`, since a host runs the group under this name).
+/// A group name: lowercase letters, digits and '-', starting with a letter, at most 18.
+/// A host runs the group as `fleet-NAME` ([`crate::host::local_name`]), and a host's group
+/// names (`site.toml`'s rule) are at most 24.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct GroupName(String);
@@ -247,7 +248,7 @@ impl TryFrom<String> for GroupName {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let ok = !s.is_empty()
-            && s.len() <= 24
+            && s.len() <= 18
             && s.starts_with(|c: char| c.is_ascii_lowercase())
             && s.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -256,7 +257,7 @@ impl TryFrom<String> for GroupName {
             Ok(GroupName(s))
         } else {
             Err(format!(
-                "{s:?} is not a group name (lowercase letters, digits and '-', starting with a letter, at most 24)"
+                "{s:?} is not a group name (lowercase letters, digits and '-', starting with a letter, at most 18, so that a host's `fleet-NAME` fits its 24)"
             ))
         }
     }

@@ -46,6 +46,26 @@ impl Store {
         })
     }
 
+    /// A connection for streams (a watch) that live as long as they may: only connecting
+    /// has a deadline; each call made through [`Store::call`] still has `timeout`.
+    pub async fn connect_streaming(endpoints: &Endpoints, timeout: Duration) -> Result<Store> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(timeout, timeout);
+        let client = Client::connect(endpoints.urls(), Some(options))
+            .await
+            .map_err(|source| Error::Etcd {
+                endpoints: endpoints.to_string(),
+                what: "a connection",
+                source,
+            })?;
+        Ok(Store {
+            client,
+            endpoints: endpoints.clone(),
+            timeout,
+        })
+    }
+
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints
     }

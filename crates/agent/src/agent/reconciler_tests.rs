@@ -459,3 +459,69 @@ fn a_new_revision_never_healthy_within_the_gate_and_30_s_is_rolled_back() {
     );
     assert_eq!(h.status(), GroupStatus::RolledBack { failed: 2 });
 }
+
+#[test]
+fn the_operators_groups_and_the_fleets_neither_change_nor_delete_each_other() {
+    let h = Host::new();
+    let site = |text: &str| Site::parse(text, std::path::Path::new("site.toml")).unwrap();
+    let names = |h: &Host| -> Vec<String> {
+        h.agent
+            .groups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.name)
+            .collect()
+    };
+    h.agent
+        .apply(&site("[group.web]\nimage = \"t:1\"\n"), true)
+        .unwrap();
+    let fleet = h
+        .agent
+        .apply_fleet(&site(
+            "[group.fleet-web]\nimage = \"t:1\"\nsize = 2\n[group.fleet-bad]\nimage = \"no-such:1\"\n",
+        ))
+        .unwrap();
+    assert_eq!(
+        names(&h),
+        ["fleet-web", "web"],
+        "the fleet's apply kept web"
+    );
+    assert!(
+        fleet.failed[&GroupName::try_from("fleet-bad".to_owned()).unwrap()].contains("no-such"),
+        "{fleet:?}"
+    );
+    // The operator applies another site: web goes, fleet-web stays.
+    let changes = h
+        .agent
+        .apply(&site("[group.api]\nimage = \"t:1\"\n"), true)
+        .unwrap();
+    assert!(
+        changes.iter().all(|c| c.group != "fleet-web"),
+        "{changes:?}"
+    );
+    assert_eq!(names(&h), ["api", "fleet-web"]);
+    // A site may not name a fleet group.
+    let e = h
+        .agent
+        .apply(&site("[group.fleet-web]\nimage = \"t:1\"\n"), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belong to groups the fleet assigns"), "{e}");
+    // The same fleet site again changes nothing; an empty one deletes only fleet groups.
+    let again = h
+        .agent
+        .apply_fleet(&site("[group.fleet-web]\nimage = \"t:1\"\nsize = 2\n"))
+        .unwrap();
+    assert!(
+        again.changes.iter().all(|c| c.action == Action::Unchanged),
+        "{again:?}"
+    );
+    h.agent.apply_fleet(&Site::default()).unwrap();
+    assert_eq!(names(&h), ["api"]);
+    // The fleet's apply takes only fleet groups.
+    assert!(
+        h.agent
+            .apply_fleet(&site("[group.web]\nimage = \"t:1\"\n"))
+            .is_err()
+    );
+}

@@ -394,18 +394,36 @@ pub struct Etcd {
     pub data: PathBuf,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Addresses it also listens on for clients (a network namespace's way in).
+    pub also: Vec<std::net::Ipv4Addr>,
 }
+
+/// A killed etcd's data, ports and addresses, to start it again with [`Etcd::restart`].
+pub struct StoppedEtcd(pub PathBuf, pub u16, pub u16, pub Vec<std::net::Ipv4Addr>);
 
 impl Etcd {
     /// A new etcd with its data in `data` (made if missing).
     pub fn start(data: &Path) -> Etcd {
-        Etcd::start_on(data, free_port(), free_port())
+        Etcd::start_on(data, free_port(), free_port(), Vec::new())
     }
 
-    fn start_on(data: &Path, client_port: u16, peer_port: u16) -> Etcd {
+    /// A new etcd that also listens on `also` (on the same client port).
+    pub fn start_also_on(data: &Path, also: &[std::net::Ipv4Addr]) -> Etcd {
+        Etcd::start_on(data, free_port(), free_port(), also.to_vec())
+    }
+
+    fn start_on(
+        data: &Path,
+        client_port: u16,
+        peer_port: u16,
+        also: Vec<std::net::Ipv4Addr>,
+    ) -> Etcd {
         require("etcd");
         std::fs::create_dir_all(data).unwrap();
         let client = format!("http://127.0.0.1:{client_port}");
+        let listen: Vec<String> = std::iter::once(client.clone())
+            .chain(also.iter().map(|a| format!("http://{a}:{client_port}")))
+            .collect();
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -416,7 +434,7 @@ impl Etcd {
             Command::new("etcd")
                 .args(["--name", "juice-test", "--data-dir"])
                 .arg(data)
-                .args(["--listen-client-urls", &client])
+                .args(["--listen-client-urls", &listen.join(",")])
                 .args(["--advertise-client-urls", &client])
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
@@ -429,6 +447,7 @@ impl Etcd {
             data: data.to_owned(),
             client_port,
             peer_port,
+            also,
         };
         etcd.wait_healthy();
         etcd
@@ -462,22 +481,113 @@ impl Etcd {
         }
     }
 
+    /// The client endpoint at `addr` (one of `also`).
+    pub fn endpoint_at(&self, addr: std::net::Ipv4Addr) -> String {
+        format!("http://{addr}:{}", self.client_port)
+    }
+
     /// Kills this etcd (by PID) and waits for it to be gone.
-    pub fn kill(self) -> (PathBuf, u16, u16) {
+    pub fn kill(self) -> StoppedEtcd {
         let Etcd {
             mut child,
             data,
             client_port,
             peer_port,
+            also,
         } = self;
         let _ = child.0.kill();
         let _ = child.0.wait();
-        (data, client_port, peer_port)
+        StoppedEtcd(data, client_port, peer_port, also)
     }
 
-    /// A new etcd on the data and ports of one that was killed.
-    pub fn restart((data, client_port, peer_port): (PathBuf, u16, u16)) -> Etcd {
-        Etcd::start_on(&data, client_port, peer_port)
+    /// A new etcd on the data, ports and addresses of one that was killed.
+    pub fn restart(StoppedEtcd(data, client_port, peer_port, also): StoppedEtcd) -> Etcd {
+        Etcd::start_on(&data, client_port, peer_port, also)
+    }
+}
+
+/// A network namespace of its own for a daemon, so that two daemons on this machine
+/// each have their own `juice0` bridge, addresses and nftables tables (they would
+/// otherwise share them). A veth pair links it to this namespace: `outside` here,
+/// `inside` in the namespace. Deleted (with the veth) when dropped.
+pub struct NetnsHost {
+    pub name: String,
+    pub outside: std::net::Ipv4Addr,
+    pub inside: std::net::Ipv4Addr,
+}
+
+impl NetnsHost {
+    /// Namespace number `n` of this test process (0 to 63).
+    pub fn new(n: u8) -> NetnsHost {
+        require("ip");
+        require("nsenter");
+        let pid = std::process::id();
+        let name = format!("juice-t{pid}-{n}");
+        // A /30 per namespace in 10.201.0.0/16, chosen by pid and n.
+        let block = (pid % 1024) * 64 + u32::from(n % 64);
+        let base = u32::from(std::net::Ipv4Addr::new(10, 201, 0, 0)) + (block % 16384) * 4;
+        let (outside, inside) = (
+            std::net::Ipv4Addr::from(base + 1),
+            std::net::Ipv4Addr::from(base + 2),
+        );
+        let (host_end, ns_end) = (
+            format!("jth{}", block % 100_000),
+            format!("jtn{}", block % 100_000),
+        );
+        let host = NetnsHost {
+            name: name.clone(),
+            outside,
+            inside,
+        };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip runs");
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+        };
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &name,
+        ]);
+        ip(&["addr", "add", &format!("{outside}/30"), "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{inside}/30"),
+            "dev",
+            &ns_end,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_end, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        host
+    }
+
+    /// `juice daemon ARGS` for `j` inside this namespace, as [`daemon_with`] does.
+    pub fn daemon(&self, j: &Juice, args: &[&str], log: &Path) -> ChildGuard {
+        let log = std::fs::File::create(log).expect("the daemon's log file");
+        // nsenter enters only the network namespace (`ip netns exec` would also mount a
+        // fresh /sys, without the cgroup hierarchy), and execs juice: the guard's PID is juice's.
+        let guard = ChildGuard::spawn(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.name))
+                .args([env!("CARGO_BIN_EXE_juice"), "daemon"])
+                .args(args)
+                .env("JUICE_HOME", j.home.path())
+                .current_dir(workspace())
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        );
+        answering(j, guard)
+    }
+}
+
+impl Drop for NetnsHost {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
