@@ -7,7 +7,8 @@
 //! **Fencing**: every write of the leader is a transaction that first compares the key's
 //! `create_revision` with its own, so a leader that was deposed (its lease expired while
 //! it was paused or cut off, and another took over) has its writes refused, never applied.
-//! **Work**: the leader reads `spec`, plans it on the registered hosts ([`crate::plan`])
+//! **Work**: the leader reads `spec`, plans it on the registered hosts from the stored
+//! assignments ([`crate::plan_from`], so instances stay where they are)
 //! whenever the spec's revision changes (and once when it is elected), and writes only the
 //! assignments that differ, deleting the ones no longer planned.
 
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
-use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan};
+use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan_from};
 use crate::record::HostId;
 use crate::spec::{FleetSpec, GroupName};
 use crate::store::Store;
@@ -210,7 +211,9 @@ impl Store {
         Ok(plan)
     }
 
-    /// The plan of `spec` on the hosts registered now.
+    /// The plan of `spec` on the hosts registered now, keeping the instances the stored
+    /// assignments place where they still fit ([`plan_from`]): what the controller writes,
+    /// and what `juice fleet plan|apply` show.
     pub async fn plan(&self, spec: &FleetSpec) -> Result<std::result::Result<Plan, PlanError>> {
         let hosts: Vec<HostCapacity> = self
             .hosts()
@@ -219,7 +222,8 @@ impl Store {
             .iter()
             .map(HostCapacity::from_record)
             .collect();
-        Ok(plan(&hosts, spec))
+        let previous = self.assignments().await?;
+        Ok(plan_from(&hosts, spec, &previous))
     }
 
     /// Makes the stored assignments those of `want`, with writes fenced on `leadership`;

@@ -42,7 +42,7 @@ pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
 pub use error::{Error, Result};
 pub use host::{HostWork, LocalHost};
-pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan};
+pub use plan::{Assignment, HostCapacity, Plan, PlanError, plan, plan_from};
 pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};
 pub use report::{LocalGroup, Report};

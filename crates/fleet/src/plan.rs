@@ -1,6 +1,8 @@
 //! Placement: which host runs how many instances of which group. Pure and deterministic
-//! (the same hosts and spec give the same plan, byte for byte), so the controller can
-//! recompute it at any time and write only what changed.
+//! (the same hosts, spec and previous plan give the same plan, byte for byte), so the
+//! controller can recompute it at any time and write only what changed. Placements are
+//! stable: [`plan_from`] first keeps each group's instances where the previous plan had
+//! them, on hosts that still pass the filters, and places only the rest.
 //!
 //! Groups are placed in name order. For each instance the hosts are **filtered** (the
 //! group's isolation backend, its label constraints, enough free CPU and memory, its
@@ -153,8 +155,21 @@ impl Bin<'_> {
     }
 }
 
-/// Places every group of `spec` on `hosts`.
+/// Places every group of `spec` on `hosts`, from scratch: [`plan_from`] with no previous plan.
 pub fn plan(hosts: &[HostCapacity], spec: &FleetSpec) -> Result<Plan, PlanError> {
+    plan_from(hosts, spec, &Plan::default())
+}
+
+/// Places every group of `spec` on `hosts`, keeping the instances `previous` (the
+/// assignments written last) has on hosts that are still there and still pass the group's
+/// filters, up to the group's count; the rest are placed as [`plan`] places them. Kept
+/// instances are chosen one at a time by the same scores, so when a group shrinks the
+/// worst-ranked go first. Replanning with the result as `previous` gives the same plan.
+pub fn plan_from(
+    hosts: &[HostCapacity],
+    spec: &FleetSpec,
+    previous: &Plan,
+) -> Result<Plan, PlanError> {
     let mut sorted: Vec<&HostCapacity> = hosts.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
     let mut bins: Vec<Bin> = sorted
@@ -166,7 +181,13 @@ pub fn plan(hosts: &[HostCapacity], spec: &FleetSpec) -> Result<Plan, PlanError>
         .collect();
     let mut out = Plan::default();
     for (name, group) in &spec.group {
-        let per_host = place_group(&mut bins, name, group)?;
+        let had: BTreeMap<usize, u32> = (0..bins.len())
+            .filter_map(|i| {
+                let a = previous.hosts.get(&bins[i].host.id)?.get(name)?;
+                Some((i, a.size))
+            })
+            .collect();
+        let per_host = place_group(&mut bins, name, group, &had)?;
         let revision = revision(group);
         for (i, size) in per_host {
             out.hosts
@@ -189,11 +210,13 @@ pub fn plan(hosts: &[HostCapacity], spec: &FleetSpec) -> Result<Plan, PlanError>
     Ok(out)
 }
 
-/// Places one group; returns instances per bin index.
+/// Places one group, first keeping up to `had[i]` instances on bin `i` where they still
+/// pass the filters; returns instances per bin index.
 fn place_group(
     bins: &mut [Bin],
     name: &GroupName,
     g: &GroupSpec,
+    had: &BTreeMap<usize, u32>,
 ) -> Result<BTreeMap<usize, u32>, PlanError> {
     let fail = |field, reason: String| PlanError {
         group: name.clone(),
@@ -255,20 +278,41 @@ fn place_group(
             .to_owned()
     };
     let values: Vec<String> = (0..bins.len()).map(|i| value(i, bins)).collect();
-    for n in 0..count {
-        let best = matching
+    // The best host for one more instance among those `allowed`, by the scores.
+    let best = |bins: &[Bin],
+                placed: &BTreeMap<usize, u32>,
+                per_value: &BTreeMap<&str, u32>,
+                allowed: &dyn Fn(usize) -> bool| {
+        matching
             .iter()
             .copied()
             // Published ports are host ports: one instance per host.
-            .filter(|&i| bins[i].fits(g) && (g.publish.is_empty() || !placed.contains_key(&i)))
+            .filter(|&i| {
+                allowed(i) && bins[i].fits(g) && (g.publish.is_empty() || !placed.contains_key(&i))
+            })
             .min_by_key(|&i| {
                 (
                     per_value.get(values[i].as_str()).copied().unwrap_or(0),
                     bins[i].load_after(g),
                     &bins[i].host.id,
                 )
-            });
-        let Some(i) = best else {
+            })
+    };
+    let mut n = 0;
+    // Keep where instances already are, one at a time by the scores.
+    while n < count {
+        let keep =
+            |i: usize| placed.get(&i).copied().unwrap_or(0) < had.get(&i).copied().unwrap_or(0);
+        let Some(i) = best(bins, &placed, &per_value, &keep) else {
+            break;
+        };
+        bins[i].take(g);
+        *placed.entry(i).or_default() += 1;
+        *per_value.entry(values[i].as_str()).or_default() += 1;
+        n += 1;
+    }
+    while n < count {
+        let Some(i) = best(bins, &placed, &per_value, &|_| true) else {
             return Err(fail(
                 blocking_field(bins, &matching, g),
                 format!(
@@ -280,6 +324,7 @@ fn place_group(
         bins[i].take(g);
         *placed.entry(i).or_default() += 1;
         *per_value.entry(values[i].as_str()).or_default() += 1;
+        n += 1;
     }
     Ok(placed)
 }
@@ -482,6 +527,118 @@ mod tests {
         assert_eq!(a.revision.len(), 12);
     }
 
+    /// Replanning with the previous plan as input keeps instances where they are.
+    #[test]
+    fn stable_placements_table() {
+        type Sizes = BTreeMap<String, u32>;
+        fn total(s: &Sizes) -> u32 {
+            s.values().sum()
+        }
+        struct Case {
+            what: &'static str,
+            before: (Vec<HostCapacity>, &'static str),
+            after: (Vec<HostCapacity>, &'static str),
+            check: fn(&Sizes, &Sizes) -> bool,
+        }
+        let web = |count: u32, image: &str, spread: bool| {
+            format!(
+                "[group.db]\nimage = \"d:1\"\ncount = 2\n\
+                 [group.web]\nimage = \"{image}\"\ncount = {count}\n{}",
+                if spread { "spread = \"zone\"\n" } else { "" }
+            )
+        };
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let mut joined = three_zones();
+        joined.push(host("d1", 16, 32, &["zone=d"], BOTH));
+        let left: Vec<HostCapacity> = three_zones()
+            .into_iter()
+            .filter(|h| h.id.as_str() != "a2")
+            .collect();
+        let cases = [
+            Case {
+                what: "an unchanged spec on unchanged hosts moves nothing",
+                before: (three_zones(), leak(web(5, "w:1", false))),
+                after: (three_zones(), leak(web(5, "w:1", false))),
+                check: |a, b| a == b,
+            },
+            Case {
+                what: "a new host joining moves nothing",
+                before: (three_zones(), leak(web(5, "w:1", false))),
+                after: (joined.clone(), leak(web(5, "w:1", false))),
+                check: |a, b| a == b,
+            },
+            Case {
+                what: "scaling up keeps every existing placement",
+                before: (three_zones(), leak(web(3, "w:1", true))),
+                after: (three_zones(), leak(web(7, "w:1", true))),
+                check: |a, b| total(b) == 7 && a.iter().all(|(h, n)| b.get(h) >= Some(n)),
+            },
+            Case {
+                what: "scaling down keeps a subset, still spread over zones",
+                before: (three_zones(), leak(web(5, "w:1", true))),
+                after: (three_zones(), leak(web(2, "w:1", true))),
+                check: |a, b| {
+                    total(b) == 2
+                        && b.iter().all(|(h, n)| a.get(h) >= Some(n))
+                        && b.keys().filter(|h| h.starts_with('a')).count() <= 1
+                },
+            },
+            Case {
+                what: "a host that left loses only its own instances, which go elsewhere",
+                before: (three_zones(), leak(web(5, "w:1", false))),
+                after: (left.clone(), leak(web(5, "w:1", false))),
+                check: |a, b| {
+                    total(b) == 5
+                        && !b.contains_key("a2")
+                        && a.iter()
+                            .filter(|(h, _)| *h != "a2")
+                            .all(|(h, n)| b.get(h) >= Some(n))
+                },
+            },
+            Case {
+                what: "a changed image keeps placements",
+                before: (three_zones(), leak(web(5, "w:1", true))),
+                after: (three_zones(), leak(web(5, "w:2", true))),
+                check: |a, b| a == b,
+            },
+        ];
+        for c in cases {
+            let (before_fleet, after_fleet) = (spec(c.before.1), spec(c.after.1));
+            let before =
+                plan(&c.before.0, &before_fleet).unwrap_or_else(|e| panic!("{}: {e}", c.what));
+            let after = plan_from(&c.after.0, &after_fleet, &before)
+                .unwrap_or_else(|e| panic!("{}: {e}", c.what));
+            let (a, b) = (sizes(&before, "web"), sizes(&after, "web"));
+            assert!((c.check)(&a, &b), "{}: before {a:?}, after {b:?}", c.what);
+            // The other group, unchanged, stays put too, except on a host that left.
+            let (da, db) = (sizes(&before, "db"), sizes(&after, "db"));
+            assert!(
+                da.iter()
+                    .filter(|(h, _)| c.after.0.iter().any(|x| x.id.as_str() == h.as_str()))
+                    .all(|(h, n)| db.get(h) == Some(n)),
+                "{}: db before {da:?}, after {db:?}",
+                c.what
+            );
+            // The revision follows the spec; the hosts do not.
+            let g: GroupName = "web".parse().unwrap();
+            for groups in after.hosts.values() {
+                if let Some(x) = groups.get(&g) {
+                    assert_eq!(x.revision, revision(&after_fleet.group[&g]), "{}", c.what);
+                }
+            }
+            // Replanning what was planned changes nothing.
+            assert_eq!(
+                plan_from(&c.after.0, &after_fleet, &after).unwrap(),
+                after,
+                "{}",
+                c.what
+            );
+        }
+        // The joining host would have been used from scratch: the case above means something.
+        let fleet = spec(&web(5, "w:1", false));
+        assert!(sizes(&plan(&joined, &fleet).unwrap(), "web").contains_key("d1"));
+    }
+
     /// Random fleets: a host is never given more than it has, ports never clash on a
     /// host, and a spec that fits on every matching host at once is always placed whole.
     fn arb_host() -> impl Strategy<Value = HostCapacity> {
@@ -669,6 +826,87 @@ mod tests {
                     });
                     prop_assert!(!fits_everywhere, "a feasible spec was refused: {}", e);
                 }
+            }
+        }
+    }
+
+    /// Every placement of `p` passes its group's filters, no host is over-allocated and
+    /// ports never clash on a host.
+    fn check_fits(
+        hosts: &[HostCapacity],
+        fleet: &FleetSpec,
+        p: &Plan,
+    ) -> Result<(), TestCaseError> {
+        for (id, on) in &p.hosts {
+            let h = hosts.iter().find(|h| &h.id == id);
+            prop_assert!(h.is_some(), "{} is not a host", id);
+            let Some(h) = h else { continue };
+            let (mut cpu, mut mem) = (h.reserved.millicpus, h.reserved.memory_bytes);
+            let mut ports = BTreeSet::new();
+            for (name, a) in on {
+                let g = &fleet.group[name];
+                prop_assert!(h.backends.contains(&g.isolation));
+                prop_assert!(
+                    g.constraints
+                        .iter()
+                        .all(|(k, v)| h.labels.get(k) == Some(v))
+                );
+                cpu += a.millicpus * u64::from(a.size);
+                mem += a.memory_bytes * u64::from(a.size);
+                for port in &a.ports {
+                    prop_assert!(a.size == 1 && ports.insert(port.host_port()));
+                }
+            }
+            prop_assert!(
+                cpu <= h.millicpus && mem <= h.memory_bytes,
+                "{} over-allocated",
+                h.id
+            );
+        }
+        Ok(())
+    }
+
+    fn fleet_of(groups: &[String]) -> FleetSpec {
+        let text: String = groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| format!("[group.g{i}]\n{g}"))
+            .collect();
+        spec(&text)
+    }
+
+    proptest! {
+        /// Replanning with the previous plan as input gives the same plan, and after hosts
+        /// leave and the spec changes every kept placement still passes the filters.
+        #[test]
+        fn replanning_is_idempotent_and_keeps_only_what_fits(
+            mut hosts in prop::collection::vec(arb_host(), 1..12),
+            groups in prop::collection::vec(arb_group(), 1..5),
+            changed in prop::collection::vec(arb_group(), 1..5),
+            stay in prop::collection::vec(any::<bool>(), 12),
+        ) {
+            for (i, h) in hosts.iter_mut().enumerate() {
+                h.id = format!("h{i:02}").parse().unwrap();
+            }
+            let fleet = fleet_of(&groups);
+            let Ok(first) = plan(&hosts, &fleet) else { return Ok(()) };
+            prop_assert_eq!(&plan_from(&hosts, &fleet, &first).unwrap(), &first);
+            let remaining: Vec<HostCapacity> = hosts
+                .iter()
+                .zip(&stay)
+                .filter(|(_, s)| **s)
+                .map(|(h, _)| h.clone())
+                .collect();
+            // The same spec on the hosts that stayed, and a changed spec on them.
+            for fleet2 in [fleet.clone(), fleet_of(&changed)] {
+                let Ok(second) = plan_from(&remaining, &fleet2, &first) else { continue };
+                check_fits(&remaining, &fleet2, &second)?;
+                for (name, g) in &fleet2.group {
+                    if let Some(n) = g.count {
+                        prop_assert_eq!(second.instances(name), u64::from(n));
+                    }
+                }
+                prop_assert_eq!(&plan_from(&remaining, &fleet2, &second).unwrap(), &second);
             }
         }
     }
