@@ -377,6 +377,140 @@ mod tests {
         assert!(e.contains("initrd has sha256"), "{e}");
     }
 
+    /// An OS version whose layer is whatever `entries` writes, with a config that names
+    /// the digests of `kernel` and `initrd` as a real one would.
+    fn hostile(
+        store: &Store,
+        reference: &str,
+        entries: impl FnOnce(&mut tar::Builder<Vec<u8>>),
+    ) -> OsVersion {
+        let mut tar = tar::Builder::new(Vec::new());
+        entries(&mut tar);
+        let tar = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let (layer, size) = store.put_blob(&gz.finish().unwrap()).unwrap();
+        let config = OsConfig {
+            version: "6.6.6".into(),
+            cmdline: "console=ttyS0".into(),
+            kernel_release: "6.1".into(),
+            kernel_sha256: hex::encode(Sha256::digest(b"a kernel")),
+            initrd_sha256: hex::encode(Sha256::digest(b"an initramfs")),
+            juice: "0.1.0".into(),
+        };
+        let image = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Labels": {LABEL: serde_json::to_string(&config).unwrap()}},
+            "rootfs": {"type": "layers", "diff_ids": [Digest::of(&tar).to_string()]},
+        });
+        store
+            .put_image(
+                reference,
+                &serde_json::to_vec(&image).unwrap(),
+                (&layer, size),
+            )
+            .unwrap();
+        OsVersion::open(store, reference).unwrap()
+    }
+
+    /// Writes a hostile layer's entries.
+    type Layer = Box<dyn FnOnce(&mut tar::Builder<Vec<u8>>)>;
+
+    fn file(tar: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    }
+
+    #[test]
+    fn a_hostile_layer_is_refused_and_writes_nothing_outside_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("home")).unwrap();
+        let cases: [(&str, Layer, &str); 5] = [
+            (
+                "extra",
+                Box::new(|t| {
+                    file(t, "vmlinuz", b"a kernel");
+                    file(t, "initrd", b"an initramfs");
+                    file(t, "etc/passwd", b"root::0:0::/:/bin/sh");
+                }),
+                "holds etc/passwd",
+            ),
+            (
+                "link",
+                Box::new(|t| {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    t.append_link(&mut h, "vmlinuz", "/etc/shadow").unwrap();
+                }),
+                "vmlinuz in its layer is not a regular file",
+            ),
+            (
+                "twice",
+                Box::new(|t| {
+                    file(t, "vmlinuz", b"a kernel");
+                    file(t, "vmlinuz", b"a kernel");
+                }),
+                "holds vmlinuz twice",
+            ),
+            (
+                "missing",
+                Box::new(|t| file(t, "vmlinuz", b"a kernel")),
+                "has no initrd",
+            ),
+            (
+                "swapped",
+                Box::new(|t| {
+                    file(t, "vmlinuz", b"an initramfs");
+                    file(t, "initrd", b"a kernel");
+                }),
+                "vmlinuz has sha256",
+            ),
+        ];
+        for (name, entries, why) in cases {
+            let v = hostile(&store, &format!("juice-os:{name}"), entries);
+            let out = dir.path().join(name);
+            std::fs::create_dir(&out).unwrap();
+            let e = v.extract(&store, &out).unwrap_err().to_string();
+            assert!(e.contains(why), "{name}: {e}");
+            // Nothing but the two names may ever be created, and only inside `out`.
+            for entry in std::fs::read_dir(&out).unwrap() {
+                let n = entry.unwrap().file_name();
+                assert!(n == "vmlinuz" || n == "initrd", "{name}: wrote {n:?}");
+            }
+            assert!(!dir.path().join(name).join("etc").exists());
+        }
+    }
+
+    #[test]
+    fn an_appliance_is_not_an_os_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("home")).unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        file(&mut tar, "vmlinuz", b"a kernel");
+        let tar = tar.into_inner().unwrap();
+        let image = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [Digest::of(&tar).to_string()]},
+        });
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let (layer, size) = store.put_blob(&gz.finish().unwrap()).unwrap();
+        store
+            .put_image(
+                "app:1",
+                &serde_json::to_vec(&image).unwrap(),
+                (&layer, size),
+            )
+            .unwrap();
+        let e = OsVersion::open(&store, "app:1").unwrap_err().to_string();
+        assert!(e.contains("is not an OS version"), "{e}");
+    }
+
     #[test]
     fn names_and_command_lines_that_could_escape_are_refused() {
         for bad in ["", "../x", "-v", "a b", "a\"b", &"x".repeat(65)] {
