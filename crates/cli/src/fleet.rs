@@ -361,10 +361,7 @@ fn get_controller(endpoints: &Endpoints, format: Format) -> Result {
         // The leader's fields, and the brake's record while it holds.
         let mut value = serde_json::to_value(&leader).unwrap_or_default();
         if let (Some(map), Some(b)) = (value.as_object_mut(), &brake) {
-            map.insert(
-                "brake".into(),
-                serde_json::to_value(b).unwrap_or_default(),
-            );
+            map.insert("brake".into(), serde_json::to_value(b).unwrap_or_default());
         }
         return output::json(&value);
     }

@@ -1054,16 +1054,20 @@ struct TwoHosts {
 }
 
 impl TwoHosts {
-    fn start(scratch: &std::path::Path, n1: NetnsHost, n2: NetnsHost, e1: &str, e2: &str) -> TwoHosts {
+    fn start(
+        scratch: &std::path::Path,
+        n1: NetnsHost,
+        n2: NetnsHost,
+        e1: &str,
+        e2: &str,
+    ) -> TwoHosts {
         let (j1, j2) = (Juice::new(), Juice::new());
         let sweepers = (
             InstanceSweeper(j1.home.path().to_owned()),
             InstanceSweeper(j2.home.path().to_owned()),
         );
-        let app = common::write_appliance(
-            &scratch.join("hello-web"),
-            &common::hello_web_manifest(),
-        );
+        let app =
+            common::write_appliance(&scratch.join("hello-web"), &common::hello_web_manifest());
         for j in [&j1, &j2] {
             j.ok(&["build", &app]);
         }
@@ -1100,7 +1104,14 @@ impl TwoHosts {
         let lease = LEASE_SECS.to_string();
         self.d2 = Some(self.n2.daemon(
             &self.j2,
-            &["--fleet", &self.e2, "--fleet-lease", &lease, "--label", "zone=b"],
+            &[
+                "--fleet",
+                &self.e2,
+                "--fleet-lease",
+                &lease,
+                "--label",
+                "zone=b",
+            ],
             &self.j2.home.path().join(log),
         ));
     }
@@ -1168,11 +1179,15 @@ fn a_dead_hosts_work_moves_after_its_delay_and_the_host_stops_it_when_it_comes_b
     // runs both instances, its own first one untouched.
     h.kill_host2();
     let killed = Instant::now();
-    until(&h.j1, &etcd, Duration::from_secs(LEASE_SECS + 3), |x| x.len() == 1);
+    until(&h.j1, &etcd, Duration::from_secs(LEASE_SECS + 3), |x| {
+        x.len() == 1
+    });
     let gone = killed.elapsed();
     until_local(&h.j1, 2, Duration::from_secs(60));
     let moved = killed.elapsed();
-    eprintln!("host 2 SIGKILLed: its record gone after {gone:?}, its web instance ready on host 1 after {moved:?}");
+    eprintln!(
+        "host 2 SIGKILLed: its record gone after {gone:?}, its web instance ready on host 1 after {moved:?}"
+    );
     assert!(
         moved >= Duration::from_secs(LEASE_SECS),
         "moved before the lease could run out: {moved:?}"
@@ -1185,7 +1200,10 @@ fn a_dead_hosts_work_moves_after_its_delay_and_the_host_stops_it_when_it_comes_b
     );
     // The dead daemon's instance runs on without it (as through an upgrade): the
     // controller cannot tell a dead host from a cut-off one.
-    assert!(alive(on2[0].1), "host 2's instance {on2:?} died with its daemon");
+    assert!(
+        alive(on2[0].1),
+        "host 2's instance {on2:?} died with its daemon"
+    );
     let log = std::fs::read_to_string(h.j1.home.path().join("daemon.log")).unwrap();
     assert!(
         log.contains("a missing host's groups placed elsewhere") && log.contains(&id2),
@@ -1206,7 +1224,10 @@ fn a_dead_hosts_work_moves_after_its_delay_and_the_host_stops_it_when_it_comes_b
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("host 2 back: its moved instance stopped {:?} after its daemon started", back.elapsed());
+    eprintln!(
+        "host 2 back: its moved instance stopped {:?} after its daemon started",
+        back.elapsed()
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(web_assigned(&h.j1, &etcd), [(id1.clone(), 2)].into());
     assert_eq!(local_instances(&h.j1, "fleet-web"), now1);
@@ -1267,7 +1288,11 @@ fn a_cut_off_host_keeps_serving_nothing_moves_before_the_delay_and_the_brake_hol
     // the cut host serves on.
     while cut.elapsed() < Duration::from_secs(LEASE_SECS + 4) {
         assert!(serves(), "host 2's web stopped answering while cut off");
-        assert_eq!(web_assigned(&h.j1, &etcd), both, "work moved during the cut");
+        assert_eq!(
+            web_assigned(&h.j1, &etcd),
+            both,
+            "work moved during the cut"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // A spec change meanwhile keeps the cut host's instance where it is.
@@ -1277,11 +1302,18 @@ fn a_cut_off_host_keeps_serving_nothing_moves_before_the_delay_and_the_brake_hol
         &fleet.replace("reschedule_after = \"60s\"", "reschedule_after = \"50s\""),
     );
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(web_assigned(&h.j1, &etcd), both, "a spec change dropped the cut host's work");
+    assert_eq!(
+        web_assigned(&h.j1, &etcd),
+        both,
+        "a spec change dropped the cut host's work"
+    );
     h.n2.heal();
     let healed = Instant::now();
     until(&h.j1, &etcd, Duration::from_secs(15), |x| x.len() == 2);
-    eprintln!("link back: host 2 registered again after {:?}", healed.elapsed());
+    eprintln!(
+        "link back: host 2 registered again after {:?}",
+        healed.elapsed()
+    );
     until_web(&h.j1, &etcd, Duration::from_secs(20), |w| {
         w["ready_now"] == 2 && w["not_reporting"] == serde_json::json!([])
     });
@@ -1305,22 +1337,43 @@ fn a_cut_off_host_keeps_serving_nothing_moves_before_the_delay_and_the_brake_hol
         &etcd,
         "controller",
         Duration::from_secs(LEASE_SECS + 5),
-        |c| c["brake"]["missing"].as_array().is_some_and(|m| m.len() == 1),
+        |c| {
+            c["brake"]["missing"]
+                .as_array()
+                .is_some_and(|m| m.len() == 1)
+        },
     );
-    assert_eq!(controller["brake"]["missing"][0]["host"], id2.as_str(), "{controller}");
     assert_eq!(
-        (controller["brake"]["limit"].clone(), controller["brake"]["hosts"].clone()),
+        controller["brake"]["missing"][0]["host"],
+        id2.as_str(),
+        "{controller}"
+    );
+    assert_eq!(
+        (
+            controller["brake"]["limit"].clone(),
+            controller["brake"]["hosts"].clone()
+        ),
         (0.into(), 2.into()),
         "{controller}"
     );
-    let table = h.j1.ok(&["fleet", "get", "controller", "--endpoints", &etcd.endpoint()]);
+    let table = h.j1.ok(&[
+        "fleet",
+        "get",
+        "controller",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
     assert!(
         table.contains("brake: 1 of 2 hosts") && table.contains(&id2),
         "{table}"
     );
     // Well past web's 1 s delay, nothing has moved.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(web_assigned(&h.j1, &etcd), both, "work moved while the brake held");
+    assert_eq!(
+        web_assigned(&h.j1, &etcd),
+        both,
+        "work moved while the brake held"
+    );
     assert!(serves(), "host 2's web stopped answering while cut off");
     h.n2.heal();
     until(&h.j1, &etcd, Duration::from_secs(15), |x| x.len() == 2);
@@ -1339,12 +1392,16 @@ fn a_cut_off_host_keeps_serving_nothing_moves_before_the_delay_and_the_brake_hol
     );
     let log = std::fs::read_to_string(h.j1.home.path().join("daemon.log")).unwrap();
     assert_eq!(
-        log.matches("too many hosts missing; nothing is rescheduled").count(),
+        log.matches("too many hosts missing; nothing is rescheduled")
+            .count(),
         1,
         "{log}"
     );
     assert!(log.contains("the brake is released"), "{log}");
-    assert!(!log.contains("a missing host's groups placed elsewhere"), "{log}");
+    assert!(
+        !log.contains("a missing host's groups placed elsewhere"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -1382,12 +1439,19 @@ fn a_three_member_etcd_losing_its_leader_keeps_hosts_registered_and_the_controll
     // answers "leader changed" and the query fails; every answer it gives has both hosts.
     let (mut answers, mut refused) = (0, Vec::new());
     while killed.elapsed() < Duration::from_secs(3 * LEASE_SECS) {
-        let out = h
-            .j1
-            .cmd()
-            .args(["fleet", "get", "hosts", "-o", "json", "--endpoints", &etcd.endpoint()])
-            .output()
-            .unwrap();
+        let out =
+            h.j1.cmd()
+                .args([
+                    "fleet",
+                    "get",
+                    "hosts",
+                    "-o",
+                    "json",
+                    "--endpoints",
+                    &etcd.endpoint(),
+                ])
+                .output()
+                .unwrap();
         if out.status.success() {
             let now: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(now.len(), 2, "a host's record went: {now:?}");
@@ -1404,7 +1468,11 @@ fn a_three_member_etcd_losing_its_leader_keeps_hosts_registered_and_the_controll
     let new_leader = etcd.leader();
     assert_ne!(new_leader, leader);
     // The controller still places a new spec; the running instances stay.
-    let applied = h.apply(scratch.path(), &etcd, &HELLO_FLEET.replace("count = 2", "count = 4"));
+    let applied = h.apply(
+        scratch.path(),
+        &etcd,
+        &HELLO_FLEET.replace("count = 2", "count = 4"),
+    );
     until_local(&h.j1, 2, Duration::from_secs(60));
     until_local(&h.j2, 2, Duration::from_secs(60));
     eprintln!(

@@ -410,12 +410,17 @@ impl Controller {
             .collect();
         let registered = hosts.iter().map(|h| h.id.clone()).collect();
         let previous = store.assignments().await?;
-        let verdict =
-            state
-                .liveness
-                .observe(&registered, &previous, &stored.spec, now, crate::host::now_ms());
+        let verdict = state.liveness.observe(
+            &registered,
+            &previous,
+            &stored.spec,
+            now,
+            crate::host::now_ms(),
+        );
         if verdict.brake != state.brake {
-            store.write_brake(leadership, verdict.brake.as_ref()).await?;
+            store
+                .write_brake(leadership, verdict.brake.as_ref())
+                .await?;
             if verdict.brake.is_some() != state.brake.is_some() {
                 report(Event::Brake(verdict.brake.clone()));
             }

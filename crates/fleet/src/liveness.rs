@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use crate::controller::Leadership;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::record::HOSTS;
 use crate::record::HostId;
 use crate::spec::{FleetSpec, GroupName};
-use crate::record::HOSTS;
 use crate::store::Store;
 
 /// The brake's record, written by the leader (fenced, under its lease) while the brake
@@ -208,7 +208,10 @@ impl Store {
         let answer = self
             .call("the list of hosts", client.get(HOSTS, Some(options)))
             .await?;
-        let newest = answer.kvs().first().map_or(0, etcd_client::KeyValue::mod_revision);
+        let newest = answer
+            .kvs()
+            .first()
+            .map_or(0, etcd_client::KeyValue::mod_revision);
         Ok((answer.count(), newest))
     }
 
@@ -465,7 +468,10 @@ reschedule_after = "60s"
         assert!(s.due(6, (2, 7), t0), "a new spec");
         assert!(s.due(5, (1, 7), t0), "a host gone");
         assert!(s.due(5, (2, 9), t0), "a host written again");
-        assert!(s.due(5, (2, 7), t0 + Duration::from_secs(3)), "a delay ran out");
+        assert!(
+            s.due(5, (2, 7), t0 + Duration::from_secs(3)),
+            "a delay ran out"
+        );
     }
 
     fn roomy(name: &str) -> HostCapacity {

@@ -93,9 +93,8 @@ impl TryFrom<CountOrShare> for MaxMissing {
             CountOrShare::Count(n) => return Ok(MaxMissing::Hosts(n)),
             CountOrShare::Text(s) => s,
         };
-        let bad = || {
-            format!("max_missing {s:?} is neither a number of hosts (2) nor a share (\"10%\")")
-        };
+        let bad =
+            || format!("max_missing {s:?} is neither a number of hosts (2) nor a share (\"10%\")");
         if let Some(p) = s.strip_suffix('%') {
             let p: u8 = p.trim().parse().map_err(|_| bad())?;
             if p > 100 {
@@ -741,14 +740,21 @@ per_host = true
         // Errors name the file, line and field.
         let e = err("[fleet]\nmax_missing = \"lots\"\n");
         assert!(
-            e.contains("fleet.toml:2") && e.contains("max_missing") && e.contains("neither a number"),
+            e.contains("fleet.toml:2")
+                && e.contains("max_missing")
+                && e.contains("neither a number"),
             "{e}"
         );
         let e = err("[fleet]\nmax_missing = \"150%\"\n");
-        assert!(e.contains("fleet.toml:2") && e.contains("0% to 100%"), "{e}");
+        assert!(
+            e.contains("fleet.toml:2") && e.contains("0% to 100%"),
+            "{e}"
+        );
         let e = err("[group.a]\nimage = \"x\"\ncount = 1\nreschedule_after = \"soon\"\n");
         assert!(
-            e.contains("fleet.toml:4") && e.contains("reschedule_after") && e.contains("not a duration"),
+            e.contains("fleet.toml:4")
+                && e.contains("reschedule_after")
+                && e.contains("not a duration"),
             "{e}"
         );
         let e = err("[group.a]\nimage = \"x\"\ncount = 1\nreschedule_after = \"30d\"\n");

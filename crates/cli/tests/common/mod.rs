@@ -611,7 +611,11 @@ impl EtcdCluster {
             .env("ETCDCTL_API", "3")
             .output()
             .expect("etcdctl runs");
-        assert!(out.status.success(), "etcdctl endpoint status: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "etcdctl endpoint status: {}",
+            text(&out)
+        );
         let status: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("etcdctl's status is not JSON ({e}): {}", text(&out)));
         let leader = status
