@@ -430,9 +430,15 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
     assert!(log.contains("elected fleet controller"), "{log}");
 
     // Once the dead host's record is gone, a new spec lands only on the survivor, and the
-    // dead host's assignments are deleted.
+    // dead host's assignments are deleted (at once: its groups' reschedule_after is 0).
     until(jl, &etcd, limit, |h| h.len() == 1);
-    std::fs::write(file, FLEET.replace("count = 2", "count = 1")).unwrap();
+    let now = FLEET
+        .replace("count = 2", "count = 1\nreschedule_after = \"0s\"")
+        .replace(
+            "per_host = true",
+            "per_host = true\nreschedule_after = \"0s\"",
+        );
+    std::fs::write(file, now).unwrap();
     let out = jl.ok(&[
         "fleet",
         "apply",

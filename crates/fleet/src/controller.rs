@@ -216,8 +216,8 @@ impl Store {
 
     /// The plan of `spec` on the hosts registered now, keeping the instances the stored
     /// assignments place where they still fit, and those on missing hosts where they are
-    /// ([`plan_pinned`]): what `juice fleet plan|apply` show, and what the controller
-    /// writes until a missing host's delay runs out.
+    /// ([`plan_pinned`]) unless their group's `reschedule_after` is 0: what `juice fleet
+    /// plan|apply` show, and what the controller writes until a missing host's delay runs out.
     pub async fn plan(&self, spec: &FleetSpec) -> Result<std::result::Result<Plan, PlanError>> {
         let hosts: Vec<HostCapacity> = self
             .hosts()
@@ -227,11 +227,17 @@ impl Store {
             .map(HostCapacity::from_record)
             .collect();
         let previous = self.assignments().await?;
-        let mut pinned = previous.clone();
-        pinned
-            .hosts
-            .retain(|id, _| !hosts.iter().any(|h| &h.id == id));
-        Ok(plan_pinned(&hosts, spec, &previous, &pinned))
+        // As the controller would on first seeing the missing hosts: pinned, unless their
+        // group's delay is 0 and the brake does not hold.
+        let registered = hosts.iter().map(|h| h.id.clone()).collect();
+        let verdict = crate::liveness::Liveness::default().observe(
+            &registered,
+            &previous,
+            spec,
+            std::time::Instant::now(),
+            0,
+        );
+        Ok(plan_pinned(&hosts, spec, &previous, &verdict.pinned))
     }
 
     /// Makes the stored assignments those of `want`, with writes fenced on `leadership`;
