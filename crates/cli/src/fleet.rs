@@ -112,6 +112,17 @@ pub async fn keep_controlling(controller: Controller) {
                     "level": "error", "msg": "fleet spec cannot be placed; assignments unchanged",
                     "spec_revision": revision, "error": error.to_string(),
                 }),
+                Event::Moved { host: missing, groups, after } => serde_json::json!({
+                    "level": "warn", "msg": "a missing host's groups placed elsewhere", "host": missing,
+                    "groups": groups, "missing_ms": u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+                }),
+                Event::Brake(Some(brake)) => serde_json::json!({
+                    "level": "error", "msg": "too many hosts missing; nothing is rescheduled",
+                    "missing": brake.missing.len(), "hosts": brake.hosts, "max_missing": brake.max_missing, "limit": brake.limit,
+                }),
+                Event::Brake(None) => serde_json::json!({
+                    "level": "info", "msg": "the brake is released; missing hosts' groups move again",
+                }),
                 Event::Lost { error, retry } => serde_json::json!({
                     "level": "warn", "msg": "not leading the fleet; campaigning again", "host": host,
                     "error": error.to_string(), "retry_ms": u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
@@ -342,16 +353,45 @@ fn print_plan(plan: &Plan, format: Format) -> Result {
 }
 
 fn get_controller(endpoints: &Endpoints, format: Format) -> Result {
-    let leader = block_on(async {
+    let (leader, brake) = block_on(async {
         let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
-        store.leader().await
+        Ok::<_, juice_fleet::Error>((store.leader().await?, store.brake().await?))
     })??;
     if format == Format::Json {
-        return output::json(&leader);
+        // The leader's fields, and the brake's record while it holds.
+        let mut value = serde_json::to_value(&leader).unwrap_or_default();
+        if let (Some(map), Some(b)) = (value.as_object_mut(), &brake) {
+            map.insert("brake".into(), serde_json::to_value(b).unwrap_or_default());
+        }
+        return output::json(&value);
     }
     match leader {
         Some(l) => println!("{} (elected at revision {})", l.host, l.revision),
         None => println!("no controller leads the fleet"),
+    }
+    if let Some(b) = brake {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let hosts: Vec<String> = b
+            .missing
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} (missing for {}s)",
+                    m.host,
+                    now.saturating_sub(m.since_ms) / 1000
+                )
+            })
+            .collect();
+        println!(
+            "brake: {} of {} hosts with assignments are missing, more than max_missing = {} ({}) allows; nothing is rescheduled: {}",
+            b.missing.len(),
+            b.hosts,
+            b.max_missing,
+            b.limit,
+            hosts.join(", ")
+        );
     }
     Ok(())
 }

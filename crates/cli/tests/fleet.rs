@@ -11,7 +11,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Etcd, InstanceSweeper, Juice, NetnsHost};
+use common::{ChildGuard, Etcd, EtcdCluster, EtcdEndpoints, InstanceSweeper, Juice, NetnsHost};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -23,7 +23,7 @@ fn serial() -> MutexGuard<'static, ()> {
 const LEASE_SECS: u64 = 3;
 
 /// `juice fleet get hosts -o json` against `etcd`: the hosts as JSON values.
-fn hosts(j: &Juice, etcd: &Etcd) -> Vec<serde_json::Value> {
+fn hosts(j: &Juice, etcd: &impl EtcdEndpoints) -> Vec<serde_json::Value> {
     let out = j.ok(&[
         "fleet",
         "get",
@@ -40,7 +40,7 @@ fn hosts(j: &Juice, etcd: &Etcd) -> Vec<serde_json::Value> {
 /// how long it took and the last answer.
 fn until(
     j: &Juice,
-    etcd: &Etcd,
+    etcd: &impl EtcdEndpoints,
     limit: Duration,
     done: impl Fn(&[serde_json::Value]) -> bool,
 ) -> (Duration, Vec<serde_json::Value>) {
@@ -281,7 +281,7 @@ fn controller_daemon(j: &Juice, etcd: &Etcd, labels: &[&str]) -> ChildGuard {
 }
 
 /// `juice fleet get WHAT -o json` against `etcd`.
-fn get(j: &Juice, etcd: &Etcd, what: &str) -> serde_json::Value {
+fn get(j: &Juice, etcd: &impl EtcdEndpoints, what: &str) -> serde_json::Value {
     let out = j.ok(&[
         "fleet",
         "get",
@@ -297,7 +297,7 @@ fn get(j: &Juice, etcd: &Etcd, what: &str) -> serde_json::Value {
 /// Polls `juice fleet get WHAT` until `done`, for at most `limit`; how long it took and the answer.
 fn until_get(
     j: &Juice,
-    etcd: &Etcd,
+    etcd: &impl EtcdEndpoints,
     what: &str,
     limit: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
@@ -430,9 +430,15 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
     assert!(log.contains("elected fleet controller"), "{log}");
 
     // Once the dead host's record is gone, a new spec lands only on the survivor, and the
-    // dead host's assignments are deleted.
+    // dead host's assignments are deleted (at once: its groups' reschedule_after is 0).
     until(jl, &etcd, limit, |h| h.len() == 1);
-    std::fs::write(file, FLEET.replace("count = 2", "count = 1")).unwrap();
+    let now = FLEET
+        .replace("count = 2", "count = 1\nreschedule_after = \"0s\"")
+        .replace(
+            "per_host = true",
+            "per_host = true\nreschedule_after = \"0s\"",
+        );
+    std::fs::write(file, now).unwrap();
     let out = jl.ok(&[
         "fleet",
         "apply",
@@ -683,7 +689,7 @@ fn until_local(j: &Juice, size: u64, limit: Duration) -> Duration {
 }
 
 /// `juice fleet get groups -o json`: the group `web`'s summary, if listed.
-fn fleet_web(j: &Juice, etcd: &Etcd) -> Option<serde_json::Value> {
+fn fleet_web(j: &Juice, etcd: &impl EtcdEndpoints) -> Option<serde_json::Value> {
     get(j, etcd, "groups")
         .as_array()
         .unwrap()
@@ -696,7 +702,7 @@ fn fleet_web(j: &Juice, etcd: &Etcd) -> Option<serde_json::Value> {
 /// `limit`; how long it took and that summary.
 fn until_web(
     j: &Juice,
-    etcd: &Etcd,
+    etcd: &impl EtcdEndpoints,
     limit: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> (Duration, serde_json::Value) {
@@ -1037,4 +1043,459 @@ fn hosts_run_what_they_are_assigned_report_it_and_keep_it_while_etcd_is_away() {
         log.contains("fleet assignments not watched; groups keep running as they are"),
         "{log}"
     );
+}
+
+/// Two daemons, each in a network namespace of its own with `hello-web:0.1.0` built into
+/// its home: host 1 in zone `a` stands as the controller, host 2 is in zone `b`.
+/// `endpoints(addr)` gives the daemons' `--fleet` from their namespace's way out.
+struct TwoHosts {
+    _d1: ChildGuard,
+    d2: Option<ChildGuard>,
+    _sweepers: (InstanceSweeper, InstanceSweeper),
+    j1: Juice,
+    j2: Juice,
+    _n1: NetnsHost,
+    n2: NetnsHost,
+    e2: String,
+}
+
+impl TwoHosts {
+    fn start(
+        scratch: &std::path::Path,
+        n1: NetnsHost,
+        n2: NetnsHost,
+        e1: &str,
+        e2: &str,
+    ) -> TwoHosts {
+        let (j1, j2) = (Juice::new(), Juice::new());
+        let sweepers = (
+            InstanceSweeper(j1.home.path().to_owned()),
+            InstanceSweeper(j2.home.path().to_owned()),
+        );
+        let app =
+            common::write_appliance(&scratch.join("hello-web"), &common::hello_web_manifest());
+        for j in [&j1, &j2] {
+            j.ok(&["build", &app]);
+        }
+        let lease = LEASE_SECS.to_string();
+        let d1 = n1.daemon(
+            &j1,
+            &[
+                "--fleet",
+                e1,
+                "--fleet-lease",
+                &lease,
+                "--fleet-controller",
+                "--label",
+                "zone=a",
+            ],
+            &j1.home.path().join("daemon.log"),
+        );
+        let mut hosts = TwoHosts {
+            _d1: d1,
+            d2: None,
+            _sweepers: sweepers,
+            j1,
+            j2,
+            _n1: n1,
+            n2,
+            e2: e2.to_owned(),
+        };
+        hosts.start_host2("daemon.log");
+        hosts
+    }
+
+    /// Starts host 2's daemon (again), its log in `log` in its home.
+    fn start_host2(&mut self, log: &str) {
+        let lease = LEASE_SECS.to_string();
+        self.d2 = Some(self.n2.daemon(
+            &self.j2,
+            &[
+                "--fleet",
+                &self.e2,
+                "--fleet-lease",
+                &lease,
+                "--label",
+                "zone=b",
+            ],
+            &self.j2.home.path().join(log),
+        ));
+    }
+
+    /// SIGKILLs host 2's daemon (its instances run on, as through an upgrade).
+    fn kill_host2(&mut self) {
+        if let Some(mut d) = self.d2.take() {
+            let _ = d.0.kill();
+            let _ = d.0.wait();
+        }
+    }
+
+    /// `juice fleet apply` of `text` against `etcd`, from host 1's CLI.
+    fn apply(&self, scratch: &std::path::Path, etcd: &impl EtcdEndpoints, text: &str) -> Instant {
+        let file = scratch.join("fleet.toml");
+        std::fs::write(&file, text).unwrap();
+        self.j1.ok(&[
+            "fleet",
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--endpoints",
+            &etcd.endpoint(),
+        ]);
+        Instant::now()
+    }
+}
+
+/// Whether process `pid` is alive.
+fn alive(pid: i64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `web`'s stored assignments: instances per host id.
+fn web_assigned(j: &Juice, etcd: &impl EtcdEndpoints) -> std::collections::BTreeMap<String, u64> {
+    sizes(&get(j, etcd, "assignments"), "web")
+}
+
+#[test]
+fn a_dead_hosts_work_moves_after_its_delay_and_the_host_stops_it_when_it_comes_back() {
+    let _turn = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    let (n1, n2) = (NetnsHost::new(1), NetnsHost::new(2));
+    let etcd = Etcd::start_also_on(&scratch.path().join("etcd"), &[n1.outside, n2.outside]);
+    let (e1, e2) = (etcd.endpoint_at(n1.outside), etcd.endpoint_at(n2.outside));
+    let mut h = TwoHosts::start(scratch.path(), n1, n2, &e1, &e2);
+    let (id1, id2) = (host_id(&h.j1), host_id(&h.j2));
+    until(&h.j1, &etcd, Duration::from_secs(10), |x| x.len() == 2);
+    until_get(&h.j1, &etcd, "controller", Duration::from_secs(10), |l| {
+        l["host"] == id1.as_str()
+    });
+    // web: one instance per zone, moved 2 s after its host is missing.
+    let fleet = HELLO_FLEET.replace("count = 2\n", "count = 2\nreschedule_after = \"2s\"\n");
+    h.apply(scratch.path(), &etcd, &fleet);
+    until_local(&h.j1, 1, Duration::from_secs(60));
+    until_local(&h.j2, 1, Duration::from_secs(60));
+    let on1 = local_instances(&h.j1, "fleet-web");
+    let on2 = local_instances(&h.j2, "fleet-web");
+    assert_eq!(
+        web_assigned(&h.j1, &etcd),
+        [(id1.clone(), 1), (id2.clone(), 1)].into()
+    );
+
+    // Host 2's daemon dies. Its lease runs out (3 s), then web's delay (2 s): host 1
+    // runs both instances, its own first one untouched.
+    h.kill_host2();
+    let killed = Instant::now();
+    until(&h.j1, &etcd, Duration::from_secs(LEASE_SECS + 3), |x| {
+        x.len() == 1
+    });
+    let gone = killed.elapsed();
+    until_local(&h.j1, 2, Duration::from_secs(60));
+    let moved = killed.elapsed();
+    eprintln!(
+        "host 2 SIGKILLed: its record gone after {gone:?}, its web instance ready on host 1 after {moved:?}"
+    );
+    assert!(
+        moved >= Duration::from_secs(LEASE_SECS),
+        "moved before the lease could run out: {moved:?}"
+    );
+    assert_eq!(web_assigned(&h.j1, &etcd), [(id1.clone(), 2)].into());
+    let now1 = local_instances(&h.j1, "fleet-web");
+    assert!(
+        on1.iter().all(|i| now1.contains(i)),
+        "host 1's own instance was restarted: {on1:?} -> {now1:?}"
+    );
+    // The dead daemon's instance runs on without it (as through an upgrade): the
+    // controller cannot tell a dead host from a cut-off one.
+    assert!(
+        alive(on2[0].1),
+        "host 2's instance {on2:?} died with its daemon"
+    );
+    let log = std::fs::read_to_string(h.j1.home.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("a missing host's groups placed elsewhere") && log.contains(&id2),
+        "{log}"
+    );
+
+    // Host 2 comes back: it reads its assignments (none left) and stops its fleet-web.
+    // Nothing is placed back on it, and nothing on host 1 restarts.
+    h.start_host2("daemon-again.log");
+    let back = Instant::now();
+    until(&h.j1, &etcd, Duration::from_secs(10), |x| x.len() == 2);
+    until_local(&h.j2, 0, Duration::from_secs(30));
+    let start = Instant::now();
+    while alive(on2[0].1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "host 2's moved instance {on2:?} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "host 2 back: its moved instance stopped {:?} after its daemon started",
+        back.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(web_assigned(&h.j1, &etcd), [(id1.clone(), 2)].into());
+    assert_eq!(local_instances(&h.j1, "fleet-web"), now1);
+    until_local(&h.j2, 0, Duration::from_secs(1));
+    let (_, web) = until_web(&h.j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 2 && w["not_reporting"] == serde_json::json!([])
+    });
+    assert_eq!(web["placed"], 2, "{web}");
+}
+
+#[test]
+fn a_cut_off_host_keeps_serving_nothing_moves_before_the_delay_and_the_brake_holds_moves() {
+    let _turn = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    let (n1, n2) = (NetnsHost::new(1), NetnsHost::new(2));
+    let etcd = Etcd::start_also_on(&scratch.path().join("etcd"), &[n1.outside, n2.outside]);
+    let (e1, e2) = (etcd.endpoint_at(n1.outside), etcd.endpoint_at(n2.outside));
+    let h = TwoHosts::start(scratch.path(), n1, n2, &e1, &e2);
+    let (id1, id2) = (host_id(&h.j1), host_id(&h.j2));
+    until(&h.j1, &etcd, Duration::from_secs(10), |x| x.len() == 2);
+    until_get(&h.j1, &etcd, "controller", Duration::from_secs(10), |l| {
+        l["host"] == id1.as_str()
+    });
+    let fleet = HELLO_FLEET.replace("count = 2\n", "count = 2\nreschedule_after = \"60s\"\n");
+    h.apply(scratch.path(), &etcd, &fleet);
+    until_local(&h.j1, 1, Duration::from_secs(60));
+    until_local(&h.j2, 1, Duration::from_secs(60));
+    let running = (
+        local_instances(&h.j1, "fleet-web"),
+        local_instances(&h.j2, "fleet-web"),
+    );
+    let both = [(id1.clone(), 1), (id2.clone(), 1)].into();
+    assert_eq!(web_assigned(&h.j1, &etcd), both);
+    // Host 2's instance answers inside its namespace.
+    let address = {
+        let out = h.j2.ok(&["get", "instances", "-o", "json"]);
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let web = all.iter().find(|i| i["group"] == "fleet-web").unwrap();
+        web["address"].as_str().expect("an address").to_owned()
+    };
+    let serves = || {
+        let out = h.n2.run(
+            "curl",
+            &["-fsS", "-m", "2", &format!("http://{address}:8080/healthz")],
+        );
+        out.status.success()
+    };
+    assert!(serves(), "host 2's web does not answer before the cut");
+
+    // The cut: host 2 loses etcd (and everything outside its namespace).
+    h.n2.cut();
+    let cut = Instant::now();
+    let (gone, _) = until(&h.j1, &etcd, Duration::from_secs(LEASE_SECS + 3), |x| {
+        x.len() == 1
+    });
+    eprintln!("host 2 cut off: its record gone after {gone:?}");
+    // Cut for the lease and 4 s more, well short of the 60 s delay: nothing moves, and
+    // the cut host serves on.
+    while cut.elapsed() < Duration::from_secs(LEASE_SECS + 4) {
+        assert!(serves(), "host 2's web stopped answering while cut off");
+        assert_eq!(
+            web_assigned(&h.j1, &etcd),
+            both,
+            "work moved during the cut"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A spec change meanwhile keeps the cut host's instance where it is.
+    h.apply(
+        scratch.path(),
+        &etcd,
+        &fleet.replace("reschedule_after = \"60s\"", "reschedule_after = \"50s\""),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        web_assigned(&h.j1, &etcd),
+        both,
+        "a spec change dropped the cut host's work"
+    );
+    h.n2.heal();
+    let healed = Instant::now();
+    until(&h.j1, &etcd, Duration::from_secs(15), |x| x.len() == 2);
+    eprintln!(
+        "link back: host 2 registered again after {:?}",
+        healed.elapsed()
+    );
+    until_web(&h.j1, &etcd, Duration::from_secs(20), |w| {
+        w["ready_now"] == 2 && w["not_reporting"] == serde_json::json!([])
+    });
+    let after = (
+        local_instances(&h.j1, "fleet-web"),
+        local_instances(&h.j2, "fleet-web"),
+    );
+    assert_eq!(after, running, "an instance was restarted");
+    assert_eq!(web_assigned(&h.j1, &etcd), both);
+
+    // The brake: with max_missing = 0 any missing host stops rescheduling. Same revision
+    // of web (when it moves is not what it runs): nothing restarts on the apply.
+    let braked = format!(
+        "[fleet]\nmax_missing = 0\n{}",
+        fleet.replace("reschedule_after = \"60s\"", "reschedule_after = \"1s\"")
+    );
+    h.apply(scratch.path(), &etcd, &braked);
+    h.n2.cut();
+    let (_, controller) = until_get(
+        &h.j1,
+        &etcd,
+        "controller",
+        Duration::from_secs(LEASE_SECS + 5),
+        |c| {
+            c["brake"]["missing"]
+                .as_array()
+                .is_some_and(|m| m.len() == 1)
+        },
+    );
+    assert_eq!(
+        controller["brake"]["missing"][0]["host"],
+        id2.as_str(),
+        "{controller}"
+    );
+    assert_eq!(
+        (
+            controller["brake"]["limit"].clone(),
+            controller["brake"]["hosts"].clone()
+        ),
+        (0.into(), 2.into()),
+        "{controller}"
+    );
+    let table = h.j1.ok(&[
+        "fleet",
+        "get",
+        "controller",
+        "--endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert!(
+        table.contains("brake: 1 of 2 hosts") && table.contains(&id2),
+        "{table}"
+    );
+    // Well past web's 1 s delay, nothing has moved.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        web_assigned(&h.j1, &etcd),
+        both,
+        "work moved while the brake held"
+    );
+    assert!(serves(), "host 2's web stopped answering while cut off");
+    h.n2.heal();
+    until(&h.j1, &etcd, Duration::from_secs(15), |x| x.len() == 2);
+    until_get(&h.j1, &etcd, "controller", Duration::from_secs(5), |c| {
+        c.get("brake").is_none()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(web_assigned(&h.j1, &etcd), both);
+    assert_eq!(
+        (
+            local_instances(&h.j1, "fleet-web"),
+            local_instances(&h.j2, "fleet-web"),
+        ),
+        running,
+        "an instance was restarted"
+    );
+    let log = std::fs::read_to_string(h.j1.home.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        log.matches("too many hosts missing; nothing is rescheduled")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("the brake is released"), "{log}");
+    assert!(
+        !log.contains("a missing host's groups placed elsewhere"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_three_member_etcd_losing_its_leader_keeps_hosts_registered_and_the_controller_placing() {
+    let _turn = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    let (n1, n2) = (NetnsHost::new(1), NetnsHost::new(2));
+    let mut etcd = EtcdCluster::start(&scratch.path().join("etcd"), &[n1.outside, n2.outside]);
+    let (e1, e2) = (etcd.endpoints_at(n1.outside), etcd.endpoints_at(n2.outside));
+    let h = TwoHosts::start(scratch.path(), n1, n2, &e1, &e2);
+    let id1 = host_id(&h.j1);
+    until(&h.j1, &etcd, Duration::from_secs(10), |x| x.len() == 2);
+    until_get(&h.j1, &etcd, "controller", Duration::from_secs(10), |l| {
+        l["host"] == id1.as_str()
+    });
+    h.apply(scratch.path(), &etcd, HELLO_FLEET);
+    until_local(&h.j1, 1, Duration::from_secs(60));
+    until_local(&h.j2, 1, Duration::from_secs(60));
+    let running = (
+        local_instances(&h.j1, "fleet-web"),
+        local_instances(&h.j2, "fleet-web"),
+    );
+    let records: Vec<i64> = hosts(&h.j1, &etcd)
+        .iter()
+        .map(|x| x["started_ms"].as_i64().unwrap_or_default())
+        .collect();
+
+    // etcd's leader is SIGKILLed; two members of three keep a quorum.
+    let leader = etcd.leader();
+    etcd.kill(leader);
+    let killed = Instant::now();
+    eprintln!("etcd member {leader} (the leader) SIGKILLed");
+    // For three leases, both hosts are always registered: their leases are kept alive
+    // through the new etcd leader. While the members elect one (about a second) etcd
+    // answers "leader changed" and the query fails; every answer it gives has both hosts.
+    let (mut answers, mut refused) = (0, Vec::new());
+    while killed.elapsed() < Duration::from_secs(3 * LEASE_SECS) {
+        let out =
+            h.j1.cmd()
+                .args([
+                    "fleet",
+                    "get",
+                    "hosts",
+                    "-o",
+                    "json",
+                    "--endpoints",
+                    &etcd.endpoint(),
+                ])
+                .output()
+                .unwrap();
+        if out.status.success() {
+            let now: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(now.len(), 2, "a host's record went: {now:?}");
+            answers += 1;
+        } else {
+            let e = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(e.contains("is unreachable"), "{e}");
+            refused.push(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("{answers} answers, all with both hosts; refused at {refused:?} after the kill");
+    assert!(answers >= 10, "etcd answered {answers} times");
+    let new_leader = etcd.leader();
+    assert_ne!(new_leader, leader);
+    // The controller still places a new spec; the running instances stay.
+    let applied = h.apply(
+        scratch.path(),
+        &etcd,
+        &HELLO_FLEET.replace("count = 2", "count = 4"),
+    );
+    until_local(&h.j1, 2, Duration::from_secs(60));
+    until_local(&h.j2, 2, Duration::from_secs(60));
+    eprintln!(
+        "after etcd's leader died, count 2 -> 4 placed and ready in {:?}",
+        applied.elapsed()
+    );
+    let (now1, now2) = (
+        local_instances(&h.j1, "fleet-web"),
+        local_instances(&h.j2, "fleet-web"),
+    );
+    assert!(
+        running.0.iter().all(|i| now1.contains(i)) && running.1.iter().all(|i| now2.contains(i)),
+        "an instance was restarted: {running:?} -> {now1:?} {now2:?}"
+    );
+    let again: Vec<i64> = hosts(&h.j1, &etcd)
+        .iter()
+        .map(|x| x["started_ms"].as_i64().unwrap_or_default())
+        .collect();
+    assert_eq!(again, records, "a daemon restarted");
 }

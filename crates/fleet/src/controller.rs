@@ -9,8 +9,10 @@
 //! it was paused or cut off, and another took over) has its writes refused, never applied.
 //! **Work**: the leader reads `spec`, plans it on the registered hosts from the stored
 //! assignments ([`crate::plan_from`], so instances stay where they are)
-//! whenever the spec's revision changes (and once when it is elected), and writes only the
-//! assignments that differ, deleting the ones no longer planned.
+//! whenever the spec's revision or the registered hosts change (and once when it is
+//! elected), and writes only the assignments that differ, deleting the ones no longer
+//! planned. A missing host's assignments stay until its groups' delay has passed, unless
+//! the brake holds ([`crate::liveness`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
-use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan_from};
+use crate::liveness::{BrakeRecord, LeaderState, missing_for};
+use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan_pinned};
 use crate::record::HostId;
 use crate::spec::{FleetSpec, GroupName};
 use crate::store::Store;
@@ -212,8 +215,9 @@ impl Store {
     }
 
     /// The plan of `spec` on the hosts registered now, keeping the instances the stored
-    /// assignments place where they still fit ([`plan_from`]): what the controller writes,
-    /// and what `juice fleet plan|apply` show.
+    /// assignments place where they still fit, and those on missing hosts where they are
+    /// ([`plan_pinned`]) unless their group's `reschedule_after` is 0: what `juice fleet
+    /// plan|apply` show, and what the controller writes until a missing host's delay runs out.
     pub async fn plan(&self, spec: &FleetSpec) -> Result<std::result::Result<Plan, PlanError>> {
         let hosts: Vec<HostCapacity> = self
             .hosts()
@@ -223,7 +227,17 @@ impl Store {
             .map(HostCapacity::from_record)
             .collect();
         let previous = self.assignments().await?;
-        Ok(plan_from(&hosts, spec, &previous))
+        // As the controller would on first seeing the missing hosts: pinned, unless their
+        // group's delay is 0 and the brake does not hold.
+        let registered = hosts.iter().map(|h| h.id.clone()).collect();
+        let verdict = crate::liveness::Liveness::default().observe(
+            &registered,
+            &previous,
+            spec,
+            std::time::Instant::now(),
+            0,
+        );
+        Ok(plan_pinned(&hosts, spec, &previous, &verdict.pinned))
     }
 
     /// Makes the stored assignments those of `want`, with writes fenced on `leadership`;
@@ -266,6 +280,14 @@ pub enum Event {
     Placed { revision: i64, writes: usize },
     /// The spec of `revision` cannot be placed; the assignments stay as they were.
     Unplaceable { revision: i64, error: PlanError },
+    /// `host` has been missing for `after`: its `groups` were placed elsewhere.
+    Moved {
+        host: HostId,
+        groups: Vec<GroupName>,
+        after: Duration,
+    },
+    /// Too many hosts are missing: nothing moves (`Some`), or no longer (`None`).
+    Brake(Option<BrakeRecord>),
     /// Leadership lost, or etcd lost: campaigning again after `retry`.
     Lost { error: Error, retry: Duration },
 }
@@ -331,7 +353,7 @@ impl Controller {
         let tick = Duration::from_millis(250).min(self.beat());
         let mut renewed = tokio::time::Instant::now();
         let mut leading: Option<Leadership> = None;
-        let mut placed: Option<i64> = None;
+        let mut state = LeaderState::default();
         loop {
             if renewed.elapsed() >= self.beat() {
                 if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
@@ -353,13 +375,13 @@ impl Controller {
                             revision: l.revision,
                         });
                         leading = Some(l);
-                        placed = None;
+                        state = LeaderState::default();
                     }
                     Ok(None) => {}
                     Err(e) => return e,
                 },
                 Some(l) => {
-                    if let Err(e) = self.lead(&store, l, &mut placed, report).await {
+                    if let Err(e) = self.lead(&store, l, &mut state, report).await {
                         return e;
                     }
                 }
@@ -368,34 +390,76 @@ impl Controller {
         }
     }
 
-    /// One round of the leader's work: place the spec if it changed since it was placed.
+    /// One round of the leader's work: place the spec if it changed since it was placed,
+    /// or the registered hosts did, or a missing host's delay ran out.
     async fn lead(
         &self,
         store: &Store,
         leadership: Leadership,
-        placed: &mut Option<i64>,
+        state: &mut LeaderState,
         report: &mut impl FnMut(Event),
     ) -> Result<()> {
         let Some(stored) = store.spec().await? else {
             return Ok(());
         };
-        if *placed == Some(stored.revision) {
+        let fingerprint = store.hosts_fingerprint().await?;
+        let now = std::time::Instant::now();
+        if !state.due(stored.revision, fingerprint, now) {
             return Ok(());
         }
-        match store.plan(&stored.spec).await? {
+        let hosts: Vec<HostCapacity> = store
+            .hosts()
+            .await?
+            .hosts
+            .iter()
+            .map(HostCapacity::from_record)
+            .collect();
+        let registered = hosts.iter().map(|h| h.id.clone()).collect();
+        let previous = store.assignments().await?;
+        let verdict = state.liveness.observe(
+            &registered,
+            &previous,
+            &stored.spec,
+            now,
+            crate::host::now_ms(),
+        );
+        if verdict.brake != state.brake {
+            store
+                .write_brake(leadership, verdict.brake.as_ref())
+                .await?;
+            if verdict.brake.is_some() != state.brake.is_some() {
+                report(Event::Brake(verdict.brake.clone()));
+            }
+            state.brake.clone_from(&verdict.brake);
+        }
+        match plan_pinned(&hosts, &stored.spec, &previous, &verdict.pinned) {
             Ok(want) => {
                 let writes = store.write_plan(leadership, &want).await?;
-                report(Event::Placed {
-                    revision: stored.revision,
-                    writes,
-                });
+                for (host, groups) in verdict.moving {
+                    let after = missing_for(&state.liveness, &host, now);
+                    report(Event::Moved {
+                        host,
+                        groups,
+                        after,
+                    });
+                }
+                if state.placed != Some(stored.revision) || writes > 0 {
+                    report(Event::Placed {
+                        revision: stored.revision,
+                        writes,
+                    });
+                }
             }
-            Err(error) => report(Event::Unplaceable {
-                revision: stored.revision,
-                error,
-            }),
+            Err(error) => {
+                if state.placed != Some(stored.revision) || !verdict.moving.is_empty() {
+                    report(Event::Unplaceable {
+                        revision: stored.revision,
+                        error,
+                    });
+                }
+            }
         }
-        *placed = Some(stored.revision);
+        state.done(stored.revision, fingerprint, verdict.next);
         Ok(())
     }
 }

@@ -98,8 +98,13 @@ pub struct PlanError {
 
 /// The revision of a group: the first 12 hex digits of the SHA-256 of its spec's JSON.
 pub fn revision(spec: &GroupSpec) -> String {
+    // When a missing host's instances move is not what they run: it is left out.
+    let spec = GroupSpec {
+        reschedule_after: None,
+        ..spec.clone()
+    };
     // A GroupSpec is strings, numbers, lists and maps with string keys: this cannot fail.
-    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let json = serde_json::to_vec(&spec).unwrap_or_default();
     hex::encode(&Sha256::digest(&json)[..6])
 }
 
@@ -170,6 +175,21 @@ pub fn plan_from(
     spec: &FleetSpec,
     previous: &Plan,
 ) -> Result<Plan, PlanError> {
+    plan_pinned(hosts, spec, previous, &Plan::default())
+}
+
+/// [`plan_from`], where `pinned` holds assignments on hosts that are not in `hosts` (missing:
+/// their lease is gone) and must stay where they are ([`crate::liveness`]): each pinned
+/// group of the spec keeps its size there (in host order, never more than the group's
+/// count in all; the revision and image follow the spec) and counts towards the group's
+/// count, and only the rest is placed on `hosts`. Nothing new is placed on a pinned host.
+/// Pins of groups no longer in the spec, and on hosts that are in `hosts`, are ignored.
+pub fn plan_pinned(
+    hosts: &[HostCapacity],
+    spec: &FleetSpec,
+    previous: &Plan,
+    pinned: &Plan,
+) -> Result<Plan, PlanError> {
     let mut sorted: Vec<&HostCapacity> = hosts.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
     let mut bins: Vec<Bin> = sorted
@@ -181,48 +201,71 @@ pub fn plan_from(
         .collect();
     let mut out = Plan::default();
     for (name, group) in &spec.group {
+        let revision = revision(group);
+        let assignment = |size| Assignment {
+            revision: revision.clone(),
+            image: group.image.clone(),
+            isolation: group.isolation,
+            size,
+            millicpus: group.resources.millicpus(),
+            memory_bytes: group.resources.memory.0,
+            ports: group.publish.clone(),
+        };
+        // The pinned instances first: they are where they are.
+        let mut kept = 0u32;
+        for (host, groups) in &pinned.hosts {
+            if bins.iter().any(|b| &b.host.id == host) {
+                continue;
+            }
+            let Some(a) = groups.get(name) else { continue };
+            let size = match group.count {
+                Some(count) => a.size.min(count.saturating_sub(kept)),
+                None => a.size,
+            };
+            if size == 0 {
+                continue;
+            }
+            kept += size;
+            out.hosts
+                .entry(host.clone())
+                .or_default()
+                .insert(name.clone(), assignment(size));
+        }
         let had: BTreeMap<usize, u32> = (0..bins.len())
             .filter_map(|i| {
                 let a = previous.hosts.get(&bins[i].host.id)?.get(name)?;
                 Some((i, a.size))
             })
             .collect();
-        let per_host = place_group(&mut bins, name, group, &had)?;
-        let revision = revision(group);
+        let per_host = place_group(&mut bins, name, group, &had, kept)?;
         for (i, size) in per_host {
             out.hosts
                 .entry(bins[i].host.id.clone())
                 .or_default()
-                .insert(
-                    name.clone(),
-                    Assignment {
-                        revision: revision.clone(),
-                        image: group.image.clone(),
-                        isolation: group.isolation,
-                        size,
-                        millicpus: group.resources.millicpus(),
-                        memory_bytes: group.resources.memory.0,
-                        ports: group.publish.clone(),
-                    },
-                );
+                .insert(name.clone(), assignment(size));
         }
     }
     Ok(out)
 }
 
 /// Places one group, first keeping up to `had[i]` instances on bin `i` where they still
-/// pass the filters; returns instances per bin index.
+/// pass the filters; `pinned` instances are already placed elsewhere (on missing hosts) and
+/// count towards the group's count. Returns instances per bin index.
 fn place_group(
     bins: &mut [Bin],
     name: &GroupName,
     g: &GroupSpec,
     had: &BTreeMap<usize, u32>,
+    pinned: u32,
 ) -> Result<BTreeMap<usize, u32>, PlanError> {
     let fail = |field, reason: String| PlanError {
         group: name.clone(),
         field,
         reason,
     };
+    if !g.per_host && g.count.unwrap_or(0) <= pinned {
+        return Ok(BTreeMap::new());
+    }
     let with_backend: Vec<usize> = (0..bins.len())
         .filter(|&i| bins[i].host.backends.contains(&g.isolation))
         .collect();
@@ -266,7 +309,8 @@ fn place_group(
         }
         return Ok(placed);
     }
-    let count = g.count.unwrap_or(0);
+    let total = g.count.unwrap_or(0);
+    let count = total.saturating_sub(pinned);
     // Instances of this group per value of the spread label (a host without the label
     // counts as the value "").
     let mut per_value: BTreeMap<&str, u32> = BTreeMap::new();
@@ -315,10 +359,17 @@ fn place_group(
         let Some(i) = best(bins, &placed, &per_value, &|_| true) else {
             return Err(fail(
                 blocking_field(bins, &matching, g),
-                format!(
-                    "{count} instances asked for, {n} fit on the {} matching host(s)",
-                    matching.len()
-                ),
+                if pinned == 0 {
+                    format!(
+                        "{total} instances asked for, {n} fit on the {} matching host(s)",
+                        matching.len()
+                    )
+                } else {
+                    format!(
+                        "{total} instances asked for, {pinned} kept on missing hosts and {n} fit on the {} matching host(s)",
+                        matching.len()
+                    )
+                },
             ));
         };
         bins[i].take(g);

@@ -12,6 +12,10 @@
 //! publish = ["8080:8080"]        # [IP:]HOST:PORT
 //! resources = { cpus = 0.5, memory = "256MiB" }
 //! rollout = { waves = ["1", "5%", "25%", "100%"], health_gate = "10s" }
+//! reschedule_after = "60s"       # a missing host's instances move after this long
+//!
+//! [fleet]
+//! max_missing = "10%"            # or a number of hosts: more missing stops rescheduling
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,7 +37,96 @@ pub const MAX_COUNT: u32 = 100_000;
 pub struct FleetSpec {
     #[serde(default)]
     pub group: BTreeMap<GroupName, GroupSpec>,
+    /// Settings for the whole fleet.
+    #[serde(default)]
+    pub fleet: FleetSettings,
 }
+
+/// `[fleet]`: what holds for every group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSettings {
+    /// The brake: when more hosts than this are missing at once (of the hosts that have
+    /// assignments), nothing is rescheduled ([`crate::liveness`]).
+    #[serde(default)]
+    pub max_missing: MaxMissing,
+}
+
+/// How many missing hosts the controller still reschedules from: a number of hosts, or a
+/// share of the hosts that have assignments (at least one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "CountOrShare", into = "String")]
+pub enum MaxMissing {
+    Hosts(u32),
+    Percent(u8),
+}
+
+impl Default for MaxMissing {
+    fn default() -> Self {
+        MaxMissing::Percent(10)
+    }
+}
+
+impl MaxMissing {
+    /// The most hosts that may be missing, of `hosts` that have assignments, for their
+    /// work to still move: a share rounds down but is never below one host.
+    pub fn limit(self, hosts: usize) -> usize {
+        match self {
+            MaxMissing::Hosts(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            MaxMissing::Percent(p) => (hosts.saturating_mul(usize::from(p)) / 100).max(1),
+        }
+    }
+}
+
+/// `max_missing` as written: `2` or `"2"` hosts, or `"10%"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CountOrShare {
+    Count(u32),
+    Text(String),
+}
+
+impl TryFrom<CountOrShare> for MaxMissing {
+    type Error = String;
+    fn try_from(v: CountOrShare) -> Result<Self, String> {
+        let s = match v {
+            CountOrShare::Count(n) => return Ok(MaxMissing::Hosts(n)),
+            CountOrShare::Text(s) => s,
+        };
+        let bad =
+            || format!("max_missing {s:?} is neither a number of hosts (2) nor a share (\"10%\")");
+        if let Some(p) = s.strip_suffix('%') {
+            let p: u8 = p.trim().parse().map_err(|_| bad())?;
+            if p > 100 {
+                return Err(format!("max_missing {s:?}: a share is 0% to 100%"));
+            }
+            Ok(MaxMissing::Percent(p))
+        } else {
+            s.trim().parse().map(MaxMissing::Hosts).map_err(|_| bad())
+        }
+    }
+}
+
+impl From<MaxMissing> for String {
+    fn from(m: MaxMissing) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MaxMissing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MaxMissing::Hosts(n) => write!(f, "{n}"),
+            MaxMissing::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// A missing host's instances move after this long unless the group says otherwise.
+pub const RESCHEDULE_AFTER: Duration = Duration::from_secs(60);
+
+/// The longest `reschedule_after` (a week): longer is a mistake, not a policy.
+pub const MAX_RESCHEDULE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One group: what to run, how many, where, and how a new revision rolls out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +155,38 @@ pub struct GroupSpec {
     pub isolation: Backend,
     #[serde(default)]
     pub rollout: Rollout,
+    /// How long a host that has this group's instances may be missing (its lease gone:
+    /// dead or cut off) before they are placed elsewhere; [`RESCHEDULE_AFTER`] when absent.
+    /// Not part of the group's revision: changing it restarts nothing.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration"
+    )]
+    pub reschedule_after: Option<Duration>,
+}
+
+impl GroupSpec {
+    /// How long a missing host keeps this group's instances before they move.
+    pub fn reschedule_after(&self) -> Duration {
+        self.reschedule_after.unwrap_or(RESCHEDULE_AFTER)
+    }
+}
+
+mod optional_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    #[allow(clippy::ref_option)]
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
 }
 
 fn sandbox() -> Backend {
@@ -356,6 +481,16 @@ impl FleetSpec {
                     ));
                 }
             }
+            if g.reschedule_after() > MAX_RESCHEDULE_AFTER {
+                return Err(broken(
+                    "reschedule_after",
+                    format!(
+                        "reschedule_after {} is above {}",
+                        humantime::format_duration(g.reschedule_after()),
+                        humantime::format_duration(MAX_RESCHEDULE_AFTER)
+                    ),
+                ));
+            }
             let waves = &g.rollout.waves;
             if waves.last() != Some(&Wave::Percent(100)) {
                 return Err(broken(
@@ -404,6 +539,7 @@ fn field_in_group(text: &str, group: &GroupName, field: &str) -> Option<(&'stati
         "spread" => "spread",
         "publish" => "publish",
         "waves" => "waves",
+        "reschedule_after" => "reschedule_after",
         _ => return None,
     };
     for line in text.lines() {
@@ -570,6 +706,63 @@ per_host = true
                 "fleet.toml:16:1: field `group.agent.image`: group agent: image is empty"
             ),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn reschedule_after_and_max_missing_parse_default_and_are_checked_where_written() {
+        let plain = FleetSpec::parse(FLEET, Path::new("fleet.toml")).unwrap();
+        assert_eq!(group(&plain, "web").reschedule_after(), RESCHEDULE_AFTER);
+        assert_eq!(plain.fleet.max_missing, MaxMissing::Percent(10));
+        let text = format!("[fleet]\nmax_missing = 2\n{FLEET}")
+            .replace("count = 6\n", "count = 6\nreschedule_after = \"2m 30s\"\n");
+        let set = FleetSpec::parse(&text, Path::new("fleet.toml")).unwrap();
+        assert_eq!(
+            group(&set, "web").reschedule_after(),
+            Duration::from_secs(150)
+        );
+        assert_eq!(set.fleet.max_missing, MaxMissing::Hosts(2));
+        for (written, want) in [
+            ("\"3\"", MaxMissing::Hosts(3)),
+            ("\"0%\"", MaxMissing::Percent(0)),
+            ("\"25%\"", MaxMissing::Percent(25)),
+        ] {
+            let s = FleetSpec::parse(
+                &format!("[fleet]\nmax_missing = {written}\n"),
+                Path::new("f.toml"),
+            )
+            .unwrap();
+            assert_eq!(s.fleet.max_missing, want, "{written}");
+        }
+        // The stored spec reads back the same.
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(serde_json::from_str::<FleetSpec>(&json).unwrap(), set);
+        // Errors name the file, line and field.
+        let e = err("[fleet]\nmax_missing = \"lots\"\n");
+        assert!(
+            e.contains("fleet.toml:2")
+                && e.contains("max_missing")
+                && e.contains("neither a number"),
+            "{e}"
+        );
+        let e = err("[fleet]\nmax_missing = \"150%\"\n");
+        assert!(
+            e.contains("fleet.toml:2") && e.contains("0% to 100%"),
+            "{e}"
+        );
+        let e = err("[group.a]\nimage = \"x\"\ncount = 1\nreschedule_after = \"soon\"\n");
+        assert!(
+            e.contains("fleet.toml:4")
+                && e.contains("reschedule_after")
+                && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = err("[group.a]\nimage = \"x\"\ncount = 1\nreschedule_after = \"30d\"\n");
+        assert!(e.contains("fleet.toml:4") && e.contains("above"), "{e}");
+        // Changing when instances move changes nothing they run: the revision stays.
+        assert_eq!(
+            crate::plan::revision(group(&plain, "web")),
+            crate::plan::revision(group(&set, "web"))
         );
     }
 }

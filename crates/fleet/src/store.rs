@@ -1,6 +1,8 @@
 //! The fleet's records in etcd: a connection with a deadline on every call, so an etcd
 //! that is down or cut off is an answer ([`Error::Unreachable`]) and never a hang.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
@@ -9,10 +11,15 @@ use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
 use crate::record::{HOSTS, HostRecord};
 
-/// A connection to the fleet's etcd.
+/// A connection to the fleet's etcd: one client per endpoint, and the one in use. A call
+/// that finds its endpoint gone moves the store on to the next one, so the caller's next
+/// try goes elsewhere. (etcd-client balances over all endpoints in one channel, but that
+/// channel keeps sending requests to a member that is down: tonic's balancer takes an
+/// endpoint it cannot connect to for ready, grpc/grpc-rust#2839.)
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    clients: Arc<Vec<Client>>,
+    current: Arc<AtomicUsize>,
     endpoints: Endpoints,
     /// The longest any one call may take.
     timeout: Duration,
@@ -27,23 +34,13 @@ pub struct Listing {
 }
 
 impl Store {
-    /// A connection to `endpoints`; nothing is sent until the first call.
+    /// A connection to `endpoints`; with several, it starts on the first that answers a
+    /// status request within `timeout` (the first listed if none does).
     pub async fn connect(endpoints: &Endpoints, timeout: Duration) -> Result<Store> {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
-        let client = Client::connect(endpoints.urls(), Some(options))
-            .await
-            .map_err(|source| Error::Etcd {
-                endpoints: endpoints.to_string(),
-                what: "a connection",
-                source,
-            })?;
-        Ok(Store {
-            client,
-            endpoints: endpoints.clone(),
-            timeout,
-        })
+        Store::open(endpoints, timeout, options).await
     }
 
     /// A connection for streams (a watch) that live as long as they may: only connecting
@@ -52,15 +49,33 @@ impl Store {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(timeout, timeout);
-        let client = Client::connect(endpoints.urls(), Some(options))
-            .await
-            .map_err(|source| Error::Etcd {
-                endpoints: endpoints.to_string(),
-                what: "a connection",
-                source,
-            })?;
+        Store::open(endpoints, timeout, options).await
+    }
+
+    async fn open(
+        endpoints: &Endpoints,
+        timeout: Duration,
+        options: ConnectOptions,
+    ) -> Result<Store> {
+        let mut clients = Vec::new();
+        for url in endpoints.urls() {
+            let client = Client::connect([url], Some(options.clone()))
+                .await
+                .map_err(|source| Error::Etcd {
+                    endpoints: endpoints.to_string(),
+                    what: "a connection",
+                    source,
+                })?;
+            clients.push(client);
+        }
+        let first = if clients.len() > 1 {
+            first_answering(&clients, timeout).await
+        } else {
+            0
+        };
         Ok(Store {
-            client,
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(first)),
             endpoints: endpoints.clone(),
             timeout,
         })
@@ -86,7 +101,9 @@ impl Store {
         }
     }
 
+    /// An unreachable etcd, naming `cause`; the next call goes to the next endpoint.
     pub(crate) fn unreachable(&self, cause: String) -> Error {
+        self.current.fetch_add(1, Ordering::Relaxed);
         Error::Unreachable {
             endpoints: self.endpoints.to_string(),
             cause,
@@ -120,8 +137,10 @@ impl Store {
         }
     }
 
+    /// The client of the endpoint in use.
     pub(crate) fn client(&self) -> Client {
-        self.client.clone()
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len().max(1);
+        self.clients[i].clone()
     }
 
     /// Every host registered now, ordered by hostname then id.
@@ -160,4 +179,24 @@ impl Store {
         .await
         .map(drop)
     }
+}
+
+/// The index of the first of `clients` to answer a status request within `timeout`; 0
+/// if none does.
+async fn first_answering(clients: &[Client], timeout: Duration) -> usize {
+    let mut asking = tokio::task::JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let mut c = c.clone();
+        asking.spawn(async move { c.status().await.map(|_| i) });
+    }
+    let first = tokio::time::timeout(timeout, async {
+        while let Some(answer) = asking.join_next().await {
+            if let Ok(Ok(i)) = answer {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    first.ok().flatten().unwrap_or(0)
 }

@@ -506,6 +506,150 @@ impl Etcd {
     }
 }
 
+/// What the fleet's helpers need of an etcd: its client endpoints for `--endpoints`.
+pub trait EtcdEndpoints {
+    fn endpoint(&self) -> String;
+}
+
+impl EtcdEndpoints for Etcd {
+    fn endpoint(&self) -> String {
+        Etcd::endpoint(self)
+    }
+}
+
+/// A three-member etcd on loopback (free ports, a data dir each under `data`), each
+/// member killed by its PID when dropped (or by [`EtcdCluster::kill`]).
+pub struct EtcdCluster {
+    members: Vec<Option<ChildGuard>>,
+    pub client_ports: Vec<u16>,
+    also: Vec<std::net::Ipv4Addr>,
+}
+
+impl EtcdCluster {
+    /// Starts the three members, also listening on `also` (a namespace's way in), and
+    /// waits until each is healthy.
+    pub fn start(data: &Path, also: &[std::net::Ipv4Addr]) -> EtcdCluster {
+        require("etcd");
+        require("etcdctl");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let cluster: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let token = format!("juice-test-{}", std::process::id());
+        let mut members = Vec::new();
+        for (i, (client_port, peer_port)) in ports.iter().enumerate() {
+            let dir = data.join(format!("m{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let client = format!("http://127.0.0.1:{client_port}");
+            let listen: Vec<String> = std::iter::once(client.clone())
+                .chain(also.iter().map(|a| format!("http://{a}:{client_port}")))
+                .collect();
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let log = std::fs::File::create(data.join(format!("m{i}.log"))).unwrap();
+            members.push(Some(ChildGuard::spawn(
+                Command::new("etcd")
+                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(&dir)
+                    .args(["--listen-client-urls", &listen.join(",")])
+                    .args(["--advertise-client-urls", &client])
+                    .args(["--listen-peer-urls", &peer])
+                    .args(["--initial-advertise-peer-urls", &peer])
+                    .args(["--initial-cluster", &cluster.join(",")])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", &token])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log),
+            )));
+        }
+        let etcd = EtcdCluster {
+            members,
+            client_ports: ports.iter().map(|p| p.0).collect(),
+            also: also.to_vec(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !etcd.all_healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the 3-member etcd did not become healthy (logs in {})",
+                data.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        etcd
+    }
+
+    fn all_healthy(&self) -> bool {
+        Command::new("etcdctl")
+            .args(["--endpoints", &self.endpoint(), "--command-timeout=1s"])
+            .args(["endpoint", "health"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// The members' client endpoints at `addr` (one of `also`), comma-separated.
+    pub fn endpoints_at(&self, addr: std::net::Ipv4Addr) -> String {
+        assert!(self.also.contains(&addr), "{addr} is not listened on");
+        self.client_ports
+            .iter()
+            .map(|p| format!("http://{addr}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the member that leads now (`etcdctl endpoint status`).
+    pub fn leader(&self) -> usize {
+        let live: Vec<String> = (0..3)
+            .filter(|&i| self.members[i].is_some())
+            .map(|i| format!("http://127.0.0.1:{}", self.client_ports[i]))
+            .collect();
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &live.join(","), "--command-timeout=2s"])
+            .args(["endpoint", "status", "-w", "json"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl endpoint status: {}",
+            text(&out)
+        );
+        let status: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("etcdctl's status is not JSON ({e}): {}", text(&out)));
+        let leader = status
+            .iter()
+            .find(|s| s["Status"]["header"]["member_id"] == s["Status"]["leader"])
+            .unwrap_or_else(|| panic!("no member says it leads: {}", text(&out)));
+        let endpoint = leader["Endpoint"].as_str().unwrap_or_default();
+        self.client_ports
+            .iter()
+            .position(|p| endpoint.ends_with(&format!(":{p}")))
+            .unwrap_or_else(|| panic!("{endpoint} is not a member"))
+    }
+
+    /// SIGKILLs member `i` and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut m) = self.members[i].take() {
+            let _ = m.0.kill();
+            let _ = m.0.wait();
+        }
+    }
+}
+
+impl EtcdEndpoints for EtcdCluster {
+    /// Every member's loopback endpoint, comma-separated (a killed one's too: clients
+    /// must get by without it).
+    fn endpoint(&self) -> String {
+        self.client_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// A network namespace of its own for a daemon, so that two daemons on this machine
 /// each have their own `juice0` bridge, addresses and nftables tables (they would
 /// otherwise share them). A veth pair links it to this namespace: `outside` here,
@@ -514,6 +658,8 @@ pub struct NetnsHost {
     pub name: String,
     pub outside: std::net::Ipv4Addr,
     pub inside: std::net::Ipv4Addr,
+    /// The veth's end in this namespace: down, the namespace is cut off.
+    pub link: String,
 }
 
 impl NetnsHost {
@@ -538,6 +684,7 @@ impl NetnsHost {
             name: name.clone(),
             outside,
             inside,
+            link: host_end.clone(),
         };
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("ip runs");
@@ -579,6 +726,42 @@ impl NetnsHost {
                 .stderr(log),
         );
         answering(j, guard)
+    }
+}
+
+impl NetnsHost {
+    /// Cuts the namespace off (its veth's outer end down): a partition. What runs inside
+    /// goes on; nothing outside reaches it, nor it anything outside.
+    pub fn cut(&self) {
+        self.link_set("down");
+    }
+
+    /// Undoes [`NetnsHost::cut`].
+    pub fn heal(&self) {
+        self.link_set("up");
+    }
+
+    fn link_set(&self, state: &str) {
+        let out = Command::new("ip")
+            .args(["link", "set", &self.link, state])
+            .output()
+            .expect("ip runs");
+        assert!(
+            out.status.success(),
+            "ip link set {} {state}: {}",
+            self.link,
+            text(&out)
+        );
+    }
+
+    /// Runs `program ARGS` inside the namespace (network only), its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("nsenter runs")
     }
 }
 
