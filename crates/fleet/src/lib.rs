@@ -26,6 +26,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
+pub mod certs;
 pub mod controller;
 pub mod endpoints;
 pub mod error;
@@ -37,6 +39,7 @@ pub mod registration;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
@@ -48,3 +51,4 @@ pub use registration::{Registration, Status};
 pub use report::{LocalGroup, Report};
 pub use spec::{FleetSpec, GroupName, GroupSpec};
 pub use store::{Listing, Store};
+pub use tls::FleetTls;
