@@ -15,6 +15,10 @@
 //! and reports how they run under its lease ([`host`], [`report`]). Rollouts in waves
 //! (docs/fleet.md) are not here yet.
 //!
+//! With `https://` endpoints every client speaks mutual TLS to etcd ([`tls`]) with a
+//! certificate of the fleet's own CA ([`certs`]), whose common name is its etcd user; etcd's
+//! roles ([`auth`]) let a host write only its own records.
+//!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
 //! use std::time::Duration;
