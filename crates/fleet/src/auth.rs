@@ -51,14 +51,12 @@ impl Grant {
     }
 
     fn permission(&self) -> Permission {
-        let p = match self.write {
-            true => Permission::read_write(self.key.as_str()),
-            false => Permission::read(self.key.as_str()),
+        let p = if self.write {
+            Permission::read_write(self.key.as_str())
+        } else {
+            Permission::read(self.key.as_str())
         };
-        match self.prefix {
-            true => p.with_prefix(),
-            false => p,
-        }
+        if self.prefix { p.with_prefix() } else { p }
     }
 }
 

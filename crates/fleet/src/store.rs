@@ -130,13 +130,7 @@ impl Store {
     ) -> Result<T> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(match denied(&source) {
-                true => Error::Denied {
-                    user: self.endpoints.user(),
-                    action: action.unwrap_or_else(|| format!("access {what}")),
-                },
-                false => self.error(what, source),
-            }),
+            Ok(Err(source)) => Err(self.error_as(what, action, source)),
             Err(_) => {
                 Err(self.unreachable(format!("no answer within {} ms", self.timeout.as_millis())))
             }
@@ -151,10 +145,21 @@ impl Store {
     }
 
     pub(crate) fn error(&self, what: &'static str, source: etcd_client::Error) -> Error {
+        self.error_as(what, None, source)
+    }
+
+    /// [`Store::error`], where a refused permission names `action` ("write KEY") rather
+    /// than "access `what`".
+    fn error_as(
+        &self,
+        what: &'static str,
+        action: Option<String>,
+        source: etcd_client::Error,
+    ) -> Error {
         if denied(&source) {
             return Error::Denied {
                 user: self.endpoints.user(),
-                action: format!("access {what}"),
+                action: action.unwrap_or_else(|| format!("access {what}")),
             };
         }
         let gone = match &source {
