@@ -29,9 +29,15 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// `juice daemon`'s fleet flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JoinArgs {
-    /// Join the fleet whose etcd is at ENDPOINTS (comma-separated http://HOST:PORT).
+    /// Join the fleet whose etcd is at ENDPOINTS (comma-separated http://HOST:PORT, or
+    /// https://HOST:PORT for mutual TLS).
     #[arg(long = "fleet", value_name = "ENDPOINTS")]
     pub endpoints: Option<Endpoints>,
+    /// With https:// endpoints: the fleet's CA, this host's certificate and key (ca.pem,
+    /// cert.pem, key.pem; default: $JUICE_FLEET_TLS, else $JUICE_HOME/fleet-tls, made by
+    /// `juice certs fleet host`).
+    #[arg(long = "fleet-tls", value_name = "DIR", requires = "endpoints")]
+    pub fleet_tls: Option<std::path::PathBuf>,
     /// A label of this host in the fleet, such as zone=eu-1 (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", requires = "endpoints")]
     pub labels: Vec<Label>,
@@ -57,6 +63,8 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     let Some(endpoints) = args.endpoints.clone() else {
         return Ok(None);
     };
+    let tls = crate::fleet_tls::dir_or_default(args.fleet_tls.clone(), home);
+    let endpoints = endpoints.with_tls(&tls)?;
     let labels = Labels::new(args.labels.iter().cloned())?;
     std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
     let id = juice_fleet::facts::host_id(&home.join("host-id"))?;
@@ -237,6 +245,13 @@ pub enum FleetCommand {
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
     },
+    /// Print this host's id in the fleet (made if it has none yet), to issue its certificate.
+    Id,
+    /// etcd's users and roles: a host may write only its own records (operator's certificate).
+    Auth {
+        #[command(subcommand)]
+        command: crate::fleet_tls::AuthCommand,
+    },
 }
 
 /// What `juice fleet get` lists (the singular is accepted too).
@@ -260,8 +275,11 @@ pub enum FleetDescribeKind {
     Group,
 }
 
-pub fn run(command: FleetCommand, format: Format) -> Result {
+pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Format) -> Result {
+    crate::fleet_tls::use_dir(tls);
     match command {
+        FleetCommand::Id => crate::fleet_tls::print_id(),
+        FleetCommand::Auth { command } => crate::fleet_tls::auth(command, endpoints_or_env),
         FleetCommand::Get { what, endpoints } => {
             let endpoints = endpoints_or_env(endpoints)?;
             match what {
@@ -404,17 +422,22 @@ fn get_assignments(endpoints: &Endpoints, format: Format) -> Result {
     print_plan(&plan, format)
 }
 
-/// `--endpoints`, else `$JUICE_FLEET`.
+/// `--endpoints`, else `$JUICE_FLEET`; `https://` ones with the TLS files of `--tls`.
 fn endpoints_or_env(given: Option<Endpoints>) -> Result<Endpoints> {
-    if let Some(e) = given {
-        return Ok(e);
-    }
-    match std::env::var("JUICE_FLEET") {
-        Ok(s) if !s.trim().is_empty() => Ok(s
-            .parse::<Endpoints>()
-            .map_err(|e| format!("JUICE_FLEET: {e}"))?),
-        _ => Err("no fleet to ask: give --endpoints http://HOST:2379 or set JUICE_FLEET".into()),
-    }
+    let endpoints = match given {
+        Some(e) => e,
+        None => match std::env::var("JUICE_FLEET") {
+            Ok(s) if !s.trim().is_empty() => s
+                .parse::<Endpoints>()
+                .map_err(|e| format!("JUICE_FLEET: {e}"))?,
+            _ => {
+                return Err(
+                    "no fleet to ask: give --endpoints http://HOST:2379 or set JUICE_FLEET".into(),
+                );
+            }
+        },
+    };
+    Ok(endpoints.with_tls(&crate::fleet_tls::dir())?)
 }
 
 fn get_hosts(endpoints: &Endpoints, format: Format) -> Result {

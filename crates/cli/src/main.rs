@@ -7,6 +7,7 @@ mod dist;
 mod docs;
 mod fleet;
 mod fleet_host;
+mod fleet_tls;
 mod host;
 mod images;
 mod os;
@@ -125,12 +126,17 @@ enum Command {
     },
     /// Check the host's prerequisites: what each backend needs, what is missing, which package brings it.
     Doctor,
-    /// Make a CA, and server and client certificates for remote access with mutual TLS.
+    /// Make a CA, and server and client certificates for remote access with mutual TLS
+    /// (`juice certs fleet ...`: the fleet's, for etcd).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Certs {
-        dir: PathBuf,
+        #[arg(required = true)]
+        dir: Option<PathBuf>,
         /// Names and addresses the server certificate is valid for (default: localhost, 127.0.0.1).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        #[command(subcommand)]
+        fleet: Option<fleet_tls::CertsCommand>,
     },
     /// Development mode: an embedded daemon, the site applied, live status and logs; Ctrl-C tears down.
     Up {
@@ -187,6 +193,10 @@ enum Command {
     Run(run::RunArgs),
     /// The fleet in etcd: its hosts and controller, and its groups' placement from a fleet file.
     Fleet {
+        /// With https:// endpoints: the fleet's CA, this client's certificate and key
+        /// (ca.pem, cert.pem, key.pem; default: $JUICE_FLEET_TLS, else $JUICE_HOME/fleet-tls).
+        #[arg(long, value_name = "DIR", global = true)]
+        tls: Option<PathBuf>,
         #[command(subcommand)]
         command: fleet::FleetCommand,
     },
@@ -256,7 +266,14 @@ fn main() -> ExitCode {
             fleet,
         } => host::daemon(listen, tls, site, &fleet).map(|()| 0),
         Command::Doctor => host::doctor(format),
-        Command::Certs { dir, hosts } => host::certs(&dir, &hosts).map(|()| 0),
+        Command::Certs {
+            fleet: Some(command),
+            ..
+        } => fleet_tls::certs(command).map(|()| 0),
+        Command::Certs { dir, hosts, .. } => match dir {
+            Some(dir) => host::certs(&dir, &hosts).map(|()| 0),
+            None => Err("juice certs: give a directory (or `juice certs fleet ...`)".into()),
+        },
         Command::Up { file } => host::up(&file).map(|()| 0),
         Command::Plan { file } => host::plan(&file, format).map(|()| 0),
         Command::Apply { file } => host::apply(&file, format).map(|()| 0),
@@ -271,7 +288,7 @@ fn main() -> ExitCode {
         Command::Delete { group } => host::delete(&group).map(|()| 0),
         Command::Top => top::top(format).map(|()| 0),
         Command::Run(args) => run::run(args),
-        Command::Fleet { command } => fleet::run(command, format).map(|()| 0),
+        Command::Fleet { tls, command } => fleet::run(command, tls, format).map(|()| 0),
         Command::Os { command } => os::run(command, format).map(|()| 0),
         Command::Completions { shell } => docs::completions(Cli::command(), shell)
             .map(|()| 0)
@@ -424,7 +441,8 @@ mod tests {
                     command: fleet::FleetCommand::Get {
                         what: fleet::FleetGetKind::Hosts,
                         endpoints: None
-                    }
+                    },
+                    ..
                 })
             ));
         }
@@ -467,10 +485,65 @@ mod tests {
             assert!(matches!(
                 parse(&["fleet", "get", word]).map(|c| c.command),
                 Ok(Command::Fleet {
-                    command: fleet::FleetCommand::Get { what, .. }
+                    command: fleet::FleetCommand::Get { what, .. },
+                    ..
                 }) if what == kind
             ));
         }
+    }
+
+    #[test]
+    fn certs_keeps_its_directory_and_gains_the_fleets_and_fleet_commands_take_tls() {
+        match parse(&["certs", "/tmp/c", "--host", "a"]).map(|c| c.command) {
+            Ok(Command::Certs {
+                dir: Some(dir),
+                hosts,
+                fleet: None,
+            }) => assert_eq!((dir, hosts), (PathBuf::from("/tmp/c"), vec!["a".into()])),
+            _ => panic!("`juice certs DIR --host a` should parse"),
+        }
+        assert!(parse(&["certs"]).is_err());
+        assert!(matches!(
+            parse(&["certs", "fleet", "init", "/tmp/ca"]).map(|c| c.command),
+            Ok(Command::Certs {
+                fleet: Some(fleet_tls::CertsCommand::Fleet {
+                    command: fleet_tls::FleetCerts::Init { .. }
+                }),
+                ..
+            })
+        ));
+        assert!(parse(&["certs", "fleet", "etcd", "/tmp/ca"]).is_err());
+        assert!(parse(&["certs", "fleet", "host", "/tmp/ca", "--id", "../x"]).is_err());
+        match parse(&["fleet", "get", "hosts", "--tls", "/tmp/t"]).map(|c| c.command) {
+            Ok(Command::Fleet { tls, .. }) => assert_eq!(tls, Some(PathBuf::from("/tmp/t"))),
+            _ => panic!("`juice fleet get hosts --tls DIR` should parse"),
+        }
+        match parse(&[
+            "daemon",
+            "--fleet",
+            "https://a:2379",
+            "--fleet-tls",
+            "/tmp/t",
+        ])
+        .map(|c| c.command)
+        {
+            Ok(Command::Daemon { fleet, tls, .. }) => {
+                assert_eq!(fleet.fleet_tls, Some(PathBuf::from("/tmp/t")));
+                assert_eq!(tls, None);
+            }
+            _ => panic!("`juice daemon --fleet https://... --fleet-tls DIR` should parse"),
+        }
+        assert!(parse(&["daemon", "--fleet-tls", "/tmp/t"]).is_err());
+        assert!(
+            parse(&[
+                "fleet",
+                "auth",
+                "host",
+                "0123456789abcdef0123456789abcdef",
+                "--controller"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, Etcd, EtcdCluster, EtcdEndpoints, InstanceSweeper, Juice, NetnsHost};
+use common::{
+    ChildGuard, Etcd, EtcdCluster, EtcdEndpoints, InstanceSweeper, Juice, NetnsHost, local_groups,
+    until_local,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -637,17 +640,6 @@ fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
     });
 }
 
-/// `juice get groups -o json` against `j`'s daemon: the groups by name.
-fn local_groups(j: &Juice) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let out = j.ok(&["get", "groups", "-o", "json"]);
-    let groups: Vec<serde_json::Value> =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
-    groups
-        .into_iter()
-        .map(|g| (g["name"].as_str().unwrap_or_default().to_owned(), g))
-        .collect()
-}
-
 /// `juice get instances -o json` against `j`'s daemon: (name, pid) of `group`'s instances.
 fn local_instances(j: &Juice, group: &str) -> Vec<(String, i64)> {
     let out = j.ok(&["get", "instances", "-o", "json"]);
@@ -664,28 +656,6 @@ fn local_instances(j: &Juice, group: &str) -> Vec<(String, i64)> {
         .collect();
     mine.sort();
     mine
-}
-
-/// Waits until `j` runs `size` ready instances of `fleet-web` (and no other size), or
-/// none at all when `size` is 0.
-fn until_local(j: &Juice, size: u64, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let groups = local_groups(j);
-        let done = match groups.get("fleet-web") {
-            None => size == 0,
-            Some(g) => size > 0 && g["size"] == size && g["ready"] == size && g["running"] == size,
-        };
-        if done {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{} does not run {size} ready fleet-web after {limit:?}: {groups:?}",
-            j.home.path().display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `juice fleet get groups -o json`: the group `web`'s summary, if listed.

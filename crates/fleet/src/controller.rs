@@ -176,8 +176,9 @@ impl Store {
         let value = serde_json::to_vec(spec).unwrap_or_default();
         let mut client = self.client();
         let answer = self
-            .call(
+            .call_as(
                 "the fleet's spec",
+                Some(format!("write {SPEC}")),
                 client.txn(Txn::new().and_then([TxnOp::put(SPEC, value, None)])),
             )
             .await?;

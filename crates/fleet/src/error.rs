@@ -21,6 +21,13 @@ pub enum Error {
     /// An endpoint list that cannot be used.
     #[error("fleet endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    /// etcd (with `--client-cert-auth` and auth enabled) refused this certificate's user
+    /// something: `action` says what ("write /juice/v1/hosts/9b1c…").
+    #[error("etcd refused to let {user} {action}: permission denied")]
+    Denied { user: String, action: String },
+    /// The fleet's TLS files (`ca.pem`, `cert.pem`, `key.pem`) cannot be used.
+    #[error("fleet TLS: {}: {reason}", .path.display())]
+    Tls { path: PathBuf, reason: String },
     /// A label given to a host that is not `key=value` with allowed characters.
     #[error("label `{label}`: {reason}")]
     Label { label: String, reason: &'static str },

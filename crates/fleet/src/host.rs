@@ -500,8 +500,9 @@ impl Store {
             .collect();
         for chunk in ops.chunks(100) {
             let mut client = self.client();
-            self.call(
+            self.call_as(
                 "this host's reports",
+                Some(format!("write {REPORTS}{host}/")),
                 client.txn(Txn::new().and_then(chunk.to_vec())),
             )
             .await?;

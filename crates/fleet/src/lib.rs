@@ -15,6 +15,10 @@
 //! and reports how they run under its lease ([`host`], [`report`]). Rollouts in waves
 //! (docs/fleet.md) are not here yet.
 //!
+//! With `https://` endpoints every client speaks mutual TLS to etcd ([`tls`]) with a
+//! certificate of the fleet's own CA ([`certs`]), whose common name is its etcd user; etcd's
+//! roles ([`auth`]) let a host write only its own records.
+//!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
 //! use std::time::Duration;
@@ -26,6 +30,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
+pub mod certs;
 pub mod controller;
 pub mod endpoints;
 pub mod error;
@@ -38,6 +44,7 @@ pub mod registration;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
@@ -49,3 +56,4 @@ pub use registration::{Registration, Status};
 pub use report::{LocalGroup, Report};
 pub use spec::{FleetSpec, GroupName, GroupSpec};
 pub use store::{Listing, Store};
+pub use tls::FleetTls;

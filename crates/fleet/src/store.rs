@@ -33,6 +33,46 @@ pub struct Listing {
     pub malformed: Vec<Error>,
 }
 
+/// `options` with mutual TLS for `https://` endpoints, which must carry their TLS files.
+fn tls(endpoints: &Endpoints, options: ConnectOptions) -> Result<ConnectOptions> {
+    if !endpoints.secure() {
+        return Ok(options);
+    }
+    match endpoints.tls() {
+        Some(tls) => Ok(options.with_tls(tls.options())),
+        None => Err(Error::Endpoint {
+            endpoint: endpoints.to_string(),
+            reason: "https:// endpoints need the fleet's TLS files (ca.pem, cert.pem, key.pem)"
+                .into(),
+        }),
+    }
+}
+
+/// Whether `status` was made from a transport error rather than sent by etcd.
+fn transport(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if c.is::<tonic::transport::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Whether etcd refused for want of a permission (its roles, with auth enabled), or
+/// because the client has no user at all (no certificate, no password).
+fn denied(source: &etcd_client::Error) -> bool {
+    match source {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::PermissionDenied
+                || (s.code() == tonic::Code::InvalidArgument
+                    && s.message().contains("user name is empty"))
+        }
+        _ => false,
+    }
+}
+
 impl Store {
     /// A connection to `endpoints`; with several, it starts on the first that answers a
     /// status request within `timeout` (the first listed if none does).
@@ -40,7 +80,7 @@ impl Store {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
-        Store::open(endpoints, timeout, options).await
+        Store::open(endpoints, timeout, tls(endpoints, options)?).await
     }
 
     /// A connection for streams (a watch) that live as long as they may: only connecting
@@ -49,7 +89,7 @@ impl Store {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(timeout, timeout);
-        Store::open(endpoints, timeout, options).await
+        Store::open(endpoints, timeout, tls(endpoints, options)?).await
     }
 
     async fn open(
@@ -86,15 +126,26 @@ impl Store {
     }
 
     /// `call` with the store's deadline; a timeout or an unavailable etcd is
-    /// [`Error::Unreachable`], any other refusal [`Error::Etcd`] naming `what` was asked.
+    /// [`Error::Unreachable`], a permission etcd's roles deny [`Error::Denied`], any other
+    /// refusal [`Error::Etcd`] naming `what` was asked.
     pub(crate) async fn call<T>(
         &self,
         what: &'static str,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
+        self.call_as(what, None, call).await
+    }
+
+    /// [`Store::call`], where a refused permission names `action` ("write KEY").
+    pub(crate) async fn call_as<T>(
+        &self,
+        what: &'static str,
+        action: Option<String>,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(self.error(what, source)),
+            Ok(Err(source)) => Err(self.error_as(what, action, source)),
             Err(_) => {
                 Err(self.unreachable(format!("no answer within {} ms", self.timeout.as_millis())))
             }
@@ -111,13 +162,33 @@ impl Store {
     }
 
     pub(crate) fn error(&self, what: &'static str, source: etcd_client::Error) -> Error {
+        self.error_as(what, None, source)
+    }
+
+    /// [`Store::error`], where a refused permission names `action` ("write KEY") rather
+    /// than "access `what`".
+    fn error_as(
+        &self,
+        what: &'static str,
+        action: Option<String>,
+        source: etcd_client::Error,
+    ) -> Error {
+        if denied(&source) {
+            return Error::Denied {
+                user: self.endpoints.user(),
+                action: action.unwrap_or_else(|| format!("access {what}")),
+            };
+        }
         let gone = match &source {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
             etcd_client::Error::GRpcStatus(s) => {
+                // A status made from a transport error (the connection closed under the
+                // call, as when etcd refuses a client's certificate in the TLS handshake)
+                // says nothing etcd answered.
                 matches!(
                     s.code(),
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                )
+                ) || transport(s)
             }
             _ => false,
         };
@@ -127,7 +198,14 @@ impl Store {
             while let Some(inner) = cause.source() {
                 cause = inner;
             }
-            self.unreachable(cause.to_string())
+            match self.endpoints.tls() {
+                Some(tls) => self.unreachable(format!(
+                    "{cause}; over TLS, also check that etcd trusts the certificate {:?} in {} (from the fleet's CA) and that its own is from the CA there",
+                    tls.user(),
+                    tls.dir.display()
+                )),
+                None => self.unreachable(cause.to_string()),
+            }
         } else {
             Error::Etcd {
                 endpoints: self.endpoints.to_string(),
@@ -168,8 +246,9 @@ impl Store {
     /// Writes `record` under `lease`, so it goes when the lease does.
     pub(crate) async fn put_host(&self, record: &HostRecord, lease: i64) -> Result<()> {
         let mut client = self.client();
-        self.call(
+        self.call_as(
             "the host's record",
+            Some(format!("write {}", record.key())),
             client.put(
                 record.key(),
                 record.encode(),

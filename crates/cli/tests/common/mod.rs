@@ -396,6 +396,9 @@ pub struct Etcd {
     pub peer_port: u16,
     /// Addresses it also listens on for clients (a network namespace's way in).
     pub also: Vec<std::net::Ipv4Addr>,
+    /// With mutual TLS: the fleet's CA directory (`juice certs fleet init`), whose
+    /// `etcd/` etcd serves with and whose `operator/` (etcd's `root`) checks its health.
+    pub tls: Option<PathBuf>,
 }
 
 /// A killed etcd's data, ports and addresses, to start it again with [`Etcd::restart`].
@@ -412,18 +415,49 @@ impl Etcd {
         Etcd::start_on(data, free_port(), free_port(), also.to_vec())
     }
 
+    /// A new etcd serving clients only with mutual TLS (`--client-cert-auth`), with the
+    /// certificates of the fleet CA in `ca` (made by `juice certs fleet init` and `etcd`,
+    /// valid for 127.0.0.1 and `also`). Auth (users, roles) is left to the test.
+    pub fn start_tls(data: &Path, ca: &Path, also: &[std::net::Ipv4Addr]) -> Etcd {
+        Etcd::start_with(data, free_port(), free_port(), also.to_vec(), Some(ca))
+    }
+
     fn start_on(
         data: &Path,
         client_port: u16,
         peer_port: u16,
         also: Vec<std::net::Ipv4Addr>,
     ) -> Etcd {
+        Etcd::start_with(data, client_port, peer_port, also, None)
+    }
+
+    fn start_with(
+        data: &Path,
+        client_port: u16,
+        peer_port: u16,
+        also: Vec<std::net::Ipv4Addr>,
+        tls: Option<&Path>,
+    ) -> Etcd {
         require("etcd");
         std::fs::create_dir_all(data).unwrap();
-        let client = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let listen: Vec<String> = std::iter::once(client.clone())
-            .chain(also.iter().map(|a| format!("http://{a}:{client_port}")))
+            .chain(also.iter().map(|a| format!("{scheme}://{a}:{client_port}")))
             .collect();
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ca) = tls {
+            let etcd = ca.join("etcd");
+            tls_args.push("--client-cert-auth".into());
+            for (flag, file) in [
+                ("--trusted-ca-file", "ca.pem"),
+                ("--cert-file", "cert.pem"),
+                ("--key-file", "key.pem"),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(etcd.join(file).into());
+            }
+        }
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -439,6 +473,7 @@ impl Etcd {
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &format!("juice-test={peer}")])
+                .args(&tls_args)
                 .stdout(std::process::Stdio::null())
                 .stderr(log),
         );
@@ -448,6 +483,7 @@ impl Etcd {
             client_port,
             peer_port,
             also,
+            tls: tls.map(Path::to_owned),
         };
         etcd.wait_healthy();
         etcd
@@ -455,17 +491,50 @@ impl Etcd {
 
     /// The client endpoint, for `--fleet` and `--endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// `etcdctl` (API 3) against this etcd; with TLS, as the operator (etcd's `root`).
+    pub fn etcdctl(&self) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.args(["--endpoints", &self.endpoint(), "--command-timeout=3s"])
+            .env("ETCDCTL_API", "3");
+        if let Some(ca) = &self.tls {
+            self.etcdctl_tls(&mut cmd, &ca.join("operator"));
+        }
+        cmd
+    }
+
+    /// `etcdctl` against this etcd with the client certificate in `dir` (`ca.pem`,
+    /// `cert.pem`, `key.pem`).
+    pub fn etcdctl_as(&self, dir: &Path) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.args(["--endpoints", &self.endpoint(), "--command-timeout=3s"])
+            .env("ETCDCTL_API", "3");
+        self.etcdctl_tls(&mut cmd, dir);
+        cmd
+    }
+
+    fn etcdctl_tls(&self, cmd: &mut Command, dir: &Path) {
+        cmd.arg("--cacert")
+            .arg(dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"));
     }
 
     /// Waits until `etcdctl endpoint health` says yes (10 s at most).
     fn wait_healthy(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let ok = Command::new("etcdctl")
-                .args(["--endpoints", &self.endpoint(), "--command-timeout=1s"])
+            let ok = self
+                .etcdctl()
                 .args(["endpoint", "health"])
-                .env("ETCDCTL_API", "3")
                 .output()
                 .is_ok_and(|o| o.status.success());
             if ok {
@@ -483,10 +552,11 @@ impl Etcd {
 
     /// The client endpoint at `addr` (one of `also`).
     pub fn endpoint_at(&self, addr: std::net::Ipv4Addr) -> String {
-        format!("http://{addr}:{}", self.client_port)
+        format!("{}://{addr}:{}", self.scheme(), self.client_port)
     }
 
-    /// Kills this etcd (by PID) and waits for it to be gone.
+    /// Kills this etcd (by PID) and waits for it to be gone. (Restarting it serves
+    /// plain http: a TLS etcd is not restarted by any test.)
     pub fn kill(self) -> StoppedEtcd {
         let Etcd {
             mut child,
@@ -494,6 +564,7 @@ impl Etcd {
             client_port,
             peer_port,
             also,
+            tls: _,
         } = self;
         let _ = child.0.kill();
         let _ = child.0.wait();
@@ -853,5 +924,38 @@ impl Registry {
             .join(&hex[..2])
             .join(hex)
             .join("data")
+    }
+}
+
+/// `juice get groups -o json` against `j`'s daemon: the groups by name.
+pub fn local_groups(j: &Juice) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = j.ok(&["get", "groups", "-o", "json"]);
+    let groups: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    groups
+        .into_iter()
+        .map(|g| (g["name"].as_str().unwrap_or_default().to_owned(), g))
+        .collect()
+}
+
+/// Waits until `j` runs `size` ready instances of `fleet-web` (and no other size), or
+/// none at all when `size` is 0.
+pub fn until_local(j: &Juice, size: u64, limit: std::time::Duration) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let groups = local_groups(j);
+        let done = match groups.get("fleet-web") {
+            None => size == 0,
+            Some(g) => size > 0 && g["size"] == size && g["ready"] == size && g["running"] == size,
+        };
+        if done {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} does not run {size} ready fleet-web after {limit:?}: {groups:?}",
+            j.home.path().display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
