@@ -35,6 +35,7 @@ pub mod plan;
 pub mod record;
 pub mod registration;
 pub mod report;
+pub mod rollout;
 pub mod spec;
 pub mod store;
 

@@ -117,6 +117,10 @@ pub struct Rollout {
     /// Each wave's hosts must report healthy this long before the next wave starts.
     #[serde(default = "ten_seconds", with = "duration")]
     pub health_gate: Duration,
+    /// A wave whose hosts are not all healthy this long after it started fails the rollout
+    /// (and rolls every touched host back).
+    #[serde(default = "five_minutes", with = "duration")]
+    pub deadline: Duration,
 }
 
 fn default_waves() -> Vec<Wave> {
@@ -125,12 +129,16 @@ fn default_waves() -> Vec<Wave> {
 fn ten_seconds() -> Duration {
     Duration::from_secs(10)
 }
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
 
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
             waves: default_waves(),
             health_gate: ten_seconds(),
+            deadline: five_minutes(),
         }
     }
 }
@@ -356,6 +364,16 @@ impl FleetSpec {
                     ));
                 }
             }
+            if g.rollout.deadline <= g.rollout.health_gate {
+                return Err(broken(
+                    "deadline",
+                    format!(
+                        "rollout.deadline ({}) must be longer than rollout.health_gate ({}), or no wave could ever pass",
+                        humantime::format_duration(g.rollout.deadline),
+                        humantime::format_duration(g.rollout.health_gate)
+                    ),
+                ));
+            }
             let waves = &g.rollout.waves;
             if waves.last() != Some(&Wave::Percent(100)) {
                 return Err(broken(
@@ -404,6 +422,7 @@ fn field_in_group(text: &str, group: &GroupName, field: &str) -> Option<(&'stati
         "spread" => "spread",
         "publish" => "publish",
         "waves" => "waves",
+        "deadline" => "deadline",
         _ => return None,
     };
     for line in text.lines() {
