@@ -24,7 +24,7 @@ use crate::output::{self, Format};
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// How long `juice fleet get` waits for etcd before saying it is unreachable.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `juice daemon`'s fleet flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -111,6 +111,12 @@ pub async fn keep_controlling(controller: Controller) {
                 Event::Unplaceable { revision, error } => serde_json::json!({
                     "level": "error", "msg": "fleet spec cannot be placed; assignments unchanged",
                     "spec_revision": revision, "error": error.to_string(),
+                }),
+                Event::Rollout { group, record } => serde_json::json!({
+                    "level": if record.state == juice_fleet::rollout::State::Failed { "error" } else { "info" },
+                    "msg": "fleet rollout moved", "group": group.to_string(), "state": record.state.to_string(),
+                    "wave": record.wave + 1, "touched": record.touched, "revision": record.to.revision,
+                    "reason": record.reason,
                 }),
                 Event::Lost { error, retry } => serde_json::json!({
                     "level": "warn", "msg": "not leading the fleet; campaigning again", "host": host,
@@ -217,6 +223,16 @@ pub enum FleetCommand {
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
     },
+    /// A group's rollout: its status, or ask the controller to pause, resume or undo it.
+    Rollout {
+        #[arg(value_enum)]
+        verb: crate::fleet_rollout::RolloutVerb,
+        /// The group's name (as in the fleet file).
+        group: String,
+        /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
+        #[arg(long, value_name = "ENDPOINTS")]
+        endpoints: Option<Endpoints>,
+    },
     /// Store a fleet file as the fleet's declared state; the controller places it.
     Apply {
         /// The fleet file.
@@ -265,6 +281,11 @@ pub fn run(command: FleetCommand, format: Format) -> Result {
             name,
             endpoints,
         } => describe_group(&endpoints_or_env(endpoints)?, &name, format),
+        FleetCommand::Rollout {
+            verb,
+            group,
+            endpoints,
+        } => crate::fleet_rollout::run(verb, &group, &endpoints_or_env(endpoints)?, format),
         FleetCommand::Plan { file, endpoints } => {
             let spec = FleetSpec::load(&file)?;
             let endpoints = endpoints_or_env(endpoints)?;
@@ -295,7 +316,7 @@ pub fn run(command: FleetCommand, format: Format) -> Result {
     }
 }
 
-fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
+pub(crate) fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

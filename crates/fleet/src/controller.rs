@@ -22,6 +22,8 @@ use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
 use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan_from};
 use crate::record::HostId;
+use crate::report::Report;
+use crate::rollout::{self, RolloutRecord};
 use crate::spec::{FleetSpec, GroupName};
 use crate::store::Store;
 
@@ -230,6 +232,20 @@ impl Store {
     /// returns how many records were written or deleted.
     pub async fn write_plan(&self, leadership: Leadership, want: &Plan) -> Result<usize> {
         let have = self.assignments().await?;
+        self.write_plan_with(leadership, want, &have, Vec::new())
+            .await
+    }
+
+    /// Makes the assignments `have` (as read) those of `want`, after `first` (records that
+    /// go in the same transaction as the first assignment changes), all fenced on
+    /// `leadership`; returns how many writes were made.
+    pub async fn write_plan_with(
+        &self,
+        leadership: Leadership,
+        want: &Plan,
+        have: &Plan,
+        first: Vec<TxnOp>,
+    ) -> Result<usize> {
         let flat = |p: &Plan| -> BTreeMap<String, Assignment> {
             p.hosts
                 .iter()
@@ -240,8 +256,8 @@ impl Store {
                 })
                 .collect()
         };
-        let (have, want) = (flat(&have), flat(want));
-        let mut ops = Vec::new();
+        let (have, want) = (flat(have), flat(want));
+        let mut ops = first;
         for (key, a) in &want {
             if have.get(key) != Some(a) {
                 let value = serde_json::to_vec(a).unwrap_or_default();
@@ -266,8 +282,21 @@ pub enum Event {
     Placed { revision: i64, writes: usize },
     /// The spec of `revision` cannot be placed; the assignments stay as they were.
     Unplaceable { revision: i64, error: PlanError },
+    /// A group's rollout moved: a wave started, it was paused, failed, finished or undone.
+    Rollout {
+        group: GroupName,
+        record: Box<RolloutRecord>,
+    },
     /// Leadership lost, or etcd lost: campaigning again after `retry`.
     Lost { error: Error, retry: Duration },
+}
+
+/// What the leader remembers between rounds: the spec revision it placed, and since when
+/// each rolling group's current wave has been healthy (a new leader starts those again).
+#[derive(Debug, Default)]
+struct Placed {
+    revision: Option<i64>,
+    healthy: BTreeMap<GroupName, u64>,
 }
 
 /// A candidate controller; [`Controller::run`] campaigns, leads, and campaigns again.
@@ -331,7 +360,7 @@ impl Controller {
         let tick = Duration::from_millis(250).min(self.beat());
         let mut renewed = tokio::time::Instant::now();
         let mut leading: Option<Leadership> = None;
-        let mut placed: Option<i64> = None;
+        let mut placed = Placed::default();
         loop {
             if renewed.elapsed() >= self.beat() {
                 if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
@@ -353,7 +382,7 @@ impl Controller {
                             revision: l.revision,
                         });
                         leading = Some(l);
-                        placed = None;
+                        placed = Placed::default();
                     }
                     Ok(None) => {}
                     Err(e) => return e,
@@ -368,34 +397,122 @@ impl Controller {
         }
     }
 
-    /// One round of the leader's work: place the spec if it changed since it was placed.
+    /// One round of the leader's work: place the spec if it changed since it was placed,
+    /// move the groups that roll out ([`rollout::decide`]), and act on the operator's
+    /// requests. The hosts' reports are read (once, for every group) only while a rollout
+    /// is active.
     async fn lead(
         &self,
         store: &Store,
         leadership: Leadership,
-        placed: &mut Option<i64>,
+        placed: &mut Placed,
         report: &mut impl FnMut(Event),
     ) -> Result<()> {
         let Some(stored) = store.spec().await? else {
             return Ok(());
         };
-        if *placed == Some(stored.revision) {
+        let records = store.rollouts().await?;
+        let requests = store.requests().await?;
+        let active = records.values().any(RolloutRecord::active);
+        if placed.revision == Some(stored.revision) && !active && requests.is_empty() {
             return Ok(());
         }
-        match store.plan(&stored.spec).await? {
-            Ok(want) => {
-                let writes = store.write_plan(leadership, &want).await?;
-                report(Event::Placed {
-                    revision: stored.revision,
-                    writes,
-                });
+        let listing = store.hosts().await?;
+        let capacities: Vec<HostCapacity> =
+            listing.hosts.iter().map(HostCapacity::from_record).collect();
+        let previous = store.assignments().await?;
+        let want = match plan_from(&capacities, &stored.spec, &previous) {
+            Ok(want) => want,
+            Err(error) => {
+                if placed.revision != Some(stored.revision) {
+                    report(Event::Unplaceable {
+                        revision: stored.revision,
+                        error,
+                    });
+                }
+                placed.revision = Some(stored.revision);
+                return Ok(());
             }
-            Err(error) => report(Event::Unplaceable {
-                revision: stored.revision,
-                error,
-            }),
+        };
+        let reports = if active {
+            store.reports().await?.hosts
+        } else {
+            BTreeMap::new()
+        };
+        let hostnames: BTreeMap<HostId, String> = listing
+            .hosts
+            .iter()
+            .map(|h| (h.id.clone(), h.hostname.clone()))
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let of = |plan: &Plan, group: &GroupName| -> BTreeMap<HostId, Assignment> {
+            plan.hosts
+                .iter()
+                .filter_map(|(h, g)| Some((h.clone(), g.get(group)?.clone())))
+                .collect()
+        };
+        let mut out = Plan::default();
+        // The records and requests first: they go in the first transaction, with the
+        // assignments they describe (all of them unless more than 99 change at once).
+        let mut ops = Vec::new();
+        let mut changed = Vec::new();
+        for (group, spec) in &stored.spec.group {
+            let group_reports: BTreeMap<HostId, Report> = reports
+                .iter()
+                .filter_map(|(h, g)| Some((h.clone(), g.get(group)?.clone())))
+                .collect();
+            let d = rollout::decide(&rollout::Input {
+                spec,
+                planned: &of(&want, group),
+                previous: &of(&previous, group),
+                record: records.get(group),
+                reports: &group_reports,
+                hostnames: &hostnames,
+                request: requests.get(group).map(|r| r.action),
+                now_ms,
+                healthy_since: placed.healthy.get(group).copied(),
+            });
+            match d.healthy_since {
+                Some(t) => placed.healthy.insert(group.clone(), t),
+                None => placed.healthy.remove(group),
+            };
+            for (h, a) in d.assignments {
+                out.hosts.entry(h).or_default().insert(group.clone(), a);
+            }
+            if let Some(r) = d.record
+                && records.get(group) != Some(&r)
+            {
+                let value = serde_json::to_vec(&r).unwrap_or_default();
+                ops.push(TxnOp::put(rollout::rollout_key(group), value, None));
+                let was = records.get(group);
+                if was.is_none_or(|w| (w.state, w.wave, w.touched.len()) != (r.state, r.wave, r.touched.len())) {
+                    changed.push((group.clone(), r));
+                }
+            }
         }
-        *placed = Some(stored.revision);
+        for group in requests.keys() {
+            ops.push(TxnOp::delete(rollout::request_key(group), None));
+        }
+        // A group gone from the spec takes its rollout with it.
+        for group in records.keys().filter(|g| !stored.spec.group.contains_key(*g)) {
+            ops.push(TxnOp::delete(rollout::rollout_key(group), None));
+        }
+        let writes = store.write_plan_with(leadership, &out, &previous, ops).await?;
+        for (group, r) in changed {
+            report(Event::Rollout {
+                group,
+                record: Box::new(r),
+            });
+        }
+        if placed.revision != Some(stored.revision) || writes > 0 {
+            report(Event::Placed {
+                revision: stored.revision,
+                writes,
+            });
+        }
+        placed.revision = Some(stored.revision);
         Ok(())
     }
 }

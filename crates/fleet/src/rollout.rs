@@ -12,12 +12,15 @@
 
 use std::collections::BTreeMap;
 
+use etcd_client::GetOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::plan::{Assignment, revision};
 use crate::record::HostId;
 use crate::report::{CANNOT_APPLY, Report};
 use crate::spec::{GroupName, GroupSpec, Wave};
+use crate::store::Store;
 
 /// `rollouts/<group>`: a group's rollout, written only by the leader, fenced.
 pub const ROLLOUTS: &str = "/juice/v1/rollouts/";
@@ -438,6 +441,66 @@ pub fn decide(i: &Input) -> Decision {
         assignments,
         record: Some(rec),
         healthy_since,
+    }
+}
+
+impl Store {
+    /// Every rollout record, by group; a record that does not parse is an error naming its
+    /// key (the leader then does nothing rather than guess).
+    pub async fn rollouts(&self) -> Result<BTreeMap<GroupName, RolloutRecord>> {
+        self.by_group(ROLLOUTS, "the rollouts").await
+    }
+
+    /// The operator's requests waiting for the leader, by group.
+    pub async fn requests(&self) -> Result<BTreeMap<GroupName, Request>> {
+        self.by_group(REQUESTS, "the rollout requests").await
+    }
+
+    /// Asks the leader to `action` the rollout of `group` (the leader acts on it and deletes
+    /// it; a later request replaces one not acted on yet).
+    pub async fn request(&self, group: &GroupName, action: Action, now_ms: u64) -> Result<()> {
+        let value = serde_json::to_vec(&Request {
+            action,
+            written_ms: now_ms,
+        })
+        .unwrap_or_default();
+        let mut client = self.client();
+        self.call(
+            "the rollout request",
+            client.put(request_key(group), value, None),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn by_group<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+        what: &'static str,
+    ) -> Result<BTreeMap<GroupName, T>> {
+        let mut client = self.client();
+        let answer = self
+            .call(
+                what,
+                client.get(prefix, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut out = BTreeMap::new();
+        for kv in answer.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let bad = |reason: String| Error::Record {
+                key: key.clone(),
+                reason,
+            };
+            let group: GroupName = key
+                .strip_prefix(prefix)
+                .unwrap_or_default()
+                .parse()
+                .map_err(bad)?;
+            let value = serde_json::from_slice(kv.value()).map_err(|e| bad(e.to_string()))?;
+            out.insert(group, value);
+        }
+        Ok(out)
     }
 }
 
