@@ -60,7 +60,9 @@ pub fn run(verb: RolloutVerb, group: &str, endpoints: &Endpoints, format: Format
         let known: Vec<String> = spec.group.keys().map(ToString::to_string).collect();
         let Some(name) = spec.group.keys().find(|g| g.as_str() == group).cloned() else {
             return Ok(Err(if known.is_empty() {
-                format!("no fleet group `{group}`: the fleet has no groups (see `juice fleet apply`)")
+                format!(
+                    "no fleet group `{group}`: the fleet has no groups (see `juice fleet apply`)"
+                )
             } else {
                 format!(
                     "no fleet group `{group}`: the fleet's groups are {}",
@@ -194,7 +196,10 @@ fn print_status(s: &Status) {
             if r.active() {
                 println!("Wave:      started {}", ago(r.wave_started_ms));
                 match s.healthy_for_ms {
-                    Some(ms) => println!("Healthy:   every touched host for {:.1}s", ms as f64 / 1000.0),
+                    Some(ms) => println!(
+                        "Healthy:   every touched host for {:.1}s",
+                        ms as f64 / 1000.0
+                    ),
                     None => println!("Healthy:   not every touched host yet"),
                 }
             }
@@ -218,7 +223,9 @@ fn print_status(s: &Status) {
         };
         t.add_row([
             h.host.to_string(),
-            h.hostname.clone().unwrap_or_else(|| "(not registered)".into()),
+            h.hostname
+                .clone()
+                .unwrap_or_else(|| "(not registered)".into()),
             if h.touched { "yes" } else { "no" }.into(),
             h.assigned.clone().unwrap_or_else(|| "-".into()),
             revision,

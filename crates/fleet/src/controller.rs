@@ -418,8 +418,11 @@ impl Controller {
             return Ok(());
         }
         let listing = store.hosts().await?;
-        let capacities: Vec<HostCapacity> =
-            listing.hosts.iter().map(HostCapacity::from_record).collect();
+        let capacities: Vec<HostCapacity> = listing
+            .hosts
+            .iter()
+            .map(HostCapacity::from_record)
+            .collect();
         let previous = store.assignments().await?;
         let want = match plan_from(&capacities, &stored.spec, &previous) {
             Ok(want) => want,
@@ -487,7 +490,9 @@ impl Controller {
                 let value = serde_json::to_vec(&r).unwrap_or_default();
                 ops.push(TxnOp::put(rollout::rollout_key(group), value, None));
                 let was = records.get(group);
-                if was.is_none_or(|w| (w.state, w.wave, w.touched.len()) != (r.state, r.wave, r.touched.len())) {
+                if was.is_none_or(|w| {
+                    (w.state, w.wave, w.touched.len()) != (r.state, r.wave, r.touched.len())
+                }) {
                     changed.push((group.clone(), r));
                 }
             }
@@ -496,10 +501,15 @@ impl Controller {
             ops.push(TxnOp::delete(rollout::request_key(group), None));
         }
         // A group gone from the spec takes its rollout with it.
-        for group in records.keys().filter(|g| !stored.spec.group.contains_key(*g)) {
+        for group in records
+            .keys()
+            .filter(|g| !stored.spec.group.contains_key(*g))
+        {
             ops.push(TxnOp::delete(rollout::rollout_key(group), None));
         }
-        let writes = store.write_plan_with(leadership, &out, &previous, ops).await?;
+        let writes = store
+            .write_plan_with(leadership, &out, &previous, ops)
+            .await?;
         for (group, r) in changed {
             report(Event::Rollout {
                 group,

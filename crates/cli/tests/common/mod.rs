@@ -514,6 +514,7 @@ pub struct NetnsHost {
     pub name: String,
     pub outside: std::net::Ipv4Addr,
     pub inside: std::net::Ipv4Addr,
+    host_end: String,
 }
 
 impl NetnsHost {
@@ -538,6 +539,7 @@ impl NetnsHost {
             name: name.clone(),
             outside,
             inside,
+            host_end: host_end.clone(),
         };
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("ip runs");
@@ -584,7 +586,12 @@ impl NetnsHost {
 
 impl Drop for NetnsHost {
     fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
+        // The veth pair goes at once with its end here (the namespace's own teardown, which
+        // would take it too, happens later, so a next namespace of the same number in this
+        // process would find the name taken); then the namespace.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_end])
+            .output();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
