@@ -461,17 +461,48 @@ fn overview(endpoints: &Endpoints) -> Result<Overview> {
     Ok(o)
 }
 
+/// A group's summary and its rollout's state (`rolling 1/2`, `failed`, ...; none when the
+/// group never had one).
+#[derive(Debug, serde::Serialize)]
+struct GroupLine<'a> {
+    #[serde(flatten)]
+    summary: &'a GroupSummary,
+    rollout: Option<String>,
+}
+
 fn get_groups(endpoints: &Endpoints, format: Format) -> Result {
     let o = overview(endpoints)?;
+    let rollouts = block_on(async {
+        let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
+        store.rollouts().await
+    })??;
     let groups = juice_fleet::report::summarise(&o.spec, &o.assigned, &o.reports.hosts);
+    let lines: Vec<GroupLine> = groups
+        .iter()
+        .map(|g| GroupLine {
+            summary: g,
+            rollout: rollouts.get(&g.name).map(|r| {
+                let waves = o
+                    .spec
+                    .group
+                    .get(&g.name)
+                    .map_or(0, |s| s.rollout.waves.len());
+                if r.active() {
+                    format!("{} {}/{waves}", r.state, r.wave + 1)
+                } else {
+                    r.state.to_string()
+                }
+            }),
+        })
+        .collect();
     if format == Format::Json {
-        return output::json(&groups);
+        return output::json(&lines);
     }
-    println!("{}", groups_table(&groups));
+    println!("{}", groups_table(&lines));
     Ok(())
 }
 
-fn groups_table(groups: &[GroupSummary]) -> output::Table {
+fn groups_table(groups: &[GroupLine]) -> output::Table {
     let mut t = output::table([
         "GROUP",
         "REVISION",
@@ -480,8 +511,10 @@ fn groups_table(groups: &[GroupSummary]) -> output::Table {
         "HOSTS",
         "BY REVISION",
         "NOT REPORTING",
+        "ROLLOUT",
     ]);
-    for g in groups {
+    for line in groups {
+        let g = line.summary;
         let by: Vec<String> = g.ready.iter().map(|(r, n)| format!("{r}:{n}")).collect();
         let silent: Vec<String> = g.not_reporting.iter().map(ToString::to_string).collect();
         t.add_row([
@@ -500,6 +533,7 @@ fn groups_table(groups: &[GroupSummary]) -> output::Table {
             } else {
                 silent.join(",")
             },
+            line.rollout.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t

@@ -1395,6 +1395,11 @@ fn a_new_revision_rolls_out_in_waves_over_real_daemons_each_gated_on_health() {
         table.contains("rolling (wave 1 of 2, target 1 of 2 hosts"),
         "{table}"
     );
+    let web = fleet_web(fleet.juice(), &fleet.etcd).unwrap();
+    assert!(
+        web["rollout"].as_str().unwrap().starts_with("rolling "),
+        "fleet get groups shows the rollout: {web}"
+    );
     // Until it is done, neither host ever runs fewer than one ready instance of web.
     let start = Instant::now();
     loop {
@@ -1421,6 +1426,10 @@ fn a_new_revision_rolls_out_in_waves_over_real_daemons_each_gated_on_health() {
         assert_eq!(local_groups(j)["fleet-web"]["image"], "hello-web:0.2.0");
     }
     check_waves(&seen, &fleet.ids, &old, &new, gate);
+    assert_eq!(
+        fleet_web(fleet.juice(), &fleet.etcd).unwrap()["rollout"],
+        "done"
+    );
     let table = fleet.rollout("status");
     assert!(table.contains("Rollout:   done"), "{table}");
 }
@@ -1468,6 +1477,19 @@ fn a_revision_that_fails_on_a_later_wave_host_rolls_every_touched_host_back() {
     assert_eq!(
         back[0].0, back[1].0,
         "both went back in one transaction (one watch answer)"
+    );
+    let report_key = format!("/juice/v1/reports/{}/web", fleet.ids[1]);
+    let reported = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|(t, k, v)| {
+            (k == &report_key && v.as_ref()?["status"] == "cannot-apply").then_some(*t)
+        })
+        .expect("the second host reported that it cannot apply the revision");
+    eprintln!(
+        "the failure reported to both hosts assigned the old revision: {:?}",
+        back[0].0.duration_since(reported)
     );
     // The hosts run the old image again, ready; status says why, naming the host.
     for j in &fleet.homes {
