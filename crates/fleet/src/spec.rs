@@ -570,6 +570,19 @@ per_host = true
                 && msg.contains("must end with \"100%\""),
             "{msg}"
         );
+        let msg = err(&FLEET.replace(
+            "health_gate = \"10s\"",
+            "health_gate = \"10s\"\ndeadline = \"10s\"",
+        ));
+        assert!(
+            msg.starts_with("fleet.toml:14:1: field `group.web.rollout.deadline`")
+                && msg.contains(
+                    "rollout.deadline (10s) must be longer than rollout.health_gate (10s)"
+                ),
+            "{msg}"
+        );
+        let msg = err(&FLEET.replace("health_gate = \"10s\"", "deadline = \"soon\""));
+        assert!(msg.contains("\"soon\" is not a duration"), "{msg}");
         let msg = err(&FLEET.replace("\"25%\"", "\"5%\""));
         assert!(msg.contains("must grow: \"5%\" after \"5%\""), "{msg}");
         let msg = err(&FLEET.replace("\"8080:8080\"", "\"8080:8080\", \"8080:80\""));
