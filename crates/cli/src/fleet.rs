@@ -24,7 +24,7 @@ use crate::output::{self, Format};
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// How long `juice fleet get` waits for etcd before saying it is unreachable.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `juice daemon`'s fleet flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -131,6 +131,12 @@ pub async fn keep_controlling(controller: Controller) {
                 Event::Brake(None) => serde_json::json!({
                     "level": "info", "msg": "the brake is released; missing hosts' groups move again",
                 }),
+                Event::Rollout { group, record } => serde_json::json!({
+                    "level": if record.state == juice_fleet::rollout::State::Failed { "error" } else { "info" },
+                    "msg": "fleet rollout moved", "group": group.to_string(), "state": record.state.to_string(),
+                    "wave": record.wave + 1, "touched": record.touched, "revision": record.to.revision,
+                    "reason": record.reason,
+                }),
                 Event::Lost { error, retry } => serde_json::json!({
                     "level": "warn", "msg": "not leading the fleet; campaigning again", "host": host,
                     "error": error.to_string(), "retry_ms": u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
@@ -236,6 +242,16 @@ pub enum FleetCommand {
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
     },
+    /// A group's rollout: its status, or ask the controller to pause, resume or undo it.
+    Rollout {
+        #[arg(value_enum)]
+        verb: crate::fleet_rollout::RolloutVerb,
+        /// The group's name (as in the fleet file).
+        group: String,
+        /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
+        #[arg(long, value_name = "ENDPOINTS")]
+        endpoints: Option<Endpoints>,
+    },
     /// Store a fleet file as the fleet's declared state; the controller places it.
     Apply {
         /// The fleet file.
@@ -294,6 +310,11 @@ pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Forma
             name,
             endpoints,
         } => describe_group(&endpoints_or_env(endpoints)?, &name, format),
+        FleetCommand::Rollout {
+            verb,
+            group,
+            endpoints,
+        } => crate::fleet_rollout::run(verb, &group, &endpoints_or_env(endpoints)?, format),
         FleetCommand::Plan { file, endpoints } => {
             let spec = FleetSpec::load(&file)?;
             let endpoints = endpoints_or_env(endpoints)?;
@@ -324,7 +345,7 @@ pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Forma
     }
 }
 
-fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
+pub(crate) fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -503,17 +524,48 @@ fn overview(endpoints: &Endpoints) -> Result<Overview> {
     Ok(o)
 }
 
+/// A group's summary and its rollout's state (`rolling 1/2`, `failed`, ...; none when the
+/// group never had one).
+#[derive(Debug, serde::Serialize)]
+struct GroupLine<'a> {
+    #[serde(flatten)]
+    summary: &'a GroupSummary,
+    rollout: Option<String>,
+}
+
 fn get_groups(endpoints: &Endpoints, format: Format) -> Result {
     let o = overview(endpoints)?;
+    let rollouts = block_on(async {
+        let store = juice_fleet::Store::connect(endpoints, QUERY_TIMEOUT).await?;
+        store.rollouts().await
+    })??;
     let groups = juice_fleet::report::summarise(&o.spec, &o.assigned, &o.reports.hosts);
+    let lines: Vec<GroupLine> = groups
+        .iter()
+        .map(|g| GroupLine {
+            summary: g,
+            rollout: rollouts.get(&g.name).map(|r| {
+                let waves = o
+                    .spec
+                    .group
+                    .get(&g.name)
+                    .map_or(0, |s| s.rollout.waves.len());
+                if r.active() {
+                    format!("{} {}/{waves}", r.state, r.wave + 1)
+                } else {
+                    r.state.to_string()
+                }
+            }),
+        })
+        .collect();
     if format == Format::Json {
-        return output::json(&groups);
+        return output::json(&lines);
     }
-    println!("{}", groups_table(&groups));
+    println!("{}", groups_table(&lines));
     Ok(())
 }
 
-fn groups_table(groups: &[GroupSummary]) -> output::Table {
+fn groups_table(groups: &[GroupLine]) -> output::Table {
     let mut t = output::table([
         "GROUP",
         "REVISION",
@@ -522,8 +574,10 @@ fn groups_table(groups: &[GroupSummary]) -> output::Table {
         "HOSTS",
         "BY REVISION",
         "NOT REPORTING",
+        "ROLLOUT",
     ]);
-    for g in groups {
+    for line in groups {
+        let g = line.summary;
         let by: Vec<String> = g.ready.iter().map(|(r, n)| format!("{r}:{n}")).collect();
         let silent: Vec<String> = g.not_reporting.iter().map(ToString::to_string).collect();
         t.add_row([
@@ -542,6 +596,7 @@ fn groups_table(groups: &[GroupSummary]) -> output::Table {
             } else {
                 silent.join(",")
             },
+            line.rollout.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t

@@ -16,7 +16,7 @@ pub struct AgentHost(pub Arc<Agent>);
 
 /// The host's site of fleet groups for `assignments`: each assigned group as `fleet-NAME`
 /// with the assignment's image, size, isolation and published ports, and the agent's
-/// default update policy. Resources come from the image, as for any group.
+/// default update policy with the fleet's health gate (when the assignment carries one). Resources come from the image, as for any group.
 pub fn site_of(assignments: &BTreeMap<GroupName, Assignment>) -> Result<Site, String> {
     let mut site = Site::default();
     for (group, a) in assignments {
@@ -32,7 +32,13 @@ pub fn site_of(assignments: &BTreeMap<GroupName, Assignment>) -> Result<Site, St
                 },
                 publish: a.ports.iter().map(|p| site::Publish(p.0)).collect(),
                 links: Vec::new(),
-                update: site::UpdatePolicy::default(),
+                update: match a.health_gate_ms {
+                    Some(ms) => site::UpdatePolicy {
+                        health_gate: std::time::Duration::from_millis(ms),
+                        ..site::UpdatePolicy::default()
+                    },
+                    None => site::UpdatePolicy::default(),
+                },
                 critical: false,
             },
         );
@@ -98,6 +104,7 @@ mod tests {
                 .iter()
                 .map(|p| juice_fleet::spec::Publish(p.parse().unwrap()))
                 .collect(),
+            health_gate_ms: None,
         }
     }
 
@@ -130,6 +137,20 @@ mod tests {
         // The same assignments always give the same site: applying again changes nothing.
         assert_eq!(site_of(&assigned).unwrap(), site);
         assert!(site_of(&BTreeMap::new()).unwrap().group.is_empty());
+        // The fleet's health gate becomes the host's update policy's; without one, the default.
+        assert_eq!(web.update, site::UpdatePolicy::default());
+        let gated: BTreeMap<GroupName, Assignment> = [(
+            "web".parse().unwrap(),
+            Assignment {
+                health_gate_ms: Some(2500),
+                ..assignment(1, &[])
+            },
+        )]
+        .into();
+        let site = site_of(&gated).unwrap();
+        let update = &site.group.values().next().unwrap().update;
+        assert_eq!(update.health_gate, std::time::Duration::from_millis(2500));
+        assert_eq!(update.max_unavailable, 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod dist;
 mod docs;
 mod fleet;
 mod fleet_host;
+mod fleet_rollout;
 mod fleet_tls;
 mod host;
 mod images;

@@ -1469,3 +1469,602 @@ fn a_three_member_etcd_losing_its_leader_keeps_hosts_registered_and_the_controll
         .collect();
     assert_eq!(again, records, "a daemon restarted");
 }
+
+// ---- Rollouts in waves -------------------------------------------------------------------
+
+/// Two hosts (zones a and b, role app), each in a network namespace of its own with
+/// `hello-web:0.1.0` built into its home (and `0.2.0` where asked), and `controllers`
+/// controller candidates (role ctl, in this namespace: they run no instances). Fields drop
+/// in order: daemons first, then the sweepers, homes, etcd and namespaces.
+struct RolloutFleet {
+    controllers: Vec<ChildGuard>,
+    _hosts: Vec<ChildGuard>,
+    _sweepers: Vec<InstanceSweeper>,
+    control: Vec<Juice>,
+    /// The hosts, in host id order (the order waves take them in).
+    homes: Vec<Juice>,
+    ids: Vec<String>,
+    etcd: Etcd,
+    _netns: Vec<NetnsHost>,
+    scratch: tempfile::TempDir,
+}
+
+/// The example appliance at version `version`, written under `dir`.
+fn hello_at(dir: &std::path::Path, version: &str) -> String {
+    let manifest = common::hello_web_manifest()
+        .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
+    assert!(manifest.contains(&format!("version = \"{version}\"")));
+    common::write_appliance(&dir.join(format!("hello-web-{version}")), &manifest)
+}
+
+impl RolloutFleet {
+    /// `candidates` controller candidates; `first_only_has_new`: `hello-web:0.2.0` is built
+    /// only on the host that sorts first by id (else on both).
+    /// The namespaces are numbered `ns` and `ns + 1`, apart from other tests'.
+    fn start(ns: u8, candidates: usize, first_only_has_new: bool) -> RolloutFleet {
+        let scratch = tempfile::tempdir().unwrap();
+        let netns = vec![NetnsHost::new(ns), NetnsHost::new(ns + 1)];
+        let outside: Vec<_> = netns.iter().map(|n| n.outside).collect();
+        let etcd = Etcd::start_also_on(&scratch.path().join("etcd"), &outside);
+        let homes = vec![Juice::new(), Juice::new()];
+        let sweepers = homes
+            .iter()
+            .map(|j| InstanceSweeper(j.home.path().to_owned()))
+            .collect();
+        let (v1, v2) = (
+            hello_at(scratch.path(), "0.1.0"),
+            hello_at(scratch.path(), "0.2.0"),
+        );
+        for j in &homes {
+            j.ok(&["build", &v1]);
+        }
+        let lease = LEASE_SECS.to_string();
+        let mut hosts = Vec::new();
+        for (i, (n, j)) in netns.iter().zip(&homes).enumerate() {
+            let endpoint = etcd.endpoint_at(n.outside);
+            let zone = format!("zone={}", ["a", "b"][i]);
+            hosts.push(n.daemon(
+                j,
+                &[
+                    "--fleet",
+                    &endpoint,
+                    "--fleet-lease",
+                    &lease,
+                    "--label",
+                    &zone,
+                    "--label",
+                    "role=app",
+                ],
+                &j.home.path().join("daemon.log"),
+            ));
+        }
+        let mut homes: Vec<(String, Juice)> = homes.into_iter().map(|j| (host_id(&j), j)).collect();
+        homes.sort_by(|a, b| a.0.cmp(&b.0));
+        for (i, (_, j)) in homes.iter().enumerate() {
+            if !first_only_has_new || i == 0 {
+                j.ok(&["build", &v2]);
+            }
+        }
+        let control: Vec<Juice> = (0..candidates).map(|_| Juice::new()).collect();
+        let controllers = control
+            .iter()
+            .map(|j| controller_daemon(j, &etcd, &["role=ctl"]))
+            .collect();
+        let (ids, homes): (Vec<String>, Vec<Juice>) = homes.into_iter().unzip();
+        let fleet = RolloutFleet {
+            controllers,
+            _hosts: hosts,
+            _sweepers: sweepers,
+            control,
+            homes,
+            ids,
+            etcd,
+            _netns: netns,
+            scratch,
+        };
+        until(&fleet.homes[0], &fleet.etcd, Duration::from_secs(10), |h| {
+            h.len() == 2 + candidates
+        });
+        until_get(
+            &fleet.homes[0],
+            &fleet.etcd,
+            "controller",
+            Duration::from_secs(10),
+            |l| l["host"].is_string(),
+        );
+        fleet
+    }
+
+    fn juice(&self) -> &Juice {
+        &self.homes[0]
+    }
+
+    /// Applies web with `image`, two instances spread over the zones, waves `["1", "100%"]`.
+    fn apply(&self, image: &str, gate: &str) -> Instant {
+        let file = self.scratch.path().join("fleet.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[group.web]\nimage = \"{image}\"\ncount = 2\nspread = \"zone\"\n\
+                 constraints = {{ role = \"app\" }}\n\
+                 resources = {{ cpus = 0.1, memory = \"64MiB\" }}\n\
+                 rollout = {{ waves = [\"1\", \"100%\"], health_gate = \"{gate}\", deadline = \"90s\" }}\n"
+            ),
+        )
+        .unwrap();
+        self.juice().ok(&[
+            "fleet",
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--endpoints",
+            &self.etcd.endpoint(),
+        ]);
+        Instant::now()
+    }
+
+    fn rollout(&self, verb: &str) -> String {
+        self.juice().ok(&[
+            "fleet",
+            "rollout",
+            verb,
+            "web",
+            "--endpoints",
+            &self.etcd.endpoint(),
+        ])
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.juice().ok(&[
+            "fleet",
+            "rollout",
+            "status",
+            "web",
+            "-o",
+            "json",
+            "--endpoints",
+            &self.etcd.endpoint(),
+        ]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// Polls `rollout status` until `done`, for at most `limit`; checks `each` on every
+    /// host at every poll.
+    fn until_status(
+        &self,
+        limit: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "not so after {limit:?}: {s:#}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The revision each host (in id order) is assigned for web.
+    fn assigned(&self) -> Vec<String> {
+        let a = get(self.juice(), &self.etcd, "assignments");
+        self.ids
+            .iter()
+            .map(|h| {
+                a["hosts"][h]["web"]["revision"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// Both hosts run web's one instance, ready, reported `ok` at one revision.
+    fn until_settled(&self, limit: Duration) -> String {
+        let (_, web) = until_web(self.juice(), &self.etcd, limit, |w| {
+            w["ready_now"] == 2 && w["ready"].as_object().is_some_and(|m| m.len() == 1)
+        });
+        self.until_status(limit, |s| {
+            s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.len() == 2 && h.iter().all(|h| h["report"]["status"] == "ok"))
+        });
+        web["revision"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Every change under `/juice/v1/` as a watch from the test sees it, with when it was seen:
+/// (seen, key, value or None for a delete).
+type Seen = std::sync::Arc<Mutex<Vec<(Instant, String, Option<serde_json::Value>)>>>;
+
+/// Watches `/juice/v1/` from now on, on a thread of its own, until the test ends (or etcd).
+fn watch_all(etcd: &Etcd) -> Seen {
+    let seen: Seen = Default::default();
+    let out = seen.clone();
+    let endpoint = etcd.endpoint();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut c = etcd_client::Client::connect([endpoint], None)
+                .await
+                .unwrap();
+            let mut stream = c
+                .watch(
+                    "/juice/v1/",
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            let _ = ready_tx.send(());
+            while let Ok(Some(answer)) = stream.message().await {
+                let now = Instant::now();
+                for e in answer.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let value = match e.event_type() {
+                        etcd_client::EventType::Put => serde_json::from_slice(kv.value()).ok(),
+                        etcd_client::EventType::Delete => None,
+                    };
+                    out.lock().unwrap().push((now, key, value));
+                }
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the test's watch on etcd started");
+    seen
+}
+
+/// The puts of `assign/<host>/web` in `seen` that give a revision, in order: (when, host, revision).
+fn web_assignments(seen: &Seen, ids: &[String]) -> Vec<(Instant, usize, String)> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(t, k, v)| {
+            let host = k.strip_prefix("/juice/v1/assign/")?.strip_suffix("/web")?;
+            let i = ids.iter().position(|h| h == host)?;
+            Some((*t, i, v.as_ref()?["revision"].as_str()?.to_owned()))
+        })
+        .collect()
+}
+
+/// When host `i`'s report on web first said `ok` at `revision`.
+fn first_ok(seen: &Seen, ids: &[String], i: usize, revision: &str) -> Option<Instant> {
+    let key = format!("/juice/v1/reports/{}/web", ids[i]);
+    seen.lock().unwrap().iter().find_map(|(t, k, v)| {
+        let v = v.as_ref()?;
+        (k == &key && v["revision"] == revision && v["status"] == "ok" && v["ready"] == v["size"])
+            .then_some(*t)
+    })
+}
+
+/// The checks of a waved rollout of web from `old` to `new` over the two hosts, from what
+/// the watch saw: each host given `new` once, host 0 first, host 1 only once host 0 had
+/// reported `ok` at `new` for the gate; and no rollout record ever went back a wave.
+fn check_waves(seen: &Seen, ids: &[String], old: &str, new: &str, gate: Duration) {
+    let given = web_assignments(seen, ids);
+    let to_new: Vec<&(Instant, usize, String)> = given.iter().filter(|g| g.2 == new).collect();
+    let order: Vec<usize> = to_new.iter().map(|g| g.1).collect();
+    assert_eq!(
+        order,
+        [0, 1],
+        "each host gets the new revision once, in id order: {given:?}"
+    );
+    assert!(
+        given.iter().all(|g| g.2 == new || g.2 == old),
+        "only the two revisions: {given:?}"
+    );
+    let ok0 = first_ok(seen, ids, 0, new).expect("host 0 reported ok at the new revision");
+    let held = to_new[1].0.duration_since(ok0);
+    eprintln!(
+        "host 0 given {new} at +0; reported ok {:?} later; host 1 given it {held:?} after that",
+        ok0.duration_since(to_new[0].0)
+    );
+    assert!(
+        held >= gate - Duration::from_millis(100),
+        "wave 2 started {held:?} after wave 1 was healthy, gate {gate:?}"
+    );
+    let waves: Vec<(u64, usize, String)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, k, _)| k == "/juice/v1/rollouts/web")
+        .filter_map(|(_, _, v)| {
+            let v = v.as_ref()?;
+            Some((
+                v["wave"].as_u64()?,
+                v["touched"].as_array()?.len(),
+                v["state"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    assert!(
+        waves
+            .windows(2)
+            .all(|w| w[1].0 >= w[0].0 && w[1].1 >= w[0].1),
+        "a wave went back, or touched hosts were forgotten: {waves:?}"
+    );
+    assert_eq!(
+        waves.last().map(|w| w.2.as_str()),
+        Some("done"),
+        "{waves:?}"
+    );
+}
+
+#[test]
+fn a_new_revision_rolls_out_in_waves_over_real_daemons_each_gated_on_health() {
+    let _turn = serial();
+    let fleet = RolloutFleet::start(3, 1, false);
+    let gate = Duration::from_secs(2);
+    fleet.apply("hello-web:0.1.0", "2s");
+    until_local(&fleet.homes[0], 1, Duration::from_secs(60));
+    until_local(&fleet.homes[1], 1, Duration::from_secs(60));
+    let old = fleet.until_settled(Duration::from_secs(30));
+    assert_eq!(
+        fleet.status()["rollout"],
+        serde_json::Value::Null,
+        "a new group is placed at once"
+    );
+    let seen = watch_all(&fleet.etcd);
+
+    let applied = fleet.apply("hello-web:0.2.0", "2s");
+    // First exactly one host (the first by id) has the new revision.
+    let s = fleet.until_status(Duration::from_secs(10), |s| {
+        s["rollout"]["state"] == "rolling"
+    });
+    let new = s["rollout"]["to"]["revision"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(fleet.assigned(), [new.clone(), old.clone()]);
+    let table = fleet.rollout("status");
+    assert!(
+        table.contains("rolling (wave 1 of 2, target 1 of 2 hosts"),
+        "{table}"
+    );
+    let web = fleet_web(fleet.juice(), &fleet.etcd).unwrap();
+    assert!(
+        web["rollout"].as_str().unwrap().starts_with("rolling "),
+        "fleet get groups shows the rollout: {web}"
+    );
+    // Until it is done, neither host ever runs fewer than one ready instance of web.
+    let start = Instant::now();
+    loop {
+        for j in &fleet.homes {
+            let g = local_groups(j);
+            let ready = g
+                .get("fleet-web")
+                .and_then(|g| g["ready"].as_u64())
+                .unwrap_or(0);
+            assert!(ready >= 1, "a host dropped below its count: {g:?}");
+        }
+        let s = fleet.status();
+        if s["rollout"]["state"] == "done" {
+            break;
+        }
+        assert_eq!(s["rollout"]["state"], "rolling", "{s:#}");
+        assert!(start.elapsed() < Duration::from_secs(90), "not done: {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("apply to rollout done: {:?}", applied.elapsed());
+    assert_eq!(fleet.assigned(), [new.clone(), new.clone()]);
+    for j in &fleet.homes {
+        until_local(j, 1, Duration::from_secs(30));
+        assert_eq!(local_groups(j)["fleet-web"]["image"], "hello-web:0.2.0");
+    }
+    check_waves(&seen, &fleet.ids, &old, &new, gate);
+    assert_eq!(
+        fleet_web(fleet.juice(), &fleet.etcd).unwrap()["rollout"],
+        "done"
+    );
+    let table = fleet.rollout("status");
+    assert!(table.contains("Rollout:   done"), "{table}");
+}
+
+#[test]
+fn a_revision_that_fails_on_a_later_wave_host_rolls_every_touched_host_back() {
+    let _turn = serial();
+    // hello-web:0.2.0 exists only on the host that sorts first: the second cannot apply it.
+    let fleet = RolloutFleet::start(5, 1, true);
+    fleet.apply("hello-web:0.1.0", "2s");
+    until_local(&fleet.homes[0], 1, Duration::from_secs(60));
+    until_local(&fleet.homes[1], 1, Duration::from_secs(60));
+    let old = fleet.until_settled(Duration::from_secs(30));
+    let seen = watch_all(&fleet.etcd);
+
+    fleet.apply("hello-web:0.2.0", "2s");
+    let s = fleet.until_status(Duration::from_secs(60), |s| {
+        s["rollout"]["state"] == "failed"
+    });
+    let failed = Instant::now();
+    let new = s["rollout"]["to"]["revision"].as_str().unwrap().to_owned();
+    let reason = s["rollout"]["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with(&format!("host {} (", fleet.ids[1]))
+            && reason.contains(&format!("cannot-apply revision {new}")),
+        "{reason}"
+    );
+    // Both touched hosts were given the new revision, then both the old one back, in one write.
+    assert_eq!(fleet.assigned(), [old.clone(), old.clone()]);
+    let given = web_assignments(&seen, &fleet.ids);
+    let back: Vec<_> = given.iter().filter(|g| g.2 == old).collect();
+    assert_eq!(
+        given
+            .iter()
+            .map(|g| (g.1, g.2.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (0, new.as_str()),
+            (1, new.as_str()),
+            (0, old.as_str()),
+            (1, old.as_str())
+        ],
+        "{given:?}"
+    );
+    assert_eq!(
+        back[0].0, back[1].0,
+        "both went back in one transaction (one watch answer)"
+    );
+    let report_key = format!("/juice/v1/reports/{}/web", fleet.ids[1]);
+    let reported = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|(t, k, v)| {
+            (k == &report_key && v.as_ref()?["status"] == "cannot-apply").then_some(*t)
+        })
+        .expect("the second host reported that it cannot apply the revision");
+    eprintln!(
+        "the failure reported to both hosts assigned the old revision: {:?}",
+        back[0].0.duration_since(reported)
+    );
+    // The hosts run the old image again, ready; status says why, naming the host.
+    for j in &fleet.homes {
+        until_local(j, 1, Duration::from_secs(30));
+        let start = Instant::now();
+        while local_groups(j)["fleet-web"]["image"] != "hello-web:0.1.0" {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{:?}",
+                local_groups(j)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!(
+        "failure to both hosts running the old image: {:?}",
+        failed.elapsed()
+    );
+    let table = fleet.rollout("status");
+    assert!(
+        table.contains("Rollout:   failed")
+            && table.contains(&fleet.ids[1])
+            && table.contains("cannot-apply"),
+        "{table}"
+    );
+    // It stays failed: the spec says 0.2.0, the rollout record pins 0.1.0.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fleet.status()["rollout"]["state"], "failed");
+    assert_eq!(fleet.assigned(), [old.clone(), old.clone()]);
+    let refused = fleet.juice().fails(&[
+        "fleet",
+        "rollout",
+        "pause",
+        "web",
+        "--endpoints",
+        &fleet.etcd.endpoint(),
+    ]);
+    assert!(
+        refused.contains("web's rollout is failed: there is nothing to pause"),
+        "{refused}"
+    );
+    let unknown = fleet.juice().fails(&[
+        "fleet",
+        "rollout",
+        "status",
+        "nope",
+        "--endpoints",
+        &fleet.etcd.endpoint(),
+    ]);
+    assert!(
+        unknown.contains("no fleet group `nope`: the fleet's groups are web"),
+        "{unknown}"
+    );
+
+    // resume starts again from wave 1: the first host gets the new revision; paused there,
+    // it keeps it; undo puts it back.
+    fleet.rollout("resume");
+    fleet.until_status(Duration::from_secs(10), |s| {
+        s["rollout"]["state"] == "rolling"
+            && s["rollout"]["touched"]
+                .as_array()
+                .is_some_and(|t| t.len() == 1)
+    });
+    assert_eq!(fleet.assigned(), [new.clone(), old.clone()]);
+    fleet.rollout("pause");
+    fleet.until_status(Duration::from_secs(10), |s| {
+        s["rollout"]["state"] == "paused"
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let s = fleet.status();
+    assert_eq!(s["rollout"]["state"], "paused", "{s:#}");
+    assert_eq!(
+        fleet.assigned(),
+        [new.clone(), old.clone()],
+        "a paused rollout starts no wave"
+    );
+    fleet.rollout("undo");
+    let s = fleet.until_status(Duration::from_secs(10), |s| {
+        s["rollout"]["state"] == "undone"
+    });
+    assert_eq!(s["rollout"]["reason"], "undone by the operator");
+    assert_eq!(fleet.assigned(), [old.clone(), old.clone()]);
+    until_local(&fleet.homes[0], 1, Duration::from_secs(30));
+    let start = Instant::now();
+    while local_groups(&fleet.homes[0])["fleet-web"]["image"] != "hello-web:0.1.0" {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Each request (resume, pause, undo) was written, then deleted by the leader.
+    let requests: Vec<bool> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, k, _)| k == "/juice/v1/requests/web")
+        .map(|(_, _, v)| v.is_some())
+        .collect();
+    assert_eq!(requests, [true, false, true, false, true, false]);
+}
+
+#[test]
+fn a_controller_killed_mid_rollout_is_followed_by_one_that_starts_no_wave_twice() {
+    let _turn = serial();
+    let mut fleet = RolloutFleet::start(7, 2, false);
+    // A longer gate, so the leader can be killed while it holds.
+    let gate = Duration::from_secs(6);
+    fleet.apply("hello-web:0.1.0", "6s");
+    until_local(&fleet.homes[0], 1, Duration::from_secs(60));
+    until_local(&fleet.homes[1], 1, Duration::from_secs(60));
+    let old = fleet.until_settled(Duration::from_secs(40));
+    let seen = watch_all(&fleet.etcd);
+
+    fleet.apply("hello-web:0.2.0", "6s");
+    // Wave 1 is healthy on its host: the leader's gate is running.
+    let s = fleet.until_status(Duration::from_secs(30), |s| {
+        s["rollout"]["state"] == "rolling" && s["healthy_for_ms"].is_u64()
+    });
+    let new = s["rollout"]["to"]["revision"].as_str().unwrap().to_owned();
+    assert_eq!(fleet.assigned(), [new.clone(), old.clone()]);
+    let leader = get(fleet.juice(), &fleet.etcd, "controller");
+    let which = fleet
+        .control
+        .iter()
+        .position(|j| leader["host"] == host_id(j).as_str())
+        .expect("one of the two candidates leads");
+    fleet.controllers[which].0.kill().unwrap();
+    let _ = fleet.controllers[which].0.wait();
+    let killed = Instant::now();
+    let (took, _) = until_get(
+        fleet.juice(),
+        &fleet.etcd,
+        "controller",
+        Duration::from_secs(LEASE_SECS + 5),
+        |l| l["host"].is_string() && l["host"] != leader["host"],
+    );
+    eprintln!("the other candidate leads {took:?} after the leader's SIGKILL");
+    fleet.until_status(Duration::from_secs(60), |s| s["rollout"]["state"] == "done");
+    eprintln!("killed to done: {:?}", killed.elapsed());
+    assert_eq!(fleet.assigned(), [new.clone(), new.clone()]);
+    check_waves(&seen, &fleet.ids, &old, &new, gate);
+    // The second wave came from the new leader, after the kill.
+    let given = web_assignments(&seen, &fleet.ids);
+    let second = given.iter().find(|g| g.1 == 1 && g.2 == new).unwrap();
+    assert!(
+        second.0 > killed,
+        "the second wave was started by the new leader"
+    );
+}

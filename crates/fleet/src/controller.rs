@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 use crate::liveness::{BrakeRecord, LeaderState, missing_for};
 use crate::plan::{Assignment, HostCapacity, Plan, PlanError, plan_pinned};
 use crate::record::HostId;
+use crate::report::Report;
+use crate::rollout::{self, RolloutRecord};
 use crate::spec::{FleetSpec, GroupName};
 use crate::store::Store;
 
@@ -245,6 +247,20 @@ impl Store {
     /// returns how many records were written or deleted.
     pub async fn write_plan(&self, leadership: Leadership, want: &Plan) -> Result<usize> {
         let have = self.assignments().await?;
+        self.write_plan_with(leadership, want, &have, Vec::new())
+            .await
+    }
+
+    /// Makes the assignments `have` (as read) those of `want`, after `first` (records that
+    /// go in the same transaction as the first assignment changes), all fenced on
+    /// `leadership`; returns how many writes were made.
+    pub async fn write_plan_with(
+        &self,
+        leadership: Leadership,
+        want: &Plan,
+        have: &Plan,
+        first: Vec<TxnOp>,
+    ) -> Result<usize> {
         let flat = |p: &Plan| -> BTreeMap<String, Assignment> {
             p.hosts
                 .iter()
@@ -255,8 +271,8 @@ impl Store {
                 })
                 .collect()
         };
-        let (have, want) = (flat(&have), flat(want));
-        let mut ops = Vec::new();
+        let (have, want) = (flat(have), flat(want));
+        let mut ops = first;
         for (key, a) in &want {
             if have.get(key) != Some(a) {
                 let value = serde_json::to_vec(a).unwrap_or_default();
@@ -289,6 +305,11 @@ pub enum Event {
     },
     /// Too many hosts are missing: nothing moves (`Some`), or no longer (`None`).
     Brake(Option<BrakeRecord>),
+    /// A group's rollout moved: a wave started, it was paused, failed, finished or undone.
+    Rollout {
+        group: GroupName,
+        record: Box<RolloutRecord>,
+    },
     /// Leadership lost, or etcd lost: campaigning again after `retry`.
     Lost { error: Error, retry: Duration },
 }
@@ -392,7 +413,9 @@ impl Controller {
     }
 
     /// One round of the leader's work: place the spec if it changed since it was placed,
-    /// or the registered hosts did, or a missing host's delay ran out.
+    /// or the registered hosts did, or a missing host's delay ran out; move the groups
+    /// that roll out ([`rollout::decide`]), and act on the operator's requests. The hosts'
+    /// reports are read (once, for every group) only while a rollout is active.
     async fn lead(
         &self,
         store: &Store,
@@ -403,19 +426,21 @@ impl Controller {
         let Some(stored) = store.spec().await? else {
             return Ok(());
         };
+        let records = store.rollouts().await?;
+        let requests = store.requests().await?;
+        let active = records.values().any(RolloutRecord::active);
         let fingerprint = store.hosts_fingerprint().await?;
         let now = std::time::Instant::now();
-        if !state.due(stored.revision, fingerprint, now) {
+        if !state.due(stored.revision, fingerprint, now) && !active && requests.is_empty() {
             return Ok(());
         }
-        let hosts: Vec<HostCapacity> = store
-            .hosts()
-            .await?
+        let listing = store.hosts().await?;
+        let capacities: Vec<HostCapacity> = listing
             .hosts
             .iter()
             .map(HostCapacity::from_record)
             .collect();
-        let registered = hosts.iter().map(|h| h.id.clone()).collect();
+        let registered = capacities.iter().map(|h| h.id.clone()).collect();
         let previous = store.assignments().await?;
         let verdict = state.liveness.observe(
             &registered,
@@ -433,24 +458,8 @@ impl Controller {
             }
             state.brake.clone_from(&verdict.brake);
         }
-        match plan_pinned(&hosts, &stored.spec, &previous, &verdict.pinned) {
-            Ok(want) => {
-                let writes = store.write_plan(leadership, &want).await?;
-                for (host, groups) in verdict.moving {
-                    let after = missing_for(&state.liveness, &host, now);
-                    report(Event::Moved {
-                        host,
-                        groups,
-                        after,
-                    });
-                }
-                if state.placed != Some(stored.revision) || writes > 0 {
-                    report(Event::Placed {
-                        revision: stored.revision,
-                        writes,
-                    });
-                }
-            }
+        let want = match plan_pinned(&capacities, &stored.spec, &previous, &verdict.pinned) {
+            Ok(want) => want,
             Err(error) => {
                 if state.placed != Some(stored.revision) || !verdict.moving.is_empty() {
                     report(Event::Unplaceable {
@@ -458,7 +467,102 @@ impl Controller {
                         error,
                     });
                 }
+                state.done(stored.revision, fingerprint, verdict.next);
+                return Ok(());
             }
+        };
+        let reports = if active {
+            store.reports().await?.hosts
+        } else {
+            BTreeMap::new()
+        };
+        let hostnames: BTreeMap<HostId, String> = listing
+            .hosts
+            .iter()
+            .map(|h| (h.id.clone(), h.hostname.clone()))
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let of = |plan: &Plan, group: &GroupName| -> BTreeMap<HostId, Assignment> {
+            plan.hosts
+                .iter()
+                .filter_map(|(h, g)| Some((h.clone(), g.get(group)?.clone())))
+                .collect()
+        };
+        let mut out = Plan::default();
+        // The records and requests first: they go in the first transaction, with the
+        // assignments they describe (all of them unless more than 99 change at once).
+        let mut ops = Vec::new();
+        let mut changed = Vec::new();
+        for (group, spec) in &stored.spec.group {
+            let group_reports: BTreeMap<HostId, Report> = reports
+                .iter()
+                .filter_map(|(h, g)| Some((h.clone(), g.get(group)?.clone())))
+                .collect();
+            let d = rollout::decide(&rollout::Input {
+                spec,
+                planned: &of(&want, group),
+                previous: &of(&previous, group),
+                record: records.get(group),
+                reports: &group_reports,
+                hostnames: &hostnames,
+                request: requests.get(group).map(|r| r.action),
+                now_ms,
+                healthy_since: state.healthy.get(group).copied(),
+            });
+            match d.healthy_since {
+                Some(t) => state.healthy.insert(group.clone(), t),
+                None => state.healthy.remove(group),
+            };
+            for (h, a) in d.assignments {
+                out.hosts.entry(h).or_default().insert(group.clone(), a);
+            }
+            if let Some(r) = d.record
+                && records.get(group) != Some(&r)
+            {
+                let value = serde_json::to_vec(&r).unwrap_or_default();
+                ops.push(TxnOp::put(rollout::rollout_key(group), value, None));
+                let was = records.get(group);
+                if was.is_none_or(|w| {
+                    (w.state, w.wave, w.touched.len()) != (r.state, r.wave, r.touched.len())
+                }) {
+                    changed.push((group.clone(), r));
+                }
+            }
+        }
+        for group in requests.keys() {
+            ops.push(TxnOp::delete(rollout::request_key(group), None));
+        }
+        // A group gone from the spec takes its rollout with it.
+        for group in records
+            .keys()
+            .filter(|g| !stored.spec.group.contains_key(*g))
+        {
+            ops.push(TxnOp::delete(rollout::rollout_key(group), None));
+        }
+        let writes = store
+            .write_plan_with(leadership, &out, &previous, ops)
+            .await?;
+        for (group, r) in changed {
+            report(Event::Rollout {
+                group,
+                record: Box::new(r),
+            });
+        }
+        for (host, groups) in verdict.moving {
+            let after = missing_for(&state.liveness, &host, now);
+            report(Event::Moved {
+                host,
+                groups,
+                after,
+            });
+        }
+        if state.placed != Some(stored.revision) || writes > 0 {
+            report(Event::Placed {
+                revision: stored.revision,
+                writes,
+            });
         }
         state.done(stored.revision, fingerprint, verdict.next);
         Ok(())

@@ -12,8 +12,9 @@
 //! etcd among the daemons started with `--fleet-controller` is the only writer of the
 //! hosts' assignments, every write fenced on its leadership ([`controller`]). Each host
 //! watches its own assignments, applies them to its agent as groups named `fleet-NAME`,
-//! and reports how they run under its lease ([`host`], [`report`]). Rollouts in waves
-//! (docs/fleet.md) are not here yet.
+//! and reports how they run under its lease ([`host`], [`report`]). A new revision of a
+//! group rolls out in waves gated on those reports, and a failure rolls every touched
+//! host back ([`rollout`]).
 //!
 //! With `https://` endpoints every client speaks mutual TLS to etcd ([`tls`]) with a
 //! certificate of the fleet's own CA ([`certs`]), whose common name is its etcd user; etcd's
@@ -42,6 +43,7 @@ pub mod plan;
 pub mod record;
 pub mod registration;
 pub mod report;
+pub mod rollout;
 pub mod spec;
 pub mod store;
 pub mod tls;

@@ -175,6 +175,9 @@ pub struct LeaderState {
     /// The brake as last written (`None`: no record).
     pub brake: Option<BrakeRecord>,
     pub liveness: Liveness,
+    /// Since when (ms) each rolling group's current wave has been healthy: kept in memory,
+    /// so a new leader starts the gate again, which only delays.
+    pub healthy: BTreeMap<GroupName, u64>,
 }
 
 impl LeaderState {
@@ -295,6 +298,7 @@ mod tests {
             millicpus: 100,
             memory_bytes: 1 << 20,
             ports: Vec::new(),
+            health_gate_ms: None,
         }
     }
 

@@ -67,6 +67,11 @@ pub struct Assignment {
     pub memory_bytes: u64,
     #[serde(default)]
     pub ports: Vec<Publish>,
+    /// The group's `rollout.health_gate` in ms, for the host's own update policy (a new
+    /// instance healthy this long before the next is replaced); absent in older records,
+    /// which keep the host's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_gate_ms: Option<u64>,
 }
 
 /// Assignments by host, then group. Hosts with nothing to run are absent.
@@ -96,15 +101,26 @@ pub struct PlanError {
     pub reason: String,
 }
 
-/// The revision of a group: the first 12 hex digits of the SHA-256 of its spec's JSON.
+/// The revision of a group: the first 12 hex digits of the SHA-256 of the JSON of what its
+/// instances run (image, isolation, resources, published ports). Where they run (`count`,
+/// `per_host`, `constraints`, `spread`) and how a revision rolls out are not part of it, so
+/// a change of count is not a new revision and never starts a rollout.
 pub fn revision(spec: &GroupSpec) -> String {
-    // When a missing host's instances move is not what they run: it is left out.
-    let spec = GroupSpec {
-        reschedule_after: None,
-        ..spec.clone()
+    #[derive(Serialize)]
+    struct Runs<'a> {
+        image: &'a str,
+        isolation: Backend,
+        resources: &'a crate::spec::Resources,
+        publish: &'a [Publish],
+    }
+    let runs = Runs {
+        image: &spec.image,
+        isolation: spec.isolation,
+        resources: &spec.resources,
+        publish: &spec.publish,
     };
-    // A GroupSpec is strings, numbers, lists and maps with string keys: this cannot fail.
-    let json = serde_json::to_vec(&spec).unwrap_or_default();
+    // Strings, numbers and lists: this cannot fail.
+    let json = serde_json::to_vec(&runs).unwrap_or_default();
     hex::encode(&Sha256::digest(&json)[..6])
 }
 
@@ -210,6 +226,9 @@ pub fn plan_pinned(
             millicpus: group.resources.millicpus(),
             memory_bytes: group.resources.memory.0,
             ports: group.publish.clone(),
+            health_gate_ms: Some(
+                u64::try_from(group.rollout.health_gate.as_millis()).unwrap_or(u64::MAX),
+            ),
         };
         // The pinned instances first: they are where they are.
         let mut kept = 0u32;

@@ -238,6 +238,7 @@ mod tests {
             millicpus: 500,
             memory_bytes: 256 << 20,
             ports: vec![],
+            health_gate_ms: None,
         }
     }
 

@@ -242,6 +242,10 @@ pub struct Rollout {
     /// Each wave's hosts must report healthy this long before the next wave starts.
     #[serde(default = "ten_seconds", with = "duration")]
     pub health_gate: Duration,
+    /// A wave whose hosts are not all healthy this long after it started fails the rollout
+    /// (and rolls every touched host back).
+    #[serde(default = "five_minutes", with = "duration")]
+    pub deadline: Duration,
 }
 
 fn default_waves() -> Vec<Wave> {
@@ -250,12 +254,16 @@ fn default_waves() -> Vec<Wave> {
 fn ten_seconds() -> Duration {
     Duration::from_secs(10)
 }
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
 
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
             waves: default_waves(),
             health_gate: ten_seconds(),
+            deadline: five_minutes(),
         }
     }
 }
@@ -491,6 +499,16 @@ impl FleetSpec {
                     ),
                 ));
             }
+            if g.rollout.deadline <= g.rollout.health_gate {
+                return Err(broken(
+                    "deadline",
+                    format!(
+                        "rollout.deadline ({}) must be longer than rollout.health_gate ({}), or no wave could ever pass",
+                        humantime::format_duration(g.rollout.deadline),
+                        humantime::format_duration(g.rollout.health_gate)
+                    ),
+                ));
+            }
             let waves = &g.rollout.waves;
             if waves.last() != Some(&Wave::Percent(100)) {
                 return Err(broken(
@@ -540,6 +558,7 @@ fn field_in_group(text: &str, group: &GroupName, field: &str) -> Option<(&'stati
         "publish" => "publish",
         "waves" => "waves",
         "reschedule_after" => "reschedule_after",
+        "deadline" => "deadline",
         _ => return None,
     };
     for line in text.lines() {
@@ -687,6 +706,19 @@ per_host = true
                 && msg.contains("must end with \"100%\""),
             "{msg}"
         );
+        let msg = err(&FLEET.replace(
+            "health_gate = \"10s\"",
+            "health_gate = \"10s\"\ndeadline = \"10s\"",
+        ));
+        assert!(
+            msg.starts_with("fleet.toml:14:1: field `group.web.rollout.deadline`")
+                && msg.contains(
+                    "rollout.deadline (10s) must be longer than rollout.health_gate (10s)"
+                ),
+            "{msg}"
+        );
+        let msg = err(&FLEET.replace("health_gate = \"10s\"", "deadline = \"soon\""));
+        assert!(msg.contains("\"soon\" is not a duration"), "{msg}");
         let msg = err(&FLEET.replace("\"25%\"", "\"5%\""));
         assert!(msg.contains("must grow: \"5%\" after \"5%\""), "{msg}");
         let msg = err(&FLEET.replace("\"8080:8080\"", "\"8080:8080\", \"8080:80\""));

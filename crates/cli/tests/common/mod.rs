@@ -838,7 +838,12 @@ impl NetnsHost {
 
 impl Drop for NetnsHost {
     fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
+        // The veth pair goes at once with its end here (the namespace's own teardown, which
+        // would take it too, happens later, so a next namespace of the same number in this
+        // process would find the name taken); then the namespace.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
