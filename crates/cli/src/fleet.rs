@@ -24,7 +24,7 @@ use crate::output::{self, Format};
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// How long `juice fleet get` waits for etcd before saying it is unreachable.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `juice daemon`'s fleet flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +49,8 @@ pub struct JoinArgs {
 pub struct Member {
     pub registration: Registration,
     pub controller: Option<Controller>,
+    /// The running binary, for host updates.
+    pub running: crate::fleet_update::Running,
 }
 
 /// This host's registration, when `--fleet` was given: the record is read and checked
@@ -68,6 +70,7 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     if microvm.iter().all(|c| c.result != doctor::Outcome::Missing) {
         backends.push(Backend::Microvm);
     }
+    let running = crate::fleet_update::Running::current()?;
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -82,8 +85,11 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
         os: facts.os,
         kernel: facts.kernel,
         started_ms,
+        binary_sha256: running.sha256.clone(),
     };
-    let registration = Registration::new(endpoints.clone(), record, args.lease_secs)?;
+    let mut registration = Registration::new(endpoints.clone(), record, args.lease_secs)?;
+    // Kept across restarts: a re-executed daemon takes its lease (and update slot) over.
+    registration.lease_file = Some(home.join("fleet/lease"));
     let controller = args.controller.then(|| Controller {
         endpoints,
         host: registration.record.id.clone(),
@@ -92,6 +98,7 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     Ok(Some(Member {
         registration,
         controller,
+        running,
     }))
 }
 
@@ -226,6 +233,11 @@ pub enum FleetCommand {
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
     },
+    /// Update the hosts' own daemon, a few hosts at a time (see docs/fleet.md, "Host updates").
+    Update {
+        #[command(subcommand)]
+        command: crate::fleet_update::UpdateCommand,
+    },
 }
 
 /// What `juice fleet get` lists (the singular is accepted too).
@@ -292,10 +304,11 @@ pub fn run(command: FleetCommand, format: Format) -> Result {
             );
             print_plan(&plan, format)
         }
+        FleetCommand::Update { command } => crate::fleet_update::run(command, format),
     }
 }
 
-fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
+pub(crate) fn block_on<T>(f: impl Future<Output = T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -365,7 +378,7 @@ fn get_assignments(endpoints: &Endpoints, format: Format) -> Result {
 }
 
 /// `--endpoints`, else `$JUICE_FLEET`.
-fn endpoints_or_env(given: Option<Endpoints>) -> Result<Endpoints> {
+pub(crate) fn endpoints_or_env(given: Option<Endpoints>) -> Result<Endpoints> {
     if let Some(e) = given {
         return Ok(e);
     }

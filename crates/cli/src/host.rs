@@ -309,6 +309,7 @@ fn start_agent(
         .into());
     }
     let local = Arc::new(crate::fleet_host::AgentHost(agent.clone()));
+    let (updating, home_dir) = (agent.clone(), home.to_owned());
     let server = std::thread::spawn(move || {
         rt.block_on(async move {
             let shutdown = async move {
@@ -318,6 +319,16 @@ fn start_agent(
             // groups go on running as they are.
             if let Some(member) = fleet {
                 let (lease_now, lease) = tokio::sync::watch::channel(None);
+                let updater = crate::fleet_update::Updater {
+                    endpoints: member.registration.endpoints.clone(),
+                    host: member.registration.record.id.clone(),
+                    ttl: member.registration.ttl(),
+                    home: home_dir,
+                    running: member.running,
+                    agent: updating,
+                    lease: lease.clone(),
+                };
+                tokio::spawn(updater.run());
                 let work = juice_fleet::HostWork {
                     endpoints: member.registration.endpoints.clone(),
                     host: member.registration.record.id.clone(),
@@ -437,6 +448,10 @@ pub fn daemon(
     // daemon that says it serves and then fails every start.
     doctor::preflight(&doctor::Host::current(&home), false)?;
     let member = crate::fleet::member(&home, fleet)?;
+    if let Some(m) = &member {
+        // A new daemon that crashed during its update's trial goes back to the previous one.
+        crate::fleet_update::on_start(&home, &m.running);
+    }
     let signals = block_signals()?;
     let remote = match listen {
         Some(addr) => {

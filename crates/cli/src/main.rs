@@ -7,6 +7,7 @@ mod dist;
 mod docs;
 mod fleet;
 mod fleet_host;
+mod fleet_update;
 mod host;
 mod images;
 mod os;

@@ -37,6 +37,7 @@ pub mod registration;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod update;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;
