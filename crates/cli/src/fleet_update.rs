@@ -472,6 +472,11 @@ fn install(home: &Path, running: &Running, desired: &Desired) -> Result<(), Stri
     std::fs::create_dir(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let result = (|| {
         let new = daemon.extract(&store, &work).map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{}: {e}", new.display()))?;
+        }
         check_binary(&new, &desired.version)?;
         // The running binary stays as `.prev` (a hard link, so the path is never empty),
         // then the new one takes its name: each step a rename.

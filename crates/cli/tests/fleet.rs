@@ -11,6 +11,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::fleet::{host_id, local_groups, local_instances};
 use common::{ChildGuard, Etcd, InstanceSweeper, Juice, NetnsHost};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -66,13 +67,6 @@ fn fleet_daemon(j: &Juice, etcd: &Etcd, labels: &[&str]) -> ChildGuard {
         args.extend(["--label", l]);
     }
     common::daemon_with(j, &args, &[], &j.home.path().join("daemon.log"))
-}
-
-fn host_id(j: &Juice) -> String {
-    std::fs::read_to_string(j.home.path().join("host-id"))
-        .expect("the daemon wrote $JUICE_HOME/host-id")
-        .trim()
-        .to_owned()
 }
 
 #[test]
@@ -629,35 +623,6 @@ fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
         }
         task.abort();
     });
-}
-
-/// `juice get groups -o json` against `j`'s daemon: the groups by name.
-fn local_groups(j: &Juice) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let out = j.ok(&["get", "groups", "-o", "json"]);
-    let groups: Vec<serde_json::Value> =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
-    groups
-        .into_iter()
-        .map(|g| (g["name"].as_str().unwrap_or_default().to_owned(), g))
-        .collect()
-}
-
-/// `juice get instances -o json` against `j`'s daemon: (name, pid) of `group`'s instances.
-fn local_instances(j: &Juice, group: &str) -> Vec<(String, i64)> {
-    let out = j.ok(&["get", "instances", "-o", "json"]);
-    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    let mut mine: Vec<(String, i64)> = all
-        .iter()
-        .filter(|i| i["group"] == group)
-        .map(|i| {
-            (
-                i["name"].as_str().unwrap().to_owned(),
-                i["pid"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    mine.sort();
-    mine
 }
 
 /// Waits until `j` runs `size` ready instances of `fleet-web` (and no other size), or
