@@ -570,6 +570,71 @@ fn check_binary(binary: &Path, version: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How long an OS update's slot outlives a host that never comes back from its reboot.
+pub const OS_SLOT_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// A fleet host's gate on `juice os update`: a slot of the fleet's update semaphore,
+/// taken before the new version is written and given back by the trial's verdict.
+pub struct OsSlots {
+    pub endpoints: Endpoints,
+    pub host: HostId,
+}
+
+impl OsSlots {
+    fn store_call<T>(
+        &self,
+        f: impl AsyncFnOnce(Store) -> juice_fleet::Result<T>,
+    ) -> Result<T, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let store = Store::connect(&self.endpoints, Duration::from_secs(3)).await?;
+            f(store).await
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl juice_agent::os::UpdateGate for OsSlots {
+    fn before(&self, version: &str) -> Result<(), String> {
+        let host = self.host.clone();
+        let taken = self
+            .store_call(async move |s: Store| s.acquire_os_slot(&host, OS_SLOT_TTL, version).await)
+            .map_err(|e| {
+                format!("this host is in a fleet, and its update slot could not be taken: {e}")
+            })?;
+        let slot = taken.map_err(|why| format!("this host is in a fleet: {why}"))?;
+        log(
+            "info",
+            "OS update slot taken",
+            serde_json::json!({"host": self.host, "slot": slot, "version": version}),
+        );
+        Ok(())
+    }
+
+    fn after(&self) {
+        let host = self.host.clone();
+        match self.store_call(async move |s: Store| {
+            s.release_slot_if(&host, juice_fleet::update::Slot::is_os)
+                .await
+        }) {
+            Ok(Some(slot)) => log(
+                "info",
+                "OS update slot given back",
+                serde_json::json!({"host": self.host, "slot": slot}),
+            ),
+            Ok(None) => {}
+            Err(e) => log(
+                "warn",
+                "OS update slot not given back; it goes with its lease",
+                serde_json::json!({"host": self.host, "error": e}),
+            ),
+        }
+    }
+}
+
 /// `juice fleet update` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum UpdateCommand {

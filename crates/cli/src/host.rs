@@ -466,6 +466,12 @@ pub fn daemon(
         }
         None => None,
     };
+    let fleet_slots = member.as_ref().map(|m| {
+        (
+            m.registration.endpoints.clone(),
+            m.registration.record.id.clone(),
+        )
+    });
     let (agent, stop, server) = start_agent(&home, remote, member)?;
     eprintln!(
         "{}",
@@ -506,6 +512,13 @@ pub fn daemon(
         });
     }
     if let Some(os) = agent.os().cloned() {
+        if let Some(f) = &fleet_slots {
+            // `juice os update` on a fleet host takes an update slot; the verdict gives it back.
+            os.set_gate(Arc::new(crate::fleet_update::OsSlots {
+                endpoints: f.0.clone(),
+                host: f.1.clone(),
+            }));
+        }
         judge_os_trial(&agent, os);
     }
     loop {

@@ -282,6 +282,16 @@ impl Store {
     /// slot is still the one read as `host`'s (its `mod_revision`), so a slot another host
     /// took since is never freed. Returns the slot freed.
     pub async fn release_slot(&self, host: &HostId) -> Result<Option<u32>> {
+        self.release_slot_if(host, |_| true).await
+    }
+
+    /// [`Store::release_slot`], only if the slot `host` holds is one `which` says yes to
+    /// (an OS update gives back only an OS update's slot).
+    pub async fn release_slot_if(
+        &self,
+        host: &HostId,
+        which: impl Fn(&Slot) -> bool,
+    ) -> Result<Option<u32>> {
         let mut client = self.client();
         let answer = self
             .call(
@@ -295,7 +305,7 @@ impl Store {
             let Ok(slot) = serde_json::from_slice::<Slot>(kv.value()) else {
                 continue;
             };
-            if &slot.host != host {
+            if &slot.host != host || !which(&slot) {
                 continue;
             }
             let txn = Txn::new()
@@ -349,6 +359,60 @@ impl Store {
             )
             .await?;
         Ok(answer.deleted())
+    }
+
+    /// Takes a slot for an OS update of `host`, under a lease of its own of `ttl` (an OS
+    /// update reboots, and the host's own lease would run out meanwhile): the slot is held
+    /// until the trial's verdict gives it back, or, if the host never returns, `ttl`
+    /// after it was taken. The number of slots is the desired daemon update's (1 if none);
+    /// refused while a failure is recorded. Returns the slot.
+    pub async fn acquire_os_slot(
+        &self,
+        host: &HostId,
+        ttl: std::time::Duration,
+        version: &str,
+    ) -> Result<std::result::Result<u32, String>> {
+        let state = self.update_state().await?;
+        if !state.failed.is_empty() {
+            let hosts: Vec<&str> = state.failed.keys().map(HostId::as_str).collect();
+            return Ok(Err(format!(
+                "the fleet's host updates are paused: failed on {} (`juice fleet update resume` clears it)",
+                hosts.join(", ")
+            )));
+        }
+        let slots = state.desired.as_ref().map_or(1, |d| d.slots);
+        let mut client = self.client();
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = self
+            .call(
+                "a lease for an OS update's slot",
+                client.lease_grant(secs, None),
+            )
+            .await?
+            .id();
+        match self
+            .acquire_slot(host, lease, slots, &format!("os {version}"))
+            .await?
+        {
+            Some(i) => Ok(Ok(i)),
+            None => {
+                let _ = self
+                    .call(
+                        "a lease for an OS update's slot",
+                        client.lease_revoke(lease),
+                    )
+                    .await;
+                let holders: Vec<String> = state
+                    .slots
+                    .values()
+                    .map(|(s, _)| format!("{} ({})", s.host, s.what))
+                    .collect();
+                Ok(Err(format!(
+                    "all {slots} update slot(s) of the fleet are held (by {}); try again when one is free",
+                    holders.join(", ")
+                )))
+            }
+        }
     }
 
     /// Whether etcd still has `lease` (its time to live is above zero).
