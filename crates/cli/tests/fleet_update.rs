@@ -657,3 +657,135 @@ fn a_daemon_that_fails_its_check_is_refused_recorded_and_no_second_host_starts()
         "{seen:?}"
     );
 }
+
+/// The slots `juice os update` takes on a fleet host, against a real etcd through the
+/// fleet crate's own calls (the daemon's OS update needs a Juice OS boot, which this
+/// test has not): an OS slot counts against the daemon update's slots, is held under a
+/// lease of its own that outlives the host's, is given back only as an OS slot, and is
+/// refused while all are held or a failure is recorded.
+#[test]
+fn an_os_update_takes_a_slot_of_the_same_semaphore_under_a_lease_that_outlives_the_reboot() {
+    use juice_fleet::update::{Desired, Failure, Step, next_step};
+    let _turn = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&scratch.path().join("etcd"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let endpoints: juice_fleet::Endpoints = etcd.endpoint().parse().unwrap();
+        let store = juice_fleet::Store::connect(&endpoints, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let (a, b): (juice_fleet::HostId, juice_fleet::HostId) =
+            ("aaaa".parse().unwrap(), "bbbb".parse().unwrap());
+        store
+            .put_desired(&Desired {
+                image: "juice-daemon:next".into(),
+                version: "0.2.0".into(),
+                sha256: "bb".repeat(32),
+                slots: 1,
+                gate_ms: 1000,
+                deadline_ms: 60_000,
+                written_ms: 1,
+            })
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(900);
+        let got = store.acquire_os_slot(&a, ttl, "1.2.0").await.unwrap();
+        assert_eq!(got, Ok(0));
+        // The one slot is A's: B's OS update is refused, naming who holds it, and B's
+        // daemon update waits.
+        let refused = store.acquire_os_slot(&b, ttl, "1.2.0").await.unwrap();
+        let why = refused.unwrap_err();
+        assert!(
+            why.contains("all 1 update slot(s) of the fleet are held (by aaaa (os 1.2.0))"),
+            "{why}"
+        );
+        let state = store.update_state().await.unwrap();
+        assert!(
+            matches!(next_step(&b, "aa", &state, false), Step::Wait(w) if w.contains("all 1")),
+            "{state:?}"
+        );
+        // A keeps its OS slot (its daemon update, if it needs one, waits for the verdict).
+        assert!(
+            matches!(next_step(&a, "aa", &state, false), Step::Wait(w) if w.contains("OS update"))
+        );
+        // The slot's lease is its own, long enough for a reboot and the trial.
+        let (_, slot, lease) = state.held_by(&a).unwrap();
+        assert_eq!(slot.what, "os 1.2.0");
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let left = c.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(left > 800, "the OS slot's lease has {left} s left");
+        // Only an OS slot is given back by the verdict's release.
+        assert_eq!(
+            store
+                .release_slot_if(&b, juice_fleet::update::Slot::is_os)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .release_slot_if(&a, juice_fleet::update::Slot::is_os)
+                .await
+                .unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            store.acquire_os_slot(&b, ttl, "1.2.0").await.unwrap(),
+            Ok(0)
+        );
+        // A daemon slot is not an OS slot.
+        assert_eq!(store.release_slot(&b).await.unwrap(), Some(0));
+        let lease = c.lease_grant(30, None).await.unwrap().id();
+        assert_eq!(
+            store
+                .acquire_slot(&b, lease, 1, "daemon 0.2.0 bb")
+                .await
+                .unwrap(),
+            Some(0)
+        );
+        // A host never holds two: asking again gives the one it has.
+        assert_eq!(
+            store
+                .acquire_slot(&b, lease, 1, "daemon 0.2.0 bb")
+                .await
+                .unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            store
+                .release_slot_if(&b, juice_fleet::update::Slot::is_os)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.release_slot(&b).await.unwrap(), Some(0));
+        // A recorded failure pauses OS updates too.
+        store
+            .put_failure(&Failure {
+                host: b.clone(),
+                sha256: "bb".into(),
+                version: "0.2.0".into(),
+                reason: "test".into(),
+                at_ms: 1,
+            })
+            .await
+            .unwrap();
+        let why = store
+            .acquire_os_slot(&a, ttl, "1.2.0")
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("paused: failed on bbbb"), "{why}");
+        assert_eq!(store.clear_failures().await.unwrap(), 1);
+        assert_eq!(
+            store.acquire_os_slot(&a, ttl, "1.2.0").await.unwrap(),
+            Ok(0)
+        );
+    });
+}
