@@ -223,7 +223,12 @@ impl Fleet {
     }
 
     fn update(&self, tag: &str, slots: &str, gate: &str) {
-        self.hosts[0].j.ok(&[
+        self.update_with(tag, slots, gate, &[]);
+    }
+
+    fn update_with(&self, tag: &str, slots: &str, gate: &str, more: &[&str]) {
+        let endpoint = self.etcd.endpoint();
+        let mut args = vec![
             "fleet",
             "update",
             "daemon",
@@ -233,8 +238,10 @@ impl Fleet {
             "--gate",
             gate,
             "--endpoints",
-            &self.etcd.endpoint(),
-        ]);
+            &endpoint,
+        ];
+        args.extend(more);
+        self.hosts[0].j.ok(&args);
     }
 }
 
@@ -787,5 +794,147 @@ fn an_os_update_takes_a_slot_of_the_same_semaphore_under_a_lease_that_outlives_t
             store.acquire_os_slot(&a, ttl, "1.2.0").await.unwrap(),
             Ok(0)
         );
+    });
+}
+
+/// A new daemon that is not healthy for its gate within the deadline goes back to the
+/// previous binary (re-executed in place), which records the failure; the update pauses.
+/// The deadline (1 s) is shorter than the gate (60 s) here, so the new daemon cannot pass.
+#[test]
+fn a_new_daemon_not_healthy_within_its_deadline_goes_back_to_the_previous_one_and_pauses_the_update()
+ {
+    let _turn = serial();
+    let fleet = Fleet::start(2);
+    let new = different_juice(fleet.scratch.path());
+    fleet.pack(&new, "juice-daemon:next", None);
+    let before: Vec<Vec<(String, i64)>> = fleet
+        .hosts
+        .iter()
+        .map(|h| local_instances(&h.j, "fleet-web"))
+        .collect();
+    let watch = SlotWatch::start(fleet.etcd.endpoint());
+    fleet.update_with("juice-daemon:next", "1", "60s", &["--deadline", "1s"]);
+    let (took, status) = fleet.until("a failure recorded", Duration::from_secs(60), |s| {
+        s["failed"].as_array().is_some_and(|f| !f.is_empty())
+            && s["slots"].as_array().is_some_and(Vec::is_empty)
+    });
+    eprintln!(
+        "the new daemon was undone and its failure recorded {took:?} after the update was asked for"
+    );
+    let failed = &status["failed"][0];
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("were not all ready for 1m within 1s"),
+        "{reason}"
+    );
+    let i = fleet
+        .hosts
+        .iter()
+        .position(|h| failed["host"] == host_id(&h.j).as_str())
+        .expect("a host of the fleet failed");
+    let h = &fleet.hosts[i];
+    // The previous binary is back in place, run by the same process, with the same instances.
+    assert_eq!(sha256(&h.exe()), fleet.old_sha);
+    assert!(!h.bin.join("juice.prev").exists());
+    let pid = h.daemon.as_ref().unwrap().0.id();
+    assert_eq!(
+        sha256(Path::new(&format!("/proc/{pid}/exe"))),
+        fleet.old_sha
+    );
+    let log = h.log();
+    assert!(
+        log.contains("host update failed; going back to the previous daemon"),
+        "{log}"
+    );
+    assert!(log.contains("host update failed and was undone"), "{log}");
+    assert_eq!(
+        log.matches("juice daemon started").count(),
+        3,
+        "old, new, old again:\n{log}"
+    );
+    fleet.until(
+        "the host's record says the old binary again",
+        Duration::from_secs(20),
+        |s| {
+            s["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["sha256"] == fleet.old_sha.as_str())
+        },
+    );
+    for (j, h) in fleet.hosts.iter().enumerate() {
+        assert_eq!(local_instances(&h.j, "fleet-web"), before[j], "host {j}");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let seen = watch.finish();
+    let holders: BTreeSet<&String> = seen.iter().flat_map(BTreeMap::values).collect();
+    assert_eq!(holders.len(), 1, "no second host may start: {seen:?}");
+}
+
+/// A new daemon that dies during its trial and is started again (as a supervisor would)
+/// from the same path, i.e. the new binary, goes back to `.prev` at that start; the
+/// previous daemon records the failure and gives the slot back.
+#[test]
+fn a_new_daemon_that_dies_during_its_trial_goes_back_to_the_previous_one_at_its_next_start() {
+    let _turn = serial();
+    let mut fleet = Fleet::start(2);
+    let new = different_juice(fleet.scratch.path());
+    let new_sha = sha256(&new);
+    fleet.pack(&new, "juice-daemon:next", None);
+    fleet.update("juice-daemon:next", "1", "10m");
+    // The first host to run the new binary, on trial (its gate is long).
+    let (_, status) = fleet.until("a host on the new daemon", Duration::from_secs(60), |s| {
+        s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["sha256"] == new_sha.as_str())
+    });
+    let id = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["sha256"] == new_sha.as_str())
+        .unwrap()["host"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let i = fleet
+        .hosts
+        .iter()
+        .position(|h| host_id(&h.j) == id)
+        .unwrap();
+    let before = local_instances(&fleet.hosts[i].j, "fleet-web");
+    let mut daemon = fleet.hosts[i].daemon.take().unwrap();
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    // Started again from the same path, as a supervisor would.
+    let h = &mut fleet.hosts[i];
+    let endpoint = fleet.etcd.endpoint_at(h.ns.outside);
+    let lease = LEASE_SECS.to_string();
+    h.daemon = Some(h.ns.daemon_from(
+        &h.exe(),
+        &h.j,
+        &["--fleet", &endpoint, "--fleet-lease", &lease],
+        &h.j.home.path().join("daemon.log"),
+    ));
+    let (took, status) = fleet.until("the failure recorded", Duration::from_secs(30), |s| {
+        s["failed"].as_array().is_some_and(|f| f.len() == 1)
+    });
+    eprintln!("the restarted new daemon went back and its failure was recorded in {took:?}");
+    let h = &fleet.hosts[i];
+    let reason = status["failed"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("stopped before it was healthy"), "{reason}");
+    assert_eq!(status["failed"][0]["host"], id.as_str());
+    assert_eq!(sha256(&h.exe()), fleet.old_sha);
+    let pid = h.daemon.as_ref().unwrap().0.id();
+    assert_eq!(
+        sha256(Path::new(&format!("/proc/{pid}/exe"))),
+        fleet.old_sha
+    );
+    assert_eq!(local_instances(&h.j, "fleet-web"), before);
+    fleet.until("the slot given back", Duration::from_secs(10), |s| {
+        s["slots"].as_array().is_some_and(Vec::is_empty)
     });
 }

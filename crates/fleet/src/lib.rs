@@ -12,7 +12,9 @@
 //! etcd among the daemons started with `--fleet-controller` is the only writer of the
 //! hosts' assignments, every write fenced on its leadership ([`controller`]). Each host
 //! watches its own assignments, applies them to its agent as groups named `fleet-NAME`,
-//! and reports how they run under its lease ([`host`], [`report`]). Rollouts in waves
+//! and reports how they run under its lease ([`host`], [`report`]). Hosts update their own
+//! daemon (and OS) a few at a time through slots held under their leases ([`update`]).
+//! Rollouts in waves
 //! (docs/fleet.md) are not here yet.
 //!
 //! ```no_run
