@@ -61,8 +61,21 @@ pub struct Installed {
     pub signed_by: Vec<String>,
 }
 
+/// What an OS update asks of others before it writes anything: a fleet host takes a slot
+/// of the fleet's update semaphore (docs/fleet.md, "Host updates"); a host alone has none.
+pub trait UpdateGate: Send + Sync {
+    /// Called before version `version` is written as the next boot's trial; an error
+    /// refuses the update (nothing is written) and says why.
+    fn before(&self, version: &str) -> Result<(), String>;
+    /// Called when what `before` took can be given back: the update failed before its
+    /// reboot, or this boot's trial has its verdict.
+    fn after(&self);
+}
+
 /// The OS versions of the host this daemon runs on, when it runs on Juice OS.
 pub struct OsControl {
+    /// Asked before every update, told after its end (see [`UpdateGate`]).
+    gate: Mutex<Option<std::sync::Arc<dyn UpdateGate>>>,
     slots: Slots,
     home: PathBuf,
     /// Where the verdict on a trial goes ([`VERDICT`] on a real host).
@@ -81,6 +94,7 @@ impl OsControl {
             return None;
         }
         Some(OsControl {
+            gate: Mutex::new(None),
             slots: Slots::new(boot, &home.join("os"), Some(booted)),
             home: home.to_owned(),
             verdict: PathBuf::from(VERDICT),
@@ -92,6 +106,7 @@ impl OsControl {
     /// kept at `verdict` (for tests; a real daemon uses [`OsControl::detect`]).
     pub fn new(home: &Path, boot: &Path, booted: Booted, verdict: &Path) -> OsControl {
         OsControl {
+            gate: Mutex::new(None),
             slots: Slots::new(boot, &home.join("os"), Some(booted)),
             home: home.to_owned(),
             verdict: verdict.to_owned(),
@@ -103,6 +118,21 @@ impl OsControl {
         self.lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets what every later update asks first (a fleet host's update slot).
+    pub fn set_gate(&self, gate: std::sync::Arc<dyn UpdateGate>) {
+        *self
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(gate);
+    }
+
+    fn gate(&self) -> Option<std::sync::Arc<dyn UpdateGate>> {
+        self.gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn booted(&self) -> Option<&Booted> {
@@ -148,10 +178,24 @@ impl OsControl {
         };
         let version = OsVersion::open(&store, &admitted.digest.to_string())
             .map_err(|e| refused(e.to_string()))?;
+        let gate = self.gate();
+        if let Some(g) = &gate {
+            g.before(&version.config.version).map_err(refused)?;
+        }
         let _l = self.locked();
         let work = self.home.join("tmp");
-        std::fs::create_dir_all(&work).map_err(|e| refused(format!("{}: {e}", work.display())))?;
-        let slot = self.slots.install(&store, &version, keep, &work)?;
+        let installed = std::fs::create_dir_all(&work)
+            .map_err(|e| refused(format!("{}: {e}", work.display())))
+            .and_then(|()| Ok(self.slots.install(&store, &version, keep, &work)?));
+        let slot = match installed {
+            Ok(slot) => slot,
+            Err(e) => {
+                if let Some(g) = &gate {
+                    g.after();
+                }
+                return Err(e);
+            }
+        };
         Ok(Installed {
             slot,
             version: version.config.version.clone(),
@@ -191,6 +235,9 @@ impl OsControl {
                 format!("failed: {reason}\n")
             }
         };
+        if let Some(g) = self.gate() {
+            g.after();
+        }
         let path = self.verdict.as_path();
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);

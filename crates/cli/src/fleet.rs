@@ -55,6 +55,8 @@ pub struct JoinArgs {
 pub struct Member {
     pub registration: Registration,
     pub controller: Option<Controller>,
+    /// The running binary, for host updates.
+    pub running: crate::fleet_update::Running,
 }
 
 /// This host's registration, when `--fleet` was given: the record is read and checked
@@ -76,6 +78,7 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     if microvm.iter().all(|c| c.result != doctor::Outcome::Missing) {
         backends.push(Backend::Microvm);
     }
+    let running = crate::fleet_update::Running::current()?;
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -90,8 +93,11 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
         os: facts.os,
         kernel: facts.kernel,
         started_ms,
+        binary_sha256: running.sha256.clone(),
     };
-    let registration = Registration::new(endpoints.clone(), record, args.lease_secs)?;
+    let mut registration = Registration::new(endpoints.clone(), record, args.lease_secs)?;
+    // Kept across restarts: a re-executed daemon takes its lease (and update slot) over.
+    registration.lease_file = Some(home.join("fleet/lease"));
     let controller = args.controller.then(|| Controller {
         endpoints,
         host: registration.record.id.clone(),
@@ -100,6 +106,7 @@ pub fn member(home: &Path, args: &JoinArgs) -> Result<Option<Member>> {
     Ok(Some(Member {
         registration,
         controller,
+        running,
     }))
 }
 
@@ -268,6 +275,11 @@ pub enum FleetCommand {
         #[command(subcommand)]
         command: crate::fleet_tls::AuthCommand,
     },
+    /// Update the hosts' own daemon, a few hosts at a time (see docs/fleet.md, "Host updates").
+    Update {
+        #[command(subcommand)]
+        command: crate::fleet_update::UpdateCommand,
+    },
 }
 
 /// What `juice fleet get` lists (the singular is accepted too).
@@ -342,6 +354,7 @@ pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Forma
             );
             print_plan(&plan, format)
         }
+        FleetCommand::Update { command } => crate::fleet_update::run(command, format),
     }
 }
 
@@ -444,7 +457,7 @@ fn get_assignments(endpoints: &Endpoints, format: Format) -> Result {
 }
 
 /// `--endpoints`, else `$JUICE_FLEET`; `https://` ones with the TLS files of `--tls`.
-fn endpoints_or_env(given: Option<Endpoints>) -> Result<Endpoints> {
+pub(crate) fn endpoints_or_env(given: Option<Endpoints>) -> Result<Endpoints> {
     let endpoints = match given {
         Some(e) => e,
         None => match std::env::var("JUICE_FLEET") {

@@ -309,6 +309,7 @@ fn start_agent(
         .into());
     }
     let local = Arc::new(crate::fleet_host::AgentHost(agent.clone()));
+    let (updating, home_dir) = (agent.clone(), home.to_owned());
     let server = std::thread::spawn(move || {
         rt.block_on(async move {
             let shutdown = async move {
@@ -318,6 +319,16 @@ fn start_agent(
             // groups go on running as they are.
             if let Some(member) = fleet {
                 let (lease_now, lease) = tokio::sync::watch::channel(None);
+                let updater = crate::fleet_update::Updater {
+                    endpoints: member.registration.endpoints.clone(),
+                    host: member.registration.record.id.clone(),
+                    ttl: member.registration.ttl(),
+                    home: home_dir,
+                    running: member.running,
+                    agent: updating,
+                    lease: lease.clone(),
+                };
+                tokio::spawn(updater.run());
                 let work = juice_fleet::HostWork {
                     endpoints: member.registration.endpoints.clone(),
                     host: member.registration.record.id.clone(),
@@ -437,6 +448,10 @@ pub fn daemon(
     // daemon that says it serves and then fails every start.
     doctor::preflight(&doctor::Host::current(&home), false)?;
     let member = crate::fleet::member(&home, fleet)?;
+    if let Some(m) = &member {
+        // A new daemon that crashed during its update's trial goes back to the previous one.
+        crate::fleet_update::on_start(&home, &m.running);
+    }
     let signals = block_signals()?;
     let remote = match listen {
         Some(addr) => {
@@ -451,6 +466,12 @@ pub fn daemon(
         }
         None => None,
     };
+    let fleet_slots = member.as_ref().map(|m| {
+        (
+            m.registration.endpoints.clone(),
+            m.registration.record.id.clone(),
+        )
+    });
     let (agent, stop, server) = start_agent(&home, remote, member)?;
     eprintln!(
         "{}",
@@ -491,6 +512,13 @@ pub fn daemon(
         });
     }
     if let Some(os) = agent.os().cloned() {
+        if let Some(f) = &fleet_slots {
+            // `juice os update` on a fleet host takes an update slot; the verdict gives it back.
+            os.set_gate(Arc::new(crate::fleet_update::OsSlots {
+                endpoints: f.0.clone(),
+                host: f.1.clone(),
+            }));
+        }
         judge_os_trial(&agent, os);
     }
     loop {

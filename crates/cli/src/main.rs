@@ -9,6 +9,7 @@ mod fleet;
 mod fleet_host;
 mod fleet_rollout;
 mod fleet_tls;
+mod fleet_update;
 mod host;
 mod images;
 mod os;

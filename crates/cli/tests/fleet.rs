@@ -11,6 +11,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::fleet::{host_id, local_instances};
 use common::{
     ChildGuard, Etcd, EtcdCluster, EtcdEndpoints, InstanceSweeper, Juice, NetnsHost, local_groups,
     until_local,
@@ -69,13 +70,6 @@ fn fleet_daemon(j: &Juice, etcd: &Etcd, labels: &[&str]) -> ChildGuard {
         args.extend(["--label", l]);
     }
     common::daemon_with(j, &args, &[], &j.home.path().join("daemon.log"))
-}
-
-fn host_id(j: &Juice) -> String {
-    std::fs::read_to_string(j.home.path().join("host-id"))
-        .expect("the daemon wrote $JUICE_HOME/host-id")
-        .trim()
-        .to_owned()
 }
 
 #[test]
@@ -638,24 +632,6 @@ fn a_controller_whose_lease_is_taken_away_sees_it_and_is_elected_again() {
         }
         task.abort();
     });
-}
-
-/// `juice get instances -o json` against `j`'s daemon: (name, pid) of `group`'s instances.
-fn local_instances(j: &Juice, group: &str) -> Vec<(String, i64)> {
-    let out = j.ok(&["get", "instances", "-o", "json"]);
-    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    let mut mine: Vec<(String, i64)> = all
-        .iter()
-        .filter(|i| i["group"] == group)
-        .map(|i| {
-            (
-                i["name"].as_str().unwrap().to_owned(),
-                i["pid"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    mine.sort();
-    mine
 }
 
 /// `juice fleet get groups -o json`: the group `web`'s summary, if listed.

@@ -85,6 +85,7 @@ async fn host(url: String, id: HostId, bad: Option<String>) -> Result<(), Error>
         os: "bench".into(),
         kernel: "bench".into(),
         started_ms: now_ms(),
+        binary_sha256: String::new(),
     };
     let under = Some(PutOptions::new().with_lease(lease));
     c.put(record.key(), record.encode(), under.clone()).await?;

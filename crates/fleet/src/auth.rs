@@ -5,7 +5,7 @@
 //!   including users, roles and `juice fleet apply`'s `spec`.
 //! - `host-<id>` (a host's certificate) holds the role `host-<id>`: it reads everything
 //!   under `/juice/v1/` and writes only its own record (`hosts/<id>`), its own reports
-//!   (`reports/<id>/`) and the update slots (`update/slots/`).
+//!   (`reports/<id>/`), the update slots (`update/slots/`) and its own `update/failed/<id>`.
 //! - the role `controller`, given to the hosts that stand as controller: reads and writes
 //!   everything under `/juice/v1/`.
 //!
@@ -22,8 +22,8 @@ use crate::store::Store;
 
 /// The role of the hosts that stand as the fleet's controller.
 pub const CONTROLLER_ROLE: &str = "controller";
-/// The update slots a host takes under its own lease (issue 14's host updates).
-pub const UPDATE_SLOTS: &str = "/juice/v1/update/slots/";
+/// The update slots a host takes under its own lease ([`crate::update`]).
+pub const UPDATE_SLOTS: &str = crate::update::SLOTS;
 
 /// One permission of a role: on `key`, or on every key starting with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,12 @@ pub fn host_grants(id: &HostId) -> Vec<Grant> {
         },
         Grant::write_prefix(&format!("{REPORTS}{id}/")),
         Grant::write_prefix(UPDATE_SLOTS),
+        // Its own failed update, which pauses the fleet's update until the operator resumes.
+        Grant {
+            write: true,
+            key: format!("{}{id}", crate::update::FAILED),
+            prefix: false,
+        },
     ]
 }
 
@@ -194,6 +200,9 @@ mod tests {
             (format!("{HOSTS}{a}"), true),
             (format!("{REPORTS}{a}/web"), true),
             (format!("{UPDATE_SLOTS}{a}"), true),
+            (format!("{}{a}", crate::update::FAILED), true),
+            (format!("{}{b}", crate::update::FAILED), false),
+            (crate::update::DESIRED.to_owned(), false),
             (format!("{HOSTS}{b}"), false),
             // A key that only starts with the host's id is another host's.
             (format!("{HOSTS}{a}x"), false),

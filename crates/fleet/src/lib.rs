@@ -19,6 +19,8 @@
 //! With `https://` endpoints every client speaks mutual TLS to etcd ([`tls`]) with a
 //! certificate of the fleet's own CA ([`certs`]), whose common name is its etcd user; etcd's
 //! roles ([`auth`]) let a host write only its own records.
+//! Hosts update their own daemon (and OS) a few at a time through slots held under their
+//! leases ([`update`]).
 //!
 //! ```no_run
 //! # async fn list() -> Result<(), juice_fleet::Error> {
@@ -47,6 +49,7 @@ pub mod rollout;
 pub mod spec;
 pub mod store;
 pub mod tls;
+pub mod update;
 
 pub use controller::{Controller, Leader, Leadership};
 pub use endpoints::Endpoints;

@@ -249,6 +249,10 @@ pub struct HostRecord {
     pub kernel: String,
     /// When this daemon started, milliseconds since 1970: a restart shows as a new value.
     pub started_ms: u64,
+    /// sha256 of the daemon's binary, hex (empty from a host that does not say): a host
+    /// update's progress shows here.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub binary_sha256: String,
 }
 
 impl HostRecord {
@@ -304,6 +308,7 @@ mod tests {
             os: "Debian GNU/Linux 12 (bookworm)".into(),
             kernel: "6.1.0-28-amd64".into(),
             started_ms: 1_800_000_000_000,
+            binary_sha256: String::new(),
         }
     }
 

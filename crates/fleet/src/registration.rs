@@ -31,6 +31,10 @@ pub struct Registration {
     pub endpoints: Endpoints,
     pub record: HostRecord,
     ttl: Duration,
+    /// Where the lease's id is kept (`$JUICE_HOME/fleet/lease`), so that a daemon that
+    /// restarts (a host update re-executes it) takes its lease over while etcd still has
+    /// it, with the update slot held under it; `None` grants a new lease every time.
+    pub lease_file: Option<std::path::PathBuf>,
 }
 
 impl Registration {
@@ -43,6 +47,7 @@ impl Registration {
             endpoints,
             record,
             ttl: Duration::from_secs(ttl_secs),
+            lease_file: None,
         })
     }
 
@@ -63,9 +68,14 @@ impl Registration {
         // live, so a fleet that lost etcd together does not return in one wave.
         let first_retry = Duration::from_millis(500);
         let mut retry = first_retry;
+        // Only the first session takes over the lease a previous daemon left: after a
+        // loss of etcd the host registers anew, as before.
+        let mut take_over = self.lease_file.is_some();
         loop {
             let mut registered = false;
-            let error = self.session(&mut report, &mut registered).await;
+            let error = self
+                .session(&mut report, &mut registered, std::mem::take(&mut take_over))
+                .await;
             if registered {
                 retry = first_retry;
             }
@@ -76,17 +86,42 @@ impl Registration {
     }
 
     /// One lease, from its grant until it is lost: returns why it was lost.
-    async fn session(&self, report: &mut impl FnMut(Status), registered: &mut bool) -> Error {
+    async fn session(
+        &self,
+        report: &mut impl FnMut(Status),
+        registered: &mut bool,
+        take_over: bool,
+    ) -> Error {
         let store = match Store::connect(&self.endpoints, self.beat()).await {
             Ok(s) => s,
             Err(e) => return e,
         };
         let mut client = store.client();
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-        let lease = match store.call("a lease", client.lease_grant(ttl, None)).await {
-            Ok(l) => l.id(),
-            Err(e) => return e,
+        let kept = match (&self.lease_file, take_over) {
+            (Some(file), true) => match read_lease(file) {
+                Some(id) => match store.lease_alive(id).await {
+                    Ok(true) => Some(id),
+                    Ok(false) => None,
+                    Err(e) => return e,
+                },
+                None => None,
+            },
+            _ => None,
         };
+        let lease = match kept {
+            Some(id) => id,
+            None => match store.call("a lease", client.lease_grant(ttl, None)).await {
+                Ok(l) => l.id(),
+                Err(e) => return e,
+            },
+        };
+        if let Some(file) = &self.lease_file
+            && kept.is_none()
+            && let Err(e) = write_lease(file, lease)
+        {
+            return e;
+        }
         if let Err(e) = store.put_host(&self.record, lease).await {
             return e;
         }
@@ -116,5 +151,47 @@ impl Registration {
                 Err(e) => return e,
             }
         }
+    }
+}
+
+/// The lease id kept in `file`, if it holds one (anything else counts as none).
+fn read_lease(file: &std::path::Path) -> Option<i64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    i64::from_str_radix(text.trim(), 16).ok()
+}
+
+/// Keeps `lease` in `file` (hex), replacing it whole: a temp file, synced, renamed.
+fn write_lease(file: &std::path::Path, lease: i64) -> Result<()> {
+    let err = |source| Error::File {
+        path: file.to_owned(),
+        source,
+    };
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = file.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(format!("{lease:x}\n").as_bytes())
+            .map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, file).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_lease_reads_back_and_anything_else_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet/lease");
+        assert_eq!(read_lease(&file), None);
+        write_lease(&file, 0x694d_7c1e_22a0_1f03).unwrap();
+        assert_eq!(read_lease(&file), Some(0x694d_7c1e_22a0_1f03));
+        std::fs::write(&file, "not a lease").unwrap();
+        assert_eq!(read_lease(&file), None);
     }
 }

@@ -12,6 +12,7 @@
 //! encoding, the disk's layout, and the host's PID 1 are Juice's own protocol.
 
 pub mod build;
+pub mod daemon;
 pub mod disk;
 pub mod grub;
 pub mod grubenv;

@@ -117,17 +117,45 @@ pub fn pack(
 ) -> Result<ImageRecord, VersionError> {
     check_name(&config.version)?;
     check_cmdline(&config.cmdline)?;
+    let label =
+        String::from_utf8(
+            canonical_json(config).map_err(|reason| VersionError::Invalid {
+                image: reference.to_owned(),
+                reason,
+            })?,
+        )
+        .map_err(|e| VersionError::Invalid {
+            image: reference.to_owned(),
+            reason: e.to_string(),
+        })?;
+    pack_labelled(
+        store,
+        reference,
+        (LABEL, &label),
+        &[("vmlinuz", kernel, 0o644), ("initrd", initrd, 0o644)],
+    )
+}
+
+/// Writes an image of one reproducible layer holding `files` (name in the layer, file on
+/// disk, mode) into `store` as `reference`, its config carrying one label: the shape of an
+/// OS version, and of a daemon for a host update ([`crate::daemon`]).
+pub(crate) fn pack_labelled(
+    store: &Store,
+    reference: &str,
+    (key, value): (&str, &str),
+    files: &[(&str, &Path, u32)],
+) -> Result<ImageRecord, VersionError> {
     let invalid = |reason: String| VersionError::Invalid {
         image: reference.to_owned(),
         reason,
     };
     let mut tree = Tree::new();
-    for (name, path) in [("vmlinuz", kernel), ("initrd", initrd)] {
+    for (name, path, mode) in files {
         tree.insert(
             Path::new("/").join(name).as_path(),
             Node::File {
-                source: Source::Host(path.to_owned()),
-                mode: 0o644,
+                source: Source::Host((*path).to_owned()),
+                mode: *mode,
             },
         )
         .map_err(|e| invalid(e.to_string()))?;
@@ -137,15 +165,13 @@ pub fn pack(
     let (_, layer) = write_layer(&tree, &mut blob).map_err(|e| invalid(e.to_string()))?;
     let (layer_digest, layer_size) = blob.commit()?;
 
-    let label = String::from_utf8(canonical_json(config).map_err(invalid)?)
-        .map_err(|e| invalid(e.to_string()))?;
     let image_config = ImageConfigurationBuilder::default()
         .architecture(Arch::Amd64)
         .os(Os::Linux)
         .config(
             ConfigBuilder::default()
                 .labels(
-                    [(LABEL.to_owned(), label)]
+                    [(key.to_owned(), value.to_owned())]
                         .into_iter()
                         .collect::<HashMap<_, _>>(),
                 )
@@ -223,86 +249,108 @@ impl OsVersion {
     /// the config's digest. Any other entry in the layer, a link, or a file over
     /// [`FILE_MAX`] is refused; names in the layer never choose where anything is written.
     pub fn extract(&self, store: &Store, dir: &Path) -> Result<Extracted, VersionError> {
-        let image = self.record.reference.clone();
-        let invalid = |reason: String| VersionError::Invalid {
-            image: image.clone(),
-            reason,
-        };
-        let path = store.blob_path(&self.layer);
-        let file = std::fs::File::open(&path).map_err(juice_image::PathError::at("open", &path))?;
-        let reader = open_layer(std::io::BufReader::new(file), &self.layer_media)
-            .map_err(|e| invalid(format!("its layer cannot be read: {e}")))?;
-        let mut archive = tar::Archive::new(reader);
-        let mut seen: Vec<&'static str> = Vec::new();
-        let entries = archive
-            .entries()
-            .map_err(|e| invalid(format!("its layer is not a tar archive: {e}")))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| invalid(format!("its layer is damaged: {e}")))?;
-            let name = entry
-                .path()
-                .map_err(|e| invalid(format!("its layer has a bad name: {e}")))?
-                .into_owned();
-            let (which, expected) = match name.to_str() {
-                Some("vmlinuz") => ("vmlinuz", &self.config.kernel_sha256),
-                Some("initrd") => ("initrd", &self.config.initrd_sha256),
-                _ => {
-                    return Err(invalid(format!(
-                        "its layer holds {}, and an OS version holds only vmlinuz and initrd",
-                        name.display()
-                    )));
-                }
-            };
-            if !entry.header().entry_type().is_file() {
-                return Err(invalid(format!(
-                    "{which} in its layer is not a regular file"
-                )));
-            }
-            if seen.contains(&which) {
-                return Err(invalid(format!("its layer holds {which} twice")));
-            }
-            seen.push(which);
-            let size = entry.size();
-            if size > FILE_MAX {
-                return Err(invalid(format!(
-                    "{which} is {size} bytes, over the limit of {FILE_MAX}"
-                )));
-            }
-            let dest = dir.join(which);
-            let out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dest)
-                .map_err(juice_image::PathError::at("create", &dest))?;
-            let mut out = HashWriter {
-                inner: std::io::BufWriter::new(out),
-                hash: Sha256::new(),
-            };
-            std::io::copy(&mut (&mut entry).take(FILE_MAX), &mut out)
-                .map_err(juice_image::PathError::at("write", &dest))?;
-            let HashWriter { inner, hash } = out;
-            let file = inner
-                .into_inner()
-                .map_err(|e| juice_image::PathError::at("write", &dest)(e.into_error()))?;
-            file.sync_all()
-                .map_err(juice_image::PathError::at("sync", &dest))?;
-            let actual = hex::encode(hash.finalize());
-            if &actual != expected {
-                return Err(invalid(format!(
-                    "{which} has sha256 {actual}, and its config says {expected}"
-                )));
-            }
-        }
-        for which in ["vmlinuz", "initrd"] {
-            if !seen.contains(&which) {
-                return Err(invalid(format!("its layer has no {which}")));
-            }
-        }
+        extract_checked(
+            store,
+            &self.record.reference,
+            (&self.layer, &self.layer_media),
+            dir,
+            &[
+                ("vmlinuz", &self.config.kernel_sha256),
+                ("initrd", &self.config.initrd_sha256),
+            ],
+            "an OS version holds only vmlinuz and initrd",
+        )?;
         Ok(Extracted {
             vmlinuz: dir.join("vmlinuz"),
             initrd: dir.join("initrd"),
         })
     }
+}
+
+/// Writes each of `wanted` (a name in the layer and its sha256) from `image`'s one layer
+/// into `dir` (which must exist), each checked against its digest. Any other entry
+/// (refused with `only`), a link, a name twice or missing, or a file over [`FILE_MAX`] is
+/// refused; names in the layer never choose where anything is written.
+pub(crate) fn extract_checked(
+    store: &Store,
+    image: &str,
+    (layer, media): (&Digest, &MediaType),
+    dir: &Path,
+    wanted: &[(&'static str, &str)],
+    only: &str,
+) -> Result<(), VersionError> {
+    let invalid = |reason: String| VersionError::Invalid {
+        image: image.to_owned(),
+        reason,
+    };
+    let path = store.blob_path(layer);
+    let file = std::fs::File::open(&path).map_err(juice_image::PathError::at("open", &path))?;
+    let reader = open_layer(std::io::BufReader::new(file), media)
+        .map_err(|e| invalid(format!("its layer cannot be read: {e}")))?;
+    let mut archive = tar::Archive::new(reader);
+    let mut seen: Vec<&'static str> = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| invalid(format!("its layer is not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| invalid(format!("its layer is damaged: {e}")))?;
+        let name = entry
+            .path()
+            .map_err(|e| invalid(format!("its layer has a bad name: {e}")))?
+            .into_owned();
+        let Some(&(which, expected)) = wanted.iter().find(|(w, _)| name.to_str() == Some(*w))
+        else {
+            return Err(invalid(format!(
+                "its layer holds {}, and {only}",
+                name.display()
+            )));
+        };
+        if !entry.header().entry_type().is_file() {
+            return Err(invalid(format!(
+                "{which} in its layer is not a regular file"
+            )));
+        }
+        if seen.contains(&which) {
+            return Err(invalid(format!("its layer holds {which} twice")));
+        }
+        seen.push(which);
+        let size = entry.size();
+        if size > FILE_MAX {
+            return Err(invalid(format!(
+                "{which} is {size} bytes, over the limit of {FILE_MAX}"
+            )));
+        }
+        let dest = dir.join(which);
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dest)
+            .map_err(juice_image::PathError::at("create", &dest))?;
+        let mut out = HashWriter {
+            inner: std::io::BufWriter::new(out),
+            hash: Sha256::new(),
+        };
+        std::io::copy(&mut (&mut entry).take(FILE_MAX), &mut out)
+            .map_err(juice_image::PathError::at("write", &dest))?;
+        let HashWriter { inner, hash } = out;
+        let file = inner
+            .into_inner()
+            .map_err(|e| juice_image::PathError::at("write", &dest)(e.into_error()))?;
+        file.sync_all()
+            .map_err(juice_image::PathError::at("sync", &dest))?;
+        let actual = hex::encode(hash.finalize());
+        if actual != expected {
+            return Err(invalid(format!(
+                "{which} has sha256 {actual}, and its config says {expected}"
+            )));
+        }
+    }
+    for (which, _) in wanted {
+        if !seen.contains(which) {
+            return Err(invalid(format!("its layer has no {which}")));
+        }
+    }
+    Ok(())
 }
 
 struct HashWriter<W> {

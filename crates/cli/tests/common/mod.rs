@@ -1,6 +1,8 @@
 //! Helpers for tests that drive the real `juice` binary.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 
@@ -783,13 +785,24 @@ impl NetnsHost {
 
     /// `juice daemon ARGS` for `j` inside this namespace, as [`daemon_with`] does.
     pub fn daemon(&self, j: &Juice, args: &[&str], log: &Path) -> ChildGuard {
-        let log = std::fs::File::create(log).expect("the daemon's log file");
+        self.daemon_from(Path::new(env!("CARGO_BIN_EXE_juice")), j, args, log)
+    }
+
+    /// [`NetnsHost::daemon`] with the `juice` at `binary` (a copy, for a daemon that may
+    /// replace its own binary), its log appended to `log`.
+    pub fn daemon_from(&self, binary: &Path, j: &Juice, args: &[&str], log: &Path) -> ChildGuard {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("the daemon's log file");
         // nsenter enters only the network namespace (`ip netns exec` would also mount a
         // fresh /sys, without the cgroup hierarchy), and execs juice: the guard's PID is juice's.
         let guard = ChildGuard::spawn(
             Command::new("nsenter")
                 .arg(format!("--net=/run/netns/{}", self.name))
-                .args([env!("CARGO_BIN_EXE_juice"), "daemon"])
+                .arg(binary)
+                .arg("daemon")
                 .args(args)
                 .env("JUICE_HOME", j.home.path())
                 .current_dir(workspace())
