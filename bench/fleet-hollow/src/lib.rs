@@ -349,7 +349,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -360,7 +360,7 @@ impl Rng {
     /// A number in `0..n` (`n` > 0).
     pub fn below(&mut self, n: usize) -> usize {
         let n64 = u64::try_from(n).unwrap_or(u64::MAX).max(1);
-        usize::try_from(self.next() % n64).unwrap_or(0)
+        usize::try_from(self.next_u64() % n64).unwrap_or(0)
     }
 }
 
@@ -398,10 +398,7 @@ async fn deletions(
 }
 
 /// Watches `prefix` from now; returns the stream once etcd has created the watch.
-async fn watch_from_now(
-    c: &mut Client,
-    prefix: &str,
-) -> Result<etcd_client::WatchStream> {
+async fn watch_from_now(c: &mut Client, prefix: &str) -> Result<etcd_client::WatchStream> {
     let mut stream = c
         .watch(prefix, Some(WatchOptions::new().with_prefix()))
         .await
@@ -409,7 +406,9 @@ async fn watch_from_now(
     // The first message says the watch is created.
     match stream.message().await.map_err(etcd("a watch"))? {
         Some(a) if a.created() => Ok(stream),
-        _ => Err(Error::Bench(format!("the watch of {prefix} was not created"))),
+        _ => Err(Error::Bench(format!(
+            "the watch of {prefix} was not created"
+        ))),
     }
 }
 
@@ -447,7 +446,11 @@ impl Latencies {
 
 /// Kills `victims` at once (no revoke) and times each one's record disappearing from
 /// `hosts/`, seen through a watch.
-pub async fn kill(fleet: &mut HollowFleet, victims: &[HostId], limit: Duration) -> Result<Latencies> {
+pub async fn kill(
+    fleet: &mut HollowFleet,
+    victims: &[HostId],
+    limit: Duration,
+) -> Result<Latencies> {
     let mut c = client(&fleet.config.endpoints).await?;
     let mut stream = watch_from_now(&mut c, juice_fleet::record::HOSTS).await?;
     let wanted: HashMap<String, ()> = victims.iter().map(|v| (v.key(), ())).collect();
@@ -483,13 +486,9 @@ pub async fn bare(
             .map_err(etcd("a bare lease"))?
             .id();
         let key = format!("/juice-bench/bare/{i}");
-        c.put(
-            key.as_str(),
-            "x",
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(etcd("a bare lease's key"))?;
+        c.put(key.as_str(), "x", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(etcd("a bare lease's key"))?;
         wanted.insert(key, ());
         let phase = beat.mul_f64((rng.below(1000) as f64) / 1000.0);
         let mut lc = c.clone();

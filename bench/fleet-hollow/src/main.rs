@@ -164,7 +164,14 @@ async fn command(
                 .and_then(|w| w.parse().ok())
                 .ok_or_else(|| Error::Bench("bare K SECS".into()))?;
             let limit = secs(words.next())?;
-            let l = bare(&fleet.config.endpoints, k, fleet.config.ttl_secs, rng, limit).await?;
+            let l = bare(
+                &fleet.config.endpoints,
+                k,
+                fleet.config.ttl_secs,
+                rng,
+                limit,
+            )
+            .await?;
             println!("{}", l.lines("bare"));
         }
         "apply" => {

@@ -64,11 +64,7 @@ impl Registration {
 
     /// [`Registration::run`], on `shared` connections when given (many hosts in one
     /// process, see [`Connections`]) instead of a connection of its own per lease.
-    pub async fn run_on(
-        self,
-        shared: Option<Connections>,
-        mut report: impl FnMut(Status) + Send,
-    ) {
+    pub async fn run_on(self, shared: Option<Connections>, mut report: impl FnMut(Status) + Send) {
         // The first retry is quick; each next one waits twice as long, up to the time to
         // live, so a fleet that lost etcd together does not return in one wave.
         let first_retry = Duration::from_millis(500);

@@ -178,7 +178,11 @@ impl Connections {
     /// `n` connections of each kind ([`Store::connect`], [`Store::connect_streaming`]) to
     /// `endpoints`, each call on them with a deadline of `timeout` (a host's is a third of
     /// its lease).
-    pub async fn connect(endpoints: &Endpoints, timeout: Duration, n: usize) -> Result<Connections> {
+    pub async fn connect(
+        endpoints: &Endpoints,
+        timeout: Duration,
+        n: usize,
+    ) -> Result<Connections> {
         let mut calls = Vec::with_capacity(n.max(1));
         let mut streams = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
@@ -194,9 +198,7 @@ impl Connections {
 
     /// The next connection for calls and the next for streams, in turn.
     pub(crate) fn pick(&self) -> (Store, Store) {
-        let i = self
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (
             self.calls[i % self.calls.len()].clone(),
             self.streams[i % self.streams.len()].clone(),
