@@ -173,8 +173,8 @@ r() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0 || a == "none") print "-"; else
 f="%-62s %10s %s\n"
 echo "hollow hosts: $hosts (lease ${ttl} s)${NO_SPEC:+, no fleet file applied}, 10 groups: 8 per host, 1 of $hosts spread over 3 zones, 1 on $roll_n hosts; seed ${fig[seed]:-?}"
 echo "machine: $(nproc) cores, load average $load (during the steady state)"
-printf "$f" "hosts registered (from the first start)" "${fig[start.registered_ms]}" ms
-printf "$f" "spec applied -> every assignment reported ready" "$placed_ms" "ms (${fig[settle.assignments]} assignments)"
+printf "$f" "hosts registered (from the first start)" "${fig[start.registered_ms]:-skipped}" ms
+printf "$f" "spec applied -> every assignment reported ready" "$placed_ms" "ms (${fig[settle.assignments]:-skipped} assignments)"
 printf "$f" "etcd keys" "$keys" ""
 mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b / 1048576}'; }
 printf "$f" "etcd database size (as it stood)" "$(mib "$db_bytes")" MiB
@@ -190,11 +190,11 @@ printf "$f" "fleet-hollow CPU ($hosts hosts, % of one core)" "$(cpu "$h0" "$h1")
 printf "$f" "juice fleet get hosts: p50 / p99 (20 runs)" "$(pct "$work/get.ms" 50)" "ms / $(pct "$work/get.ms" 99) ms"
 printf "$f" "baseline etcdctl get --prefix hosts/: p50 / p99" "$(pct "$work/etcdctl.ms" 50)" "ms / $(pct "$work/etcdctl.ms" 99) ms"
 printf "$f" "ratio get hosts p99 / baseline p99" "$(r "$(pct "$work/get.ms" 99)" "$(pct "$work/etcdctl.ms" 99)")" "  to the 1 s goal: $(r "$(pct "$work/get.ms" 99)" 1000); to Kubernetes' 30 s list SLO: $(r "$(pct "$work/get.ms" 99)" 30000)"
-printf "$f" "$kill_n hosts killed: kill -> record gone, p50 / p99 / max" "${fig[kill.p50_ms]}" "ms / ${fig[kill.p99_ms]} ms / ${fig[kill.max_ms]} ms (${fig[kill.missing]} never gone)"
-printf "$f" "baseline: $kill_n bare ${ttl} s leases stopped, p50 / p99 / max" "${fig[bare.p50_ms]}" "ms / ${fig[bare.p99_ms]} ms / ${fig[bare.max_ms]} ms (${fig[bare.missing]} never gone)"
-printf "$f" "ratio dead p99 / baseline p99" "$(r "${fig[kill.p99_ms]}" "${fig[bare.p99_ms]}")" "  to the 12 s goal: $(r "${fig[kill.p99_ms]}" 12000); to Kubernetes 40 s: $(r "${fig[kill.p99_ms]}" 40000); to Nomad 200 s: $(r "${fig[kill.p99_ms]}" 200000)"
+printf "$f" "$kill_n hosts killed: kill -> record gone, p50 / p99 / max" "${fig[kill.p50_ms]:-skipped}" "ms / ${fig[kill.p99_ms]:-skipped} ms / ${fig[kill.max_ms]:-skipped} ms (${fig[kill.missing]:-skipped} never gone)"
+printf "$f" "baseline: $kill_n bare ${ttl} s leases stopped, p50 / p99 / max" "${fig[bare.p50_ms]:-skipped}" "ms / ${fig[bare.p99_ms]:-skipped} ms / ${fig[bare.max_ms]:-skipped} ms (${fig[bare.missing]:-skipped} never gone)"
+printf "$f" "ratio dead p99 / baseline p99" "$(r "${fig[kill.p99_ms]:-skipped}" "${fig[bare.p99_ms]:-skipped}")" "  to the 12 s goal: $(r "${fig[kill.p99_ms]:-skipped}" 12000); to Kubernetes 40 s: $(r "${fig[kill.p99_ms]:-skipped}" 40000); to Nomad 200 s: $(r "${fig[kill.p99_ms]:-skipped}" 200000)"
 printf "$f" "new revision on $roll_n hosts: apply -> all ready (all at once)" "${fig[rollout.end_to_end_ms]:-skipped}" "ms   per host p50 ${fig[rollout.host.p50_ms]:-skipped} ms, max ${fig[rollout.host.max_ms]:-skipped} ms"
 printf "$f" "  waves 1, 5%, 25%, 100% with a 10 s gate would add at least" "30000" "ms (3 gates); goal 90 s end to end"
 printf "$f" "bad revision: apply -> first failure report" "${fig[fail.first_failure_ms]:-skipped}" "ms (${fig[fail.touched]:-skipped} hosts touched)"
 printf "$f" "bad revision: first failure -> every touched host on the old one" "${fig[fail.back_ms]:-skipped}" "ms   goal: gate + 15 s = 25000 ms"
-echo "hollow hosts' events: registered ${fig[events.registered]}, lost registrations ${fig[events.registration_lost]}, lost watches ${fig[events.watch_lost]}"
+echo "hollow hosts' events: registered ${fig[events.registered]:-skipped}, lost registrations ${fig[events.registration_lost]:-skipped}, lost watches ${fig[events.watch_lost]:-skipped}"
