@@ -26,7 +26,7 @@ use crate::plan::Assignment;
 use crate::record::HostId;
 use crate::report::{self, LocalGroup, REPORTS, Report, ReportWrite, report_key};
 use crate::spec::GroupName;
-use crate::store::Store;
+use crate::store::{Connections, Store};
 
 /// A group that could not be applied is tried again this often (its image may have been
 /// built or pushed since).
@@ -135,13 +135,21 @@ impl<L: LocalHost> HostWork<L> {
     }
 
     /// Runs until the task running it is dropped.
-    pub async fn run(self, mut report: impl FnMut(Event) + Send) {
+    pub async fn run(self, report: impl FnMut(Event) + Send) {
+        self.run_on(None, report).await
+    }
+
+    /// [`HostWork::run`], on `shared` connections when given (many hosts in one process,
+    /// see [`Connections`]) instead of connections of its own per session.
+    pub async fn run_on(self, shared: Option<Connections>, mut report: impl FnMut(Event) + Send) {
         let first_retry = Duration::from_millis(500);
         let mut retry = first_retry;
         let mut p = Progress::default();
         loop {
             let mut heard = false;
-            let error = self.session(&mut p, &mut report, &mut heard).await;
+            let error = self
+                .session(shared.as_ref(), &mut p, &mut report, &mut heard)
+                .await;
             if heard {
                 retry = first_retry;
             }
@@ -155,18 +163,24 @@ impl<L: LocalHost> HostWork<L> {
     /// compaction. Returns why it was lost.
     async fn session(
         &self,
+        shared: Option<&Connections>,
         p: &mut Progress,
         report: &mut (impl FnMut(Event) + Send),
         heard: &mut bool,
     ) -> Error {
-        let store = match Store::connect(&self.endpoints, self.beat()).await {
-            Ok(s) => s,
-            Err(e) => return e,
-        };
-        // The watch's stream lives as long as it may: no per-call deadline on it.
-        let streaming = match Store::connect_streaming(&self.endpoints, self.beat()).await {
-            Ok(s) => s,
-            Err(e) => return e,
+        let (store, streaming) = match shared {
+            Some(c) => c.pick(),
+            None => {
+                let store = match Store::connect(&self.endpoints, self.beat()).await {
+                    Ok(s) => s,
+                    Err(e) => return e,
+                };
+                // The watch's stream lives as long as it may: no per-call deadline on it.
+                match Store::connect_streaming(&self.endpoints, self.beat()).await {
+                    Ok(s) => (store, s),
+                    Err(e) => return e,
+                }
+            }
         };
         loop {
             if p.known.is_none() {

@@ -60,5 +60,5 @@ pub use record::{Backend, HostId, HostRecord, Label, Labels};
 pub use registration::{Registration, Status};
 pub use report::{LocalGroup, Report};
 pub use spec::{FleetSpec, GroupName, GroupSpec};
-pub use store::{Listing, Store};
+pub use store::{Connections, Listing, Store};
 pub use tls::FleetTls;

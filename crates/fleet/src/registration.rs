@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
 use crate::record::HostRecord;
-use crate::store::Store;
+use crate::store::{Connections, Store};
 
 /// The lease's time to live unless told otherwise: a dead host is gone within 10 s.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -63,7 +63,13 @@ impl Registration {
 
     /// Registers, keeps the lease alive, and registers again whenever etcd comes back;
     /// runs until the task running it is dropped (the lease then lapses by itself).
-    pub async fn run(self, mut report: impl FnMut(Status) + Send) {
+    pub async fn run(self, report: impl FnMut(Status) + Send) {
+        self.run_on(None, report).await
+    }
+
+    /// [`Registration::run`], on `shared` connections when given (many hosts in one
+    /// process, see [`Connections`]) instead of a connection of its own per lease.
+    pub async fn run_on(self, shared: Option<Connections>, mut report: impl FnMut(Status) + Send) {
         // The first retry is quick; each next one waits twice as long, up to the time to
         // live, so a fleet that lost etcd together does not return in one wave.
         let first_retry = Duration::from_millis(500);
@@ -74,7 +80,12 @@ impl Registration {
         loop {
             let mut registered = false;
             let error = self
-                .session(&mut report, &mut registered, std::mem::take(&mut take_over))
+                .session(
+                    shared.as_ref(),
+                    &mut report,
+                    &mut registered,
+                    std::mem::take(&mut take_over),
+                )
                 .await;
             if registered {
                 retry = first_retry;
@@ -88,13 +99,17 @@ impl Registration {
     /// One lease, from its grant until it is lost: returns why it was lost.
     async fn session(
         &self,
+        shared: Option<&Connections>,
         report: &mut impl FnMut(Status),
         registered: &mut bool,
         take_over: bool,
     ) -> Error {
-        let store = match Store::connect(&self.endpoints, self.beat()).await {
-            Ok(s) => s,
-            Err(e) => return e,
+        let store = match shared {
+            Some(c) => c.pick().0,
+            None => match Store::connect(&self.endpoints, self.beat()).await {
+                Ok(s) => s,
+                Err(e) => return e,
+            },
         };
         let mut client = store.client();
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);

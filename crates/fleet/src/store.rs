@@ -279,3 +279,47 @@ async fn first_answering(clients: &[Client], timeout: Duration) -> usize {
     .await;
     first.ok().flatten().unwrap_or(0)
 }
+
+/// A few connections to etcd shared by many hosts run in one process (the hollow hosts of
+/// the fleet's benchmark): each host otherwise opens its own, and ten thousand hosts would
+/// need tens of thousands of sockets. Each host still has its own lease, watch and
+/// keep-alive streams; they are multiplexed (HTTP/2) over the shared connections, handed
+/// out in turn. A daemon never uses this: it is one host with connections of its own.
+#[derive(Clone)]
+pub struct Connections {
+    calls: std::sync::Arc<[Store]>,
+    streams: std::sync::Arc<[Store]>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Connections {
+    /// `n` connections of each kind ([`Store::connect`], [`Store::connect_streaming`]) to
+    /// `endpoints`, each call on them with a deadline of `timeout` (a host's is a third of
+    /// its lease).
+    pub async fn connect(
+        endpoints: &Endpoints,
+        timeout: Duration,
+        n: usize,
+    ) -> Result<Connections> {
+        let mut calls = Vec::with_capacity(n.max(1));
+        let mut streams = Vec::with_capacity(n.max(1));
+        for _ in 0..n.max(1) {
+            calls.push(Store::connect(endpoints, timeout).await?);
+            streams.push(Store::connect_streaming(endpoints, timeout).await?);
+        }
+        Ok(Connections {
+            calls: calls.into(),
+            streams: streams.into(),
+            next: Default::default(),
+        })
+    }
+
+    /// The next connection for calls and the next for streams, in turn.
+    pub(crate) fn pick(&self) -> (Store, Store) {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (
+            self.calls[i % self.calls.len()].clone(),
+            self.streams[i % self.streams.len()].clone(),
+        )
+    }
+}
