@@ -243,7 +243,8 @@ pub enum FleetCommand {
     Describe {
         #[arg(value_enum)]
         kind: FleetDescribeKind,
-        /// The group's name (as in the fleet file).
+        /// The group's name (as in the fleet file), or the host's id (a unique prefix of
+        /// it will do) or hostname.
         name: String,
         /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
         #[arg(long, value_name = "ENDPOINTS")]
@@ -264,6 +265,10 @@ pub enum FleetCommand {
         /// The fleet file.
         #[arg(short = 'f', long = "file", value_name = "FLEET.TOML")]
         file: std::path::PathBuf,
+        /// Store it only if the fleet's spec is still at this revision (the one `juice
+        /// fleet plan` planned against; 0: only if there is no spec yet).
+        #[arg(long, value_name = "REVISION")]
+        expect_revision: Option<i64>,
         /// etcd's endpoints (comma-separated http://HOST:PORT; default: $JUICE_FLEET).
         #[arg(long, value_name = "ENDPOINTS")]
         endpoints: Option<Endpoints>,
@@ -301,6 +306,8 @@ pub enum FleetGetKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FleetDescribeKind {
     Group,
+    /// A host: its record, and each group it is assigned or reports on.
+    Host,
 }
 
 pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Format) -> Result {
@@ -322,6 +329,11 @@ pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Forma
             name,
             endpoints,
         } => describe_group(&endpoints_or_env(endpoints)?, &name, format),
+        FleetCommand::Describe {
+            kind: FleetDescribeKind::Host,
+            name,
+            endpoints,
+        } => describe_host(&endpoints_or_env(endpoints)?, &name, format),
         FleetCommand::Rollout {
             verb,
             group,
@@ -330,20 +342,44 @@ pub fn run(command: FleetCommand, tls: Option<std::path::PathBuf>, format: Forma
         FleetCommand::Plan { file, endpoints } => {
             let spec = FleetSpec::load(&file)?;
             let endpoints = endpoints_or_env(endpoints)?;
-            let plan = block_on(async {
+            let (plan, revision) = block_on(async {
                 let store = juice_fleet::Store::connect(&endpoints, QUERY_TIMEOUT).await?;
-                Ok::<_, juice_fleet::Error>(store.plan(&spec).await??)
+                let revision = store.spec().await?.map_or(0, |s| s.revision);
+                Ok::<_, juice_fleet::Error>((store.plan(&spec).await??, revision))
             })??;
+            if format == Format::Json {
+                return output::json(
+                    &serde_json::json!({ "spec_revision": revision, "plan": plan }),
+                );
+            }
+            println!(
+                "planned against the fleet's spec at revision {revision} (`juice fleet apply --expect-revision {revision}` stores it only if that is still so):"
+            );
             print_plan(&plan, format)
         }
-        FleetCommand::Apply { file, endpoints } => {
+        FleetCommand::Apply {
+            file,
+            endpoints,
+            expect_revision,
+        } => {
             let spec = FleetSpec::load(&file)?;
             let endpoints = endpoints_or_env(endpoints)?;
             let (plan, revision) = block_on(async {
                 let store = juice_fleet::Store::connect(&endpoints, QUERY_TIMEOUT).await?;
+                // The spec this apply replaces: stored only if it is still that one when
+                // written, so two applies at once never lose one without a word.
+                let current = store.spec().await?.map_or(0, |s| s.revision);
+                if let Some(expected) = expect_revision
+                    && expected != current
+                {
+                    return Err(juice_fleet::Error::StaleSpec {
+                        expected,
+                        actual: current,
+                    });
+                }
                 // A spec that cannot be placed now is refused before it is stored.
                 let plan = store.plan(&spec).await??;
-                let revision = store.apply_spec(&spec).await?;
+                let revision = store.replace_spec(&spec, current).await?;
                 Ok::<_, juice_fleet::Error>((plan, revision))
             })??;
             if format == Format::Json {
@@ -623,6 +659,152 @@ struct HostPart {
     labels: Option<juice_fleet::Labels>,
     assignment: Option<juice_fleet::Assignment>,
     report: Option<juice_fleet::Report>,
+}
+
+/// The host `name` names among `known` (registered, assigned or reporting): its id, a
+/// unique prefix of it (4 characters at least), or its hostname.
+fn find_host<'a>(
+    known: &'a [(juice_fleet::HostId, Option<String>)],
+    name: &str,
+) -> Result<&'a juice_fleet::HostId> {
+    if let Some((id, _)) = known.iter().find(|(id, _)| id.as_str() == name) {
+        return Ok(id);
+    }
+    let mut matching: Vec<&(juice_fleet::HostId, Option<String>)> = known
+        .iter()
+        .filter(|(id, hostname)| {
+            (name.len() >= 4 && id.as_str().starts_with(name)) || hostname.as_deref() == Some(name)
+        })
+        .collect();
+    matching.dedup_by(|a, b| a.0 == b.0);
+    match matching.as_slice() {
+        [one] => Ok(&one.0),
+        [] => Err(format!(
+            "no host `{name}` in the fleet: no registered, assigned or reporting host has that id, id prefix (4 characters at least) or hostname ({} known; see `juice fleet get hosts`)",
+            known.len()
+        )
+        .into()),
+        many => {
+            let named: Vec<String> = many
+                .iter()
+                .map(|(id, h)| format!("{id} ({})", h.as_deref().unwrap_or("not registered")))
+                .collect();
+            Err(format!(
+                "host `{name}` is ambiguous: it names {}; give more of the id",
+                named.join(", ")
+            )
+            .into())
+        }
+    }
+}
+
+/// One group of a host, as `describe host` shows it.
+#[derive(Debug, serde::Serialize)]
+struct HostGroupPart {
+    group: juice_fleet::GroupName,
+    assignment: Option<juice_fleet::Assignment>,
+    report: Option<juice_fleet::Report>,
+}
+
+fn describe_host(endpoints: &Endpoints, name: &str, format: Format) -> Result {
+    let o = overview(endpoints)?;
+    let mut known: Vec<(juice_fleet::HostId, Option<String>)> = o
+        .hosts
+        .hosts
+        .iter()
+        .map(|r| (r.id.clone(), Some(r.hostname.clone())))
+        .collect();
+    for id in o.assigned.hosts.keys().chain(o.reports.hosts.keys()) {
+        if !known.iter().any(|(k, _)| k == id) {
+            known.push((id.clone(), None));
+        }
+    }
+    known.sort();
+    let id = find_host(&known, name)?;
+    let record = o.hosts.hosts.iter().find(|r| &r.id == id);
+    let empty = BTreeMap::new();
+    let assigned = o.assigned.hosts.get(id).unwrap_or(&empty);
+    let empty_reports = BTreeMap::new();
+    let reports = o.reports.hosts.get(id).unwrap_or(&empty_reports);
+    let mut groups: Vec<&juice_fleet::GroupName> = assigned.keys().chain(reports.keys()).collect();
+    groups.sort();
+    groups.dedup();
+    let parts: Vec<HostGroupPart> = groups
+        .into_iter()
+        .map(|g| HostGroupPart {
+            group: g.clone(),
+            assignment: assigned.get(g).cloned(),
+            report: reports.get(g).cloned(),
+        })
+        .collect();
+    if format == Format::Json {
+        return output::json(&serde_json::json!({
+            "id": id, "registered": record.is_some(), "record": record, "groups": parts,
+        }));
+    }
+    println!("Host:       {id}");
+    match record {
+        Some(r) => {
+            println!("Hostname:   {}", r.hostname);
+            println!("Labels:     {}", r.labels);
+            let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
+            println!("Backends:   {}", backends.join(", "));
+            println!("CPUs:       {}", r.cpus);
+            println!("Memory:     {}", output::size(r.memory_bytes));
+            println!("Juice:      {}", r.juice_version);
+            if !r.binary_sha256.is_empty() {
+                println!("Binary:     sha256:{}", r.binary_sha256);
+            }
+            println!("OS:         {} (kernel {})", r.os, r.kernel);
+        }
+        None => println!(
+            "Registered: no (its lease is gone: dead or cut off; its assignments stay until its groups' reschedule_after)"
+        ),
+    }
+    println!();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut t = output::table([
+        "GROUP", "ASSIGNED", "IMAGE", "REVISION", "READY", "STATUS", "RESTARTS", "REPORTED",
+    ]);
+    for p in &parts {
+        let (revision, ready, status, restarts, age) = match &p.report {
+            Some(r) => (
+                r.revision.clone(),
+                format!("{}/{}", r.ready, r.size),
+                match &r.error {
+                    Some(e) => format!("{}: {e}", r.status),
+                    None => r.status.clone(),
+                },
+                r.restarts.to_string(),
+                format!("{}s ago", now.saturating_sub(r.written_ms) / 1000),
+            ),
+            None => (
+                "-".into(),
+                "-".into(),
+                "not reporting".into(),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        t.add_row([
+            p.group.to_string(),
+            p.assignment
+                .as_ref()
+                .map_or("-".into(), |a| format!("{} @ {}", a.size, a.revision)),
+            p.assignment
+                .as_ref()
+                .map_or("-".into(), |a| a.image.clone()),
+            revision,
+            ready,
+            status,
+            restarts,
+            age,
+        ]);
+    }
+    println!("{t}");
+    Ok(())
 }
 
 fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {

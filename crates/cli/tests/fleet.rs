@@ -372,7 +372,9 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
         "--endpoints",
         &etcd.endpoint(),
     ]);
-    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let planned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(planned["spec_revision"], 0, "no spec stored yet: {planned}");
+    let plan = planned["plan"].clone();
     let both = [(id1.clone(), 1), (id2.clone(), 1)].into_iter().collect();
     assert_eq!(
         sizes(&plan, "web"),
@@ -382,7 +384,9 @@ fn two_controllers_elect_one_which_places_the_applied_spec_and_the_other_takes_o
     assert_eq!(sizes(&plan, "agent"), both, "one agent per host: {plan}");
     let table = j1.ok(&["fleet", "plan", "-f", file, "--endpoints", &etcd.endpoint()]);
     assert!(
-        table.starts_with("HOST") && table.contains("8080:8080"),
+        table.starts_with("planned against the fleet's spec at revision 0")
+            && table.contains("\nHOST")
+            && table.contains("8080:8080"),
         "{table}"
     );
     assert_eq!(
@@ -570,6 +574,103 @@ fn a_bad_or_impossible_fleet_file_is_an_error_naming_the_field_and_nothing_is_st
         c.get("/juice/v1/spec", None).await.unwrap().kvs().len()
     });
     assert_eq!(stored, 0, "a refused spec was stored");
+
+    // A stale revision: `plan` says which spec it planned against; an apply that expects
+    // another stores nothing, and so does one that another apply overtook.
+    std::fs::write(&file, FLEET.replace("count = 2", "count = 1")).unwrap();
+    let plan = j.ok(&["fleet", "plan", "-f", path, "--endpoints", &endpoint]);
+    assert!(
+        plan.contains("planned against the fleet's spec at revision 0"),
+        "{plan}"
+    );
+    let e = j.fails(&[
+        "fleet",
+        "apply",
+        "-f",
+        path,
+        "--endpoints",
+        &endpoint,
+        "--expect-revision",
+        "7",
+    ]);
+    assert!(
+        e.contains("the fleet's spec is at revision 0, not 7") && e.contains("nothing was stored"),
+        "{e}"
+    );
+    let out = j.ok(&[
+        "fleet",
+        "apply",
+        "-f",
+        path,
+        "--endpoints",
+        &endpoint,
+        "--expect-revision",
+        "0",
+    ]);
+    let stored_at: i64 = out
+        .split("revision ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in: {out}"));
+    let e = j.fails(&[
+        "fleet",
+        "apply",
+        "-f",
+        path,
+        "--endpoints",
+        &endpoint,
+        "--expect-revision",
+        "0",
+    ]);
+    assert!(
+        e.contains(&format!(
+            "the fleet's spec is at revision {stored_at}, not 0"
+        )),
+        "{e}"
+    );
+    let (spec_revision, count) = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([endpoint.as_str()], None)
+            .await
+            .unwrap();
+        let got = c.get("/juice/v1/spec", None).await.unwrap();
+        let kv = &got.kvs()[0];
+        let spec: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+        (kv.mod_revision(), spec["group"]["web"]["count"].clone())
+    });
+    assert_eq!((spec_revision, count), (stored_at, serde_json::json!(1)));
+
+    // An unknown host is one sentence; a host is found by its id, an id prefix or hostname.
+    let e = j.fails(&[
+        "fleet",
+        "describe",
+        "host",
+        "0000ffff",
+        "--endpoints",
+        &endpoint,
+    ]);
+    assert!(
+        e.contains("no host `0000ffff` in the fleet") && e.contains("1 known"),
+        "{e}"
+    );
+    let id = host_id(&j);
+    for name in [id.as_str(), &id[..6]] {
+        let out = j.ok(&["fleet", "describe", "host", name, "--endpoints", &endpoint]);
+        assert!(out.contains(&format!("Host:       {id}")), "{out}");
+        assert!(out.contains("zone=a"), "{out}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&j.ok(&[
+        "fleet",
+        "describe",
+        "host",
+        &id,
+        "--endpoints",
+        &endpoint,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(json["registered"], true, "{json}");
 }
 
 /// The controller's next event, within the lease + 2 s.

@@ -172,7 +172,9 @@ impl Store {
         }))
     }
 
-    /// Stores `spec` as the fleet's declared state, in one write; returns its revision.
+    /// Stores `spec` as the fleet's declared state, whatever is stored now, in one write;
+    /// returns its revision. (For programs that own the fleet, such as the benchmark; the
+    /// CLI uses [`Store::replace_spec`].)
     pub async fn apply_spec(&self, spec: &FleetSpec) -> Result<i64> {
         // A spec is strings, numbers, lists and maps with string keys: this cannot fail.
         let value = serde_json::to_vec(spec).unwrap_or_default();
@@ -184,6 +186,47 @@ impl Store {
                 client.txn(Txn::new().and_then([TxnOp::put(SPEC, value, None)])),
             )
             .await?;
+        Ok(answer.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Stores `spec` as the fleet's declared state, in one write, and returns its revision;
+    /// only if the stored spec is still the one of etcd revision `replaces` (its
+    /// `mod_revision`; 0: there is none), in one transaction: an apply that raced another
+    /// is refused ([`Error::StaleSpec`]) and stores nothing.
+    pub async fn replace_spec(&self, spec: &FleetSpec, replaces: i64) -> Result<i64> {
+        // A spec is strings, numbers, lists and maps with string keys: this cannot fail.
+        let value = serde_json::to_vec(spec).unwrap_or_default();
+        let mut client = self.client();
+        let answer = self
+            .call_as(
+                "the fleet's spec",
+                Some(format!("write {SPEC}")),
+                client.txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(SPEC, CompareOp::Equal, replaces)])
+                        .and_then([TxnOp::put(SPEC, value, None)])
+                        .or_else([TxnOp::get(SPEC, None)]),
+                ),
+            )
+            .await?;
+        if !answer.succeeded() {
+            let actual = answer
+                .op_responses()
+                .into_iter()
+                .find_map(|r| match r {
+                    etcd_client::TxnOpResponse::Get(g) => Some(
+                        g.kvs()
+                            .first()
+                            .map_or(0, etcd_client::KeyValue::mod_revision),
+                    ),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            return Err(Error::StaleSpec {
+                expected: replaces,
+                actual,
+            });
+        }
         Ok(answer.header().map_or(0, |h| h.revision()))
     }
 

@@ -55,6 +55,11 @@ pub enum Error {
         "this controller no longer leads the fleet (its leadership of revision {revision} is gone); the write was refused"
     )]
     Deposed { revision: i64 },
+    /// An apply made against a spec that another apply replaced meanwhile: nothing stored.
+    #[error(
+        "the fleet's spec is at revision {actual}, not {expected} as this apply expected (another apply came between); nothing was stored: plan again"
+    )]
+    StaleSpec { expected: i64, actual: i64 },
     /// This host's agent failed to apply its assignments or to say how its groups run.
     #[error("this host's agent: {reason}")]
     Host { reason: String },
