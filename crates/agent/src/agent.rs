@@ -439,6 +439,7 @@ impl Agent {
                 isolation: spec.isolation,
                 publish: spec.publish.clone(),
                 links: spec.links.clone(),
+                resources: spec.resources.clone(),
             };
             let (change, record) = self.plan_group(name, spec, template)?;
             changes.extend(change);
@@ -957,6 +958,14 @@ impl Agent {
             &self.home.join("volumes").join(name),
             &host,
         );
+        if let Some(o) = &rev.template.resources {
+            let image = &appliance.manifest.resources;
+            spec.limits = host.apply(juice_runtime::Limits {
+                cpus: o.cpus.or(image.cpus).map(|c| c.get()),
+                memory: o.memory.or(image.memory).map(|m| m.0),
+                pids: o.pids.or(image.pids),
+            });
+        }
         let mut net = NetworkSpec::new(name);
         net.links = rev.template.links.iter().map(|l| l.to_string()).collect();
         spec.network = Some(net);

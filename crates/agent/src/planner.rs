@@ -494,6 +494,7 @@ mod tests {
                 isolation: Isolation::Sandbox,
                 publish: Vec::new(),
                 links: Vec::new(),
+                resources: None,
             },
             created_ms: 0,
         };

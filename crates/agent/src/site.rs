@@ -34,6 +34,12 @@ pub struct GroupSpec {
     pub links: Vec<GroupName>,
     #[serde(default)]
     pub update: UpdatePolicy,
+    /// Overrides the image's `[resources]` (`cpus`, `memory`, `pids`; each one given
+    /// replaces the image's); the host's `limits.toml` ceilings still apply. A fleet group
+    /// gets the fleet file's `resources` here, so what the planner counted is what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resources: Option<juice_image::manifest::Resources>,
     /// On Juice OS, a trial of a new OS version commits only once this group is healthy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub critical: bool,

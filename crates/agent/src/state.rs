@@ -42,6 +42,10 @@ pub struct Template {
     pub isolation: Isolation,
     pub publish: Vec<Publish>,
     pub links: Vec<GroupName>,
+    /// The site's override of the image's resources (absent in records made before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resources: Option<juice_image::manifest::Resources>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -395,6 +399,7 @@ mod tests {
                     isolation: Isolation::Sandbox,
                     publish: vec![],
                     links: vec![],
+                    resources: None,
                 },
                 created_ms: n,
             });

@@ -16,7 +16,8 @@ pub struct AgentHost(pub Arc<Agent>);
 
 /// The host's site of fleet groups for `assignments`: each assigned group as `fleet-NAME`
 /// with the assignment's image, size, isolation and published ports, and the agent's
-/// default update policy with the fleet's health gate (when the assignment carries one). Resources come from the image, as for any group.
+/// default update policy with the fleet's health gate (when the assignment carries one), and
+/// the assignment's CPU share and memory in place of the image's.
 pub fn site_of(assignments: &BTreeMap<GroupName, Assignment>) -> Result<Site, String> {
     let mut site = Site::default();
     for (group, a) in assignments {
@@ -39,6 +40,12 @@ pub fn site_of(assignments: &BTreeMap<GroupName, Assignment>) -> Result<Site, St
                     },
                     None => site::UpdatePolicy::default(),
                 },
+                resources: Some(juice_image::manifest::Resources {
+                    // Thousandths of a CPU, at least one (the spec checked it): in range.
+                    cpus: juice_image::manifest::Cpus::try_from(a.millicpus as f64 / 1000.0).ok(),
+                    memory: Some(juice_image::manifest::Size(a.memory_bytes)),
+                    pids: None,
+                }),
                 critical: false,
             },
         );
@@ -132,6 +139,11 @@ mod tests {
         assert_eq!(web.isolation, site::Isolation::Sandbox);
         assert_eq!(String::from(web.publish[0]), "127.0.0.1:8080:80");
         assert!(web.links.is_empty() && !web.critical);
+        // What the planner counted is what the instances get.
+        let r = web.resources.as_ref().unwrap();
+        assert_eq!(r.cpus.map(|c| c.get()), Some(0.1));
+        assert_eq!(r.memory.map(|m| m.0), Some(64 << 20));
+        assert_eq!(r.pids, None);
         let long = site.group.values().next().unwrap();
         assert_eq!(long.isolation, site::Isolation::Microvm);
         // The same assignments always give the same site: applying again changes nothing.

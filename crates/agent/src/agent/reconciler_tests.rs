@@ -525,3 +525,26 @@ fn the_operators_groups_and_the_fleets_neither_change_nor_delete_each_other() {
             .is_err()
     );
 }
+
+#[test]
+fn a_sites_resources_replace_the_images_and_a_change_of_them_is_a_new_revision() {
+    let mut h = Host::new();
+    h.apply(1, 1, "");
+    h.pass();
+    let first = h.of(1);
+    let image = h.fake.limits(&first[0]).unwrap();
+    h.apply(1, 1, "resources = { cpus = 0.25, memory = \"32MiB\" }\n");
+    h.pass();
+    let said = h.said();
+    let second = h.of(2);
+    assert_eq!(
+        second.len(),
+        1,
+        "a change of resources makes revision 2: {said:?}"
+    );
+    let limits = h.fake.limits(&second[0]).unwrap();
+    assert_eq!(limits.cpus, Some(0.25), "{limits:?}");
+    assert_eq!(limits.memory, Some(32 << 20), "{limits:?}");
+    // What the site leaves out stays the image's (or the host's default).
+    assert_eq!(limits.pids, image.pids);
+}

@@ -46,6 +46,8 @@ struct Entry {
     ended_fd: OwnedFd,
     /// What the agent sees of its health, if it is checked.
     health: Option<Arc<Mutex<Health>>>,
+    /// The limits it was started with.
+    limits: juice_runtime::Limits,
 }
 
 impl Entry {
@@ -61,6 +63,11 @@ impl Entry {
 impl Fake {
     pub fn new() -> Fake {
         Fake::default()
+    }
+
+    /// The limits instance `name` was started with.
+    pub fn limits(&self, name: &str) -> Option<juice_runtime::Limits> {
+        self.table().instances.get(name).map(|e| e.limits)
     }
 
     /// Instances start unprobed; [`Fake::healthy`] and [`Fake::fail_check`] change that.
@@ -176,6 +183,7 @@ impl Backend for Fake {
                     ended: None,
                     ended_fd,
                     health,
+                    limits: spec.limits,
                 },
             );
         }
