@@ -661,6 +661,29 @@ struct HostPart {
     report: Option<juice_fleet::Report>,
 }
 
+/// A report's cells as `describe` shows them: revision, ready, status, restarts, age.
+fn report_cells(report: Option<&juice_fleet::Report>, now_ms: u64) -> [String; 5] {
+    match report {
+        Some(r) => [
+            r.revision.clone(),
+            format!("{}/{}", r.ready, r.size),
+            match &r.error {
+                Some(e) => format!("{}: {e}", r.status),
+                None => r.status.clone(),
+            },
+            r.restarts.to_string(),
+            format!("{}s ago", now_ms.saturating_sub(r.written_ms) / 1000),
+        ],
+        None => [
+            "-".into(),
+            "-".into(),
+            "not reporting".into(),
+            "-".into(),
+            "-".into(),
+        ],
+    }
+}
+
 /// The host `name` names among `known` (registered, assigned or reporting): its id, a
 /// unique prefix of it (4 characters at least), or its hostname.
 fn find_host<'a>(
@@ -769,25 +792,7 @@ fn describe_host(endpoints: &Endpoints, name: &str, format: Format) -> Result {
         "GROUP", "ASSIGNED", "IMAGE", "REVISION", "READY", "STATUS", "RESTARTS", "REPORTED",
     ]);
     for p in &parts {
-        let (revision, ready, status, restarts, age) = match &p.report {
-            Some(r) => (
-                r.revision.clone(),
-                format!("{}/{}", r.ready, r.size),
-                match &r.error {
-                    Some(e) => format!("{}: {e}", r.status),
-                    None => r.status.clone(),
-                },
-                r.restarts.to_string(),
-                format!("{}s ago", now.saturating_sub(r.written_ms) / 1000),
-            ),
-            None => (
-                "-".into(),
-                "-".into(),
-                "not reporting".into(),
-                "-".into(),
-                "-".into(),
-            ),
-        };
+        let [revision, ready, status, restarts, age] = report_cells(p.report.as_ref(), now);
         t.add_row([
             p.group.to_string(),
             p.assignment
@@ -869,25 +874,7 @@ fn describe_group(endpoints: &Endpoints, name: &str, format: Format) -> Result {
         "REPORTED",
     ]);
     for p in &parts {
-        let (revision, ready, status, restarts, age) = match &p.report {
-            Some(r) => (
-                r.revision.clone(),
-                format!("{}/{}", r.ready, r.size),
-                match &r.error {
-                    Some(e) => format!("{}: {e}", r.status),
-                    None => r.status.clone(),
-                },
-                r.restarts.to_string(),
-                format!("{}s ago", now.saturating_sub(r.written_ms) / 1000),
-            ),
-            None => (
-                "-".into(),
-                "-".into(),
-                "not reporting".into(),
-                "-".into(),
-                "-".into(),
-            ),
-        };
+        let [revision, ready, status, restarts, age] = report_cells(p.report.as_ref(), now);
         t.add_row([
             p.host.to_string(),
             p.hostname
