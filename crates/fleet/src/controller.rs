@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::endpoints::Endpoints;
@@ -190,15 +190,9 @@ impl Store {
     /// Every assignment stored, by host and group. Records that do not parse are errors
     /// naming their key.
     pub async fn assignments(&self) -> Result<Plan> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "the assignments",
-                client.get(ASSIGN, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, _) = self.get_prefix("the assignments", ASSIGN).await?;
         let mut plan = Plan::default();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let bad = |reason: String| Error::Record {
                 key: key.clone(),
