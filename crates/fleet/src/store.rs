@@ -289,6 +289,16 @@ impl Store {
 /// The most keys a page asks for; fewer when the records are large (see [`next_limit`]).
 pub(crate) const PAGE_KEYS: i64 = 1000;
 
+/// The keys the first page asks for, before any record's size is known: 100 host records
+/// are about 50 KB.
+const FIRST_PAGE_KEYS: i64 = 100;
+
+/// Whether etcd's answer was refused for its size (over gRPC's 4 MiB limit).
+fn too_large(e: &Error) -> bool {
+    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large"))
+}
+
 /// The bytes a page aims at: half of gRPC's 4 MiB limit, leaving room for a record larger
 /// than those before it.
 const PAGE_BYTES: usize = 2 << 20;
@@ -354,17 +364,26 @@ where
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
     let mut revision = 0;
-    let mut limit = PAGE_KEYS;
+    let mut limit = FIRST_PAGE_KEYS;
     let mut largest = 0;
     let mut out = Vec::new();
     loop {
-        let page = fetch(PageAsk {
-            start: std::mem::take(&mut start),
+        let page = match fetch(PageAsk {
+            start: start.clone(),
             end: end.clone(),
             limit,
             revision,
         })
-        .await?;
+        .await
+        {
+            Ok(page) => page,
+            // Records larger than those seen so far: the same page, half as long.
+            Err(e) if too_large(&e) && limit > 1 => {
+                limit /= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if revision == 0 {
             revision = page.revision;
         }
@@ -572,6 +591,34 @@ mod tests {
         assert_eq!(revision, first);
         assert!(pages.get() > 3, "{} pages", pages.get());
         assert_eq!(got, expected);
+    }
+
+    /// A page refused for its size is asked again, half as long, until it fits.
+    #[test]
+    fn a_page_too_large_is_asked_again_shorter() {
+        let mut h = History(Vec::new());
+        for i in 0..300 {
+            h.write(&format!("/p/{i:03}"), Some("x"));
+        }
+        let asked = std::cell::RefCell::new(Vec::new());
+        let (got, _) = futures_lite_block_on(paged(b"/p/", |ask| {
+            asked.borrow_mut().push(ask.limit);
+            let answer = if ask.limit > 30 {
+                Err(Error::Etcd {
+                    endpoints: "test".into(),
+                    what: "a page",
+                    source: etcd_client::Error::GRpcStatus(tonic::Status::out_of_range(
+                        "Error, decoded message length too large: found 5359229 bytes",
+                    )),
+                })
+            } else {
+                Ok(h.page(&ask))
+            };
+            std::future::ready(answer)
+        }))
+        .unwrap();
+        assert_eq!(got.len(), 300);
+        assert_eq!(asked.borrow()[..3], [100, 50, 25]);
     }
 
     #[test]
