@@ -364,25 +364,45 @@ impl Controller {
             Ok(k) => k,
             Err(e) => return e,
         };
+        // The lease is renewed by a task of its own, every beat, so that a leader round
+        // longer than the lease (placing 90,000 assignments at 10,000 hosts) does not lose
+        // the leadership halfway and start over; the round's writes stay fenced on it.
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<Error>();
+        let renewing = {
+            let store = store.clone();
+            let beat = self.beat();
+            tokio::spawn(async move {
+                let error = loop {
+                    tokio::time::sleep(beat).await;
+                    if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
+                        break e;
+                    }
+                    match store.call("the lease's renewal", answers.message()).await {
+                        Ok(Some(a)) if a.ttl() > 0 => {}
+                        Ok(Some(_)) => break Error::LeaseExpired { lease },
+                        Ok(None) => {
+                            break store
+                                .unreachable("etcd closed the lease's renewal stream".into());
+                        }
+                        Err(e) => break e,
+                    }
+                };
+                let _ = lost_tx.send(error);
+            })
+        };
+        let _renewing = AbortOnDrop(renewing);
         // A standby polls the leader key this often: a dead leader's successor is elected
         // within the lease plus this.
         let tick = Duration::from_millis(250).min(self.beat());
-        let mut renewed = tokio::time::Instant::now();
         let mut leading: Option<Leadership> = None;
         let mut state = LeaderState::default();
         loop {
-            if renewed.elapsed() >= self.beat() {
-                if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
-                    return e;
+            match lost.try_recv() {
+                Ok(e) => return e,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Error::LeaseExpired { lease };
                 }
-                match store.call("the lease's renewal", answers.message()).await {
-                    Ok(Some(a)) if a.ttl() > 0 => renewed = tokio::time::Instant::now(),
-                    Ok(Some(_)) => return Error::LeaseExpired { lease },
-                    Ok(None) => {
-                        return store.unreachable("etcd closed the lease's renewal stream".into());
-                    }
-                    Err(e) => return e,
-                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             match leading {
                 None => match store.campaign(&self.host, lease).await {
@@ -579,5 +599,14 @@ impl Controller {
         }
         state.done(stored.revision, fingerprint, verdict.next);
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped (the controller's lease renewal, when its session ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

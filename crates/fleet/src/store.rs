@@ -549,10 +549,11 @@ mod tests {
     /// first page's revision, in order, with no key twice.
     #[test]
     fn pages_make_one_snapshot_while_keys_change() {
-        let seed = std::time::SystemTime::now()
+        let seed: u64 = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .as_nanos() as u64;
+            .subsec_nanos()
+            .into();
         println!("seed {seed}");
         let mut x = seed | 1;
         let mut rnd = move || {
