@@ -162,9 +162,13 @@ ask bare "$kill_n" 60
 if [ -z "${NO_SPEC:-}" ]; then
   # Baseline: the new revision written to every rollout host at once (one wave).
   ask rollout "$work/once.toml" roll 300
+  # A rollout is done only after its last wave's gate (10 s); a revision applied before
+  # that starts from (and a rollback returns to) the revision before it.
+  sleep 12
   for k in end_to_end_ms host.p50_ms host.max_ms; do fig[once.$k]=${fig[rollout.$k]:-none}; done
   # The same size of change in waves 1, 5%, 25%, 100% with a 10 s gate.
   ask rollout "$work/v3.toml" roll 300
+  sleep 12
   # A bad revision that the first wave's host runs well and every later host fails.
   ask fail "$work/bad.toml" roll "$work/v3.toml" 120 later
 fi
