@@ -445,13 +445,7 @@ impl Controller {
         let active = records.values().any(RolloutRecord::active);
         let fingerprint = store.hosts_fingerprint().await?;
         let now = std::time::Instant::now();
-        let due = state.due(stored.revision, fingerprint, now);
-        // An active rollout alone brings a round (its reports read) at most once a second.
-        let rolling_due = active
-            && state
-                .rolled
-                .is_none_or(|t| now.duration_since(t) >= crate::liveness::ROLLING_ROUND);
-        if !due && !rolling_due && requests.is_empty() {
+        if !state.due(stored.revision, fingerprint, now) && !active && requests.is_empty() {
             return Ok(());
         }
         let listing = store.hosts().await?;
@@ -491,21 +485,8 @@ impl Controller {
                 return Ok(());
             }
         };
-        // Only the reports of the groups rolling out, from the hosts they are (or are to
-        // be) on: at 10,000 hosts, all of `reports/` is tens of megabytes.
         let reports = if active {
-            state.rolled = Some(now);
-            let mut wanted = std::collections::BTreeSet::new();
-            for (group, _) in records.iter().filter(|(_, r)| r.active()) {
-                for plan in [&previous, &want] {
-                    for (h, groups) in &plan.hosts {
-                        if groups.contains_key(group) {
-                            wanted.insert((h.clone(), group.clone()));
-                        }
-                    }
-                }
-            }
-            store.reports_of_groups(&wanted).await?
+            store.reports().await?.hosts
         } else {
             BTreeMap::new()
         };

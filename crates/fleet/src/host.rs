@@ -512,38 +512,6 @@ impl Store {
         Ok(())
     }
 
-    /// The reports of these (host, group) pairs that exist (one read per 100 pairs, in a
-    /// transaction, so all of them are as of one revision each); records that cannot be
-    /// read count as absent.
-    pub async fn reports_of_groups(
-        &self,
-        pairs: &std::collections::BTreeSet<(HostId, GroupName)>,
-    ) -> Result<BTreeMap<HostId, BTreeMap<GroupName, Report>>> {
-        let pairs: Vec<&(HostId, GroupName)> = pairs.iter().collect();
-        let mut out: BTreeMap<HostId, BTreeMap<GroupName, Report>> = BTreeMap::new();
-        for chunk in pairs.chunks(100) {
-            let ops: Vec<TxnOp> = chunk
-                .iter()
-                .map(|(h, g)| TxnOp::get(report_key(h, g), None))
-                .collect();
-            let mut client = self.client();
-            let answer = self
-                .call("the hosts' reports", client.txn(Txn::new().and_then(ops)))
-                .await?;
-            for (op, (h, g)) in answer.op_responses().into_iter().zip(chunk) {
-                let etcd_client::TxnOpResponse::Get(get) = op else {
-                    continue;
-                };
-                if let Some(kv) = get.kvs().first()
-                    && let Ok(r) = serde_json::from_slice::<Report>(kv.value())
-                {
-                    out.entry(h.clone()).or_default().insert(g.clone(), r);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Every host's reports.
     pub async fn reports(&self) -> Result<Reports> {
         let (kvs, _) = self.get_prefix("the hosts' reports", REPORTS).await?;

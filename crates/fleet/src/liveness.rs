@@ -178,14 +178,7 @@ pub struct LeaderState {
     /// Since when (ms) each rolling group's current wave has been healthy: kept in memory,
     /// so a new leader starts the gate again, which only delays.
     pub healthy: BTreeMap<GroupName, u64>,
-    /// When the last round with an active rollout read the reports: such rounds come at
-    /// most once per [`ROLLING_ROUND`].
-    pub rolled: Option<Instant>,
 }
-
-/// The shortest time between two rounds of an active rollout that nothing else made due:
-/// each reads the rolling groups' hosts' reports.
-pub const ROLLING_ROUND: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LeaderState {
     /// Whether the leader must plan again: the spec changed, the registered hosts changed,
