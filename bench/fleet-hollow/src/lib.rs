@@ -644,7 +644,10 @@ pub struct Failure {
 
 /// Makes every target fail `spec`'s image of `group`, applies `spec`, and times the
 /// fleet's answer: from the first failure report to every host that was given the bad
-/// revision reporting `old` ready again.
+/// revision reporting `old` ready again. With `later_wave`, the first host given the bad
+/// revision runs it well (it passes the first wave) and every other target fails it: the
+/// failure comes in a later wave.
+#[allow(clippy::too_many_arguments)]
 pub async fn fail(
     fleet: &HollowFleet,
     store: &Store,
@@ -653,13 +656,20 @@ pub async fn fail(
     old: &str,
     targets: &BTreeSet<HostId>,
     limit: Duration,
+    later_wave: bool,
 ) -> Result<Failure> {
     let (bad, image) = revision_of(spec, group)?;
-    for h in targets {
-        if let Some(host) = fleet.hosts.get(h) {
-            host.local.fail_image(&image, true);
+    let set_failing = |spare: Option<&HostId>| {
+        for h in targets.iter().filter(|h| Some(*h) != spare) {
+            if let Some(host) = fleet.hosts.get(h) {
+                host.local.fail_image(&image, true);
+            }
         }
+    };
+    if !later_wave {
+        set_failing(None);
     }
+    let mut spared = false;
     let mut c = client(&fleet.config.endpoints).await?;
     let mut follow = Follow::new(&mut c, group).await?;
     let start = Instant::now();
@@ -671,6 +681,10 @@ pub async fn fail(
     loop {
         for (h, r) in &follow.latest {
             if r.revision == bad {
+                if later_wave && !spared {
+                    set_failing(Some(h));
+                    spared = true;
+                }
                 touched.insert(h.clone());
                 if first.is_none() && r.status == FAILING {
                     first = Some(start.elapsed());

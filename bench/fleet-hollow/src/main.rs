@@ -6,7 +6,7 @@
 //! fleet-hollow --endpoints URL --hosts N [--ttl 10] [--pool 32] [--rate 500]
 //!              [--ready-after-ms 0] [--rollout-hosts 100] [--seed S]
 //! commands:  settle SECS | kill K SECS | bare K SECS | apply FILE
-//!            | rollout FILE GROUP SECS | fail FILE GROUP OLD_FILE SECS | status | quit
+//!            | rollout FILE GROUP SECS | fail FILE GROUP OLD_FILE SECS [later] | status | quit
 //! ```
 
 use std::path::Path;
@@ -198,9 +198,20 @@ async fn command(
             let g = group(words.next())?;
             let old = spec(words.next())?;
             let limit = secs(words.next())?;
+            let later_wave = words.next() == Some("later");
             let (old_revision, _) = revision_of(&old, &g)?;
             let targets = fleet.rollout_hosts();
-            let f = fail(fleet, store, &s, &g, &old_revision, &targets, limit).await?;
+            let f = fail(
+                fleet,
+                store,
+                &s,
+                &g,
+                &old_revision,
+                &targets,
+                limit,
+                later_wave,
+            )
+            .await?;
             match f.first_failure {
                 Some(d) => println!("fail.first_failure_ms {}", ms(d)),
                 None => println!("fail.first_failure_ms none"),

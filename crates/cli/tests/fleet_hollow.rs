@@ -171,6 +171,7 @@ fn twenty_hollow_hosts_register_run_what_a_real_controller_assigns_and_report_it
             &old,
             &targets,
             Duration::from_secs(4),
+            false,
         )
         .await
         .unwrap();

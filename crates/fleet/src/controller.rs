@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::endpoints::Endpoints;
@@ -233,15 +233,9 @@ impl Store {
     /// Every assignment stored, by host and group. Records that do not parse are errors
     /// naming their key.
     pub async fn assignments(&self) -> Result<Plan> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "the assignments",
-                client.get(ASSIGN, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, _) = self.get_prefix("the assignments", ASSIGN).await?;
         let mut plan = Plan::default();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let bad = |reason: String| Error::Record {
                 key: key.clone(),
@@ -413,25 +407,45 @@ impl Controller {
             Ok(k) => k,
             Err(e) => return e,
         };
+        // The lease is renewed by a task of its own, every beat, so that a leader round
+        // longer than the lease (placing 90,000 assignments at 10,000 hosts) does not lose
+        // the leadership halfway and start over; the round's writes stay fenced on it.
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<Error>();
+        let renewing = {
+            let store = store.clone();
+            let beat = self.beat();
+            tokio::spawn(async move {
+                let error = loop {
+                    tokio::time::sleep(beat).await;
+                    if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
+                        break e;
+                    }
+                    match store.call("the lease's renewal", answers.message()).await {
+                        Ok(Some(a)) if a.ttl() > 0 => {}
+                        Ok(Some(_)) => break Error::LeaseExpired { lease },
+                        Ok(None) => {
+                            break store
+                                .unreachable("etcd closed the lease's renewal stream".into());
+                        }
+                        Err(e) => break e,
+                    }
+                };
+                let _ = lost_tx.send(error);
+            })
+        };
+        let _renewing = AbortOnDrop(renewing);
         // A standby polls the leader key this often: a dead leader's successor is elected
         // within the lease plus this.
         let tick = Duration::from_millis(250).min(self.beat());
-        let mut renewed = tokio::time::Instant::now();
         let mut leading: Option<Leadership> = None;
         let mut state = LeaderState::default();
         loop {
-            if renewed.elapsed() >= self.beat() {
-                if let Err(e) = store.call("the lease's renewal", keeper.keep_alive()).await {
-                    return e;
+            match lost.try_recv() {
+                Ok(e) => return e,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Error::LeaseExpired { lease };
                 }
-                match store.call("the lease's renewal", answers.message()).await {
-                    Ok(Some(a)) if a.ttl() > 0 => renewed = tokio::time::Instant::now(),
-                    Ok(Some(_)) => return Error::LeaseExpired { lease },
-                    Ok(None) => {
-                        return store.unreachable("etcd closed the lease's renewal stream".into());
-                    }
-                    Err(e) => return e,
-                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             match leading {
                 None => match store.campaign(&self.host, lease).await {
@@ -609,5 +623,14 @@ impl Controller {
         }
         state.done(stored.revision, fingerprint, verdict.next);
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped (the controller's lease renewal, when its session ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, PutOptions, Txn, TxnOp, WatchOptions};
 
 use crate::controller::ASSIGN;
 use crate::endpoints::Endpoints;
@@ -437,19 +437,13 @@ impl Store {
     /// are returned apart, as errors naming their keys.
     pub async fn assigned(&self, host: &HostId) -> Result<(Assigned, Vec<Error>)> {
         let prefix = format!("{ASSIGN}{host}/");
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "this host's assignments",
-                client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, revision) = self.get_prefix("this host's assignments", &prefix).await?;
         let mut known = Assigned {
             groups: BTreeMap::new(),
-            revision: answer.header().map_or(0, |h| h.revision()),
+            revision,
         };
         let mut malformed = Vec::new();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let group = key
                 .strip_prefix(&prefix)
@@ -473,15 +467,9 @@ impl Store {
     /// cannot be read count as absent, so they are written over.
     pub(crate) async fn reports_of(&self, host: &HostId) -> Result<Held> {
         let prefix = format!("{REPORTS}{host}/");
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "this host's reports",
-                client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, _) = self.get_prefix("this host's reports", &prefix).await?;
         let mut out = BTreeMap::new();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let Ok(group) = key.strip_prefix(&prefix).unwrap_or("").parse::<GroupName>() else {
                 continue;
@@ -526,15 +514,9 @@ impl Store {
 
     /// Every host's reports.
     pub async fn reports(&self) -> Result<Reports> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "the hosts' reports",
-                client.get(REPORTS, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, _) = self.get_prefix("the hosts' reports", REPORTS).await?;
         let mut out = Reports::default();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let bad = |reason: String| Error::Record {
                 key: key.clone(),

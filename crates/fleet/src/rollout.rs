@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::GetOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -478,15 +477,9 @@ impl Store {
         prefix: &str,
         what: &'static str,
     ) -> Result<BTreeMap<GroupName, T>> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                what,
-                client.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, _) = self.get_prefix(what, prefix).await?;
         let mut out = BTreeMap::new();
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let bad = |reason: String| Error::Record {
                 key: key.clone(),

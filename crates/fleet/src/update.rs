@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -184,18 +184,12 @@ fn bad(key: &str, reason: String) -> Error {
 impl Store {
     /// Everything under `update/`, in one read.
     pub async fn update_state(&self) -> Result<UpdateState> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "the update records",
-                client.get(UPDATE, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let (kvs, revision) = self.get_prefix("the update records", UPDATE).await?;
         let mut state = UpdateState {
-            revision: answer.header().map_or(0, |h| h.revision()),
+            revision,
             ..UpdateState::default()
         };
-        for kv in answer.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if key == DESIRED {
                 match serde_json::from_slice::<Desired>(kv.value()) {
@@ -292,14 +286,8 @@ impl Store {
         host: &HostId,
         which: impl Fn(&Slot) -> bool,
     ) -> Result<Option<u32>> {
-        let mut client = self.client();
-        let answer = self
-            .call(
-                "the update slots",
-                client.get(SLOTS, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        for kv in answer.kvs() {
+        let (kvs, _) = self.get_prefix("the update slots", SLOTS).await?;
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let Some(i) = slot_of(&key) else { continue };
             let Ok(slot) = serde_json::from_slice::<Slot>(kv.value()) else {

@@ -552,6 +552,11 @@ impl Etcd {
         }
     }
 
+    /// This etcd's process id (to pause it with SIGSTOP, by PID).
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// The client endpoint at `addr` (one of `also`).
     pub fn endpoint_at(&self, addr: std::net::Ipv4Addr) -> String {
         format!("{}://{addr}:{}", self.scheme(), self.client_port)
