@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Etcd, Juice, NetnsHost};
 use juice_bench_fleet_hollow::{
-    Config, FAILING, HollowFleet, client, fail, kill, registered, rollout, settled,
+    Config, HollowFleet, client, fail, kill, registered, rollout, settled,
 };
 use juice_fleet::{FleetSpec, GroupName, Store};
 
@@ -160,8 +160,25 @@ fn twenty_hollow_hosts_register_run_what_a_real_controller_assigns_and_report_it
             r.per_host.missing
         );
         eprintln!("roll:2 on 5 hosts: {:?}", r.end_to_end);
+        // Its last wave's gate: only a rollout that is done is what a failure goes back to.
+        let waited = std::time::Instant::now();
+        loop {
+            let rollouts = store.rollouts().await.unwrap();
+            if rollouts
+                .get(&roll)
+                .is_some_and(|r| r.state == juice_fleet::rollout::State::Done)
+            {
+                break;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(20),
+                "the rollout of roll:2 is not done: {rollouts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
-        // A revision the hollow hosts are told to fail is reported failing by each.
+        // A revision the hollow hosts are told to fail fails on the first wave's host, and
+        // every touched host goes back to the old revision.
         let old = juice_fleet::plan::revision(&spec("hollow/roll:2").group[&roll]);
         let f = fail(
             &fleet,
@@ -176,11 +193,17 @@ fn twenty_hollow_hosts_register_run_what_a_real_controller_assigns_and_report_it
         .await
         .unwrap();
         assert!(f.first_failure.is_some());
-        assert_eq!(f.touched, 5);
-        let reports = store.reports().await.unwrap();
+        assert_eq!(
+            f.touched, 1,
+            "waves [\"1\", \"100%\"]: the first wave is one host"
+        );
+        assert!(f.back.is_some(), "the touched host is not back on {old}");
+        let assigned = store.assignments().await.unwrap();
         for h in &targets {
-            assert_eq!(reports.hosts[h][&roll].status, FAILING);
+            assert_eq!(assigned.hosts[h][&roll].revision, old, "{h}");
         }
+        let rollouts = store.rollouts().await.unwrap();
+        assert_eq!(rollouts[&roll].state, juice_fleet::rollout::State::Failed);
 
         // Three hosts killed (no revoke) are gone within the lease + 2 s.
         let victims: Vec<_> = fleet.hosts.keys().rev().take(3).cloned().collect();
